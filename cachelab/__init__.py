@@ -1,0 +1,1 @@
+"""cachelab: training-free feature caching for diffusion transformers."""

@@ -1,0 +1,55 @@
+"""Early validation of a composed config: one line naming the key, the value, what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cachelab.sites import GRANULARITIES
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; printed as one line, without a traceback."""
+
+
+# top-level integer keys -> smallest allowed value
+INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad value; builds nothing."""
+    for key, minimum in INTEGER_KEYS.items():
+        check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum)
+    granularity = cfg.strategy.granularity
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+    if "checkpoint" in cfg.model:
+        if OmegaConf.is_missing(cfg.model, "checkpoint"):
+            raise ConfigError(f"model.checkpoint is required for model {cfg.model.name!r}; "
+                              f"allowed: model.checkpoint=<path to the checkpoint file>")
+        checkpoint = cfg.model.checkpoint
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise ConfigError(f"model.checkpoint={checkpoint!r}: no such file; allowed: a path to an existing checkpoint")
+
+
+def check_integer(key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} is not an integer; allowed: integers >= {minimum}")
+    if value < minimum:
+        raise ConfigError(f"{key}={value} is out of range; allowed: integers >= {minimum}")
+
+
+def check_group_choices(overrides: list[str], config_dir: Path) -> None:
+    """Reject ``group=name`` command-line choices with no ``conf/group/name.yaml``, before
+    Hydra composes anything (sweeps ``a,b`` are checked value by value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group_dir = config_dir / override.key_or_group
+        if override.package is not None or not group_dir.is_dir() or override.is_delete():
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        allowed = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for value in values:
+            if str(value) not in allowed:
+                raise ConfigError(f"{override.key_or_group}={value!r} is unknown; allowed: {', '.join(allowed)}")

@@ -1,0 +1,16 @@
+"""Quality of a cached generation against the full-compute one with the same seed."""
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+
+def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| over the whole batch, in float64."""
+    x, reference = x.double(), reference.double()
+    return (torch.linalg.vector_norm(x - reference) / torch.linalg.vector_norm(reference)).item()
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1] (mean squared error over the batch); inf if identical."""
+    return peak_signal_noise_ratio(images.double(), reference.double(), data_range=1.0).item()

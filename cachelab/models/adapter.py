@@ -1,0 +1,73 @@
+"""The adapter interface: what cachelab needs to know about one model family."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from cachelab.controller import CacheHandle
+from cachelab.samplers import Callback
+from cachelab.schedules import Decision
+from cachelab.sites import SitePattern
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Inputs:
+    """Everything random about one generation, fixed by the seed: noise and conditioning."""
+
+    noise: torch.Tensor
+    labels: torch.Tensor
+
+
+class ModelAdapter(ABC):
+    """Knows one model family: how to build or load it, its cache sites per granularity,
+    its conditioning and guidance, how its sampler drives the controller, how to decode."""
+
+    name: str
+    description: str  # e.g. which weights: "original checkpoint", "random (untrained)"
+    num_steps: int
+    guidance_scale: float
+
+    @cached_property
+    def model(self) -> nn.Module:
+        """The model, built on first use, in eval mode with gradients off."""
+        return self.build().eval().requires_grad_(False)
+
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """Build (and load) the denoiser."""
+
+    @abstractmethod
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        """Which callables are cache sites at ``granularity`` (``module | block | output``)."""
+
+    @abstractmethod
+    def make_inputs(self, num_images: int, seed: int) -> Inputs:
+        """Noise and conditioning for ``num_images`` samples, reproducible from ``seed``."""
+
+    @abstractmethod
+    def generate(self, inputs: Inputs, handle: CacheHandle | None = None,
+                 callback: Callback | None = None, progress: str | None = None) -> torch.Tensor:
+        """Sample latents; with a handle, the sampler drives it step by step.
+        ``progress`` labels a progress bar (None: no bar)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, C, H, W)."""
+
+    @staticmethod
+    @contextmanager
+    def driving(handle: CacheHandle | None, num_steps: int):
+        """One generation driven by ``handle``: yields the sampler's ``before_step`` hook
+        (None without caching)."""
+        if handle is None:
+            yield None
+            return
+        with handle.generation(num_steps):
+            yield lambda s, t: handle.step(s, t) is Decision.FULL

@@ -1,0 +1,126 @@
+"""Adapter for the native DiT: class-conditional, batched CFG, DDIM, pixel or VAE latents."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cachelab.controller import CacheHandle
+from cachelab.diffusion import DDIMSchedule
+from cachelab.models.adapter import DTYPES, Inputs, ModelAdapter
+from cachelab.models.dit import DiT, dit_from_preset, load_checkpoint
+from cachelab.samplers import Callback, ddim
+from cachelab.sites import SitePattern
+
+_BLOCK = r"blocks\.\d+"
+SITE_PATTERNS = {
+    # TaylorSeer's choice: attention and MLP outputs per block, before the adaLN gate.
+    "module": [SitePattern(_BLOCK, "attn_branch", label="attn"), SitePattern(_BLOCK, "mlp_branch", label="mlp")],
+    "block": [SitePattern(_BLOCK, residual=True)],
+    "output": [SitePattern("")],
+}
+
+
+class DiTAdapter(ModelAdapter):
+    """A DiT preset (``DiT-XL/2``...) or custom size; weights from an original checkpoint,
+    the reference initialisation, or ``init="random"`` (gates and final layer drawn too,
+    so that an untrained model still has moving features)."""
+
+    def __init__(
+        self,
+        name: str,
+        description: str = "",
+        preset: str | None = None,
+        input_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        arch: dict | None = None,
+        checkpoint: str | None = None,
+        init: str = "random",
+        init_seed: int = 0,
+        vae: str | None = None,
+        num_steps: int = 50,
+        guidance_scale: float = 1.5,
+        guided_channels: int | None = None,
+        dtype: str = "fp32",
+        device: str = "cpu",
+    ):
+        self.name, self.description = name, description
+        self.preset, self.arch = preset, dict(arch or {})
+        self.dit_kwargs = dict(input_size=input_size, in_channels=in_channels,
+                               num_classes=num_classes, learn_sigma=learn_sigma)
+        self.checkpoint, self.init, self.init_seed = checkpoint, init, init_seed
+        self.vae_path = vae
+        self.num_steps, self.guidance_scale, self.guided_channels = num_steps, guidance_scale, guided_channels
+        self.dtype, self.device = DTYPES[dtype], torch.device(device)
+
+    def build(self) -> DiT:
+        with torch.random.fork_rng():
+            torch.manual_seed(self.init_seed)
+            if self.preset:
+                model = dit_from_preset(self.preset, **self.dit_kwargs)
+            else:
+                model = DiT(**self.arch, **self.dit_kwargs)
+            if self.checkpoint:
+                load_checkpoint(model, self.checkpoint)
+            elif self.init == "random":
+                randomize_zero_init(model)
+        return model.to(self.device, self.dtype)
+
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        return SITE_PATTERNS[granularity]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.dit_kwargs["input_size"]
+        return (self.dit_kwargs["in_channels"], size, size)
+
+    def make_inputs(self, num_images: int, seed: int) -> Inputs:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(num_images, *self.latent_shape, generator=g)
+        labels = torch.randint(0, self.dit_kwargs["num_classes"], (num_images,), generator=g)
+        return Inputs(noise.to(self.device, self.dtype), labels.to(self.device))
+
+    def generate(self, inputs: Inputs, handle: CacheHandle | None = None,
+                 callback: Callback | None = None, progress: str | None = None) -> torch.Tensor:
+        model, channels = self.model, self.dit_kwargs["in_channels"]
+        schedule = DDIMSchedule.respaced(self.num_steps)
+        if self.guidance_scale == 1.0:
+            x, y = inputs.noise, inputs.labels
+
+            def denoise(x, t):
+                return model(x, t, y)[:, :channels]
+        else:  # [cond; uncond] in one batch, as in the reference sample.py
+            x = torch.cat([inputs.noise, inputs.noise])
+            y = torch.cat([inputs.labels, torch.full_like(inputs.labels, model.num_classes)])
+
+            def denoise(x, t):
+                out = model.forward_with_cfg(x, t, y, self.guidance_scale, self.guided_channels)
+                return out[:, :channels]
+
+        with self.driving(handle, self.num_steps) as before_step:
+            x = ddim(denoise, x, schedule, before_step=before_step, callback=callback, progress=progress)
+        return x[: len(inputs.noise)]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae_path is None:  # pixel space (or a latent preview for latent models without a VAE)
+            return ((latents.float() + 1) / 2).clamp(0, 1)
+        images = self.vae.decode(latents.to(self.vae.dtype) / 0.18215).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @property
+    def vae(self):
+        if not hasattr(self, "_vae"):
+            from cachelab.models.loading import load_vae
+
+            self._vae = load_vae(self.vae_path).to(self.device)
+        return self._vae
+
+
+def randomize_zero_init(model: nn.Module, bias_std: float = 0.1) -> None:
+    """Draw the weights that adaLN-Zero sets to zero (weights N(0, 1/fan_in)), so an
+    untrained DiT is not the identity and its gates are not vanishingly small."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=module.in_features**-0.5)
+            nn.init.normal_(module.bias, std=bias_std)

@@ -1,0 +1,55 @@
+"""The predictor interface: pure numerics on the history of one cache site."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class PredictorState(ABC):
+    """Per-site, per-context history of full-step values. Owned by the controller."""
+
+    last_step: int | None = None
+
+    @abstractmethod
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the state holds (for memory accounting)."""
+
+    @property
+    def has_history(self) -> bool:
+        return self.last_step is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class Predictor(ABC):
+    """Turns a site's full-step history into a forecast at a later step.
+
+    A predictor is stateless: one instance serves every site and every context, and
+    all history lives in the state object returned by :meth:`new_state`. Steps are the
+    integer denoising-step indices, always counted up from 0.
+    """
+
+    @abstractmethod
+    def new_state(self) -> PredictorState:
+        """An empty history."""
+
+    @abstractmethod
+    def update(self, state: PredictorState, s: int, value: torch.Tensor) -> None:
+        """Record the value computed for real at full step ``s``."""
+
+    @abstractmethod
+    def predict(self, state: PredictorState, s: int) -> torch.Tensor:
+        """Forecast the value at step ``s`` (after the last full step)."""
+
+    @staticmethod
+    def gap(state: PredictorState, s: int) -> int:
+        """Steps since the last recorded step; rejects zero and negative gaps."""
+        if state.last_step is None:
+            raise ValueError(f"no history: step {s} cannot be forecast before any full step")
+        k = s - state.last_step
+        if k <= 0:
+            raise ValueError(f"step {s} is not after the last full step {state.last_step} (gap {k})")
+        return k

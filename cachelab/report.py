@@ -1,0 +1,42 @@
+"""What a run shows a person: the comparison grid and the console table."""
+from __future__ import annotations
+
+import torch
+from torchvision.utils import make_grid
+
+
+def comparison_grid(baseline: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """(3, H', W'): one row per sample, columns baseline | cached | |baseline - cached|."""
+    baseline, cached = _rgb(baseline), _rgb(cached)
+    rows = torch.stack([baseline, cached, (baseline - cached).abs()], dim=1).flatten(0, 1)
+    return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images with 1 or >= 3 channels as RGB (grey repeated; extra latent channels dropped)."""
+    images = images.float().cpu()
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images[:, :3]
+
+
+def summary_table(m: dict) -> str:
+    """A short fixed-width table of one run's metrics."""
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    rows = [
+        ("model", f"{m['model']} ({m['model_weights']})"),
+        ("strategy", f"{m['strategy']} / {m['granularity']}  order={m['order']} N={m['interval']} "
+                     f"first_enhance={m['first_enhance']}"),
+        ("full steps", f"{m['num_full']}/{m['num_steps']}  {m['full_steps']}"),
+        ("FLOPs", f"{fmt(m['flops']['baseline'], '.3e')} -> {fmt(m['flops']['cached'], '.3e')}  "
+                  f"speedup {fmt(m['flops']['speedup'], '.2f')}x"),
+        ("wall", f"{m['wall_s']['baseline']:.2f}s -> {m['wall_s']['cached']:.2f}s  "
+                 f"speedup {m['wall_s']['speedup']:.2f}x"),
+        ("efficiency", fmt(m["efficiency"], ".2f") + "  (wall speedup / FLOPs speedup)"),
+        ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB"),
+        ("rel-L2", f"{m['quality']['rel_l2']:.4g}  (latents vs full compute)"),
+        ("PSNR", f"{m['quality']['psnr_db']:.2f} dB  (images vs full compute)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

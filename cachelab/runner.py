@@ -1,0 +1,150 @@
+"""One experiment: the full-compute baseline and a cached generation from the same seeds,
+compared on FLOPs, wall-clock and quality; everything written into the run folder."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cachelab.checks import ConfigError, check_config
+from cachelab.controller import CacheHandle, attach
+from cachelab.flops import count_flops
+from cachelab.io import save_png_atomic, write_json_atomic
+from cachelab.metrics import psnr, relative_l2
+from cachelab.models.adapter import Inputs, ModelAdapter
+from cachelab.predictor import Predictor
+from cachelab.report import comparison_grid, summary_table
+from cachelab.schedules import Schedule
+from cachelab.sink import Sink
+from cachelab.sites import select_sites
+
+
+@dataclass
+class Strategy:
+    """predictor x schedule x granularity; ``predictor`` None means no caching."""
+
+    name: str
+    predictor: Predictor | None
+    schedule: Schedule
+    granularity: str
+
+    def attach(self, adapter: ModelAdapter) -> CacheHandle | None:
+        if self.predictor is None:
+            return None
+        sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
+        return attach(sites, self.predictor, self.schedule)
+
+
+def build(cfg: DictConfig, key: str):
+    """``instantiate(cfg[key])`` with a constructor's complaint turned into a ConfigError."""
+    node = cfg[key]
+    if node is None:
+        return None
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"{key}: {cause}") from err
+
+
+def build_strategy(cfg: DictConfig) -> Strategy:
+    return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor"), build(cfg, "schedule"),
+                    cfg.strategy.granularity)
+
+
+def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,
+                     progress: str | None) -> tuple[torch.Tensor, float]:
+    """The latents and the median wall-clock (seconds) over ``repeats`` generations."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        latents = adapter.generate(inputs, handle, progress=progress)
+        times.append(time.perf_counter() - start)
+    return latents, median(times)
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run one experiment into ``out_dir``; returns what metrics.json holds."""
+    out_dir = Path(out_dir)
+    check_config(cfg)
+    strategy = build_strategy(cfg)
+    adapter: ModelAdapter = build(cfg, "model")
+    sink: Sink = build(cfg, "logger")
+    run_name = f"{cfg.model.name}-{strategy.name}-N{cfg.interval}-o{cfg.order}"
+    sink.start(run_name, OmegaConf.to_container(cfg, resolve=True), out_dir)
+    failed = True
+    try:
+        metrics = measure(cfg, adapter, strategy, sink, out_dir)
+        failed = False
+        return metrics
+    finally:
+        sink.finish(failed=failed)
+
+
+def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sink, out_dir: Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    inputs = adapter.make_inputs(cfg.num_images, cfg.seed)
+    handle = strategy.attach(adapter)
+    try:
+        base_flops = cached_flops = None
+        label = (lambda what: what) if cfg.progress else (lambda what: None)
+        if cfg.measure.flops:  # counted passes; they also warm the process up before timing
+            _, base_flops = count_flops(lambda: adapter.generate(inputs, progress=label("FLOPs baseline")))
+            _, cached_flops = count_flops(lambda: adapter.generate(inputs, handle, progress=label("FLOPs cached")))
+        baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"))
+        cached, cached_wall = timed_generation(adapter, inputs, handle, cfg.measure.repeats, label("cached"))
+        stats = handle.stats().as_dict() if handle else {"full_steps": list(range(cfg.num_steps)),
+                                                        "num_full": cfg.num_steps, "num_forecast": 0,
+                                                        "fallbacks": 0, "cache_bytes": 0}
+    finally:
+        if handle is not None:
+            handle.remove()
+
+    base_images, cached_images = adapter.decode(baseline), adapter.decode(cached)
+    grid_path = out_dir / "grid.png"
+    save_png_atomic(grid_path, comparison_grid(base_images, cached_images))
+    flops_speedup = base_flops / cached_flops if base_flops else None
+    wall_speedup = base_wall / cached_wall
+    metrics = {
+        "model": cfg.model.name,
+        "model_weights": adapter.description,
+        "strategy": strategy.name,
+        "granularity": strategy.granularity,
+        "order": cfg.order,
+        "interval": cfg.interval,
+        "first_enhance": cfg.first_enhance,
+        "num_steps": cfg.num_steps,
+        "num_images": cfg.num_images,
+        "seed": cfg.seed,
+        "flops": {"baseline": base_flops, "cached": cached_flops, "speedup": flops_speedup},
+        "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup},
+        "efficiency": wall_speedup / flops_speedup if flops_speedup else None,
+        "quality": {"rel_l2": relative_l2(cached, baseline), "psnr_db": psnr(cached_images, base_images)},
+        **stats,
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    full = set(metrics["full_steps"])
+    for s in range(cfg.num_steps):
+        sink.log({"schedule/full": int(s in full)}, step=s)
+    sink.log_image("samples/grid", grid_path, caption="baseline | cached | |difference|")
+    sink.summary(flatten(metrics))
+    print(summary_table(metrics))
+    return metrics
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict:
+    """{"flops": {"speedup": x}} -> {"flops/speedup": x}; lists are left out."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,46 @@
+"""Samplers: small functions with one signature and a per-step callback dict."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from cachelab.diffusion import DDIMSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> eps
+BeforeStep = Callable[[int, float], bool]  # (s, t) -> whether step s is a full step
+Callback = Callable[[dict], None]
+
+
+@torch.no_grad()
+def ddim(
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    schedule: DDIMSchedule,
+    *,
+    before_step: BeforeStep | None = None,
+    callback: Callback | None = None,
+    progress: str | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) as in ADM/DiT, from ``noise`` to x_0.
+
+    ``before_step(s, t)`` runs before the model call of step ``s`` (steps count up from 0):
+    it is how the step index reaches a cache controller. ``callback`` gets
+    ``{s, t, x, model_output, pred_x0, full}`` after each step. ``progress`` labels a
+    progress bar (None: no bar).
+    """
+    x = noise
+    for s in tqdm(range(len(schedule)), desc=progress, disable=progress is None, leave=False):
+        t = int(schedule.timesteps[s])
+        full = before_step(s, t) if before_step is not None else True
+        eps = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        a, a_prev = schedule.alpha_bar[s], schedule.alpha_bar_prev[s]
+        recip, recipm1 = math.sqrt(1.0 / a), math.sqrt(1.0 / a - 1.0)
+        pred_x0 = recip * x - recipm1 * eps
+        eps = (recip * x - pred_x0) / recipm1  # ADM recomputes eps from x0; kept for parity
+        x = pred_x0 * math.sqrt(a_prev) + math.sqrt(1.0 - a_prev) * eps
+        if callback is not None:
+            callback({"s": s, "t": t, "x": x, "model_output": eps, "pred_x0": pred_x0, "full": full})
+    return x
