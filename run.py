@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cachelab.checks import ConfigError, check_group_choices
+from cachelab.checks import ConfigError, UserError, check_group_choices
 from cachelab.io import write_bytes_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run(cfg, out_dir)
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:  # record it and let the other jobs run
             write_bytes_atomic(out_dir / "error.txt", f"{err}\n".encode())

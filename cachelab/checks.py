@@ -8,8 +8,12 @@ from omegaconf import DictConfig, OmegaConf
 from cachelab.sites import GRANULARITIES
 
 
-class ConfigError(ValueError):
-    """A user's configuration mistake; printed as one line, without a traceback."""
+class UserError(Exception):
+    """A mistake the user can fix (config, missing files); printed as one line, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value or combination."""
 
 
 # top-level integer keys -> smallest allowed value
@@ -23,7 +27,7 @@ def check_config(cfg: DictConfig) -> None:
     granularity = cfg.strategy.granularity
     if granularity not in GRANULARITIES:
         raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
-    if "checkpoint" in cfg.model:
+    if "checkpoint" in cfg.model.keys():  # `in cfg.model` is False while the value is ??? (missing)
         if OmegaConf.is_missing(cfg.model, "checkpoint"):
             raise ConfigError(f"model.checkpoint is required for model {cfg.model.name!r}; "
                               f"allowed: model.checkpoint=<path to the checkpoint file>")

@@ -1,6 +1,8 @@
 """Adapter for the native DiT: class-conditional, batched CFG, DDIM, pixel or VAE latents."""
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
@@ -8,6 +10,7 @@ from cachelab.controller import CacheHandle
 from cachelab.diffusion import DDIMSchedule
 from cachelab.models.adapter import DTYPES, Inputs, ModelAdapter
 from cachelab.models.dit import DiT, dit_from_preset, load_checkpoint
+from cachelab.models.loading import load_vae
 from cachelab.samplers import Callback, ddim
 from cachelab.sites import SitePattern
 
@@ -55,6 +58,8 @@ class DiTAdapter(ModelAdapter):
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
 
     def build(self) -> DiT:
+        if self.vae_path is not None:
+            self.vae  # noqa: B018 -- load it first, so a missing VAE fails before sampling
         with torch.random.fork_rng():
             torch.manual_seed(self.init_seed)
             if self.preset:
@@ -102,19 +107,17 @@ class DiTAdapter(ModelAdapter):
             x = ddim(denoise, x, schedule, before_step=before_step, callback=callback, progress=progress)
         return x[: len(inputs.noise)]
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae_path is None:  # pixel space (or a latent preview for latent models without a VAE)
             return ((latents.float() + 1) / 2).clamp(0, 1)
         images = self.vae.decode(latents.to(self.vae.dtype) / 0.18215).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 
-    @property
+    @cached_property
     def vae(self):
-        if not hasattr(self, "_vae"):
-            from cachelab.models.loading import load_vae
-
-            self._vae = load_vae(self.vae_path).to(self.device)
-        return self._vae
+        """diffusers ``AutoencoderKL`` for latent models."""
+        return load_vae(self.vae_path).to(self.device).eval().requires_grad_(False)
 
 
 def randomize_zero_init(model: nn.Module, bias_std: float = 0.1) -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cachelab.checks import UserError
 
-class WeightsUnavailable(RuntimeError):
+
+class WeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights could not be loaded; the message names them and the fix."""
 
 

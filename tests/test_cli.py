@@ -1,0 +1,231 @@
+"""End-to-end: ``python run.py ...`` in a subprocess, single runs, sweeps and bad input.
+
+Every run writes under pytest's tmp_path (``hydra.run.dir`` / ``hydra.sweep.dir``), never
+into the repository, and is kept small (4 steps, 2 images, no FLOP counting unless needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from PIL import Image
+
+from cachelab.schedules import Interval
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"num_steps": "4", "num_images": "2", "progress": "false", "measure.flops": "false"}
+METRIC_KEYS = {"flops", "wall_s", "efficiency", "full_steps", "cache_bytes", "quality"}
+
+
+def app_env(tmp: Path | None = None) -> dict[str, str]:
+    """The environment without W&B credentials or mode (so the sink picks offline) and
+    without HYDRA_FULL_ERROR (which would change what errors print)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "HYDRA_FULL_ERROR")}
+    env["WANDB_SILENT"] = "true"
+    if tmp is not None:  # keep W&B's own config/cache/artifact folders out of $HOME
+        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            env[var] = str(tmp / "wandb-home" / var.lower())
+    return env
+
+
+def overrides(*extra: str, fast: bool = True) -> list[str]:
+    """``FAST`` merged with ``extra`` (an ``extra`` key replaces the FAST one)."""
+    given = {arg.split("=", 1)[0] for arg in extra if "=" in arg}
+    base = [f"{k}={v}" for k, v in FAST.items() if k not in given] if fast else []
+    return [*base, *extra]
+
+
+def run_app(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env if env is not None else app_env(), timeout=timeout)
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def read_metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def job_overrides(job_dir: Path) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()))
+
+
+def repo_outputs() -> set[Path]:
+    return {p for name in ("outputs", "multirun", "wandb") for p in (REPO / name).glob("**/*")}
+
+
+def test_single_run_with_flops_writes_grid_and_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    before = repo_outputs()
+    proc = run_app(overrides("strategy=taylor", "interval=2", "first_enhance=1", "logger=none",
+                             "measure.flops=true", f"hydra.run.dir={run_dir}"))
+    check_ok(proc)
+    assert repo_outputs() == before  # nothing written into the repository
+
+    # grid: one row per image, columns baseline | cached | |difference| (make_grid, padding 2)
+    model = OmegaConf.load(REPO / "conf" / "model" / "tiny_dit.yaml")
+    cell = model.input_size + 2
+    with Image.open(run_dir / "grid.png") as grid:
+        assert grid.format == "PNG"
+        grid.load()
+        assert grid.size == (3 * cell + 2, int(FAST["num_images"]) * cell + 2)
+
+    metrics = read_metrics(run_dir)
+    assert METRIC_KEYS <= metrics.keys()
+    assert {"rel_l2", "psnr_db"} <= metrics["quality"].keys()
+    assert (metrics["strategy"], metrics["interval"], metrics["first_enhance"]) == ("taylor", 2, 1)
+    num_steps = int(FAST["num_steps"])
+    assert metrics["num_steps"] == num_steps
+    assert metrics["full_steps"] == Interval(interval=2, first_enhance=1).full_steps(num_steps)
+    assert metrics["num_full"] == len(metrics["full_steps"])
+    assert metrics["num_forecast"] == num_steps - metrics["num_full"]
+    assert metrics["cache_bytes"] > 0
+
+    flops = metrics["flops"]
+    assert flops["baseline"] > flops["cached"] > 0
+    assert flops["speedup"] == pytest.approx(flops["baseline"] / flops["cached"])
+    # forecast steps still cost something (embeddings, final layer), so below T / full steps
+    assert 1 < flops["speedup"] < num_steps / metrics["num_full"]
+    wall = metrics["wall_s"]
+    assert wall["baseline"] > 0 and wall["cached"] > 0
+    assert wall["speedup"] == pytest.approx(wall["baseline"] / wall["cached"])
+    assert metrics["efficiency"] == pytest.approx(wall["speedup"] / flops["speedup"])
+
+    quality = metrics["quality"]
+    assert math.isfinite(quality["rel_l2"]) and quality["rel_l2"] > 0
+    assert quality["psnr_db"] > 0
+    assert "speedup" in proc.stdout  # the summary table
+
+
+def test_strategy_none_is_exact(tmp_path):
+    run_dir = tmp_path / "run"
+    check_ok(run_app(overrides("strategy=none", "logger=none", f"hydra.run.dir={run_dir}")))
+    metrics = read_metrics(run_dir)
+    assert metrics["strategy"] == "none"
+    assert metrics["quality"]["rel_l2"] == 0
+    assert metrics["quality"]["psnr_db"] == math.inf
+    assert metrics["full_steps"] == list(range(int(FAST["num_steps"])))
+    assert metrics["num_forecast"] == 0 and metrics["cache_bytes"] == 0
+    assert metrics["flops"] == {"baseline": None, "cached": None, "speedup": None}  # measure.flops=false
+    assert metrics["efficiency"] is None
+    assert (run_dir / "grid.png").stat().st_size > 0
+
+
+def test_wandb_logger_without_key_writes_offline_run(tmp_path):
+    run_dir = tmp_path / "run"
+    check_ok(run_app(overrides("logger=wandb", f"hydra.run.dir={run_dir}"), env=app_env(tmp_path)))
+    assert (run_dir / "metrics.json").is_file()
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((run_dir / "wandb").iterdir())
+    files = list(runs[0].glob("run-*.wandb"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+    assert not list((run_dir / "wandb").glob("run-*"))  # no online run
+
+
+def test_multirun_sweeps_every_combination(tmp_path):
+    sweep = tmp_path / "sweep"
+    check_ok(run_app(["-m", *overrides("strategy=reuse,taylor", "order=1,2", "logger=none",
+                                       f"hydra.sweep.dir={sweep}")]))
+    jobs = sorted(p.parent for p in sweep.glob("*/.hydra"))
+    assert len(jobs) == 4
+    seen = {}
+    for job in jobs:
+        requested = job_overrides(job)
+        metrics = read_metrics(job)
+        assert metrics["strategy"] == requested["strategy"]
+        assert metrics["order"] == int(requested["order"])
+        assert (job / "grid.png").is_file()
+        seen[(metrics["strategy"], metrics["order"])] = metrics
+    assert set(seen) == {(s, o) for s in ("reuse", "taylor") for o in (1, 2)}
+    # the strategy took effect, not only its name: reuse and a first-order Taylor forecast differ
+    assert seen[("reuse", 1)]["quality"]["rel_l2"] != seen[("taylor", 1)]["quality"]["rel_l2"]
+
+
+def test_multirun_records_a_bad_job_and_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_app(["-m", *overrides("order=1,-1", "logger=none", f"hydra.sweep.dir={sweep}")])
+    # run.py: in a multirun a ConfigError goes to the job's error.txt and the sweep continues,
+    # so the process itself succeeds
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "order=-1" in proc.stderr
+    jobs = {job_overrides(p.parent)["order"]: p.parent for p in sweep.glob("*/.hydra")}
+    assert set(jobs) == {"1", "-1"}
+    good, bad = jobs["1"], jobs["-1"]
+    assert read_metrics(good)["order"] == 1
+    assert not (good / "error.txt").exists()
+    error = (bad / "error.txt").read_text()
+    assert "order" in error and "-1" in error
+    assert not (bad / "metrics.json").exists() and not (bad / "grid.png").exists()
+
+
+def test_cfg_flag_with_value_prints_config():
+    """Hydra flags that take a value (``--cfg job``) are not overrides."""
+    proc = run_app(["--cfg", "job", "order=3", "strategy=reuse"])
+    check_ok(proc)
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["order"] == 3 and cfg["strategy"]["name"] == "reuse"
+
+
+# (overrides, key the last stderr line must name, value it must name)
+BAD_INPUT = [
+    (["model=nope"], "model", "nope"),
+    (["strategy=nope"], "strategy", "nope"),
+    (["schedule=nope"], "schedule", "nope"),
+    (["order=-1"], "order", "-1"),
+    (["interval=0"], "interval", "0"),
+    (["first_enhance=0"], "first_enhance", "0"),
+    (["num_steps=0"], "num_steps", "0"),
+    (["order=abc"], "order", "abc"),
+    (["interval=2.5"], "interval", "2.5"),
+    (["model=dit_xl_2"], "model.checkpoint", "dit_xl_2"),
+    (["model=dit_xl_2", "model.checkpoint=/no/such.pt"], "model.checkpoint", "/no/such.pt"),
+]
+BAD_IDS = [" ".join(o) for o, _, _ in BAD_INPUT]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """All bad-input runs, started on first use and run side by side (each is mostly imports)."""
+    root = tmp_path_factory.mktemp("bad")
+
+    @cache
+    def results() -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+        def one(i):
+            run_dir = root / str(i) / "run"
+            # the default logger (wandb, offline here): a config error must come before it starts
+            args = overrides(*BAD_INPUT[i][0], f"hydra.run.dir={run_dir}")
+            return run_app(args, env=app_env(root)), run_dir
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            return dict(zip(BAD_IDS, pool.map(one, range(len(BAD_INPUT)))))
+
+    return results
+
+
+@pytest.mark.parametrize(("case", "key", "value"), [(i, k, v) for i, (_, k, v) in zip(BAD_IDS, BAD_INPUT)],
+                         ids=BAD_IDS)
+def test_bad_input_is_one_line_error(bad_runs, case, key, value):
+    proc, run_dir = bad_runs()[case]
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    last = lines[-1]
+    assert key in last and value in last, last
+    assert "allowed" in last, last
+    for output in ("metrics.json", "grid.png", "wandb"):
+        assert not (run_dir / output).exists(), output
