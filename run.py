@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -33,8 +34,11 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_group_choices([a for a in sys.argv[1:] if not a.startswith("-")], CONFIG_DIR)
+        # overrides only: not flags, nor flag values such as the `job` of `--cfg job`
+        check_group_choices([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")], CONFIG_DIR)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OverrideParseException:
+        pass  # a malformed override: Hydra parses them again below and reports it without a traceback
     main()

@@ -174,7 +174,7 @@ def test_multirun_records_a_bad_job_and_goes_on(tmp_path):
 
 def test_cfg_flag_with_value_prints_config():
     """Hydra flags that take a value (``--cfg job``) are not overrides."""
-    proc = run_app(["--cfg", "job", "order=3", "strategy=reuse"])
+    proc = run_app(["-cn", "config", "--cfg", "job", "order=3", "strategy=reuse"])
     check_ok(proc)
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["order"] == 3 and cfg["strategy"]["name"] == "reuse"
@@ -195,25 +195,31 @@ BAD_INPUT = [
     (["model=dit_xl_2", "model.checkpoint=/no/such.pt"], "model.checkpoint", "/no/such.pt"),
 ]
 BAD_IDS = [" ".join(o) for o, _, _ in BAD_INPUT]
+MALFORMED = ["order=[1", "strategy=reuse", "interval=3"]  # not parseable as a Hydra override
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
     """All bad-input runs, started on first use and run side by side (each is mostly imports)."""
     root = tmp_path_factory.mktemp("bad")
+    cases = {**{case: o for case, (o, _, _) in zip(BAD_IDS, BAD_INPUT)}, "malformed": MALFORMED}
 
     @cache
     def results() -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-        def one(i):
+        def one(i, case):
             run_dir = root / str(i) / "run"
             # the default logger (wandb, offline here): a config error must come before it starts
-            args = overrides(*BAD_INPUT[i][0], f"hydra.run.dir={run_dir}")
-            return run_app(args, env=app_env(root)), run_dir
+            return run_app(overrides(*cases[case], f"hydra.run.dir={run_dir}"), env=app_env(root)), run_dir
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            return dict(zip(BAD_IDS, pool.map(one, range(len(BAD_INPUT)))))
+            return dict(zip(cases, pool.map(one, range(len(cases)), cases)))
 
     return results
+
+
+def assert_nothing_written(run_dir: Path) -> None:
+    for output in ("metrics.json", "grid.png", "wandb"):
+        assert not (run_dir / output).exists(), output
 
 
 @pytest.mark.parametrize(("case", "key", "value"), [(i, k, v) for i, (_, k, v) in zip(BAD_IDS, BAD_INPUT)],
@@ -226,6 +232,16 @@ def test_bad_input_is_one_line_error(bad_runs, case, key, value):
     assert lines, "nothing on stderr"
     last = lines[-1]
     assert key in last and value in last, last
+    if case != "model=dit_xl_2":  # the value given for the key is quoted next to it
+        assert f"{key}={value}" in last or f"{key}={value!r}" in last, last
     assert "allowed" in last, last
-    for output in ("metrics.json", "grid.png", "wandb"):
-        assert not (run_dir / output).exists(), output
+    assert_nothing_written(run_dir)
+
+
+def test_malformed_override_is_reported_by_hydra(bad_runs):
+    """The early group-choice check leaves grammar errors to Hydra's own report (no traceback)."""
+    proc, run_dir = bad_runs()["malformed"]
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "[1" in proc.stderr
+    assert_nothing_written(run_dir)

@@ -178,6 +178,8 @@ def test_check_config_rejects(overrides, key, value):
     message = str(info.value)
     assert key in message
     assert value in message
+    if overrides != ["model=dit_xl_2"]:  # the value given for the key is quoted next to it
+        assert f"{key}={value}" in message or f"{key}={value!r}" in message, message
     assert "\n" not in message
     assert "allowed" in message
 

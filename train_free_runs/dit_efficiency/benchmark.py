@@ -5,10 +5,11 @@ several orders), each interval N of the Interval schedule and each cache granula
 measures against the full-compute baseline from the same seed:
 
 * FLOPs speedup   baseline / cached FLOPs of one whole generation (cachelab.flops.count_flops;
-                  deterministic, so counted once per configuration);
-* wall speedup    median baseline wall / median cached wall over --repeats generations, the
-                  baseline and cached generations timed interleaved (alternating order) for
-                  every configuration, so drift of the machine shows in the baseline column;
+                  deterministic and blind to the predictor's elementwise work, so counted once
+                  per granularity and interval);
+* wall speedup    median baseline wall / median cached wall; the baseline is timed --repeats
+                  times before and --repeats times after all configurations of a model (its
+                  min/max show the drift), each configuration --repeats times after a warm-up;
 * efficiency      wall speedup / FLOPs speedup (1.0: the saved FLOPs are saved time);
 * rel-L2          of the cached latents vs the baseline latents (cachelab.metrics.relative_l2);
 * per-step times  baseline full step = baseline wall / steps; forecast step =
@@ -62,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--granularities", default=",".join(GRANULARITIES),
                    help=f"comma-separated cache granularities ({' | '.join(GRANULARITIES)})")
     p.add_argument("--first-enhance", type=int, default=FIRST_ENHANCE, help="warm-up full steps")
-    p.add_argument("--repeats", type=int, default=3, help="timed generations per side per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="untimed generations before timing: baseline once per model, cached once per configuration")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed cached generations per configuration; baseline: this many before and after")
+    p.add_argument("--warmup", type=int, default=1, help="untimed baseline generations per model")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--num-images", type=int, default=2, help="images per generation (CFG doubles the batch)")
     p.add_argument("--guidance-scale", type=float, default=1.5)
@@ -149,33 +151,31 @@ def bench_model(preset: str, args: argparse.Namespace, t0: float, on_row) -> tup
     baseline_latents, base_flops = count_flops(lambda: adapter.generate(inputs))
     log(f"{preset}: {params / 1e6:.1f}M params, {base_flops / 1e9:.1f} GFLOPs per generation", t0)
 
+    def time_baseline() -> list[float]:
+        return [timed_generation(adapter, inputs, None, 1, None)[1] for _ in range(args.repeats)]
+
+    # The baseline is timed before and after all configurations: its spread shows the drift.
+    all_base_times = time_baseline()
     rows = []
-    all_base_times = []
+    flops_by_schedule: dict[tuple[str, int], int] = {}
     configs = [(o, n, g) for g in args.granularities for n in args.intervals for o in args.orders]
     for k, (order, interval, granularity) in enumerate(configs, 1):
         strategy = make_strategy(order, interval, granularity, args.first_enhance)
         log(f"{preset}: [{k}/{len(configs)}] {strategy.name} N={interval} {granularity}", t0)
         handle = strategy.attach(adapter)
         try:
-            # Counted pass (deterministic: once); it also warms the cached path up.
-            _, cached_flops = count_flops(lambda: adapter.generate(inputs, handle))
-            for _ in range(args.warmup):  # the counted pass runs under a dispatch mode: warm the plain path
-                adapter.generate(inputs, handle)
-            base_times, cached_times = [], []
-            cached_latents = None
-            for r in range(args.repeats):  # interleaved, alternating which side goes first
-                sides = ("base", "cached") if r % 2 == 0 else ("cached", "base")
-                for side in sides:
-                    if side == "base":
-                        base, wall = timed_generation(adapter, inputs, None, 1, None)
-                        base_times.append(wall)
-                    else:
-                        cached_latents, wall = timed_generation(adapter, inputs, handle, 1, None)
-                        cached_times.append(wall)
+            # The counter sees matmuls and attention only, never the predictor's elementwise
+            # work, so the cached FLOPs depend on granularity and schedule, not on the order.
+            key = (granularity, interval)
+            if key not in flops_by_schedule:
+                _, flops_by_schedule[key] = count_flops(lambda: adapter.generate(inputs, handle))
+            cached_flops = flops_by_schedule[key]
+            cached_latents, _ = timed_generation(adapter, inputs, handle, 1, None)  # warm-up
+            cached_times = [timed_generation(adapter, inputs, handle, 1, None)[1] for _ in range(args.repeats)]
             stats = handle.stats().as_dict()
         finally:
             handle.remove()
-        all_base_times += base_times
+        base_times = all_base_times
 
         base_wall, cached_wall = median(base_times), median(cached_times)
         num_full, num_forecast = stats["num_full"], stats["num_forecast"]
@@ -201,7 +201,6 @@ def bench_model(preset: str, args: argparse.Namespace, t0: float, on_row) -> tup
                        "baseline_all": base_times, "cached_all": cached_times},
             "efficiency": wall_speedup / flops_speedup,
             "rel_l2": relative_l2(cached_latents, baseline_latents),
-            "baseline_rel_l2_vs_counted": relative_l2(base, baseline_latents),  # 0 if deterministic
             "step_s": {"full": full_step, "forecast": forecast_step,
                        "forecast_over_full": forecast_step / full_step if forecast_step is not None else None},
         }
@@ -210,6 +209,7 @@ def bench_model(preset: str, args: argparse.Namespace, t0: float, on_row) -> tup
             f"eff {row['efficiency']:.2f}  rel-L2 {row['rel_l2']:.3g}", t0)
         on_row(row)
 
+    all_base_times += time_baseline()
     summary = {
         "model": preset,
         "params": params,
@@ -234,7 +234,7 @@ def markdown(env: dict, args: argparse.Namespace, models: list[dict], rows: list
         f"- {args.steps} DDIM steps, {args.num_images} images with CFG {args.guidance_scale} "
         f"(forward batch {args.num_images * (2 if args.guidance_scale != 1.0 else 1)}), 32x32x4 latents, "
         f"random weights; Interval schedule, first_enhance={args.first_enhance}; "
-        f"median of {args.repeats} interleaved timings per side",
+        f"median of {args.repeats} timings per configuration, baseline timed {args.repeats}x before and after",
         "",
     ]
     if models:
