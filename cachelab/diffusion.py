@@ -12,6 +12,11 @@ def linear_betas(num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end
     return np.linspace(scale * beta_start, scale * beta_end, num_train_steps, dtype=np.float64)
 
 
+def alphas_cumprod(num_train_steps: int = 1000) -> np.ndarray:
+    """alpha_bar_t = prod_{i<=t} (1 - beta_i) of the linear schedule (float64)."""
+    return np.cumprod(1.0 - linear_betas(num_train_steps))
+
+
 def respaced_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
     """ADM's ``space_timesteps(T, str(n))``: ``n`` training timesteps, evenly strided, rounded."""
     if not 1 <= num_steps <= num_train_steps:
@@ -30,9 +35,8 @@ class DDIMSchedule:
 
     @classmethod
     def respaced(cls, num_steps: int, num_train_steps: int = 1000) -> "DDIMSchedule":
-        alphas_cumprod = np.cumprod(1.0 - linear_betas(num_train_steps))
         kept = np.array(respaced_timesteps(num_train_steps, num_steps))
-        alpha_bar = alphas_cumprod[kept]  # ascending in t
+        alpha_bar = alphas_cumprod(num_train_steps)[kept]  # ascending in t
         alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
         return cls(kept[::-1].copy(), alpha_bar[::-1].copy(), alpha_bar_prev[::-1].copy())
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 
 def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -13,4 +12,6 @@ def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1] (mean squared error over the batch); inf if identical."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # slow import: only when used
+
     return peak_signal_noise_ratio(images.double(), reference.double(), data_range=1.0).item()

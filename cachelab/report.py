@@ -38,5 +38,10 @@ def summary_table(m: dict) -> str:
         ("rel-L2", f"{m['quality']['rel_l2']:.4g}  (latents vs full compute)"),
         ("PSNR", f"{m['quality']['psnr_db']:.2f} dB  (images vs full compute)"),
     ]
+    for key in m["model_quality"]["baseline"]:
+        if key != "num_samples":
+            base, cached = m["model_quality"]["baseline"][key], m["model_quality"]["cached"][key]
+            rows.append((key, f"{base:.4g} -> {cached:.4g}  (baseline -> cached, "
+                              f"n={m['model_quality']['cached']['num_samples']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

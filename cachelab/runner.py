@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.checks import ConfigError, check_config
-from cachelab.controller import CacheHandle, attach
+from cachelab.controller import CacheHandle, CacheStats, attach
 from cachelab.flops import count_flops
 from cachelab.io import save_png_atomic, write_json_atomic
 from cachelab.metrics import psnr, relative_l2
@@ -59,12 +59,16 @@ def build_strategy(cfg: DictConfig) -> Strategy:
 
 
 def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,
-                     progress: str | None) -> tuple[torch.Tensor, float]:
-    """The latents and the median wall-clock (seconds) over ``repeats`` generations."""
+                     progress: str | None, trajectory: list | None = None) -> tuple[torch.Tensor, float]:
+    """The latents and the median wall-clock (seconds) over ``repeats`` generations;
+    ``trajectory`` (if given) receives x after every step of the last generation."""
     times = []
-    for _ in range(repeats):
+    for r in range(repeats):
+        callback = None
+        if trajectory is not None and r == repeats - 1:
+            callback = lambda step: trajectory.append(step["x"])  # noqa: E731 -- a reference, no copy
         start = time.perf_counter()
-        latents = adapter.generate(inputs, handle, progress=progress)
+        latents = adapter.generate(inputs, handle, progress=progress, callback=callback)
         times.append(time.perf_counter() - start)
     return latents, median(times)
 
@@ -97,18 +101,19 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         if cfg.measure.flops:  # counted passes; they also warm the process up before timing
             _, base_flops = count_flops(lambda: adapter.generate(inputs, progress=label("FLOPs baseline")))
             _, cached_flops = count_flops(lambda: adapter.generate(inputs, handle, progress=label("FLOPs cached")))
-        baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"))
-        cached, cached_wall = timed_generation(adapter, inputs, handle, cfg.measure.repeats, label("cached"))
-        stats = handle.stats().as_dict() if handle else {"full_steps": list(range(cfg.num_steps)),
-                                                        "num_full": cfg.num_steps, "num_forecast": 0,
-                                                        "fallbacks": 0, "cache_bytes": 0}
+        base_path, cached_path = [], []
+        baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"),
+                                               base_path)
+        cached, cached_wall = timed_generation(adapter, inputs, handle, cfg.measure.repeats, label("cached"),
+                                               cached_path)
+        stats = handle.stats() if handle else CacheStats(full_steps=list(range(cfg.num_steps)))
     finally:
         if handle is not None:
             handle.remove()
 
     base_images, cached_images = adapter.decode(baseline), adapter.decode(cached)
     grid_path = out_dir / "grid.png"
-    save_png_atomic(grid_path, comparison_grid(base_images, cached_images))
+    save_png_atomic(grid_path, comparison_grid(base_images[: cfg.grid_rows], cached_images[: cfg.grid_rows]))
     flops_speedup = base_flops / cached_flops if base_flops else None
     wall_speedup = base_wall / cached_wall
     metrics = {
@@ -126,13 +131,18 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup},
         "efficiency": wall_speedup / flops_speedup if flops_speedup else None,
         "quality": {"rel_l2": relative_l2(cached, baseline), "psnr_db": psnr(cached_images, base_images)},
-        **stats,
+        # the model's own quality metrics (e.g. the digit judge), of each side
+        "model_quality": {"baseline": adapter.evaluate(base_images, inputs),
+                          "cached": adapter.evaluate(cached_images, inputs)},
+        **stats.as_dict(),
+        # how far the cached trajectory x_s is from the baseline's after each step
+        "per_step_rel_l2": [relative_l2(c, b) for c, b in zip(cached_path, base_path)],
         "torch_threads": torch.get_num_threads(),
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
     full = set(metrics["full_steps"])
-    for s in range(cfg.num_steps):
-        sink.log({"schedule/full": int(s in full)}, step=s)
+    for s, error in enumerate(metrics["per_step_rel_l2"]):
+        sink.log({"schedule/full": int(s in full), "trajectory/rel_l2": error}, step=s)
     sink.log_image("samples/grid", grid_path, caption="baseline | cached | |difference|")
     sink.summary(flatten(metrics))
     print(summary_table(metrics))

@@ -61,6 +61,10 @@ class ModelAdapter(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, C, H, W)."""
 
+    def evaluate(self, images: torch.Tensor, inputs: Inputs) -> dict:
+        """The model's own quality metrics of decoded images (e.g. class accuracy); none by default."""
+        return {}
+
     @staticmethod
     @contextmanager
     def driving(handle: CacheHandle | None, num_steps: int):

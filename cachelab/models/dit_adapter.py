@@ -10,6 +10,7 @@ from cachelab.controller import CacheHandle
 from cachelab.diffusion import DDIMSchedule
 from cachelab.models.adapter import DTYPES, Inputs, ModelAdapter
 from cachelab.models.dit import DiT, dit_from_preset, load_checkpoint
+from cachelab.assets import load_asset
 from cachelab.models.loading import load_vae
 from cachelab.samplers import Callback, ddim
 from cachelab.sites import SitePattern
@@ -24,9 +25,11 @@ SITE_PATTERNS = {
 
 
 class DiTAdapter(ModelAdapter):
-    """A DiT preset (``DiT-XL/2``...) or custom size; weights from an original checkpoint,
-    the reference initialisation, or ``init="random"`` (gates and final layer drawn too,
-    so that an untrained model still has moving features)."""
+    """A DiT preset (``DiT-XL/2``...) or custom size. Weights, first match wins: a shipped
+    asset (``weights``: architecture and sha256-checked weights from ``cachelab/assets``),
+    an original checkpoint, the reference initialisation (``init="reference"``), or
+    ``init="random"`` (gates and final layer drawn too, so an untrained model still has
+    moving features). An optional ``judge`` scores decoded samples (``evaluate``)."""
 
     def __init__(
         self,
@@ -38,10 +41,12 @@ class DiTAdapter(ModelAdapter):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         arch: dict | None = None,
+        weights: str | None = None,
         checkpoint: str | None = None,
         init: str = "random",
         init_seed: int = 0,
         vae: str | None = None,
+        judge=None,
         num_steps: int = 50,
         guidance_scale: float = 1.5,
         guided_channels: int | None = None,
@@ -52,8 +57,8 @@ class DiTAdapter(ModelAdapter):
         self.preset, self.arch = preset, dict(arch or {})
         self.dit_kwargs = dict(input_size=input_size, in_channels=in_channels,
                                num_classes=num_classes, learn_sigma=learn_sigma)
-        self.checkpoint, self.init, self.init_seed = checkpoint, init, init_seed
-        self.vae_path = vae
+        self.weights, self.checkpoint, self.init, self.init_seed = weights, checkpoint, init, init_seed
+        self.vae_path, self.judge = vae, judge
         self.num_steps, self.guidance_scale, self.guided_channels = num_steps, guidance_scale, guided_channels
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
 
@@ -62,33 +67,44 @@ class DiTAdapter(ModelAdapter):
             self.vae  # noqa: B018 -- load it first, so a missing VAE fails before sampling
         with torch.random.fork_rng():
             torch.manual_seed(self.init_seed)
-            if self.preset:
-                model = dit_from_preset(self.preset, **self.dit_kwargs)
-            else:
-                model = DiT(**self.arch, **self.dit_kwargs)
-            if self.checkpoint:
-                load_checkpoint(model, self.checkpoint)
-            elif self.init == "random":
-                randomize_zero_init(model)
+            model = self._shipped() if self.weights else self._constructed()
         return model.to(self.device, self.dtype)
+
+    def _shipped(self) -> DiT:
+        state_dict, manifest = load_asset(self.weights)
+        model = DiT(**manifest["arch"])
+        model.load_state_dict(state_dict)
+        return model
+
+    def _constructed(self) -> DiT:
+        if self.preset:
+            model = dit_from_preset(self.preset, **self.dit_kwargs)
+        else:
+            model = DiT(**self.arch, **self.dit_kwargs)
+        if self.checkpoint:
+            load_checkpoint(model, self.checkpoint)
+        elif self.init == "random":
+            randomize_zero_init(model)
+        return model
 
     def site_patterns(self, granularity: str) -> list[SitePattern]:
         return SITE_PATTERNS[granularity]
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.dit_kwargs["input_size"]
-        return (self.dit_kwargs["in_channels"], size, size)
+        model = self.model
+        return (model.in_channels, model.input_size, model.input_size)
 
     def make_inputs(self, num_images: int, seed: int) -> Inputs:
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(num_images, *self.latent_shape, generator=g)
-        labels = torch.randint(0, self.dit_kwargs["num_classes"], (num_images,), generator=g)
+        labels = torch.randint(0, self.model.num_classes, (num_images,), generator=g)
         return Inputs(noise.to(self.device, self.dtype), labels.to(self.device))
 
     def generate(self, inputs: Inputs, handle: CacheHandle | None = None,
                  callback: Callback | None = None, progress: str | None = None) -> torch.Tensor:
-        model, channels = self.model, self.dit_kwargs["in_channels"]
+        model = self.model
+        channels = model.in_channels
         schedule = DDIMSchedule.respaced(self.num_steps)
         if self.guidance_scale == 1.0:
             x, y = inputs.noise, inputs.labels
@@ -113,6 +129,9 @@ class DiTAdapter(ModelAdapter):
             return ((latents.float() + 1) / 2).clamp(0, 1)
         images = self.vae.decode(latents.to(self.vae.dtype) / 0.18215).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def evaluate(self, images: torch.Tensor, inputs: Inputs) -> dict:
+        return self.judge.evaluate(images, inputs.labels) if self.judge is not None else {}
 
     @cached_property
     def vae(self):
