@@ -1,0 +1,133 @@
+"""Collect a sweep folder's ``metrics.json`` files into a table and a quality/speed plot.
+
+    python -m analysis.sweep multirun/2026-11-26/14-00-00 [--out DIR]
+
+Writes ``sweep.csv``, ``sweep.md``, ``pareto_psnr.png`` and, when the model has a judge,
+``pareto_accuracy.png`` (quality against FLOPs speedup, one line per strategy/order) into
+``--out`` (default: the sweep folder). Jobs that failed (an
+``error.txt`` or no ``metrics.json``) are listed, not silently dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from cachelab.io import write_bytes_atomic
+
+COLUMNS = [  # (header, path into metrics.json, format)
+    ("strategy", ("strategy",), "s"),
+    ("granularity", ("granularity",), "s"),
+    ("order", ("order",), "d"),
+    ("N", ("interval",), "d"),
+    ("full", ("num_full",), "d"),
+    ("FLOPs speedup", ("flops", "speedup"), ".2f"),
+    ("wall speedup", ("wall_s", "speedup"), ".2f"),
+    ("efficiency", ("efficiency",), ".2f"),
+    ("rel-L2", ("quality", "rel_l2"), ".4f"),
+    ("PSNR (dB)", ("quality", "psnr_db"), ".2f"),
+    ("class acc.", ("model_quality", "cached", "class_accuracy"), ".3f"),
+    ("feature FD", ("model_quality", "cached", "feature_fd"), ".2f"),
+]
+
+
+def lookup(metrics: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
+    """Metrics of every finished job (sorted) and the names of jobs that did not finish."""
+    rows, failed = [], []
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+        path = job / "metrics.json"
+        if path.is_file():
+            rows.append({"job": job.name, **json.loads(path.read_text())})
+        else:
+            reason = (job / "error.txt").read_text().strip() if (job / "error.txt").is_file() else "no metrics.json"
+            failed.append(f"{job.name}: {reason}")
+    rows.sort(key=lambda m: (m["strategy"] != "none", m["strategy"], m["order"] if m["strategy"] == "taylor" else 0,
+                             m["interval"]))
+    return rows, failed
+
+
+def fmt(value, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+def markdown(rows: list[dict], failed: list[str]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for m in rows:
+        lines.append("| " + " | ".join(fmt(lookup(m, p), f) for _, p, f in COLUMNS) + " |")
+    if failed:
+        lines += ["", "Jobs that did not finish:", *[f"- {line}" for line in failed]]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["job"] + [h for h, _, _ in COLUMNS])
+    for m in rows:
+        writer.writerow([m["job"]] + [lookup(m, p) for _, p, _ in COLUMNS])
+    return buffer.getvalue()
+
+
+def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes:
+    """PNG: ``quality`` against FLOPs speedup, one line per strategy (and Taylor order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for m in rows:
+        x, y = lookup(m, ("flops", "speedup")), lookup(m, quality)
+        if x is None or y is None or (isinstance(y, float) and math.isinf(y)):
+            continue
+        name = f"taylor order {m['order']}" if m["strategy"] == "taylor" else m["strategy"]
+        series.setdefault(name, []).append((x, y))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in sorted(series.items()):
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xlabel("FLOPs speedup (x)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
+    args = parser.parse_args(argv)
+    out = args.out or args.sweep_dir
+    rows, failed = collect(args.sweep_dir)
+    table = markdown(rows, failed)
+    write_bytes_atomic(out / "sweep.md", table.encode())
+    write_bytes_atomic(out / "sweep.csv", to_csv(rows).encode())
+    write_bytes_atomic(out / "pareto_psnr.png", pareto_plot(rows, ("quality", "psnr_db"), "PSNR vs full compute (dB)"))
+    if any(lookup(m, ("model_quality", "cached", "class_accuracy")) is not None for m in rows):
+        write_bytes_atomic(out / "pareto_accuracy.png",
+                           pareto_plot(rows, ("model_quality", "cached", "class_accuracy"), "class accuracy"))
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The sweep aggregator: every finished job in the table, every unfinished one listed."""
+from __future__ import annotations
+
+import json
+
+from analysis.sweep import collect, main
+
+
+def job(root, name, metrics=None, error=None):
+    folder = root / name
+    (folder / ".hydra").mkdir(parents=True)
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    if error is not None:
+        (folder / "error.txt").write_text(error)
+
+
+def metrics(strategy, order, interval, speedup, psnr):
+    return {"strategy": strategy, "granularity": "module", "order": order, "interval": interval, "num_full": 11,
+            "flops": {"speedup": speedup}, "wall_s": {"speedup": speedup * 0.9}, "efficiency": 0.9,
+            "quality": {"rel_l2": 0.01, "psnr_db": psnr}, "model_quality": {"baseline": {}, "cached": {}}}
+
+
+def test_collect_table_and_plot(tmp_path):
+    job(tmp_path, "0", metrics("taylor", 2, 5, 4.5, 30.0))
+    job(tmp_path, "1", metrics("reuse", 2, 5, 4.5, 20.0))
+    job(tmp_path, "2", metrics("none", 2, 5, 1.0, float("inf")))
+    job(tmp_path, "3", error="order=-1 is out of range")
+    job(tmp_path, "4")
+    (tmp_path / "not-a-job").mkdir()
+    rows, failed = collect(tmp_path)
+    assert [r["strategy"] for r in rows] == ["none", "reuse", "taylor"]
+    assert failed == ["3: order=-1 is out of range", "4: no metrics.json"]
+    main([str(tmp_path)])
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| taylor | module | 2 | 5 | 11 | 4.50 | 4.05 | 0.90 | 0.0100 | 30.00 | n/a | n/a |" in table
+    assert "| none | module | 2 | 5 | 11 | 1.00 | 0.90 | 0.90 | 0.0100 | inf |" in table
+    assert "- 3: order=-1 is out of range" in table
+    assert (tmp_path / "pareto_psnr.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 4
