@@ -193,3 +193,22 @@ def test_site_patterns():
     assert [s.name for s in select_sites(adapter.model, adapter.site_patterns("output"))] == ["output"]
     with pytest.raises(ValueError, match="no module"):
         select_sites(adapter.model, [SitePattern("nothing")])
+
+
+def test_output_forecasts_do_not_alias_across_steps(adapter):
+    """A sampler may keep earlier model outputs (multistep solvers): a later forecast must
+    not change an output already returned."""
+    model = adapter.model
+    handle = taylor(adapter, "output", order=1, interval=10, first_enhance=2)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
+    with handle.generation(10):
+        outputs = []
+        for s in range(4):  # full, full, forecast, forecast
+            handle.step(s)
+            outputs.append(model(x + s, t, y))
+        kept = outputs[2].clone()
+        handle.step(4)
+        model(x, t, y)
+    assert torch.equal(outputs[2], kept)
+    assert not torch.equal(outputs[2], outputs[3])
+

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cachelab.models.dit import DiT, TimestepEmbedder, dit_from_preset, load_checkpoint
+from cachelab.models.dit_adapter import DiTAdapter
 from cachelab.models.loading import WeightsUnavailable, load_vae
 from tests.conftest import tiny_adapter
 
@@ -92,3 +93,27 @@ def test_unreachable_vae_names_itself(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailable, match="stabilityai/sd-vae-ft-ema.*model.vae"):
         load_vae("stabilityai/sd-vae-ft-ema")
+
+
+def test_shipped_weights_load_by_name_with_their_architecture(tmp_path, monkeypatch):
+    from cachelab import assets
+
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path)
+    source = tiny_adapter(init_seed=7).model
+    arch = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                learn_sigma=False)
+    assets.write_asset("tiny_test", source.state_dict(), {"arch": arch})
+    shipped = DiTAdapter(name="shipped", weights="tiny_test", num_steps=10)
+    inputs = shipped.make_inputs(2, seed=0)
+    assert shipped.latent_shape == (1, 8, 8)
+    assert torch.equal(shipped.generate(inputs), tiny_adapter(init_seed=7).generate(inputs))
+
+
+def test_adapter_scores_samples_with_its_judge():
+    from cachelab.judge import DigitJudge
+
+    adapter = tiny_adapter(input_size=32, judge=DigitJudge())
+    inputs = adapter.make_inputs(4, seed=0)
+    scores = adapter.evaluate(adapter.decode(adapter.generate(inputs)), inputs)
+    assert set(scores) == {"class_accuracy", "feature_fd", "num_samples"} and scores["num_samples"] == 4
+    assert tiny_adapter().evaluate(torch.zeros(1, 1, 8, 8), inputs) == {}

@@ -175,14 +175,7 @@ def bench_model(preset: str, args: argparse.Namespace, t0: float, on_row) -> tup
             stats = handle.stats().as_dict()
         finally:
             handle.remove()
-        base_times = all_base_times
-
-        base_wall, cached_wall = median(base_times), median(cached_times)
-        num_full, num_forecast = stats["num_full"], stats["num_forecast"]
-        full_step = base_wall / T
-        forecast_step = (cached_wall - num_full * full_step) / num_forecast if num_forecast else None
         flops_speedup = base_flops / cached_flops
-        wall_speedup = base_wall / cached_wall
         row = {
             "model": preset,
             "strategy": strategy.name,
@@ -191,25 +184,24 @@ def bench_model(preset: str, args: argparse.Namespace, t0: float, on_row) -> tup
             "first_enhance": args.first_enhance,
             "granularity": granularity,
             "num_sites": len(handle.sites),
-            "num_full": num_full,
-            "num_forecast": num_forecast,
+            "num_full": stats["num_full"],
+            "num_forecast": stats["num_forecast"],
             "full_steps": stats["full_steps"],
             "fallbacks": stats["fallbacks"],
             "cache_bytes": stats["cache_bytes"],
             "flops": {"baseline": base_flops, "cached": cached_flops, "speedup": flops_speedup},
-            "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup,
-                       "baseline_all": base_times, "cached_all": cached_times},
-            "efficiency": wall_speedup / flops_speedup,
             "rel_l2": relative_l2(cached_latents, baseline_latents),
-            "step_s": {"full": full_step, "forecast": forecast_step,
-                       "forecast_over_full": forecast_step / full_step if forecast_step is not None else None},
+            **timing(all_base_times, cached_times, stats["num_full"], stats["num_forecast"], T, flops_speedup),
         }
         rows.append(row)
-        log(f"{preset}: FLOPs x{flops_speedup:.2f}  wall x{wall_speedup:.2f}  "
+        log(f"{preset}: FLOPs x{flops_speedup:.2f}  wall x{row['wall_s']['speedup']:.2f}  "
             f"eff {row['efficiency']:.2f}  rel-L2 {row['rel_l2']:.3g}", t0)
         on_row(row)
 
     all_base_times += time_baseline()
+    for row in rows:  # final figures: against the baseline timed before and after
+        row.update(timing(all_base_times, row["wall_s"]["cached_all"], row["num_full"], row["num_forecast"], T,
+                          row["flops"]["speedup"]))
     summary = {
         "model": preset,
         "params": params,
@@ -220,6 +212,22 @@ def bench_model(preset: str, args: argparse.Namespace, t0: float, on_row) -> tup
         "baseline_step_s": median(all_base_times) / T,
     }
     return summary, rows
+
+
+def timing(base_times: list[float], cached_times: list[float], num_full: int, num_forecast: int, steps: int,
+           flops_speedup: float) -> dict:
+    """Wall-clock figures of one configuration from its timings and the baseline's."""
+    base_wall, cached_wall = median(base_times), median(cached_times)
+    full_step = base_wall / steps
+    forecast_step = (cached_wall - num_full * full_step) / num_forecast if num_forecast else None
+    wall_speedup = base_wall / cached_wall
+    return {
+        "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup,
+                   "baseline_all": list(base_times), "cached_all": cached_times},
+        "efficiency": wall_speedup / flops_speedup,
+        "step_s": {"full": full_step, "forecast": forecast_step,
+                   "forecast_over_full": forecast_step / full_step if forecast_step is not None else None},
+    }
 
 
 def _f(value, spec: str) -> str:
