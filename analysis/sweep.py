@@ -6,6 +6,9 @@ Writes ``sweep.csv``, ``sweep.md``, ``pareto_psnr.png`` and, when the model has 
 ``pareto_accuracy.png`` (quality against FLOPs speedup, one line per strategy/order) into
 ``--out`` (default: the sweep folder). Jobs that failed (an
 ``error.txt`` or no ``metrics.json``) are listed, not silently dropped.
+
+``SweepReport`` does the same at the end of every ``python run.py -m ...`` (a Hydra callback,
+see conf/config.yaml) and makes the sweep exit with status 1 when a job did not finish.
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from cachelab.io import write_bytes_atomic
 
@@ -112,13 +118,9 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
-    args = parser.parse_args(argv)
-    out = args.out or args.sweep_dir
-    rows, failed = collect(args.sweep_dir)
+def report(sweep_dir: Path, out: Path) -> list[str]:
+    """Write the table, CSV and plots of ``sweep_dir`` into ``out``; returns the failed jobs."""
+    rows, failed = collect(sweep_dir)
     table = markdown(rows, failed)
     write_bytes_atomic(out / "sweep.md", table.encode())
     write_bytes_atomic(out / "sweep.csv", to_csv(rows).encode())
@@ -127,6 +129,28 @@ def main(argv: list[str] | None = None) -> None:
         write_bytes_atomic(out / "pareto_accuracy.png",
                            pareto_plot(rows, ("model_quality", "cached", "class_accuracy"), "class accuracy"))
     print(table, end="")
+    return failed
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a multirun, report the sweep and fail if a job did not finish."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = report(sweep_dir, sweep_dir)
+        if failed:
+            print(f"{len(failed)} job(s) did not finish (see {sweep_dir / 'sweep.md'}):", file=sys.stderr)
+            for line in failed:
+                print(f"  {line}", file=sys.stderr)
+            sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
+    args = parser.parse_args(argv)
+    report(args.sweep_dir, args.out or args.sweep_dir)
 
 
 if __name__ == "__main__":

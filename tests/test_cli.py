@@ -152,16 +152,23 @@ def test_multirun_sweeps_every_combination(tmp_path):
     assert set(seen) == {(s, o) for s in ("reuse", "taylor") for o in (1, 2)}
     # the strategy took effect, not only its name: reuse and a first-order Taylor forecast differ
     assert seen[("reuse", 1)]["quality"]["rel_l2"] != seen[("taylor", 1)]["quality"]["rel_l2"]
+    # the sweep report: one table row per job
+    table = (sweep / "sweep.md").read_text()
+    assert table.count("| reuse |") == 2 and table.count("| taylor |") == 2
+    assert (sweep / "sweep.csv").is_file() and (sweep / "pareto_psnr.png").is_file()
 
 
 def test_multirun_records_a_bad_job_and_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_app(["-m", *overrides("order=1,-1", "logger=none", f"hydra.sweep.dir={sweep}")])
-    # run.py: in a multirun a ConfigError goes to the job's error.txt and the sweep continues,
-    # so the process itself succeeds
-    assert proc.returncode == 0, proc.stderr
+    # run.py: in a multirun a ConfigError goes to the job's error.txt and the sweep continues;
+    # at the end the sweep report lists the failed job and the process fails
+    assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "order=-1" in proc.stderr
+    assert "1 job(s) did not finish" in proc.stderr
+    table = (sweep / "sweep.md").read_text()
+    assert "order=-1 is out of range" in table and table.count("| taylor |") == 1
     jobs = {job_overrides(p.parent)["order"]: p.parent for p in sweep.glob("*/.hydra")}
     assert set(jobs) == {"1", "-1"}
     good, bad = jobs["1"], jobs["-1"]
