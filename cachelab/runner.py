@@ -3,7 +3,6 @@ compared on FLOPs, wall-clock and quality; everything written into the run folde
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
@@ -13,32 +12,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.checks import ConfigError, check_config
-from cachelab.controller import CacheHandle, CacheStats, attach
+from cachelab.controller import CacheHandle, CacheStats
 from cachelab.flops import count_flops
 from cachelab.io import save_png_atomic, write_json_atomic
 from cachelab.metrics import psnr, relative_l2
 from cachelab.models.adapter import Inputs, ModelAdapter
-from cachelab.predictor import Predictor
 from cachelab.report import comparison_grid, summary_table
-from cachelab.schedules import Schedule
 from cachelab.sink import Sink
-from cachelab.sites import select_sites
-
-
-@dataclass
-class Strategy:
-    """predictor x schedule x granularity; ``predictor`` None means no caching."""
-
-    name: str
-    predictor: Predictor | None
-    schedule: Schedule
-    granularity: str
-
-    def attach(self, adapter: ModelAdapter) -> CacheHandle | None:
-        if self.predictor is None:
-            return None
-        sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
-        return attach(sites, self.predictor, self.schedule)
+from cachelab.strategy import Strategy
 
 
 def build(cfg: DictConfig, key: str):

@@ -7,7 +7,7 @@ from torch import nn
 
 from cachelab.controller import attach
 from cachelab.models.dit import modulate
-from cachelab.runner import Strategy
+from cachelab.strategy import Strategy
 from cachelab.schedules import Always, Interval
 from cachelab.sites import Site, SitePattern, select_sites
 from strategies.reuse import Reuse

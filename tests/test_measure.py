@@ -15,7 +15,7 @@ from cachelab.io import write_json_atomic
 from cachelab.metrics import psnr, relative_l2
 from cachelab.schedules import Interval
 from strategies.taylor import TaylorSeer
-from cachelab.runner import Strategy
+from cachelab.strategy import Strategy
 from tests.conftest import tiny_adapter
 
 

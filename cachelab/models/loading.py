@@ -1,6 +1,7 @@
 """Loading pretrained components with errors that say what to do when offline."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cachelab.checks import UserError
@@ -25,6 +26,4 @@ def load_vae(name_or_path: str):
 
 
 def _offline() -> bool:
-    import os
-
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

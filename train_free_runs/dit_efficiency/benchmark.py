@@ -40,7 +40,8 @@ from cachelab.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 from cachelab.metrics import relative_l2  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
-from cachelab.runner import Strategy, timed_generation  # noqa: E402
+from cachelab.runner import timed_generation  # noqa: E402
+from cachelab.strategy import Strategy  # noqa: E402
 from cachelab.schedules import Interval  # noqa: E402
 from cachelab.sites import GRANULARITIES  # noqa: E402
 from strategies.reuse import Reuse  # noqa: E402
