@@ -19,6 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
+from analysis.wandb_log import history, summary
 from cachelab.schedules import Interval
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,6 +134,15 @@ def test_wandb_logger_without_key_writes_offline_run(tmp_path):
     files = list(runs[0].glob("run-*.wandb"))
     assert len(files) == 1 and files[0].stat().st_size > 0
     assert not list((run_dir / "wandb").glob("run-*"))  # no online run
+    # what was logged, read back from the run file itself
+    metrics = read_metrics(run_dir)
+    rows = history(files[0])
+    assert [row["schedule/full"] for row in rows] == [int(s in metrics["full_steps"]) for s in range(4)]
+    assert [row["trajectory/rel_l2"] for row in rows] == pytest.approx(metrics["per_step_rel_l2"])
+    assert rows[-1]["samples/grid/_type"] == "image-file"
+    logged = summary(files[0])
+    assert logged["quality/rel_l2"] == pytest.approx(metrics["quality"]["rel_l2"])
+    assert logged["num_full"] == metrics["num_full"] and logged["strategy"] == metrics["strategy"]
 
 
 def test_multirun_sweeps_every_combination(tmp_path):
