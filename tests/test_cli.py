@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 from PIL import Image
 
 from analysis.wandb_log import history, summary
+from cachelab.assets import read_manifest
 from cachelab.schedules import Interval
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,8 +77,7 @@ def test_single_run_with_flops_writes_grid_and_metrics(tmp_path):
     assert repo_outputs() == before  # nothing written into the repository
 
     # grid: one row per image, columns baseline | cached | |difference| (make_grid, padding 2)
-    model = OmegaConf.load(REPO / "conf" / "model" / "tiny_dit.yaml")
-    cell = model.input_size + 2
+    cell = read_manifest("tiny_dit_mnist")["arch"]["input_size"] + 2  # the default model
     with Image.open(run_dir / "grid.png") as grid:
         assert grid.format == "PNG"
         grid.load()
@@ -105,6 +104,7 @@ def test_single_run_with_flops_writes_grid_and_metrics(tmp_path):
     assert wall["speedup"] == pytest.approx(wall["baseline"] / wall["cached"])
     assert metrics["efficiency"] == pytest.approx(wall["speedup"] / flops["speedup"])
 
+    assert set(metrics["model_quality"]["cached"]) == {"class_accuracy", "feature_fd", "num_samples"}
     quality = metrics["quality"]
     assert math.isfinite(quality["rel_l2"]) and quality["rel_l2"] > 0
     assert quality["psnr_db"] > 0
