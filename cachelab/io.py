@@ -31,6 +31,15 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
 
 
+def save_torch_atomic(path: str | Path, obj) -> bytes:
+    """``torch.save`` atomically; returns the bytes written (e.g. to hash them)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    return data
+
+
 def save_png_atomic(path: str | Path, image: torch.Tensor) -> None:
     """``image``: (C, H, W) in [0, 1]."""
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cachelab.checks import UserError
-from cachelab.io import write_bytes_atomic, write_json_atomic
+from cachelab.io import save_torch_atomic, write_json_atomic
 
 ASSETS_DIR = Path(__file__).resolve().parent
 
@@ -24,10 +24,7 @@ def sha256(data: bytes) -> str:
 
 
 def write_asset(name: str, state_dict: dict, manifest: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    data = buffer.getvalue()
-    write_bytes_atomic(ASSETS_DIR / f"{name}.pt", data)
+    data = save_torch_atomic(ASSETS_DIR / f"{name}.pt", state_dict)
     write_json_atomic(ASSETS_DIR / f"{name}.json", {**manifest, "file": f"{name}.pt", "sha256": sha256(data),
                                                     "bytes": len(data)})
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cachelab.diffusion import alphas_cumprod
-from cachelab.io import write_bytes_atomic
+from cachelab.io import save_torch_atomic
 from cachelab.models.dit import DiT
 
 ARCH = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
@@ -42,12 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logger", choices=["wandb", "none"], default="wandb")
     p.add_argument("--export", action="store_true", help="export the EMA weights of last.pt and stop")
     return p.parse_args(argv)
-
-
-def save_atomic(obj, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def train(args: argparse.Namespace) -> None:
@@ -95,9 +88,9 @@ def train(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         sink.log({"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]}, step=step)
         if step % args.save_every == 0 or step == args.steps:
-            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "generator": generator.get_state(), "step": step, "arch": ARCH, "args": _args(args)},
-                        last)
+            save_torch_atomic(last, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "generator": generator.get_state(), "step": step, "arch": ARCH,
+                                     "args": _args(args)})
     bar.close()
     sink.finish()
 

@@ -35,6 +35,8 @@ if str(REPO_ROOT) not in sys.path:  # cachelab and strategies are not installed 
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from cachelab.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "on DiT shapes with random weights, CPU. Prints a Markdown table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--models", default="DiT-S/2,DiT-B/2", help="comma-separated DiT presets")
+    p.add_argument("--models", default="DiT-S/2,DiT-B/2",
+                   help="comma-separated DiT presets with a conf/model file (dit_s_2.yaml, dit_b_2.yaml)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--orders", default="reuse,1,2,3",
                    help="comma-separated predictors: 'reuse' (or 0) for reuse/FORA, k >= 1 for TaylorSeer order k")
@@ -104,14 +107,12 @@ def make_strategy(order: int, interval: int, granularity: str, first_enhance: in
 
 
 def make_adapter(preset: str, args: argparse.Namespace) -> DiTAdapter:
-    """The DiT shape at 256px (32x32x4 latents), random weights, as conf/model/dit_*_2.yaml."""
-    return DiTAdapter(
-        name=preset.lower().replace("/", "_").replace("-", "_"),
-        description=f"random weights ({preset} shape)",
-        preset=preset, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True,
-        init="random", init_seed=args.init_seed, num_steps=args.steps,
-        guidance_scale=args.guidance_scale, device="cpu",
-    )
+    """The model of ``conf/model/dit_<s|b|...>_2.yaml`` (the preset's config file), with this
+    run's steps, guidance and weight seed."""
+    path = REPO_ROOT / "conf" / "model" / (preset.lower().replace("dit-", "dit_").replace("/", "_") + ".yaml")
+    cfg = OmegaConf.merge({"num_steps": args.steps, "device": "cpu"}, {"model": OmegaConf.load(path)})
+    cfg.model.guidance_scale, cfg.model.init_seed = args.guidance_scale, args.init_seed
+    return instantiate(cfg.model)
 
 
 def cpu_model() -> str:
