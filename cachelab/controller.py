@@ -1,11 +1,14 @@
 """The controller: attaches a strategy to a model's sites from outside, reversibly."""
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from cachelab.outputs import Parts, split
 from cachelab.predictor import Predictor, PredictorState
 from cachelab.schedules import Decision, Schedule, StepContext
 from cachelab.sites import Site, first_tensor
@@ -15,10 +18,18 @@ _MISSING = object()
 
 @dataclass
 class SiteCache:
-    """A site's predictor state in one context, and the input shape it was built for."""
+    """A site's history in one context: a predictor state per output tensor (None where
+    the output is None), how to rebuild the output, and the input shape it was built for.
+    A skip site keeps only its outputs' (shape, dtype, device)."""
 
-    state: PredictorState
     shape: torch.Size
+    states: list[PredictorState | None] = field(default_factory=list)
+    rebuild: Callable[[Parts], object] | None = None
+    specs: list[tuple | None] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(state.nbytes for state in self.states if state is not None)
 
 
 @dataclass
@@ -116,7 +127,7 @@ class CacheHandle:
         """Statistics of the current (or last) generation."""
         if self._caches:
             self._stats.cache_bytes = sum(
-                c.state.nbytes for caches in self._caches.values() for c in caches.values()
+                c.nbytes for caches in self._caches.values() for c in caches.values()
             )
         return self._stats
 
@@ -134,28 +145,50 @@ class CacheHandle:
     def _install(self, site: Site) -> None:
         self._originals.append((site, vars(site.owner).get(site.method, _MISSING)))
         compute = getattr(site.owner, site.method)
+        signature = inspect.signature(compute)
 
         def cached_call(*args, **kwargs):
             if self._decision is None:
                 return compute(*args, **kwargs)
-            x = first_tensor(args, kwargs)
-            cache = self._site_cache(site.name, x.shape)
+            cache = self._site_cache(site.name, first_tensor(args, kwargs).shape)
             if self._decision is Decision.FORECAST:
-                if cache.state.has_history:
-                    forecast = self.predictor.predict(cache.state, self._s)
-                    return x + forecast if site.residual else forecast
+                if cache.rebuild is not None:
+                    return cache.rebuild(self._forecast(site, cache, signature, args, kwargs))
                 self._stats.fallbacks += 1
             out = compute(*args, **kwargs)
-            self.predictor.update(cache.state, self._s, out - x if site.residual else out)
+            self._record(site, cache, out, signature, args, kwargs)
             return out
 
         setattr(site.owner, site.method, cached_call)
+
+    def _record(self, site: Site, cache: SiteCache, out, signature, args, kwargs) -> None:
+        parts, cache.rebuild = split(out)
+        if site.skip:
+            cache.specs = [None if p is None else (p.shape, p.dtype, p.device) for p in parts]
+            return
+        if len(cache.states) != len(parts):
+            cache.states = [None if p is None else self.predictor.new_state() for p in parts]
+        bases = site.residual_bases(signature, args, kwargs, len(parts))
+        for state, part, base in zip(cache.states, parts, bases):
+            if state is not None:
+                self.predictor.update(state, self._s, part if base is None else part - base)
+
+    def _forecast(self, site: Site, cache: SiteCache, signature, args, kwargs) -> Parts:
+        if site.skip:
+            return [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2])
+                    for spec in cache.specs]
+        bases = site.residual_bases(signature, args, kwargs, len(cache.states))
+        parts = []
+        for state, base in zip(cache.states, bases):
+            forecast = None if state is None else self.predictor.predict(state, self._s)
+            parts.append(forecast if base is None or forecast is None else base + forecast)
+        return parts
 
     def _site_cache(self, name: str, shape: torch.Size) -> SiteCache:
         caches = self._caches.setdefault(self._context, {})
         cache = caches.get(name)
         if cache is None or cache.shape != shape:
-            cache = caches[name] = SiteCache(self.predictor.new_state(), shape)
+            cache = caches[name] = SiteCache(shape)
         return cache
 
 

@@ -121,7 +121,7 @@ def test_module_forecast_step_is_the_paper_residual_algebra(adapter):
         handle.step(3)  # forecast, k = 1 after the full step at 2
         t = torch.full((2,), 600)
         out = model(x, t, y)
-        factors = {name: list(cache.state.factors) for name, cache in handle._caches["default"].items()}
+        factors = {name: list(cache.states[0].factors) for name, cache in handle._caches["default"].items()}
     assert set(factors) == {f"blocks.{i}.{kind}" for i in range(2) for kind in ("attn", "mlp")}
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, False)
@@ -150,7 +150,7 @@ def test_block_and_output_sites_forecast_residual_and_output(adapter):
     with handle.generation(2):
         handle.step(0)
         model(x, t, y)
-        residuals = [c.state.factors[0] for c in handle._caches["default"].values()]
+        residuals = [c.states[0].factors[0] for c in handle._caches["default"].values()]
         handle.step(1)
         h_in = model.x_embedder(x * 2) + model.pos_embed
         c = model.t_embedder(t) + model.y_embedder(y, False)

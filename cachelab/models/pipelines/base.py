@@ -1,0 +1,123 @@
+"""The adapter for diffusers pipelines: load (hub id or local folder, or a tiny random
+pipeline built and saved locally), generate through the real pipeline call, driven by
+:class:`PipelineDriver`. One small subclass per model family says which pipeline class,
+which sites, and how to build its tiny components."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from cachelab.controller import CacheHandle
+from cachelab.models.adapter import DTYPES, ModelAdapter
+from cachelab.models.loading import load_pretrained
+from cachelab.models.pipelines.driver import PipelineDriver
+from cachelab.samplers import Callback
+from cachelab.sites import SitePattern
+
+
+@dataclass
+class PromptInputs:
+    """One generation's conditioning and seed (the pipeline draws the noise from the seed)."""
+
+    prompts: list
+    seed: int
+
+
+class PipelineAdapter(ModelAdapter):
+    """A diffusers pipeline. ``path`` is a hub id or a local folder (both through
+    ``from_pretrained``); with ``tiny=True`` a missing ``path`` folder is first filled with
+    the family's tiny random components (``save_pretrained``), for tests and CPU runs.
+    ``prompts`` are cycled over the images; ``call_kwargs`` go to the pipeline call."""
+
+    pipeline_class: ClassVar[str]             # the diffusers pipeline class name
+    sites: ClassVar[dict[str, list[SitePattern]]]  # granularity -> site patterns
+    timestep_scale: ClassVar[float] = 1.0     # scheduler timestep / the transformer's `timestep`
+    prompt_key: ClassVar[str] = "prompt"      # the pipeline argument that takes the prompts
+
+    def __init__(self, name: str, path: str, description: str = "", tiny: bool = False,
+                 prompts: list | tuple = ("a photo of a cat",), negative_prompt: str | None = None,
+                 num_steps: int = 50, guidance_scale: float = 5.0, call_kwargs: dict | None = None,
+                 dtype: str = "fp32", device: str = "cpu"):
+        self.name, self.path, self.description, self.tiny = name, os.path.expanduser(path), description, tiny
+        self.prompts, self.negative_prompt = list(prompts), negative_prompt
+        self.num_steps, self.guidance_scale = num_steps, guidance_scale
+        self.call_kwargs = dict(call_kwargs or {})
+        self.dtype, self.device = DTYPES[dtype], torch.device(device)
+
+    # -- what a family defines -------------------------------------------------------
+    @classmethod
+    def tiny_components(cls, tmp_dir: Path) -> dict:
+        """Tiny random components of the family's pipeline (``tmp_dir``: scratch space)."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny components")
+
+    def call_arguments(self, inputs: PromptInputs) -> dict:
+        """The pipeline call's arguments for ``inputs`` (without generator/steps/output)."""
+        arguments = {self.prompt_key: inputs.prompts, "guidance_scale": self.guidance_scale, **self.call_kwargs}
+        if self.negative_prompt is not None:
+            arguments["negative_prompt"] = [self.negative_prompt] * len(inputs.prompts)
+        return arguments
+
+    # -- the adapter interface ----------------------------------------------------------
+    @cached_property
+    def pipe(self):
+        """The pipeline, loaded on first use, on ``device`` in ``dtype``."""
+        import diffusers
+        import transformers
+
+        for library in (diffusers, transformers):  # loading bars and notices would bury the run's output
+            library.utils.logging.set_verbosity_error()
+            library.utils.logging.disable_progress_bar()
+        if self.tiny and not (Path(self.path) / "model_index.json").is_file():
+            self.save_tiny(self.path)
+        pipe = load_pretrained(getattr(diffusers, self.pipeline_class), self.path, "model.path",
+                               dtype=self.dtype)
+        return pipe.to(self.device)
+
+    @classmethod
+    def save_tiny(cls, folder: str | Path, seed: int = 0) -> Path:
+        """Build the tiny random pipeline and ``save_pretrained`` it to ``folder`` (atomically)."""
+        import diffusers
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                pipe = getattr(diffusers, cls.pipeline_class)(**cls.tiny_components(Path(tmp) / "scratch"))
+            pipe.save_pretrained(Path(tmp) / "pipe")
+            if not folder.exists():
+                (Path(tmp) / "pipe").rename(folder)
+        return folder
+
+    def build(self) -> nn.Module:
+        return self.pipe.transformer
+
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        return self.sites[granularity]
+
+    def make_inputs(self, num_images: int, seed: int) -> PromptInputs:
+        return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(num_images)], seed)
+
+    @torch.no_grad()
+    def generate(self, inputs: PromptInputs, handle: CacheHandle | None = None,
+                 callback: Callback | None = None, progress: str | None = None) -> torch.Tensor:
+        self.model  # noqa: B018 -- eval mode, no gradients
+        self.pipe.set_progress_bar_config(desc=progress, disable=progress is None)
+        generator = torch.Generator(self.device).manual_seed(inputs.seed)
+        with PipelineDriver(self.pipe, handle, self.timestep_scale, callback):
+            images = self.pipe(**self.call_arguments(inputs), generator=generator, num_inference_steps=self.num_steps,
+                               output_type="pt", return_dict=False)[0]
+        return images.float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline already decoded: images (B, C, H, W), or video frames (B, F, C, H, W)
+        laid out as images."""
+        return latents.flatten(0, 1) if latents.dim() == 5 else latents
+
