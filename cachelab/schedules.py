@@ -4,6 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -80,3 +81,27 @@ class Interval(StaticSchedule):
             counter = 0 if full else counter + 1
             mask.append(full)
         return mask
+
+
+class Mask(StaticSchedule):
+    """An explicit schedule: ``full_steps`` (step indices) or ``mask`` (one bool per step,
+    its length must equal the number of steps) says which steps are full."""
+
+    def __init__(self, full_steps: Sequence[int] | None = None, mask: Sequence[bool] | None = None):
+        if (full_steps is None) == (mask is None):
+            raise ValueError("give exactly one of full_steps (step indices) and mask (one bool per step)")
+        if full_steps is not None and any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in full_steps):
+            raise ValueError(f"full_steps must be step indices >= 0, got {list(full_steps)}")
+        self.full_steps_given = None if full_steps is None else sorted(set(full_steps))
+        self.mask_given = None if mask is None else [bool(m) for m in mask]
+
+    def mask(self, T: int) -> list[bool]:
+        if self.mask_given is not None:
+            if len(self.mask_given) != T:
+                raise ValueError(f"the mask has {len(self.mask_given)} entries but the generation has {T} steps")
+            return list(self.mask_given)
+        beyond = [s for s in self.full_steps_given if s >= T]
+        if beyond:
+            raise ValueError(f"full_steps {beyond} are beyond the last step {T - 1}")
+        full = set(self.full_steps_given)
+        return [s in full for s in range(T)]

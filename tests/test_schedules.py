@@ -71,3 +71,20 @@ def test_interval_one_and_always_are_all_full():
 def test_bad_parameters(kwargs, key):
     with pytest.raises(ValueError, match=key):
         Interval(**kwargs)
+
+
+def test_mask_schedule_from_steps_or_bools():
+    from cachelab.schedules import Mask
+
+    expected = [s in (0, 3, 4) for s in range(6)]
+    assert Mask(full_steps=[4, 0, 3, 3]).mask(6) == expected
+    assert Mask(mask=[1, 0, 0, 1, 1, 0]).mask(6) == expected
+    assert Mask(full_steps=[0, 3, 4]).full_steps(6) == [0, 3, 4]
+    with pytest.raises(ValueError, match="mask has 6 entries but the generation has 5 steps"):
+        Mask(mask=expected).mask(5)
+    with pytest.raises(ValueError, match=r"full_steps \[7\] are beyond the last step 5"):
+        Mask(full_steps=[0, 7]).mask(6)
+    with pytest.raises(ValueError, match="exactly one"):
+        Mask()
+    with pytest.raises(ValueError, match="step indices"):
+        Mask(full_steps=[-1])

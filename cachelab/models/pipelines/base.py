@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from cachelab.controller import CacheHandle
@@ -48,7 +49,8 @@ class PipelineAdapter(ModelAdapter):
         self.name, self.path, self.description, self.tiny = name, os.path.expanduser(path), description, tiny
         self.prompts, self.negative_prompt = list(prompts), negative_prompt
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
-        self.call_kwargs = dict(call_kwargs or {})
+        # plain containers: pipelines type-check nested arguments (HunyuanVideo's prompt_template)
+        self.call_kwargs = OmegaConf.to_container(OmegaConf.create(dict(call_kwargs or {})))
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
 
     # -- what a family defines -------------------------------------------------------
