@@ -35,7 +35,7 @@ def summary_table(m: dict) -> str:
                  f"speedup {m['wall_s']['speedup']:.2f}x"),
         ("efficiency", fmt(m["efficiency"], ".2f") + "  (wall speedup / FLOPs speedup)"),
         ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB"),
-        ("rel-L2", f"{m['quality']['rel_l2']:.4g}  (latents vs full compute)"),
+        ("rel-L2", f"{m['quality']['rel_l2']:.4g}  (model output vs full compute)"),
         ("PSNR", f"{m['quality']['psnr_db']:.2f} dB  (images vs full compute)"),
     ]
     for key in m["model_quality"]["baseline"]:

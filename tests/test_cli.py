@@ -145,6 +145,27 @@ def test_wandb_logger_without_key_writes_offline_run(tmp_path):
     assert logged["num_full"] == metrics["num_full"] and logged["strategy"] == metrics["strategy"]
 
 
+PIPELINE_MODELS = ["tiny_diffusers_dit", "tiny_pixart", "tiny_sd3", "tiny_flux", "tiny_wan", "tiny_hunyuan_video"]
+
+
+@pytest.mark.parametrize("model", PIPELINE_MODELS)
+def test_diffusers_pipelines_run_end_to_end(model, tmp_path):
+    """``python run.py model=tiny_flux strategy=taylor order=2``: the same outputs as the native DiT."""
+    run_dir = tmp_path / "run"
+    env = {**app_env(tmp_path), "CACHELAB_CACHE": str(tmp_path / "cache")}
+    check_ok(run_app(overrides(f"model={model}", "strategy=taylor", "order=2", "interval=3", "num_steps=6",
+                               "measure.flops=true", "logger=wandb", f"hydra.run.dir={run_dir}"), env=env))
+    metrics = read_metrics(run_dir)
+    assert metrics["model"] == model and metrics["full_steps"] == Interval(3, 2).full_steps(6)
+    assert metrics["flops"]["speedup"] > 1 and metrics["fallbacks"] == 0
+    assert 0 < metrics["quality"]["rel_l2"] < 1 and metrics["quality"]["psnr_db"] > 10
+    assert (tmp_path / "cache" / model / "model_index.json").is_file()  # built once, loaded from the folder
+    with Image.open(run_dir / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.size[0] > grid.size[1] / 16
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert summary(run_file)["flops/speedup"] == pytest.approx(metrics["flops"]["speedup"])
+
+
 def test_multirun_sweeps_every_combination(tmp_path):
     sweep = tmp_path / "sweep"
     check_ok(run_app(["-m", *overrides("strategy=reuse,taylor", "order=1,2", "logger=none",
