@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from analysis.figures import png_bytes, pyplot
 from cachelab.io import write_bytes_atomic
 
 COLUMNS = [  # (header, path into metrics.json, format)
@@ -91,11 +92,7 @@ def to_csv(rows: list[dict]) -> str:
 
 def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes:
     """PNG: ``quality`` against FLOPs speedup, one line per strategy (and Taylor order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series: dict[str, list[tuple[float, float]]] = {}
     for m in rows:
         x, y = lookup(m, ("flops", "speedup")), lookup(m, quality)
@@ -111,11 +108,7 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def report(sweep_dir: Path, out: Path) -> list[str]:

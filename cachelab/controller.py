@@ -5,6 +5,7 @@ import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,18 @@ class SiteCache:
     @property
     def nbytes(self) -> int:
         return sum(state.nbytes for state in self.states if state is not None)
+
+
+class SiteObserver(Protocol):
+    """Subscribes to what the sites see (``handle.observe``): analysis, never control.
+    ``values`` are what the predictor records (residuals for residual sites), per output."""
+
+    def full(self, site: str, context: str, s: int, values: Parts) -> None:
+        """Site ``site`` computed ``values`` for real at step ``s``."""
+
+    def forecast(self, site: str, context: str, s: int, forecast: Parts, true: Parts | None) -> None:
+        """Site ``site`` returned ``forecast`` at step ``s``; ``true`` is what it would have
+        computed from the same inputs (only when observed with ``audit=True``, else None)."""
 
 
 @dataclass
@@ -67,6 +80,8 @@ class CacheHandle:
         self.predictor = predictor
         self.schedule = schedule
         self._originals: list[tuple[Site, object]] = []
+        self._observers: list[SiteObserver] = []
+        self._audit = False
         self._context = "default"
         self._T: int | None = None
         self.reset()
@@ -116,6 +131,13 @@ class CacheHandle:
         finally:
             self._context = previous
 
+    def observe(self, observer: SiteObserver, audit: bool = False) -> None:
+        """Send every site's full-step values and forecasts to ``observer``. With ``audit``
+        a forecast step also computes each site for real (analysis only: no speedup) so the
+        observer sees the forecast error; the forecast is still what the model gets."""
+        self._observers.append(observer)
+        self._audit = self._audit or audit
+
     def reset(self) -> None:
         """Drop every cache and statistic; until the next ``step`` the model runs as usual."""
         self._caches: dict[str, dict[str, SiteCache]] = {}
@@ -153,7 +175,11 @@ class CacheHandle:
             cache = self._site_cache(site.name, first_tensor(args, kwargs).shape)
             if self._decision is Decision.FORECAST:
                 if cache.rebuild is not None:
-                    return cache.rebuild(self._forecast(site, cache, signature, args, kwargs))
+                    forecast = self._forecast(site, cache)
+                    if self._observers:
+                        self._notify_forecast(site, forecast, compute, signature, args, kwargs)
+                    bases = site.residual_bases(signature, args, kwargs, len(forecast))
+                    return cache.rebuild([f if b is None or f is None else b + f for f, b in zip(forecast, bases)])
                 self._stats.fallbacks += 1
             out = compute(*args, **kwargs)
             self._record(site, cache, out, signature, args, kwargs)
@@ -168,21 +194,32 @@ class CacheHandle:
             return
         if len(cache.states) != len(parts):
             cache.states = [None if p is None else self.predictor.new_state() for p in parts]
-        bases = site.residual_bases(signature, args, kwargs, len(parts))
-        for state, part, base in zip(cache.states, parts, bases):
+        values = self._cached_values(site, parts, signature, args, kwargs)
+        for state, value in zip(cache.states, values):
             if state is not None:
-                self.predictor.update(state, self._s, part if base is None else part - base)
+                self.predictor.update(state, self._s, value)
+        for observer in self._observers:
+            observer.full(site.name, self._context, self._s, values)
 
-    def _forecast(self, site: Site, cache: SiteCache, signature, args, kwargs) -> Parts:
+    @staticmethod
+    def _cached_values(site: Site, parts: Parts, signature, args, kwargs) -> Parts:
+        """What the predictor records of an output: each part, minus its residual base."""
+        bases = site.residual_bases(signature, args, kwargs, len(parts))
+        return [part if base is None or part is None else part - base for part, base in zip(parts, bases)]
+
+    def _notify_forecast(self, site: Site, forecast: Parts, compute, signature, args, kwargs) -> None:
+        true = None
+        if self._audit and not site.skip:
+            true = self._cached_values(site, split(compute(*args, **kwargs))[0], signature, args, kwargs)
+        for observer in self._observers:
+            observer.forecast(site.name, self._context, self._s, forecast, true)
+
+    def _forecast(self, site: Site, cache: SiteCache) -> Parts:
+        """The predicted cached values (residuals for residual sites; zeros for skip sites)."""
         if site.skip:
             return [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2])
                     for spec in cache.specs]
-        bases = site.residual_bases(signature, args, kwargs, len(cache.states))
-        parts = []
-        for state, base in zip(cache.states, bases):
-            forecast = None if state is None else self.predictor.predict(state, self._s)
-            parts.append(forecast if base is None or forecast is None else base + forecast)
-        return parts
+        return [None if state is None else self.predictor.predict(state, self._s) for state in cache.states]
 
     def _site_cache(self, name: str, shape: torch.Size) -> SiteCache:
         caches = self._caches.setdefault(self._context, {})

@@ -63,9 +63,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     sink: Sink = build(cfg, "logger")
     run_name = f"{cfg.model.name}-{strategy.name}-N{cfg.interval}-o{cfg.order}"
     sink.start(run_name, OmegaConf.to_container(cfg, resolve=True), out_dir)
+    analysis = build(cfg, "analysis") if cfg.get("analysis") else None  # none: an empty group file
     failed = True
     try:
-        metrics = measure(cfg, adapter, strategy, sink, out_dir)
+        metrics = (analysis.run if analysis else measure)(cfg, adapter, strategy, sink, out_dir)
         failed = False
         return metrics
     finally:

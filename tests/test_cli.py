@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -164,6 +165,36 @@ def test_diffusers_pipelines_run_end_to_end(model, tmp_path):
         assert grid.format == "PNG" and grid.size[0] > grid.size[1] / 16
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     assert summary(run_file)["flops/speedup"] == pytest.approx(metrics["flops"]["speedup"])
+
+
+def test_atlas_entry_point_writes_arrays_figures_report_and_check(tmp_path):
+    run_dir = tmp_path / "run"
+    check_ok(run_app(overrides("analysis=atlas", "analysis.orders=[0,2]", "analysis.intervals=[2,3]",
+                               "analysis.num_images=2", "num_steps=8", "strategy=taylor", "interval=3",
+                               "logger=none", f"hydra.run.dir={run_dir}")))
+    metrics = read_metrics(run_dir)
+    assert set(metrics["mean_forecast_error"]) == {"taylor_o0_N2", "taylor_o0_N3", "taylor_o2_N2", "taylor_o2_N3",
+                                                   "configured"}
+    # the configured strategy (order 2, N 3) is one of the candidates: the same shadow errors
+    assert metrics["mean_forecast_error"]["configured"] == pytest.approx(metrics["mean_forecast_error"]["taylor_o2_N3"])
+    check = metrics["check"]
+    assert check["steps"] == [s for s, full in enumerate(Interval(3, 2).mask(8)) if not full]
+    first_site_atlas, first_site_measured = check["first_site_first_step"]
+    assert first_site_atlas == pytest.approx(first_site_measured, rel=1e-9)
+    arrays = np.load(run_dir / "atlas.npz")
+    assert arrays["forecast_error/taylor_o2_N3"].shape == (len(metrics["sites"]), 8)
+    for name in ("atlas_heatmaps.png", "atlas_error_vs_k.png", "atlas_derivatives.png", "atlas_check.png"):
+        assert (run_dir / name).stat().st_size > 0 and f"({name})" in (run_dir / "report.md").read_text()
+
+
+def test_trajectory_entry_point(tmp_path):
+    run_dir = tmp_path / "run"
+    check_ok(run_app(overrides("analysis=trajectory", "analysis.num_images=2", "analysis.sketch_dim=4",
+                               "logger=none", f"hydra.run.dir={run_dir}")))
+    metrics = read_metrics(run_dir)
+    arrays = np.load(run_dir / "trajectory.npz")
+    assert arrays["rel_change"].shape == (len(metrics["sites"]), int(FAST["num_steps"]))
+    assert (run_dir / "trajectory_pca.png").stat().st_size > 0 and (run_dir / "report.md").is_file()
 
 
 def test_multirun_sweeps_every_combination(tmp_path):

@@ -1,0 +1,171 @@
+"""Feature trajectories: per site and step, how a full-compute run's features move.
+
+``python run.py analysis=trajectory`` records, for every site (of the strategy's granularity)
+and step: the norm, the relative change against the previous step, the cosine to the previous
+step and the relative second difference ``||F_s - 2F_{s-1} + F_{s-2}|| / ||F_{s-1}||`` (what a
+first-order forecast cannot follow). Memory stays bounded: two previous values per site.
+With ``sketch_dim > 0`` each feature is also projected on a fixed Gaussian matrix to
+``sketch_dim`` numbers (Johnson-Lindenstrauss), and a PCA over the steps of these sketches
+gives each site's path in 2-D; its cost is ``T x sketch_dim`` floats per site plus one
+``numel x sketch_dim`` projection matrix per feature size (stated in metrics.json).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.atlas_run import nanmean, npz_bytes
+from analysis.figures import png_bytes, pyplot
+from cachelab.controller import attach
+from cachelab.io import write_bytes_atomic, write_json_atomic
+from cachelab.outputs import Parts
+from cachelab.schedules import Always
+from cachelab.sites import select_sites
+from strategies.reuse import Reuse
+
+STATISTICS = ("norm", "rel_change", "cosine", "rel_second_difference")
+
+
+class TrajectoryRecorder:
+    """A site observer (``handle.observe``) for a full-compute run; the site's outputs and
+    CFG contexts are concatenated into one feature vector per step."""
+
+    def __init__(self, T: int, sketch_dim: int = 0, seed: int = 0):
+        self.T, self.sketch_dim, self.seed = T, sketch_dim, seed
+        self.sites: list[str] = []
+        self.stats: dict[str, dict[str, np.ndarray]] = {}
+        self.sketches: dict[str, np.ndarray] = {}
+        self._previous: dict[str, list[torch.Tensor]] = {}
+        self._projections: dict[int, torch.Tensor] = {}
+        self._pending: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def full(self, site: str, context: str, s: int, values: Parts) -> None:
+        if site not in self.sites:
+            self.sites.append(site)
+            self.stats[site] = {name: np.full(self.T, np.nan) for name in STATISTICS}
+        feature = torch.cat([v.detach().double().flatten() for v in values if v is not None])
+        previous = self._previous.setdefault(site + "|" + context, [])
+        self._record(site + "|" + context, site, s, feature, previous)
+
+    def forecast(self, site: str, context: str, s: int, forecast: Parts, true: Parts | None) -> None:
+        raise RuntimeError("trajectories are recorded from a full-compute run (schedule=always)")
+
+    def _record(self, key: str, site: str, s: int, feature: torch.Tensor, previous: list) -> None:
+        stats = self.stats[site]
+        norm = float(feature.norm())
+        stats["norm"][s] = _combine(stats["norm"][s], norm)
+        if previous:
+            last = previous[-1]
+            stats["rel_change"][s] = float((feature - last).norm() / last.norm())
+            stats["cosine"][s] = float(torch.dot(feature, last) / (feature.norm() * last.norm()))
+            if len(previous) == 2:
+                stats["rel_second_difference"][s] = float((feature - 2 * last + previous[0]).norm() / last.norm())
+        previous.append(feature)
+        del previous[:-2]
+        if self.sketch_dim:
+            sketch = self.sketches.setdefault(key, np.full((self.T, self.sketch_dim), np.nan))
+            sketch[s] = (feature.float() @ self._projection(feature.numel())).numpy()
+
+    def _projection(self, numel: int) -> torch.Tensor:
+        if numel not in self._projections:
+            generator = torch.Generator().manual_seed(self.seed + numel)
+            self._projections[numel] = torch.randn(numel, self.sketch_dim, generator=generator) / self.sketch_dim**0.5
+        return self._projections[numel]
+
+    @property
+    def sketch_bytes(self) -> int:
+        """Memory held for the PCA sketches (projection matrices included)."""
+        return sum(p.numel() * 4 for p in self._projections.values()) + sum(a.nbytes for a in self.sketches.values())
+
+    def pca_paths(self, components: int = 2) -> dict[str, np.ndarray]:
+        """Per site (and context): the sketches' top principal components over the steps, (T, components)."""
+        paths = {}
+        for key, sketch in self.sketches.items():
+            centered = sketch - np.nanmean(sketch, axis=0)
+            u, singular, _ = np.linalg.svd(np.nan_to_num(centered), full_matrices=False)
+            paths[key] = u[:, :components] * singular[:components]
+        return paths
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"sites": np.array(self.sites)}
+        for name in STATISTICS:
+            out[name] = np.stack([self.stats[site][name] for site in self.sites])
+        for key, path in self.pca_paths().items():
+            out[f"pca/{key}"] = path
+        return out
+
+
+def _combine(current: float, norm: float) -> float:
+    """Norm of the concatenation over contexts: sqrt(a² + b²)."""
+    return norm if np.isnan(current) else float(np.hypot(current, norm))
+
+
+class TrajectoryAnalysis:
+    """``python run.py analysis=trajectory``: one full run, recorded; arrays, figures, report."""
+
+    def __init__(self, num_images: int = 16, sketch_dim: int = 32):
+        self.num_images, self.sketch_dim = num_images, sketch_dim
+
+    def run(self, cfg, adapter, strategy, sink, out_dir: Path) -> dict:
+        recorder = TrajectoryRecorder(adapter.num_steps, self.sketch_dim, seed=cfg.seed)
+        handle = attach(select_sites(adapter.model, adapter.site_patterns(strategy.granularity)), Reuse(), Always())
+        handle.observe(recorder)
+        try:
+            adapter.generate(adapter.make_inputs(self.num_images, cfg.seed), handle,
+                             progress="trajectory: full run" if cfg.progress else None)
+        finally:
+            handle.remove()
+        arrays = recorder.arrays()
+        write_bytes_atomic(out_dir / "trajectory.npz", npz_bytes(arrays))
+        figures = {"trajectory_statistics.png": statistics_figure(arrays)}
+        if self.sketch_dim:
+            figures["trajectory_pca.png"] = pca_figure(recorder.pca_paths())
+        for name, data in figures.items():
+            write_bytes_atomic(out_dir / name, data)
+            sink.log_image(f"trajectory/{name[:-4]}", out_dir / name)
+        per_step = {name: [nanmean(column) for column in arrays[name].T] for name in STATISTICS}
+        metrics = {"model": cfg.model.name, "granularity": strategy.granularity, "num_images": self.num_images,
+                   "sites": recorder.sites, "mean_over_sites": per_step, "sketch_bytes": recorder.sketch_bytes}
+        for s in range(adapter.num_steps):
+            sink.log({f"trajectory/{name}": per_step[name][s] for name in STATISTICS}, step=s)
+        write_json_atomic(out_dir / "metrics.json", metrics)
+        report = [f"# Feature trajectories: {cfg.model.name}, {strategy.granularity} sites", "",
+                  "Per site and step (full-compute run): norm, relative change and cosine to the previous step, "
+                  "relative second difference. `trajectory.npz` holds the (site, step) arrays.", ""]
+        report += [f"![{name}]({name})" for name in figures]
+        write_bytes_atomic(out_dir / "report.md", ("\n".join(report) + "\n").encode())
+        return metrics
+
+
+def statistics_figure(arrays: dict) -> bytes:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    for ax, name in zip(axes, ("rel_change", "rel_second_difference", "cosine")):
+        values = arrays[name] if name != "cosine" else 1 - arrays[name]
+        image = ax.imshow(np.log10(values), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title("log10 " + (name if name != "cosine" else "(1 - cosine)"), fontsize=9)
+        ax.set_xlabel("step")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    sites = list(arrays["sites"])
+    step = max(1, len(sites) // 16)
+    axes[0].set_yticks(range(0, len(sites), step), sites[::step], fontsize=6)
+    return png_bytes(fig)
+
+
+def pca_figure(paths: dict[str, np.ndarray], max_sites: int = 12) -> bytes:
+    plt = pyplot()
+    keys = list(paths)[:: max(1, len(paths) // max_sites)][:max_sites]
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    for ax, key in zip(axes.ravel(), keys):
+        path = paths[key]
+        ax.plot(path[:, 0], path[:, 1], color="0.7", linewidth=0.8)
+        points = ax.scatter(path[:, 0], path[:, 1], c=np.arange(len(path)), cmap="plasma", s=10)
+        ax.set_title(key.replace("|", " "), fontsize=7)
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    fig.colorbar(points, ax=axes.ravel().tolist(), shrink=0.6, label="step")
+    return png_bytes(fig)
