@@ -1,4 +1,9 @@
-"""TaylorSeer (Liu et al., ICCV 2025): Taylor forecast on recursive finite differences."""
+"""TaylorSeer (Liu et al., ICCV 2025): Taylor forecast on recursive finite differences.
+
+Two ablations share its update and its Horner evaluation: ``difference="newton"`` (divided
+differences on the actual step grid: exact polynomial extrapolation) and ``damping`` of the
+orders above one.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +13,7 @@ import torch
 from cachelab.predictor import Predictor, PredictorState
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+_DIFFERENCES = ("official", "newton")
 
 
 @dataclass
@@ -22,27 +28,50 @@ class TaylorState(PredictorState):
         return self.factors
 
 
+@dataclass
+class NewtonState(TaylorState):
+    """Factors ``D_i = i! f[s_0..s_i]`` (divided differences, newest step first: derivative
+    estimates on the actual grid) and the steps ``s_0, s_1, ...`` they were taken at."""
+
+    steps: list[int] = field(default_factory=list)
+
+
 class TaylorSeer(Predictor):
-    """TaylorSeer of any order ``m >= 0``, the official rule (DESIGN.md §4).
+    """TaylorSeer of any order ``m >= 0``, the official rule (DESIGN.md §4), and its ablations.
 
     At a full step ``s`` the new factors are ``D_0 = F`` and
     ``D_{i+1} = (new D_i - old D_i) / (s - s_last)`` for as long as the old factor
     exists (the order grows by at most one per full step) and derivatives are allowed
     (``s > first_enhance - 2``). A forecast ``k`` steps later is ``sum_i D_i k^i / i!``,
     evaluated by Horner's rule. Order 0 is reuse (FORA).
+
+    ``difference="newton"`` takes the factors on the actual grid of the last ``m + 1`` full
+    steps ``s_0 > s_1 > ...`` instead: ``D_{i+1} = (i + 1) (new D_i - old D_i) / (s - s_i)``,
+    i.e. ``D_i = i! f[s_0..s_i]`` (the official factors on a uniform grid), and forecasts with
+    the Newton form ``sum_i D_i / i! prod_{j<i} (s - s_j)``: the exact extrapolation of the
+    polynomial of degree <= m through those values.
+    ``damping`` multiplies the i-th order term of either forecast by ``damping**(i-1)`` for
+    ``i >= 2`` (1.0 leaves it unchanged).
     """
 
-    def __init__(self, order: int, first_enhance: int = 1, factor_dtype: str | None = None):
+    def __init__(self, order: int, first_enhance: int = 1, factor_dtype: str | None = None,
+                 difference: str = "official", damping: float = 1.0):
         if order < 0:
             raise ValueError(f"order must be >= 0, got {order}")
         if factor_dtype is not None and factor_dtype not in _DTYPES:
             raise ValueError(f"factor_dtype must be one of {sorted(_DTYPES)} or null, got {factor_dtype!r}")
+        if difference not in _DIFFERENCES:
+            raise ValueError(f"difference must be one of {list(_DIFFERENCES)}, got {difference!r}")
+        if not 0.0 <= damping <= 1.0:
+            raise ValueError(f"damping must be a number in [0, 1], got {damping!r}")
         self.order = order
         self.first_enhance = first_enhance
         self.factor_dtype = _DTYPES[factor_dtype] if factor_dtype else None
+        self.newton = difference == "newton"
+        self.damping = damping
 
     def new_state(self) -> TaylorState:
-        return TaylorState()
+        return NewtonState() if self.newton else TaylorState()
 
     def derivatives_allowed(self, s: int) -> bool:
         return s > self.first_enhance - 2
@@ -52,20 +81,36 @@ class TaylorSeer(Predictor):
         if state.has_history:
             gap = self.gap(state, s)
             if self.derivatives_allowed(s):
-                for old in state.factors[: self.order]:
-                    new.append((new[-1] - old).div_(gap))
+                if self.newton:
+                    spans = [(s - t) / (i + 1) for i, t in enumerate(state.steps)]
+                else:
+                    spans = [gap] * self.order
+                for old, span in zip(state.factors[: self.order], spans):
+                    new.append((new[-1] - old).div_(span))
         state.factors = new
         state.last_step = s
         state.out_dtype = value.dtype
+        if self.newton:
+            state.steps = [s, *state.steps][: len(new)]
+
+    def multipliers(self, state: TaylorState, s: int, k: int, top: int) -> list[float]:
+        """``a_1..a_top`` of the nested form ``D_0 + a_1 (D_1 + a_2 (D_2 + ...))``:
+        ``k / i`` (official) or ``(s - s_{i-1}) / i`` (newton), times ``damping`` for ``i >= 2``."""
+        if self.newton:
+            a = [(s - t) / i for i, t in enumerate(state.steps[:top], start=1)]
+        else:
+            a = [k / i for i in range(1, top + 1)]
+        return [a[0]] + [x * self.damping for x in a[1:]]
 
     def predict(self, state: TaylorState, s: int) -> torch.Tensor:
         k = self.gap(state, s)
         factors = state.factors
         if len(factors) == 1:
             return factors[0].to(state.out_dtype)
-        # Horner: D0 + k(D1 + k/2(D2 + k/3(...))); one fused op per order, one allocation.
+        # Horner: D0 + a1(D1 + a2(D2 + a3(...))); one fused op per order, one allocation.
         top = len(factors) - 1
-        acc = torch.add(factors[top - 1], factors[top], alpha=k / top)
+        a = self.multipliers(state, s, k, top)
+        acc = torch.add(factors[top - 1], factors[top], alpha=a[top - 1])
         for i in range(top - 2, -1, -1):
-            torch.add(factors[i], acc, alpha=k / (i + 1), out=acc)
+            torch.add(factors[i], acc, alpha=a[i], out=acc)
         return acc.to(state.out_dtype)
