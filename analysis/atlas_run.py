@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.atlas import Atlas, Candidate, ForecastAudit
-from analysis.figures import png_bytes, pyplot
+from cachelab.figures import png_bytes, pyplot
 from cachelab.controller import attach
 from cachelab.io import write_bytes_atomic, write_json_atomic
 from cachelab.schedules import Always, Interval, StaticSchedule

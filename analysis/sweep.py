@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from analysis.figures import png_bytes, pyplot
+from cachelab.figures import png_bytes, pyplot
 from cachelab.io import write_bytes_atomic
 
 COLUMNS = [  # (header, path into metrics.json, format)

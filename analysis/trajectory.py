@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from analysis.atlas_run import nanmean, npz_bytes
-from analysis.figures import png_bytes, pyplot
+from cachelab.figures import png_bytes, pyplot
 from cachelab.controller import attach
 from cachelab.io import write_bytes_atomic, write_json_atomic
 from cachelab.outputs import Parts

@@ -45,3 +45,29 @@ def summary_table(m: dict) -> str:
                               f"n={m['model_quality']['cached']['num_samples']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def per_step_plot(m: dict) -> bytes:
+    """PNG: rel-L2 of the cached trajectory against the baseline after every step, full steps marked."""
+    from cachelab.figures import png_bytes, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    errors = m["per_step_rel_l2"]
+    ax.plot(range(len(errors)), errors, color="C0", label="cached vs baseline x_s")
+    full = [s for s in m["full_steps"] if s < len(errors)]
+    ax.scatter(full, [errors[s] for s in full], color="C3", s=12, zorder=3, label="full step")
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("relative L2")
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def run_report(config_yaml: str, m: dict, images: list[str]) -> str:
+    """Markdown for the run folder: the table, the images, the composed config."""
+    lines = [f"# {m['model']} / {m['strategy']} (order {m['order']}, N = {m['interval']})", "",
+             "```", summary_table(m), "```", ""]
+    lines += [f"![{name}]({name})" for name in images]
+    lines += ["", "## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)

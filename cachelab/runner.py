@@ -14,10 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from cachelab.checks import ConfigError, check_config
 from cachelab.controller import CacheHandle, CacheStats
 from cachelab.flops import count_flops
-from cachelab.io import save_png_atomic, write_json_atomic
+from cachelab.io import save_png_atomic, write_bytes_atomic, write_json_atomic
 from cachelab.metrics import psnr, relative_l2
 from cachelab.models.adapter import Inputs, ModelAdapter
-from cachelab.report import comparison_grid, summary_table
+from cachelab.report import comparison_grid, per_step_plot, run_report, summary_table
 from cachelab.sink import Sink
 from cachelab.strategy import Strategy
 
@@ -122,10 +122,14 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         "torch_threads": torch.get_num_threads(),
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
+    write_bytes_atomic(out_dir / "per_step.png", per_step_plot(metrics))
+    write_bytes_atomic(out_dir / "report.md",
+                       run_report(OmegaConf.to_yaml(cfg), metrics, ["grid.png", "per_step.png"]).encode())
     full = set(metrics["full_steps"])
     for s, error in enumerate(metrics["per_step_rel_l2"]):
         sink.log({"schedule/full": int(s in full), "trajectory/rel_l2": error}, step=s)
     sink.log_image("samples/grid", grid_path, caption="baseline | cached | |difference|")
+    sink.log_image("trajectory/per_step", out_dir / "per_step.png", caption="rel-L2 per step, full steps marked")
     sink.summary(flatten(metrics))
     print(summary_table(metrics))
     return metrics
