@@ -1,6 +1,7 @@
 """cachelab entry point: ``python run.py strategy=taylor order=3`` (Hydra; ``-m`` sweeps)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,9 +12,20 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cachelab.checks import ConfigError, UserError, check_group_choices
-from cachelab.io import write_bytes_atomic
+from cachelab.io import write_bytes_atomic, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+FINISHED = "finished.json"  # written after a job's metrics.json: its overrides, for resuming sweeps
+
+
+def finished(out_dir: Path, overrides: list[str]) -> bool:
+    """A job folder holds a valid ``metrics.json`` from a run with the same overrides."""
+    try:
+        done = json.loads((out_dir / FINISHED).read_text())
+        json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("overrides") == overrides
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -22,11 +34,19 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and finished(out_dir, overrides):  # a resumed sweep: this job is done
+        print(f"skipping {out_dir}: finished with the same overrides", file=sys.stderr)
+        return
+    if multirun and cfg.logger and "group" in cfg.logger and cfg.logger.group is None:
+        cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # W&B runs grouped by sweep
     try:
         run(cfg, out_dir)
+        write_json_atomic(out_dir / FINISHED, {"overrides": overrides})
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # record it and let the other jobs run
+        if multirun:  # record it and let the other jobs run
             write_bytes_atomic(out_dir / "error.txt", f"{err}\n".encode())
             return
         sys.exit(2)

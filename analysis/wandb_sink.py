@@ -1,6 +1,7 @@
 """Weights & Biases sink: online with an API key, offline (no network) otherwise."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -29,6 +30,12 @@ class WandbSink(Sink):
         import wandb
 
         self.run.log({key: wandb.Image(str(path), caption=caption)})
+
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        import wandb
+
+        finite = [[None if isinstance(v, float) and not math.isfinite(v) else v for v in row] for row in rows]
+        self.run.log({key: wandb.Table(columns=columns, data=finite, allow_mixed_types=True)})
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)

@@ -16,6 +16,9 @@ class Sink:
     def log_image(self, key: str, path: Path, caption: str = "") -> None:
         """An image file written by the run."""
 
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A table (e.g. a sweep's results)."""
+
     def summary(self, metrics: dict) -> None:
         """Final values of the run."""
 

@@ -197,6 +197,23 @@ def test_trajectory_entry_point(tmp_path):
     assert (run_dir / "trajectory_pca.png").stat().st_size > 0 and (run_dir / "report.md").is_file()
 
 
+def test_sweep_in_parallel_resumes_and_logs_a_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = app_env(tmp_path)
+    args = ["-m", "hydra/launcher=local", "logger=wandb", f"hydra.sweep.dir={sweep}"]
+    check_ok(run_app([*args, *overrides("strategy=reuse,taylor")], env=env))
+    first = {job: (job / "metrics.json").stat().st_mtime_ns for job in (sweep / "0", sweep / "1")}
+    (table_run,) = sweep.glob("wandb/offline-run-*/run-*.wandb")  # the sweep's own run, with the table
+    assert [row["sweep/summary/_type"] for row in history(table_run)] == ["table-file"]
+
+    proc = run_app([*args, *overrides("strategy=reuse,taylor,none")], env=env)  # resume, one more job
+    check_ok(proc)
+    assert proc.stderr.count("skipping") == 2
+    assert {job: (job / "metrics.json").stat().st_mtime_ns for job in first} == first  # not rerun
+    assert read_metrics(sweep / "2")["strategy"] == "none"
+    assert "| none |" in (sweep / "sweep.md").read_text()
+
+
 def test_multirun_sweeps_every_combination(tmp_path):
     sweep = tmp_path / "sweep"
     check_ok(run_app(["-m", *overrides("strategy=reuse,taylor", "order=1,2", "logger=none",
