@@ -36,6 +36,7 @@ COLUMNS = [  # (header, path into metrics.json, format)
     ("efficiency", ("efficiency",), ".2f"),
     ("rel-L2", ("quality", "rel_l2"), ".4f"),
     ("PSNR (dB)", ("quality", "psnr_db"), ".2f"),
+    ("SSIM", ("quality", "ssim"), ".4f"),
     ("class acc.", ("model_quality", "cached", "class_accuracy"), ".3f"),
     ("feature FD", ("model_quality", "cached", "feature_fd"), ".2f"),
 ]

@@ -27,6 +27,9 @@ def check_config(cfg: DictConfig) -> None:
     granularity = cfg.strategy.granularity
     if granularity not in GRANULARITIES:
         raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+    for key in missing_values(cfg):
+        if key != "model.checkpoint":
+            raise ConfigError(f"{key} is required (it is ??? in the config); allowed: {key}=<value>")
     if "checkpoint" in cfg.model.keys():  # `in cfg.model` is False while the value is ??? (missing)
         if OmegaConf.is_missing(cfg.model, "checkpoint"):
             raise ConfigError(f"model.checkpoint is required for model {cfg.model.name!r}; "
@@ -34,6 +37,18 @@ def check_config(cfg: DictConfig) -> None:
         checkpoint = cfg.model.checkpoint
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={checkpoint!r}: no such file; allowed: a path to an existing checkpoint")
+
+
+def missing_values(node, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???`` (mandatory, not given)."""
+    keys = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            keys.append(full)
+        elif isinstance(node._get_node(key), DictConfig) and node[key] is not None:
+            keys.extend(missing_values(node[key], f"{full}."))
+    return keys
 
 
 def check_integer(key: str, value, minimum: int) -> None:

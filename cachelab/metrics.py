@@ -15,3 +15,10 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     from torchmetrics.functional.image import peak_signal_noise_ratio  # slow import: only when used
 
     return peak_signal_noise_ratio(images.double(), reference.double(), data_range=1.0).item()
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM of images in [0, 1] (Gaussian window 11, sigma 1.5; 1.0 if identical)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(images.double(), reference.double(), data_range=1.0).item()

@@ -7,12 +7,12 @@ from torchvision.utils import make_grid
 
 def comparison_grid(baseline: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     """(3, H', W'): one row per sample, columns baseline | cached | |baseline - cached|."""
-    baseline, cached = _rgb(baseline), _rgb(cached)
+    baseline, cached = as_rgb(baseline), as_rgb(cached)
     rows = torch.stack([baseline, cached, (baseline - cached).abs()], dim=1).flatten(0, 1)
     return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
 
 
-def _rgb(images: torch.Tensor) -> torch.Tensor:
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
     """Images with 1 or >= 3 channels as RGB (grey repeated; extra latent channels dropped)."""
     images = images.float().cpu()
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images[:, :3]
@@ -36,7 +36,7 @@ def summary_table(m: dict) -> str:
         ("efficiency", fmt(m["efficiency"], ".2f") + "  (wall speedup / FLOPs speedup)"),
         ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB"),
         ("rel-L2", f"{m['quality']['rel_l2']:.4g}  (model output vs full compute)"),
-        ("PSNR", f"{m['quality']['psnr_db']:.2f} dB  (images vs full compute)"),
+        ("PSNR / SSIM", f"{m['quality']['psnr_db']:.2f} dB / {m['quality']['ssim']:.4f}  (images vs full compute)"),
     ]
     for key in m["model_quality"]["baseline"]:
         if key != "num_samples":

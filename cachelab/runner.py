@@ -15,7 +15,8 @@ from cachelab.checks import ConfigError, check_config
 from cachelab.controller import CacheHandle, CacheStats
 from cachelab.flops import count_flops
 from cachelab.io import save_png_atomic, write_bytes_atomic, write_json_atomic
-from cachelab.metrics import psnr, relative_l2
+from cachelab.metrics import psnr, relative_l2, ssim
+from cachelab.paper_metrics import evaluate_all
 from cachelab.models.adapter import Inputs, ModelAdapter
 from cachelab.report import comparison_grid, per_step_plot, run_report, summary_table
 from cachelab.sink import Sink
@@ -112,10 +113,13 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         "flops": {"baseline": base_flops, "cached": cached_flops, "speedup": flops_speedup},
         "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup},
         "efficiency": wall_speedup / flops_speedup if flops_speedup else None,
-        "quality": {"rel_l2": relative_l2(cached, baseline), "psnr_db": psnr(cached_images, base_images)},
+        "quality": {"rel_l2": relative_l2(cached, baseline), "psnr_db": psnr(cached_images, base_images),
+                    "ssim": ssim(cached_images, base_images)},
         # the model's own quality metrics (e.g. the digit judge), of each side
         "model_quality": {"baseline": adapter.evaluate(base_images, inputs),
                           "cached": adapter.evaluate(cached_images, inputs)},
+        "paper_metrics": evaluate_all({name: build(cfg.paper_metrics, name) for name in cfg.paper_metrics},
+                                      base_images, cached_images, inputs),
         **stats.as_dict(),
         # how far the cached trajectory x_s is from the baseline's after each step
         "per_step_rel_l2": [relative_l2(c, b) for c, b in zip(cached_path, base_path)],

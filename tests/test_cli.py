@@ -86,7 +86,7 @@ def test_single_run_with_flops_writes_grid_and_metrics(tmp_path):
 
     metrics = read_metrics(run_dir)
     assert METRIC_KEYS <= metrics.keys()
-    assert {"rel_l2", "psnr_db"} <= metrics["quality"].keys()
+    assert {"rel_l2", "psnr_db", "ssim"} <= metrics["quality"].keys()
     assert (metrics["strategy"], metrics["interval"], metrics["first_enhance"]) == ("taylor", 2, 1)
     num_steps = int(FAST["num_steps"])
     assert metrics["num_steps"] == num_steps
@@ -124,6 +124,19 @@ def test_strategy_none_is_exact(tmp_path):
     assert metrics["flops"] == {"baseline": None, "cached": None, "speedup": None}  # measure.flops=false
     assert metrics["efficiency"] is None
     assert (run_dir / "grid.png").stat().st_size > 0
+
+
+def test_paper_metrics_without_weights_are_skipped_with_a_message(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(overrides("+paper_metrics.lpips._target_=cachelab.paper_metrics.LPIPS",
+                             "+paper_metrics.clip._target_=cachelab.paper_metrics.CLIPScore",
+                             "logger=none", f"hydra.run.dir={run_dir}"),
+                   env={**app_env(tmp_path), "TORCH_HOME": str(tmp_path / "torch")})  # an empty weights cache
+    check_ok(proc)
+    skipped = read_metrics(run_dir)["paper_metrics"]
+    assert skipped["lpips"]["skipped"].startswith("LPIPS skipped:") and "alex" in skipped["lpips"]["skipped"]
+    assert skipped["clip"] == {"skipped": "CLIP score skipped: the model has no text prompts"}
+    assert "warning: LPIPS skipped" in proc.stderr
 
 
 def test_wandb_logger_without_key_writes_offline_run(tmp_path):

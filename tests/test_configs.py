@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cachelab.checks import ConfigError, check_config, check_group_choices
+from cachelab.checks import ConfigError, check_config, check_group_choices, missing_values
 from cachelab.models.adapter import ModelAdapter
 from cachelab.predictor import Predictor
 from cachelab.runner import build_strategy
@@ -30,22 +30,6 @@ def make_cfg(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-def missing_keys(cfg: DictConfig) -> set[str]:
-    """Dotted keys whose value is the mandatory ``???``."""
-    found = set()
-
-    def walk(node, prefix):
-        for key in node.keys():
-            path = f"{prefix}{key}"
-            if OmegaConf.is_missing(node, key):
-                found.add(path)
-            elif isinstance(node[key], DictConfig):
-                walk(node[key], f"{path}.")
-
-    walk(cfg, "")
-    return found
-
-
 def test_groups_discovered():
     assert {"model", "strategy", "schedule", "logger"} <= set(GROUPS)
     for group in ("model", "strategy", "schedule", "logger"):
@@ -56,13 +40,13 @@ def test_groups_discovered():
 def test_every_config_file_composes_resolves_and_instantiates(group, choice, tmp_path):
     cfg = make_cfg(f"{group}={choice}")
 
-    # Everything resolves; the only mandatory value a file may leave open is model.checkpoint.
-    missing = missing_keys(cfg)
-    assert missing <= {"model.checkpoint"}, missing
+    # Everything resolves; the only mandatory values a file may leave open are files to point at.
+    missing = set(missing_values(cfg))
+    assert missing <= {"model.checkpoint", "paper_metrics.fid.reference"}, missing
     if missing:
-        checkpoint = tmp_path / "model.pt"
-        checkpoint.write_bytes(b"")
-        cfg = make_cfg(f"{group}={choice}", f"model.checkpoint={checkpoint}")
+        stand_in = tmp_path / "file.pt"
+        stand_in.write_bytes(b"")
+        cfg = make_cfg(f"{group}={choice}", *(f"{key}={stand_in}" for key in sorted(missing)))
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert container["model"]["name"]  # model.name is used for run names and metrics
     assert container["strategy"]["name"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from cachelab.flops import count_flops
 from cachelab.io import write_json_atomic
-from cachelab.metrics import psnr, relative_l2
+from cachelab.metrics import psnr, relative_l2, ssim
 from cachelab.schedules import Interval
 from strategies.taylor import TaylorSeer
 from cachelab.strategy import Strategy
@@ -26,6 +26,25 @@ def test_relative_l2_and_psnr_against_numpy():
     assert relative_l2(a, b) == pytest.approx(np.linalg.norm(an - bn) / np.linalg.norm(bn), rel=1e-12)
     assert psnr(a, b) == pytest.approx(10 * math.log10(1 / np.mean((an - bn) ** 2)), rel=1e-6)
     assert psnr(a, a) == math.inf and relative_l2(a, a) == 0
+
+
+def test_ssim_against_a_scipy_gaussian_window():
+    from scipy.ndimage import gaussian_filter
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 24, 24, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    # 11-tap window; scipy's "mirror" is torch's "reflect" padding (d c b | a b c d)
+    blur = lambda x: gaussian_filter(x, sigma=1.5, truncate=5 / 1.5, mode="mirror")  # noqa: E731
+    maps = []
+    for x, y in zip(a.double().numpy().reshape(-1, 24, 24), b.double().numpy().reshape(-1, 24, 24)):
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+        c1, c2 = 0.01**2, 0.03**2
+        m = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        maps.append(m)
+    assert ssim(b, a) == pytest.approx(np.mean(maps), rel=1e-6)
+    assert ssim(a, a) == pytest.approx(1.0)
 
 
 def test_flops_of_linear_and_cpu_attention_closed_form():
