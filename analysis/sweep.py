@@ -1,6 +1,6 @@
 """Collect a sweep folder's ``metrics.json`` files into a table and a quality/speed plot.
 
-    python -m analysis.sweep multirun/2026-11-26/14-00-00 [--out DIR]
+    python -m analysis.sweep multirun/2026-11-26/14-00-00 [more sweep folders] [--out DIR]
 
 Writes ``sweep.csv``, ``sweep.md``, ``pareto_psnr.png`` and, when the model has a judge,
 ``pareto_accuracy.png`` (quality against FLOPs speedup, one line per strategy/order) into
@@ -60,9 +60,13 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         else:
             reason = (job / "error.txt").read_text().strip() if (job / "error.txt").is_file() else "no metrics.json"
             failed.append(f"{job.name}: {reason}")
-    rows.sort(key=lambda m: (m["strategy"] != "none", m["strategy"], m["order"] if m["strategy"] == "taylor" else 0,
-                             m["interval"]))
-    return rows, failed
+    return sort_rows(rows), failed
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    """No caching first, then by strategy, Taylor order and N."""
+    return sorted(rows, key=lambda m: (m["strategy"] != "none", m["strategy"],
+                                       m["order"] if m["strategy"] == "taylor" else 0, m["interval"]))
 
 
 def fmt(value, spec: str) -> str:
@@ -112,9 +116,17 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes
     return png_bytes(fig)
 
 
-def report(sweep_dir: Path, out: Path) -> list[str]:
-    """Write the table, CSV and plots of ``sweep_dir`` into ``out``; returns the failed jobs."""
-    rows, failed = collect(sweep_dir)
+def report(sweep_dirs: Path | list[Path], out: Path) -> list[str]:
+    """Write the table, CSV and plots of one sweep folder (or several, merged: job names get
+    their folder's name) into ``out``; returns the failed jobs."""
+    dirs = [sweep_dirs] if isinstance(sweep_dirs, Path) else list(sweep_dirs)
+    rows, failed = [], []
+    for sweep_dir in dirs:
+        found, missing = collect(sweep_dir)
+        prefix = f"{sweep_dir.name}/" if len(dirs) > 1 else ""
+        rows += [{**m, "job": prefix + m["job"]} for m in found]
+        failed += [prefix + line for line in missing]
+    rows = sort_rows(rows)
     table = markdown(rows, failed)
     write_bytes_atomic(out / "sweep.md", table.encode())
     write_bytes_atomic(out / "sweep.csv", to_csv(rows).encode())
@@ -158,10 +170,10 @@ class SweepReport(Callback):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the sweep folder)")
+    parser.add_argument("sweep_dirs", type=Path, nargs="+", help="one sweep folder, or several to merge")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first sweep folder)")
     args = parser.parse_args(argv)
-    report(args.sweep_dir, args.out or args.sweep_dir)
+    report(args.sweep_dirs, args.out or args.sweep_dirs[0])
 
 
 if __name__ == "__main__":

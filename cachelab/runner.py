@@ -81,9 +81,11 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     try:
         base_flops = cached_flops = None
         label = (lambda what: what) if cfg.progress else (lambda what: None)
+        flops_images = min(cfg.measure.flops_images or cfg.num_images, cfg.num_images)
         if cfg.measure.flops:  # counted passes; they also warm the process up before timing
-            _, base_flops = count_flops(lambda: adapter.generate(inputs, progress=label("FLOPs baseline")))
-            _, cached_flops = count_flops(lambda: adapter.generate(inputs, handle, progress=label("FLOPs cached")))
+            counted = adapter.make_inputs(flops_images, cfg.seed)
+            _, base_flops = count_flops(lambda: adapter.generate(counted, progress=label("FLOPs baseline")))
+            _, cached_flops = count_flops(lambda: adapter.generate(counted, handle, progress=label("FLOPs cached")))
         base_path, cached_path = [], []
         baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"),
                                                base_path)
@@ -110,7 +112,7 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         "num_steps": cfg.num_steps,
         "num_images": cfg.num_images,
         "seed": cfg.seed,
-        "flops": {"baseline": base_flops, "cached": cached_flops, "speedup": flops_speedup},
+        "flops": {"baseline": base_flops, "cached": cached_flops, "speedup": flops_speedup, "images": flops_images},
         "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup},
         "efficiency": wall_speedup / flops_speedup if flops_speedup else None,
         "quality": {"rel_l2": relative_l2(cached, baseline), "psnr_db": psnr(cached_images, base_images),

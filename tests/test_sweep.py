@@ -38,3 +38,15 @@ def test_collect_table_and_plot(tmp_path):
     assert "- 3: order=-1 is out of range" in table
     assert (tmp_path / "pareto_psnr.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 4
+
+
+def test_several_sweep_folders_merge_into_one_table(tmp_path):
+    a, b, out = tmp_path / "taylor", tmp_path / "reuse", tmp_path / "out"
+    job(a, "0", metrics("taylor", 2, 5, 4.5, 30.0))
+    job(b, "0", metrics("reuse", 0, 5, 4.5, 20.0))
+    job(b, "1")
+    out.mkdir()
+    main([str(a), str(b), "--out", str(out)])
+    table = (out / "sweep.md").read_text()
+    assert table.index("| reuse |") < table.index("| taylor |")
+    assert "- reuse/1: no metrics.json" in table
