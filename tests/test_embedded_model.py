@@ -16,7 +16,8 @@ from strategies.taylor import TaylorSeer
 def test_manifest_records_how_the_model_was_made():
     manifest = read_manifest("tiny_dit_mnist")
     assert {"sha256", "arch", "steps", "command", "data", "quality"} <= manifest.keys()
-    assert manifest["quality"]["num_samples"] >= 1000 and manifest["quality"]["class_accuracy"] >= 0.75
+    # the bar: >= 90 % recognised over >= 500 samples (50 DDIM steps, default guidance)
+    assert manifest["quality"]["num_samples"] >= 1000 and manifest["quality"]["class_accuracy"] >= 0.9
     state, _ = load_asset("tiny_dit_mnist")
     assert 1e6 < sum(t.numel() for t in state.values()) < 5e6
 
@@ -28,7 +29,7 @@ def test_short_generation_is_recognised_well_above_chance():
     inputs = Inputs(noise, labels)
     judge = DigitJudge()
     plain = judge.evaluate(adapter.decode(adapter.generate(inputs)), labels)["class_accuracy"]
-    assert plain >= 0.6  # chance is 0.1
+    assert plain >= 0.8  # chance is 0.1
     handle = Strategy("taylor", TaylorSeer(2, 2), Interval(3, 2), "module").attach(adapter)
     cached = judge.evaluate(adapter.decode(adapter.generate(inputs, handle)), labels)["class_accuracy"]
-    assert cached >= 0.6
+    assert cached >= 0.8
