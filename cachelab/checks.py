@@ -37,6 +37,66 @@ def check_config(cfg: DictConfig) -> None:
         checkpoint = cfg.model.checkpoint
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={checkpoint!r}: no such file; allowed: a path to an existing checkpoint")
+    check_schedule(cfg)
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """The schedule's values, and whether the model, granularity and predictor can serve it."""
+    schedule, T = cfg.schedule, cfg.num_steps
+    for key in ("threshold", "tolerance"):
+        value = schedule.get(key)
+        if key in schedule and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ConfigError(f"schedule.{key}={value!r} is out of range; allowed: numbers > 0")
+    if schedule.get("mask") is not None and len(schedule.mask) != T:
+        raise ConfigError(f"schedule.mask has {len(schedule.mask)} entries but num_steps={T}; allowed: a mask of "
+                          f"exactly num_steps entries, or schedule.full_steps")
+    beyond = [s for s in schedule.get("full_steps") or () if s >= T]
+    if beyond:
+        raise ConfigError(f"schedule.full_steps {beyond} are beyond the last step of num_steps={T}; "
+                          f"allowed: step indices 0..{T - 1}")
+    if cfg.strategy.predictor is None:  # no caching: the schedule is never asked
+        return
+    needed = cfg.strategy.get("needs_schedule")
+    if needed is not None and cfg.schedule._target_ != needed:
+        raise ConfigError(f"strategy={cfg.strategy.name!r} needs schedule._target_={needed}, got "
+                          f"schedule._target_={cfg.schedule._target_}; allowed: the paired override in "
+                          f"conf/strategy/{cfg.strategy.name}.yaml (schedule={cfg.strategy.name})")
+    check_signals(cfg)
+    if schedule.get("calibration") is not None:
+        from cachelab.calibrate import load_calibration
+
+        recorded = load_calibration(schedule.calibration).get("model")
+        if recorded != cfg.model.name:
+            raise ConfigError(f"schedule.calibration={schedule.calibration!r} was recorded for model {recorded!r}, "
+                              f"not model.name={cfg.model.name!r}; allowed: a calibration of this model "
+                              f"(`python -m cachelab.calibrate model=<this model> num_steps={T}`)")
+
+
+def check_signals(cfg: DictConfig) -> None:
+    """An adaptive schedule's signals must come from a probe the model's adapter offers at
+    the strategy's granularity, or from the predictor (``error_estimate``)."""
+    from hydra.utils import get_class
+
+    from cachelab.controller import controller_signals
+
+    signals = get_class(cfg.schedule._target_).signals
+    if not signals:
+        return
+    adapter_sites = getattr(get_class(cfg.model._target_), "sites", {})
+    own = controller_signals(get_class(cfg.strategy.predictor._target_))
+    granularity = cfg.strategy.granularity
+
+    def provided(g: str) -> set[str]:
+        return set(getattr(adapter_sites.get(g), "probes", {})) | own
+
+    missing = [signal for signal in signals if signal not in provided(granularity)]
+    if missing:
+        allowed = [g for g in GRANULARITIES if set(signals) <= provided(g)]
+        raise ConfigError(
+            f"schedule._target_={cfg.schedule._target_} reads the signal(s) {', '.join(missing)}, which neither "
+            f"model {cfg.model.name!r} at strategy.granularity={granularity!r} nor strategy.predictor "
+            f"({cfg.strategy.predictor._target_}) provides; allowed: strategy.granularity in "
+            f"{', '.join(allowed) or 'none (another strategy or schedule)'}")
 
 
 def missing_values(node, prefix: str = "") -> list[str]:

@@ -9,9 +9,10 @@ from typing import Protocol
 
 import torch
 
+from cachelab.checks import ConfigError
 from cachelab.outputs import Parts, split
 from cachelab.predictor import Predictor, PredictorState
-from cachelab.schedules import Decision, Schedule, StepContext
+from cachelab.schedules import Decision, Schedule, StepContext, StepDecision, is_full
 from cachelab.sites import Site, first_tensor
 
 _MISSING = object()
@@ -64,6 +65,12 @@ class CacheStats:
         }
 
 
+def controller_signals(predictor) -> set[str]:
+    """The signals the controller computes itself for ``predictor`` (an instance or a class):
+    ``error_estimate`` when the predictor has ``error_estimate(state, s) -> float``."""
+    return {"error_estimate"} if callable(getattr(predictor, "error_estimate", None)) else set()
+
+
 class CacheHandle:
     """A strategy attached to a model; created by :func:`attach`.
 
@@ -73,10 +80,35 @@ class CacheHandle:
     runs and records its value, or returns the predictor's forecast. Separate model calls in
     one step (e.g. CFG cond/uncond) keep separate caches via ``with handle.context(name)``.
     A site whose input shape changed (batch size, resolution) starts a fresh history.
+
+    Signals: a schedule that reads a probe's signal decides when the probe first runs in
+    the step (in whichever context calls the model first); until then the decision is
+    pending and every site called computes and records (it ran for real), so the probe's
+    own block always computes. The probes are not cache sites: a site on a probe's callable
+    is dropped. ``error_estimate`` is computed at ``step`` from the caches (mean over sites of
+    ``predictor.error_estimate``; None before any history). A per-kind decision (PAB) maps
+    each site by ``site.kind``; kinds it does not name compute.
     """
 
-    def __init__(self, sites: list[Site], predictor: Predictor, schedule: Schedule):
-        self.sites = sites
+    def __init__(self, sites: list[Site], predictor: Predictor, schedule: Schedule,
+                 probes: dict[str, Site] | None = None):
+        probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
+        own = controller_signals(predictor)
+        missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
+        if missing:
+            raise ConfigError(
+                f"the schedule {type(schedule).__name__} reads the signal(s) {', '.join(missing)}, which these "
+                f"sites cannot provide (the model's probes at this granularity: {', '.join(sorted(probes)) or 'none'};"
+                f" the predictor {type(predictor).__name__}: {', '.join(sorted(own)) or 'none'}); "
+                f"choose another strategy.granularity, strategy or schedule")
+        self.probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
+        probed = {(id(probe.owner), probe.method) for probe in self.probes.values()}
+        self.sites = [site for site in sites if (id(site.owner), site.method) not in probed]
+        kinds = {site.kind for site in self.sites}
+        unknown = [kind for kind in schedule.kinds if kind not in kinds]
+        if unknown:
+            raise ConfigError(f"the schedule {type(schedule).__name__} names site kind(s) {', '.join(unknown)} that no "
+                              f"cache site has; allowed at this granularity: {', '.join(sorted(kinds))}")
         self.predictor = predictor
         self.schedule = schedule
         self._originals: list[tuple[Site, object]] = []
@@ -85,8 +117,10 @@ class CacheHandle:
         self._context = "default"
         self._T: int | None = None
         self.reset()
-        for site in sites:
+        for site in self.sites:
             self._install(site)
+        for signal, probe in self.probes.items():
+            self._install_probe(signal, probe)
 
     # -- driving -------------------------------------------------------------------
     def begin(self, T: int) -> None:
@@ -98,8 +132,8 @@ class CacheHandle:
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
         self.stats()
-        self._caches = {}
-        self._s = self._decision = self._T = None
+        self._caches, self._signals = {}, {}
+        self._s = self._t = self._decision = self._T = None
 
     @contextmanager
     def generation(self, T: int):
@@ -110,17 +144,29 @@ class CacheHandle:
         finally:
             self.end()
 
-    def step(self, s: int, t: float | None = None, **signals) -> Decision:
-        """Enter step ``s`` (counted up); the schedule decides for every site and context."""
+    def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
+        """Enter step ``s`` (counted up); the schedule decides once for every site and context,
+        now or, if it reads a probe's signal, when the probe runs. Returns FULL if every site
+        computes, FORECAST if some are forecast, None while the decision waits for a probe."""
         if self._T is None:
             raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
         if self._s is not None and s <= self._s:  # the step went back: a new generation, no leak
             self.begin(self._T)
-        self._s = s
-        self._decision = self.schedule.decide(StepContext(s=s, T=self._T, t=t, signals=signals))
-        steps = self._stats.full_steps if self._decision is Decision.FULL else self._stats.forecast_steps
-        steps.append(s)
-        return self._decision
+        if self._s is not None and self._decision is None:
+            raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
+                               f"{', '.join(self.probes)}")
+        self._s, self._t, self._decision, self._signals = s, t, None, dict(signals)
+        if "error_estimate" in self.schedule.signals and "error_estimate" not in signals:
+            self._signals["error_estimate"] = self._error_estimate(s)
+        self._try_decide()
+        return self.decision
+
+    @property
+    def decision(self) -> Decision | None:
+        """The current step's decision: FULL (every site computes), FORECAST, None (pending)."""
+        if self._decision is None:
+            return None
+        return Decision.FULL if is_full(self._decision) else Decision.FORECAST
 
     @contextmanager
     def context(self, name: str):
@@ -143,7 +189,10 @@ class CacheHandle:
         self._caches: dict[str, dict[str, SiteCache]] = {}
         self._stats = CacheStats()
         self._s: int | None = None
-        self._decision: Decision | None = None
+        self._t: float | None = None
+        self._decision: StepDecision | None = None
+        self._signals: dict = {}
+        self.schedule.reset()
 
     def stats(self) -> CacheStats:
         """Statistics of the current (or last) generation."""
@@ -170,10 +219,10 @@ class CacheHandle:
         signature = inspect.signature(compute)
 
         def cached_call(*args, **kwargs):
-            if self._decision is None:
+            if self._s is None:
                 return compute(*args, **kwargs)
             cache = self._site_cache(site.name, first_tensor(args, kwargs).shape)
-            if self._decision is Decision.FORECAST:
+            if self._forecasts(site):
                 if cache.rebuild is not None:
                     forecast = self._forecast(site, cache)
                     if self._observers:
@@ -186,6 +235,44 @@ class CacheHandle:
             return out
 
         setattr(site.owner, site.method, cached_call)
+
+    def _install_probe(self, signal: str, probe: Site) -> None:
+        self._originals.append((probe, vars(probe.owner).get(probe.method, _MISSING)))
+        compute = getattr(probe.owner, probe.method)
+        signature = inspect.signature(compute)
+
+        def probed_call(*args, **kwargs):
+            out = compute(*args, **kwargs)
+            if self._s is not None and self._decision is None:
+                parts = split(out)[0]
+                self._signals[signal] = signal_value(probe, parts, probe.residual_bases(signature, args, kwargs,
+                                                                                        len(parts)))
+                self._try_decide()
+            return out
+
+        setattr(probe.owner, probe.method, probed_call)
+
+    def _try_decide(self) -> None:
+        """Decide the step once every signal the schedule reads is there."""
+        if self._decision is not None or any(signal not in self._signals for signal in self.schedule.signals):
+            return
+        self._decision = self.schedule.decide(StepContext(s=self._s, T=self._T, t=self._t, signals=self._signals))
+        self._signals = {}
+        steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
+        steps.append(self._s)
+
+    def _forecasts(self, site: Site) -> bool:
+        """Whether ``site`` returns a forecast at this step (never before the decision)."""
+        decision = self._decision
+        if decision is not None and not isinstance(decision, Decision):
+            decision = decision.get(site.kind, Decision.FULL)
+        return decision is Decision.FORECAST
+
+    def _error_estimate(self, s: int) -> float | None:
+        """The predictor's error estimate for step ``s``, averaged over every site with a history."""
+        estimates = [self.predictor.error_estimate(state, s) for caches in self._caches.values()
+                     for cache in caches.values() for state in cache.states if state is not None and state.has_history]
+        return sum(estimates) / len(estimates) if estimates else None
 
     def _record(self, site: Site, cache: SiteCache, out, signature, args, kwargs) -> None:
         parts, cache.rebuild = split(out)
@@ -229,6 +316,17 @@ class CacheHandle:
         return cache
 
 
-def attach(sites: list[Site], predictor: Predictor, schedule: Schedule) -> CacheHandle:
-    """Hook ``predictor`` x ``schedule`` onto ``sites``; ``handle.remove()`` undoes it."""
-    return CacheHandle(sites, predictor, schedule)
+def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) -> torch.Tensor:
+    """A probe's signal: its first output with a residual base, minus that base (residual
+    probes), else its first output."""
+    for part, base in zip(parts, bases):
+        if part is not None and (base is not None or not probe.residual):
+            return part if base is None else part - base
+    raise ValueError(f"the probe {probe.name} returned no output to read its signal from")
+
+
+def attach(sites: list[Site], predictor: Predictor, schedule: Schedule,
+           probes: dict[str, Site] | None = None) -> CacheHandle:
+    """Hook ``predictor`` x ``schedule`` onto ``sites``; ``handle.remove()`` undoes it.
+    ``probes`` (signal -> site) defaults to ``sites.probes`` (:func:`select_sites`)."""
+    return CacheHandle(sites, predictor, schedule, probes)

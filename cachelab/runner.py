@@ -59,6 +59,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run one experiment into ``out_dir``; returns what metrics.json holds."""
     out_dir = Path(out_dir)
     check_config(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     strategy = build_strategy(cfg)
     adapter: ModelAdapter = build(cfg, "model")
     sink: Sink = build(cfg, "logger")

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from cachelab.diffusion import DDIMSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> eps
-BeforeStep = Callable[[int, float], bool]  # (s, t) -> whether step s is a full step
+# (s, t) -> a function telling, once the model has run, whether step s was a full step
+BeforeStep = Callable[[int, float], Callable[[], bool]]
 Callback = Callable[[dict], None]
 
 
@@ -27,14 +28,16 @@ def ddim(
     """Deterministic DDIM (eta = 0) as in ADM/DiT, from ``noise`` to x_0.
 
     ``before_step(s, t)`` runs before the model call of step ``s`` (steps count up from 0):
-    it is how the step index reaches a cache controller. ``callback`` gets
+    it is how the step index reaches a cache controller; it returns a function that says,
+    after the model call, whether the step was full (an adaptive schedule decides inside
+    the model call). ``callback`` gets
     ``{s, t, x, model_output, pred_x0, full}`` after each step. ``progress`` labels a
     progress bar (None: no bar).
     """
     x = noise
     for s in tqdm(range(len(schedule)), desc=progress, disable=progress is None, leave=False):
         t = int(schedule.timesteps[s])
-        full = before_step(s, t) if before_step is not None else True
+        was_full = before_step(s, t) if before_step is not None else None
         eps = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         a, a_prev = schedule.alpha_bar[s], schedule.alpha_bar_prev[s]
         recip, recipm1 = math.sqrt(1.0 / a), math.sqrt(1.0 / a - 1.0)
@@ -42,5 +45,6 @@ def ddim(
         eps = (recip * x - pred_x0) / recipm1  # ADM recomputes eps from x0; kept for parity
         x = pred_x0 * math.sqrt(a_prev) + math.sqrt(1.0 - a_prev) * eps
         if callback is not None:
+            full = was_full() if was_full is not None else True
             callback({"s": s, "t": t, "x": x, "model_output": eps, "pred_x0": pred_x0, "full": full})
     return x

@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -13,6 +13,17 @@ class Decision(Enum):
 
     FULL = "full"
     FORECAST = "forecast"
+
+
+# A step's decision: one for every site, or one per site kind (sites of other kinds are FULL).
+StepDecision = Decision | Mapping[str, Decision]
+
+
+def is_full(decision: StepDecision) -> bool:
+    """Whether every site computes at a step with this decision."""
+    if isinstance(decision, Decision):
+        return decision is Decision.FULL
+    return all(d is Decision.FULL for d in decision.values())
 
 
 @dataclass(frozen=True)
@@ -26,11 +37,24 @@ class StepContext:
 
 
 class Schedule(ABC):
-    """Decides FULL or FORECAST once per denoising step."""
+    """Decides FULL or FORECAST once per denoising step.
+
+    ``signals`` names what ``decide`` reads from ``ctx.signals`` (a probe's value, the
+    predictor's error estimate): the controller decides as soon as they are all there.
+    ``kinds`` names the site kinds (``Site.kind``) a per-kind schedule decides for; its
+    ``decide`` returns kind -> Decision. A schedule with per-generation state clears it in
+    ``reset``, which the controller calls at the start of every generation.
+    """
+
+    signals: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
 
     @abstractmethod
-    def decide(self, ctx: StepContext) -> Decision:
+    def decide(self, ctx: StepContext) -> StepDecision:
         """The decision for step ``ctx.s``."""
+
+    def reset(self) -> None:
+        """Forget the previous generation (no-op for stateless schedules)."""
 
     def mask(self, T: int) -> list[bool] | None:
         """For static schedules, ``mask[s]`` is True at full steps; None if adaptive."""
@@ -105,3 +129,29 @@ class Mask(StaticSchedule):
             raise ValueError(f"full_steps {beyond} are beyond the last step {T - 1}")
         full = set(self.full_steps_given)
         return [s in full for s in range(T)]
+
+
+class PerKindInterval(Schedule):
+    """PAB (pyramid attention broadcast): site kind ``k`` computes every ``intervals[k]``
+    steps (``s % intervals[k] == 0``) and is forecast in between while the timestep ``t`` is
+    inside ``window`` (``lo < t < hi``; null: every step); outside the window, and for kinds
+    not listed, sites compute."""
+
+    def __init__(self, intervals: Mapping[str, int], window: Sequence[float] | None = None):
+        if not intervals:
+            raise ValueError("intervals must name at least one site kind, e.g. {attn: 2}")
+        bad = {k: n for k, n in intervals.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"intervals must be integers >= 1, got {bad}")
+        if window is not None and (len(window) != 2 or not window[0] < window[1]):
+            raise ValueError(f"window must be [lo, hi] with lo < hi (timesteps) or null, got {list(window)}")
+        self.intervals = dict(intervals)
+        self.window = None if window is None else (float(window[0]), float(window[1]))
+        self.kinds = tuple(self.intervals)
+
+    def decide(self, ctx: StepContext) -> dict[str, Decision]:
+        if self.window is not None and ctx.t is None:
+            raise ValueError("a PAB window needs the timestep: call handle.step(s, t)")
+        inside = self.window is None or self.window[0] < ctx.t < self.window[1]
+        return {kind: Decision.FORECAST if inside and ctx.s % n else Decision.FULL
+                for kind, n in self.intervals.items()}

@@ -31,6 +31,21 @@ class SitePattern:
     skip: bool = False
 
 
+class SitePatterns(list):
+    """The site patterns of one granularity (the list) and the probes it offers.
+
+    ``probes[signal]`` matches one callable that adaptive schedules read their ``signal``
+    from: it runs for real on every step, before the step's decision, and its value
+    (``out - in`` of its first output with a residual base for residual patterns; else its
+    first output) is the signal. Offer a probe only at granularities where no cache site
+    encloses it: a site around the probe would run before the decision, so never be skipped.
+    """
+
+    def __init__(self, patterns=(), probes: dict[str, SitePattern] | None = None):
+        super().__init__(patterns)
+        self.probes = dict(probes or {})
+
+
 @dataclass(frozen=True)
 class Site:
     """One cached callable: ``getattr(owner, method)``."""
@@ -40,6 +55,12 @@ class Site:
     method: str = "forward"
     residual: bool | tuple[str | None, ...] = False
     skip: bool = False
+
+    @property
+    def kind(self) -> str:
+        """The site's type, which per-kind schedules (PAB) decide by: the last non-numeric
+        component of its name (``blocks.3.attn`` -> ``attn``, ``blocks.3`` -> ``blocks``)."""
+        return next((part for part in reversed(self.name.split(".")) if not part.isdigit()), self.name)
 
     def residual_bases(self, signature: inspect.Signature, args: tuple, kwargs: dict,
                        num_outputs: int) -> list[torch.Tensor | None]:
@@ -52,16 +73,37 @@ class Site:
         return [arguments.get(name) if name else None for name in self.residual]
 
 
-def select_sites(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
-    """Every (module, pattern) match, in module order then pattern order."""
+class Sites(list):
+    """The cache sites of a model (the list) and its probes (signal -> :class:`Site`)."""
+
+    def __init__(self, sites=(), probes: dict[str, Site] | None = None):
+        super().__init__(sites)
+        self.probes = dict(probes or {})
+
+
+def select_sites(model: nn.Module, patterns: list[SitePattern]) -> Sites:
+    """Every (module, pattern) match, in module order then pattern order; with
+    :class:`SitePatterns`, also the probe each of its probe patterns matches."""
+    sites = _matches(model, patterns)
+    if not sites:
+        raise ValueError(f"no module of {type(model).__name__} matches the site patterns {patterns}")
+    probes = {}
+    for signal, pattern in getattr(patterns, "probes", {}).items():
+        matched = _matches(model, [pattern])
+        if len(matched) != 1:
+            raise ValueError(f"the probe of signal {signal!r} ({pattern}) matches {len(matched)} callables of "
+                             f"{type(model).__name__}, not one")
+        probes[signal] = matched[0]
+    return Sites(sites, probes)
+
+
+def _matches(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
     sites = []
     for module_name, module in model.named_modules():
         for p in patterns:
             if re.fullmatch(p.regex, module_name):
                 parts = [part for part in (module_name, p.label) if part]
                 sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip))
-    if not sites:
-        raise ValueError(f"no module of {type(model).__name__} matches the site patterns {patterns}")
     return sites
 
 

@@ -6,7 +6,7 @@ orders above one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -114,3 +114,12 @@ class TaylorSeer(Predictor):
         for i in range(top - 2, -1, -1):
             torch.add(factors[i], acc, alpha=a[i], out=acc)
         return acc.to(state.out_dtype)
+
+    def error_estimate(self, state: TaylorState, s: int) -> float:
+        """The forecast's own error estimate at step ``s``: the norm of the gap between the
+        forecast from every factor and the one without the top factor (zero without any),
+        relative to the norm of the last full value ``D_0`` (what ``schedule=error_controlled`` reads)."""
+        forecast = self.predict(state, s).float()
+        lower = self.predict(replace(state, factors=state.factors[:-1]), s).float() if len(state.factors) > 1 else 0
+        scale = torch.linalg.vector_norm(state.factors[0].float()).clamp_min(torch.finfo(torch.float32).tiny)
+        return float(torch.linalg.vector_norm(forecast - lower) / scale)

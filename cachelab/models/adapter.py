@@ -73,5 +73,9 @@ class ModelAdapter(ABC):
         if handle is None:
             yield None
             return
+        def before_step(s: int, t: float):
+            handle.step(s, t)
+            return lambda: handle.decision is Decision.FULL  # read after the model call
+
         with handle.generation(num_steps):
-            yield lambda s, t: handle.step(s, t) is Decision.FULL
+            yield before_step

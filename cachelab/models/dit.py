@@ -4,7 +4,8 @@ Built on timm's PatchEmbed, Attention and Mlp as the reference code is, so the o
 ``DiT-XL-2-256x256.pt`` state dict loads key for key. The only change from the reference
 is that each block's two residual branches are methods (``attn_branch``, ``mlp_branch``):
 they return the pre-gate attention / MLP outputs, which cachelab's module granularity
-caches (skipping the norm and modulation too). Parameters and numerics are unchanged.
+caches (skipping the norm and modulation too); the attention branch's modulated input is a
+method too (``modulated_input``: TeaCache's signal). Parameters and numerics are unchanged.
 """
 from __future__ import annotations
 
@@ -87,9 +88,13 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
+    def modulated_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The attention branch's adaLN-modulated input (TeaCache's signal). (B, N, D) -> (B, N, D)."""
+        return modulate(self.norm1(x), shift, scale)
+
     def attn_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Attention output after its projection, before the gate. (B, N, D) -> (B, N, D)."""
-        return self.attn(modulate(self.norm1(x), shift, scale))
+        return self.attn(self.modulated_input(x, shift, scale))
 
     def mlp_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """MLP output, before the gate. (B, N, D) -> (B, N, D)."""

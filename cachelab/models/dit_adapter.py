@@ -13,14 +13,19 @@ from cachelab.models.dit import DiT, dit_from_preset, load_checkpoint
 from cachelab.assets import load_asset
 from cachelab.models.loading import load_vae
 from cachelab.samplers import Callback, ddim
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _BLOCK = r"blocks\.\d+"
+# Signals of adaptive schedules, read inside block 0 (which then always computes); not at
+# output granularity, where the one site encloses them.
+PROBES = {"first_block_residual": SitePattern(r"blocks\.0", residual=True),
+          "modulated_input": SitePattern(r"blocks\.0", "modulated_input")}
 SITE_PATTERNS = {
     # TaylorSeer's choice: attention and MLP outputs per block, before the adaLN gate.
-    "module": [SitePattern(_BLOCK, "attn_branch", label="attn"), SitePattern(_BLOCK, "mlp_branch", label="mlp")],
-    "block": [SitePattern(_BLOCK, residual=True)],
-    "output": [SitePattern("")],
+    "module": SitePatterns([SitePattern(_BLOCK, "attn_branch", label="attn"),
+                            SitePattern(_BLOCK, "mlp_branch", label="mlp")], PROBES),
+    "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
+    "output": SitePatterns([SitePattern("")]),
 }
 
 
@@ -30,6 +35,8 @@ class DiTAdapter(ModelAdapter):
     an original checkpoint, the reference initialisation (``init="reference"``), or
     ``init="random"`` (gates and final layer drawn too, so an untrained model still has
     moving features). An optional ``judge`` scores decoded samples (``evaluate``)."""
+
+    sites = SITE_PATTERNS  # granularity -> site patterns and probes (class data, as diffusers adapters have)
 
     def __init__(
         self,
@@ -88,7 +95,7 @@ class DiTAdapter(ModelAdapter):
         return model
 
     def site_patterns(self, granularity: str) -> list[SitePattern]:
-        return SITE_PATTERNS[granularity]
+        return self.sites[granularity]
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

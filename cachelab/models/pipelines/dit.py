@@ -9,9 +9,12 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _BLOCK = r"transformer_blocks\.\d+"
+# Adaptive schedules' signals: block 0's residual; its adaLN-Zero norm1 returns the modulated input first.
+PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=True),
+          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
 
 
 class DiffusersDiTAdapter(PipelineAdapter):
@@ -20,9 +23,9 @@ class DiffusersDiTAdapter(PipelineAdapter):
     pipeline_class = "DiTPipeline"
     prompt_key = "class_labels"
     sites = {
-        "module": [SitePattern(rf"{_BLOCK}\.(attn1|ff)")],
-        "block": [SitePattern(_BLOCK, residual=True)],
-        "output": [SitePattern("")],
+        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn1|ff)")], PROBES),
+        "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
+        "output": SitePatterns([SitePattern("")]),
     }
 
     @classmethod

@@ -29,7 +29,6 @@ class PipelineDriver:
                  callback: Callback | None = None):
         self.pipe, self.handle, self.timestep_scale, self.callback = pipe, handle, timestep_scale, callback
         self.s: int | None = None
-        self.full = True
         self._patched: list[tuple[object, str, object]] = []
         self._generation = ExitStack()  # the handle's generation, ended on exit
         self._begun = False
@@ -76,7 +75,7 @@ class PipelineDriver:
                     if not self._begun:  # the first call: the scheduler's T is known now
                         self._begun = True
                         self._generation.enter_context(self.handle.generation(len(self.pipe.scheduler.timesteps)))
-                    self.full = self.handle.step(s, float(self.pipe.scheduler.timesteps[s])) is Decision.FULL
+                    self.handle.step(s, float(self.pipe.scheduler.timesteps[s]))
             return forward(*args, **kwargs)
 
         return driven_forward
@@ -94,8 +93,9 @@ class PipelineDriver:
             out = step(model_output, timestep, sample, *args, **kwargs)
             if self.callback is not None:
                 x = out[0] if isinstance(out, tuple) else out.prev_sample
+                full = self.handle is None or self.handle.decision is Decision.FULL  # decided by now
                 self.callback({"s": self.s, "t": float(timestep), "x": x, "model_output": model_output,
-                               "full": self.full})
+                               "full": full})
             return out
 
         return reporting_step

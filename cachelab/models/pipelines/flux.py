@@ -11,10 +11,14 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what a block returns, in order
+# Adaptive schedules' signals (as TeaCache4FLUX and FBCache): the first double block's
+# image-stream residual; its norm1 (adaLN-Zero) returns the modulated image input first.
+PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=(None, "hidden_states")),
+          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
 
 
 class FluxAdapter(PipelineAdapter):
@@ -24,10 +28,10 @@ class FluxAdapter(PipelineAdapter):
     pipeline_class = "FluxPipeline"
     timestep_scale = 1000.0  # the pipeline passes t / 1000
     sites = {
-        "module": [SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                   SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)],
-        "block": [SitePattern(f"{_DOUBLE}|{_SINGLE}", residual=STREAMS)],
-        "output": [SitePattern("")],
+        "module": SitePatterns([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
+                                SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)], PROBES),
+        "block": SitePatterns([SitePattern(f"{_DOUBLE}|{_SINGLE}", residual=STREAMS)], PROBES),
+        "output": SitePatterns([SitePattern("")]),
     }
 
     @classmethod

@@ -13,9 +13,13 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
+# Adaptive schedules' signals (as TeaCache4HunyuanVideo and FBCache): the first double
+# block's video-stream residual; its norm1 (adaLN-Zero) returns the modulated input first.
+PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=("hidden_states", None)),
+          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
 
 
 class HunyuanVideoAdapter(PipelineAdapter):
@@ -23,11 +27,12 @@ class HunyuanVideoAdapter(PipelineAdapter):
 
     pipeline_class = "HunyuanVideoPipeline"
     sites = {
-        "module": [SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                   SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)],
+        "module": SitePatterns([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
+                                SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)], PROBES),
         # blocks return (hidden_states, encoder_hidden_states), the reverse of FLUX
-        "block": [SitePattern(f"{_DOUBLE}|{_SINGLE}", residual=("hidden_states", "encoder_hidden_states"))],
-        "output": [SitePattern("")],
+        "block": SitePatterns([SitePattern(f"{_DOUBLE}|{_SINGLE}",
+                                           residual=("hidden_states", "encoder_hidden_states"))], PROBES),
+        "output": SitePatterns([SitePattern("")]),
     }
 
     @classmethod

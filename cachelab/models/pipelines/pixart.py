@@ -9,9 +9,12 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _BLOCK = r"transformer_blocks\.\d+"
+# Adaptive schedules' signals: block 0's residual (no module returns the modulated input:
+# PixArt modulates inline after a plain LayerNorm).
+PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=True)}
 
 
 class PixArtAdapter(PipelineAdapter):
@@ -19,9 +22,9 @@ class PixArtAdapter(PipelineAdapter):
 
     pipeline_class = "PixArtSigmaPipeline"
     sites = {
-        "module": [SitePattern(rf"{_BLOCK}\.(attn1|attn2|ff)")],
-        "block": [SitePattern(_BLOCK, residual=True)],
-        "output": [SitePattern("")],
+        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ff)")], PROBES),
+        "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
+        "output": SitePatterns([SitePattern("")]),
     }
 
     @classmethod

@@ -10,9 +10,13 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _BLOCK = r"transformer_blocks\.\d+"
+# Adaptive schedules' signals: block 0's image-stream residual; its adaLN-Zero norm1
+# returns the modulated image input first.
+PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=(None, "hidden_states")),
+          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
 
 
 class SD3Adapter(PipelineAdapter):
@@ -20,9 +24,9 @@ class SD3Adapter(PipelineAdapter):
 
     pipeline_class = "StableDiffusion3Pipeline"
     sites = {
-        "module": [SitePattern(rf"{_BLOCK}\.(attn|attn2|ff|ff_context)")],
-        "block": [SitePattern(_BLOCK, residual=("encoder_hidden_states", "hidden_states"))],
-        "output": [SitePattern("")],
+        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn|attn2|ff|ff_context)")], PROBES),
+        "block": SitePatterns([SitePattern(_BLOCK, residual=("encoder_hidden_states", "hidden_states"))], PROBES),
+        "output": SitePatterns([SitePattern("")]),
     }
 
     @classmethod

@@ -11,9 +11,12 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
 
 _BLOCK = r"blocks\.\d+"
+# Adaptive schedules' signals: block 0's residual (no module returns the modulated input:
+# Wan modulates inline after a plain LayerNorm).
+PROBES = {"first_block_residual": SitePattern(r"blocks\.0", residual=True)}
 
 
 class WanAdapter(PipelineAdapter):
@@ -21,9 +24,9 @@ class WanAdapter(PipelineAdapter):
 
     pipeline_class = "WanPipeline"
     sites = {
-        "module": [SitePattern(rf"{_BLOCK}\.(attn1|attn2|ffn)")],
-        "block": [SitePattern(_BLOCK, residual=True)],
-        "output": [SitePattern("")],
+        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ffn)")], PROBES),
+        "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
+        "output": SitePatterns([SitePattern("")]),
     }
 
     @classmethod

@@ -1,0 +1,192 @@
+"""Adaptive schedules: decide from a signal of the current step (TeaCache, FBCache, the
+predictor's own error estimate) or from a recorded calibration curve (MagCache)."""
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from cachelab.schedules import Decision, Schedule, StaticSchedule, StepContext
+
+
+class AdaptiveSchedule(Schedule):
+    """An adaptive rule inside the guards every adaptive method uses: the first
+    ``first_enhance`` steps and the last ``final_full`` steps are full, and at most
+    ``max_consecutive_forecasts`` steps in a row are forecast (null: no cap). Subclasses
+    give the rule (``allows_forecast``, asked on the other steps only) and see every
+    decision (``record``) to update their per-generation state."""
+
+    def __init__(self, first_enhance: int = 1, final_full: int = 0, max_consecutive_forecasts: int | None = None):
+        if first_enhance < 1:
+            raise ValueError(f"first_enhance must be >= 1, got {first_enhance}")
+        if final_full < 0:
+            raise ValueError(f"final_full must be >= 0, got {final_full}")
+        if max_consecutive_forecasts is not None and max_consecutive_forecasts < 0:
+            raise ValueError(f"max_consecutive_forecasts must be >= 0 or null, got {max_consecutive_forecasts}")
+        self.first_enhance = first_enhance
+        self.final_full = final_full
+        self.max_consecutive_forecasts = max_consecutive_forecasts
+        self.reset()
+
+    def reset(self) -> None:
+        self._forecasts_in_a_row = 0
+
+    def decide(self, ctx: StepContext) -> Decision:
+        cap = self.max_consecutive_forecasts
+        guarded = (ctx.s < self.first_enhance or ctx.s >= ctx.T - self.final_full
+                   or (cap is not None and self._forecasts_in_a_row >= cap))
+        forecast = not guarded and self.allows_forecast(ctx)
+        self._forecasts_in_a_row = self._forecasts_in_a_row + 1 if forecast else 0
+        decision = Decision.FORECAST if forecast else Decision.FULL
+        self.record(ctx, decision)
+        return decision
+
+    @abstractmethod
+    def allows_forecast(self, ctx: StepContext) -> bool:
+        """Whether the signals allow forecasting step ``ctx.s``."""
+
+    def record(self, ctx: StepContext, decision: Decision) -> None:
+        """Called after every decision (guarded ones too)."""
+
+
+def relative_l1(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``mean|value - reference| / mean|reference|``."""
+    value, reference = value.float(), reference.float()
+    return float((value - reference).abs().mean() / reference.abs().mean())
+
+
+def polynomial(coefficients: Sequence[float], x: float) -> float:
+    """``coefficients`` (highest degree first) evaluated at ``x`` by Horner's rule."""
+    result = 0.0
+    for c in coefficients:
+        result = result * x + c
+    return result
+
+
+class TeaCache(AdaptiveSchedule):
+    """TeaCache: ``d_s = mean|m_s - m_{s-1}| / mean|m_{s-1}|`` of the first block's modulated
+    input ``m`` (kept at every step), rescaled by the polynomial ``coefficients`` (highest
+    degree first) and accumulated since the last full step; forecast while the sum is below
+    ``threshold``. Step 0 and the last ``final_full`` steps are full."""
+
+    signals = ("modulated_input",)
+
+    def __init__(self, threshold: float, coefficients: Sequence[float] = (1.0, 0.0), first_enhance: int = 1,
+                 final_full: int = 1, max_consecutive_forecasts: int | None = None):
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if not coefficients:
+            raise ValueError("coefficients must hold at least one number (highest degree first)")
+        self.threshold = threshold
+        self.coefficients = [float(c) for c in coefficients]
+        super().__init__(first_enhance, final_full, max_consecutive_forecasts)
+
+    def reset(self) -> None:
+        super().reset()
+        self._previous: torch.Tensor | None = None
+        self._accumulated = 0.0
+
+    def allows_forecast(self, ctx: StepContext) -> bool:
+        if self._previous is None:  # the generation's first step seen is not step 0
+            return False
+        change = relative_l1(ctx.signals["modulated_input"], self._previous)
+        self._accumulated += polynomial(self.coefficients, change)
+        return self._accumulated < self.threshold
+
+    def record(self, ctx: StepContext, decision: Decision) -> None:
+        if decision is Decision.FULL:
+            self._accumulated = 0.0
+        self._previous = ctx.signals["modulated_input"].detach().clone()
+
+
+class FirstBlockCache(AdaptiveSchedule):
+    """FBCache: forecast while the first block's residual ``r_s`` stays close to ``r_ref``,
+    the one of the last full step: ``mean|r_s - r_ref| / mean|r_ref| < threshold``. Each
+    full step moves ``r_ref``; nothing accumulates."""
+
+    signals = ("first_block_residual",)
+
+    def __init__(self, threshold: float, first_enhance: int = 1, final_full: int = 0,
+                 max_consecutive_forecasts: int | None = None):
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        self.threshold = threshold
+        super().__init__(first_enhance, final_full, max_consecutive_forecasts)
+
+    def reset(self) -> None:
+        super().reset()
+        self._reference: torch.Tensor | None = None
+
+    def allows_forecast(self, ctx: StepContext) -> bool:
+        if self._reference is None:  # the generation's first step seen is not step 0
+            return False
+        return relative_l1(ctx.signals["first_block_residual"], self._reference) < self.threshold
+
+    def record(self, ctx: StepContext, decision: Decision) -> None:
+        if decision is Decision.FULL:
+            self._reference = ctx.signals["first_block_residual"].detach().clone()
+
+
+class ErrorControlled(AdaptiveSchedule):
+    """Forecast while the predictor's own error estimate for the step (the controller's
+    ``error_estimate``: the gap between its forecasts of the top order and of one order less,
+    relative to the last full value, averaged over sites) is at most ``tolerance``; refresh
+    above it, or when no site has a history yet (None)."""
+
+    signals = ("error_estimate",)
+
+    def __init__(self, tolerance: float, first_enhance: int = 1, final_full: int = 0,
+                 max_consecutive_forecasts: int | None = 5):
+        if not tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {tolerance}")
+        self.tolerance = tolerance
+        super().__init__(first_enhance, final_full, max_consecutive_forecasts)
+
+    def allows_forecast(self, ctx: StepContext) -> bool:
+        error = ctx.signals["error_estimate"]
+        return error is not None and error <= self.tolerance
+
+
+class MagCache(StaticSchedule):
+    """MagCache, from a calibration (``python -m cachelab.calibrate``: per-step magnitude
+    ratios ``r_s = mean_tokens ||R_s|| / ||R_{s-1}||`` of the stack residual, nearest-
+    interpolated to ``T``). From step ``int(retention T)`` on: ``G <- G r_s``,
+    ``E <- E + |1 - G|``, ``n <- n + 1``; forecast while ``E <= threshold`` and
+    ``n <= max_skip``, else full and ``(G, E, n) = (1, 0, 0)``. Step 0 is full. The rule
+    reads no runtime signal, so the whole mask is known up front."""
+
+    def __init__(self, calibration: str, threshold: float = 0.24, max_skip: int = 5, retention: float = 0.1):
+        from cachelab.calibrate import load_calibration
+
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if max_skip < 0:
+            raise ValueError(f"max_skip must be >= 0, got {max_skip}")
+        if not 0 <= retention <= 1:
+            raise ValueError(f"retention must be in [0, 1], got {retention}")
+        self.ratios = load_calibration(calibration)["ratios"]
+        self.threshold, self.max_skip, self.retention = threshold, max_skip, retention
+
+    def mask(self, T: int) -> list[bool]:
+        ratios = nearest_interpolation(self.ratios, T)
+        gain, error, skipped, mask = 1.0, 0.0, 0, []
+        for s in range(T):
+            full = True
+            if s >= max(1, int(T * self.retention)):
+                gain *= ratios[s]
+                error += abs(1.0 - gain)
+                skipped += 1
+                full = not (error <= self.threshold and skipped <= self.max_skip)
+                if full:
+                    gain, error, skipped = 1.0, 0.0, 0
+            mask.append(full)
+        return mask
+
+
+def nearest_interpolation(values: Sequence[float], length: int) -> list[float]:
+    """``values`` resampled to ``length`` points by nearest index (MagCache's ``nearest_interp``)."""
+    if length == 1:
+        return [values[-1]]
+    scale = (len(values) - 1) / (length - 1)
+    return [values[round(i * scale)] for i in range(length)]

@@ -1,0 +1,120 @@
+"""MagCache calibration: one full-compute run records the magnitude ratio of the stack
+residual ``R_s`` (the sum of the block residuals) at every step,
+``r_s = mean over tokens of ||R_s|| / ||R_{s-1}||`` (``r_0 = 1``; mean over CFG contexts
+and output streams too), into a JSON file::
+
+    python -m cachelab.calibrate model=tiny_dit num_steps=50 [num_images=1] [seed=0] [out=file.json]
+
+``out`` defaults to ``cachelab/assets/magcache_<model.name>.json``, where ``schedule=magcache``
+finds it by the model's name (``schedule.calibration``: such a name, or a path to a .json file).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cachelab.assets import ASSETS_DIR
+from cachelab.checks import ConfigError
+from cachelab.controller import attach
+from cachelab.io import write_json_atomic
+from cachelab.models.adapter import Inputs, ModelAdapter
+from cachelab.outputs import Parts
+from cachelab.schedules import Always
+from cachelab.sites import select_sites
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def calibration_path(calibration: str) -> Path:
+    """A ``.json`` path as given, else the shipped calibration of that name."""
+    return Path(calibration) if calibration.endswith(".json") else ASSETS_DIR / f"magcache_{calibration}.json"
+
+
+def load_calibration(calibration: str) -> dict:
+    """The calibration record (``model``, ``num_steps``, ``ratios``, ...) of ``calibration``."""
+    path = calibration_path(calibration)
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem[len("magcache_"):] for p in ASSETS_DIR.glob("magcache_*.json"))) or "none"
+        raise ConfigError(f"schedule.calibration={calibration!r}: no file {path}; allowed: a path to a .json "
+                          f"file or a shipped name ({shipped}); record one with "
+                          f"`python -m cachelab.calibrate model=<model> num_steps=<T>`")
+    return json.loads(path.read_text())
+
+
+class StackResidualNorms:
+    """A site observer on every block: sums each step's block residuals into the stack
+    residual (per context and output stream) and keeps its per-token norms."""
+
+    def __init__(self):
+        self._sums: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
+        self.norms: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+
+    def full(self, site: str, context: str, s: int, values: Parts) -> None:
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            key = (context, i)
+            step, total = self._sums.get(key, (None, None))
+            if step == s:
+                total += value.float()
+            else:
+                self._finish(key)
+                self._sums[key] = (s, value.float().clone())
+
+    def forecast(self, site: str, context: str, s: int, forecast: Parts, true: Parts | None) -> None:
+        raise RuntimeError("calibration runs every step in full")
+
+    def _finish(self, key: tuple[str, int]) -> None:
+        if key in self._sums:
+            step, total = self._sums.pop(key)
+            self.norms.setdefault(key, {})[step] = torch.linalg.vector_norm(total, dim=-1)
+
+    def ratios(self, T: int) -> list[float]:
+        """``r_s`` for ``s = 0..T-1``."""
+        for key in list(self._sums):
+            self._finish(key)
+        ratios = [1.0]
+        for s in range(1, T):
+            per_key = [(norms[s] / norms[s - 1]).mean() for norms in self.norms.values()]
+            ratios.append(float(torch.stack(per_key).mean()))
+        return ratios
+
+
+def magnitude_ratios(adapter: ModelAdapter, inputs: Inputs) -> list[float]:
+    """MagCache's ratio curve of ``adapter``'s model, from one full generation of ``inputs``."""
+    from strategies.reuse import Reuse
+
+    recorder = StackResidualNorms()
+    handle = attach(select_sites(adapter.model, adapter.site_patterns("block")), Reuse(), Always())
+    handle.observe(recorder)
+    try:
+        adapter.generate(inputs, handle)
+    finally:
+        handle.remove()
+    return recorder.ratios(adapter.num_steps)
+
+
+def main(argv: list[str]) -> Path:
+    """Compose the config from ``argv`` (Hydra overrides, plus ``out=``), calibrate, write."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
+    overrides = [a for a in argv if not a.startswith("out=")]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["num_images=1", *overrides])
+    adapter: ModelAdapter = instantiate(cfg.model)
+    torch.manual_seed(cfg.seed)
+    ratios = magnitude_ratios(adapter, adapter.make_inputs(cfg.num_images, cfg.seed))
+    out = Path(outs[-1]) if outs else calibration_path(cfg.model.name)
+    write_json_atomic(out, {"model": cfg.model.name, "num_steps": cfg.num_steps, "num_images": cfg.num_images,
+                            "seed": cfg.seed, "ratios": ratios,
+                            "command": " ".join(["python -m cachelab.calibrate", *argv])})
+    return out
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1:]))
