@@ -1,0 +1,112 @@
+"""One prepared GPU check: DiT-XL/2-shaped random model, bf16, batch 16 with CFG, 50 DDIM steps,
+TaylorSeer N=5 order 2 at module granularity: FLOPs speedup, wall speedup, efficiency, and the
+forecast step's time against the time its bytes need at the measured memory bandwidth.
+
+    python train_free_runs/gpu/dit_xl2_gpu.py                      # on the GPU (defaults)
+    python train_free_runs/gpu/dit_xl2_gpu.py --device cpu --preset DiT-S/2 --batch 1 --steps 10 --dtype fp32
+
+The forecast step's floor: every module site reads its order+1 factors and writes one output
+(bf16), and every block still reads its adaLN weights; divided by the bandwidth of a large
+device-to-device copy measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from cachelab.flops import count_flops  # noqa: E402
+from cachelab.models.adapter import DTYPES  # noqa: E402
+from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
+from cachelab.schedules import Interval  # noqa: E402
+from cachelab.strategy import Strategy  # noqa: E402
+from strategies.taylor import TaylorSeer  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def bandwidth(device: torch.device, dtype: torch.dtype, mib: int = 1024) -> float:
+    """Bytes per second of a large copy (read + write)."""
+    src = torch.empty(mib * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, 5)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="DiT-XL/2")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--interval", type=int, default=5)
+    p.add_argument("--order", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    adapter = DiTAdapter(name="gpu_check", preset=args.preset, init="random", num_steps=args.steps,
+                         guidance_scale=1.5, dtype=args.dtype, device=args.device)
+    inputs = adapter.make_inputs(args.batch, seed=0)
+    schedule = Interval(args.interval, first_enhance=2)
+    handle = Strategy("taylor", TaylorSeer(args.order, first_enhance=2), schedule, "module").attach(adapter)
+    with torch.inference_mode():
+        adapter.generate(inputs)  # warm-up
+        adapter.generate(inputs, handle)
+        _, base_flops = count_flops(lambda: adapter.generate(inputs))
+        _, cached_flops = count_flops(lambda: adapter.generate(inputs, handle))
+        base = timed(lambda: adapter.generate(inputs), device, args.repeats)
+        cached = timed(lambda: adapter.generate(inputs, handle), device, args.repeats)
+    stats = handle.stats()
+    handle.remove()
+    full, forecast = len(stats.full_steps), len(stats.forecast_steps)
+    full_step = base / args.steps
+    forecast_step = (cached - full * full_step) / forecast
+    model = adapter.model
+    element = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
+    # bytes a forecast step must move: each site reads its factors and writes its output; every
+    # block's adaLN modulation weights are read (the embeddings and final layer are ignored)
+    per_site = stats.cache_bytes / max(1, len(handle.sites))
+    site_bytes = len(handle.sites) * per_site * (1 + 1 / (args.order + 1))
+    adaln_bytes = sum(b.adaLN_modulation[-1].weight.numel() * element for b in model.blocks)
+    floor = (site_bytes + adaln_bytes) / bandwidth(device, DTYPES[args.dtype])
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "steps": args.steps,
+        "interval": args.interval, "order": args.order, "num_full": full,
+        "flops_speedup": base_flops / cached_flops, "wall_speedup": base / cached,
+        "efficiency": (base / cached) / (base_flops / cached_flops),
+        "full_step_ms": 1e3 * full_step, "forecast_step_ms": 1e3 * forecast_step,
+        "forecast_floor_ms": 1e3 * floor, "cache_mib": stats.cache_bytes / 2**20,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
