@@ -22,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from cachelab.adaptive import FirstBlockCache  # noqa: E402
 from cachelab.controller import attach  # noqa: E402
 from cachelab.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
@@ -29,6 +30,8 @@ from cachelab.metrics import psnr, relative_l2  # noqa: E402
 from cachelab.models.pipelines.flux import FluxAdapter  # noqa: E402
 from cachelab.schedules import Mask  # noqa: E402
 from cachelab.sites import SitePattern, select_sites  # noqa: E402
+from cachelab.strategy import Strategy  # noqa: E402
+from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 
 
@@ -64,6 +67,22 @@ def peer_taylorseer(adapter, steps: int, interval: int, warmup: int, order: int)
         return attach(sites, TaylorSeer(order, first_enhance=1, factor_dtype="fp32"), Mask(full_steps=full))
 
     return f"TaylorSeer o{order} N={interval} D={warmup}", peer, ours
+
+
+def peer_fbcache(adapter, threshold: float):
+    """diffusers' ``FirstBlockCacheConfig`` and cachelab's ``fbcache`` preset: the first block's
+    residual change against the last full step decides; skipped steps reuse the tail's
+    residual (diffusers: one residual for the whole tail; cachelab: one per block, the same sum)."""
+    from diffusers import FirstBlockCacheConfig
+
+    def peer():
+        adapter.model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        return adapter.model.disable_cache
+
+    def ours():
+        return Strategy("fbcache", Reuse(), FirstBlockCache(threshold=threshold), "block").attach(adapter)
+
+    return f"FBCache threshold {threshold}", peer, ours
 
 
 def hook_state_bytes(model) -> int:
@@ -123,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline, base_wall = timed(generate, args.repeats)
     _, base_flops = count_flops(generate)
     pairs = [peer_taylorseer(adapter, args.steps, interval=5, warmup=3, order=order) for order in (1, 2)]
+    pairs += [peer_fbcache(adapter, threshold) for threshold in (0.05, 0.1)]
     rows = [("no caching", "-", base_wall, None, base_flops, 0, None, None)]
     for name, peer, ours in pairs:
         disable = peer()
