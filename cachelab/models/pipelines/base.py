@@ -20,7 +20,15 @@ from cachelab.models.adapter import DTYPES, ModelAdapter
 from cachelab.models.loading import load_pretrained
 from cachelab.models.pipelines.driver import PipelineDriver
 from cachelab.samplers import Callback
-from cachelab.sites import SitePattern
+from cachelab.sites import SitePattern, SitePatterns
+
+
+def family_sites(module: list[SitePattern], block: str, residual, probes: dict) -> dict[str, SitePatterns]:
+    """A family's sites: ``module`` patterns, each ``block`` (regex) as a residual site
+    (``residual`` as in SitePattern), the model output; the probes at module and block level."""
+    return {"module": SitePatterns(module, probes),
+            "block": SitePatterns([SitePattern(block, residual=residual)], probes),
+            "output": SitePatterns([SitePattern("")])}
 
 
 @dataclass

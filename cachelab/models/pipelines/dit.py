@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.pipelines.base import PipelineAdapter, family_sites, PromptInputs
+from cachelab.sites import SitePattern
 
 _BLOCK = r"transformer_blocks\.\d+"
 # Adaptive schedules' signals: block 0's residual; its adaLN-Zero norm1 returns the modulated input first.
@@ -22,11 +22,8 @@ class DiffusersDiTAdapter(PipelineAdapter):
 
     pipeline_class = "DiTPipeline"
     prompt_key = "class_labels"
-    sites = {
-        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn1|ff)")], PROBES),
-        "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
-        "output": SitePatterns([SitePattern("")]),
-    }
+    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn1|ff)")],
+                         _BLOCK, True, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -32,6 +32,7 @@ class PipelineDriver:
         self._patched: list[tuple[object, str, object]] = []
         self._generation = ExitStack()  # the handle's generation, ended on exit
         self._begun = False
+        self._timesteps: torch.Tensor | None = None  # the scheduler's, on the CPU, read once per call
 
     def __enter__(self) -> PipelineDriver:
         transformer, scheduler = self.pipe.transformer, self.pipe.scheduler
@@ -52,7 +53,9 @@ class PipelineDriver:
 
     def step_of(self, timestep) -> int:
         """The index in ``scheduler.timesteps`` of the timestep a transformer call received."""
-        timesteps = self.pipe.scheduler.timesteps.float().cpu()
+        if self._timesteps is None:  # set by the pipeline before its first transformer call
+            self._timesteps = self.pipe.scheduler.timesteps.float().cpu()
+        timesteps = self._timesteps
         value = float(torch.as_tensor(timestep).flatten().max()) * self.timestep_scale
         s = int((timesteps - value).abs().argmin())
         if abs(float(timesteps[s]) - value) > 1e-3 * (1 + abs(value)):

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.pipelines.base import PipelineAdapter, family_sites
+from cachelab.sites import SitePattern
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what a block returns, in order
@@ -27,12 +27,9 @@ class FluxAdapter(PipelineAdapter):
 
     pipeline_class = "FluxPipeline"
     timestep_scale = 1000.0  # the pipeline passes t / 1000
-    sites = {
-        "module": SitePatterns([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                                SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)], PROBES),
-        "block": SitePatterns([SitePattern(f"{_DOUBLE}|{_SINGLE}", residual=STREAMS)], PROBES),
-        "output": SitePatterns([SitePattern("")]),
-    }
+    sites = family_sites([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
+                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)],
+                         f"{_DOUBLE}|{_SINGLE}", STREAMS, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

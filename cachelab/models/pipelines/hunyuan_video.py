@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.pipelines.base import PipelineAdapter, family_sites
+from cachelab.sites import SitePattern
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
 # Adaptive schedules' signals (as TeaCache4HunyuanVideo and FBCache): the first double
@@ -26,14 +26,10 @@ class HunyuanVideoAdapter(PipelineAdapter):
     """HunyuanVideo through ``HunyuanVideoPipeline``."""
 
     pipeline_class = "HunyuanVideoPipeline"
-    sites = {
-        "module": SitePatterns([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                                SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)], PROBES),
-        # blocks return (hidden_states, encoder_hidden_states), the reverse of FLUX
-        "block": SitePatterns([SitePattern(f"{_DOUBLE}|{_SINGLE}",
-                                           residual=("hidden_states", "encoder_hidden_states"))], PROBES),
-        "output": SitePatterns([SitePattern("")]),
-    }
+    # blocks return (hidden_states, encoder_hidden_states), the reverse of FLUX
+    sites = family_sites([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
+                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)],
+                         f"{_DOUBLE}|{_SINGLE}", ("hidden_states", "encoder_hidden_states"), PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.pipelines.base import PipelineAdapter, family_sites
+from cachelab.sites import SitePattern
 
 _BLOCK = r"transformer_blocks\.\d+"
 # Adaptive schedules' signals: block 0's residual (no module returns the modulated input:
@@ -21,11 +21,8 @@ class PixArtAdapter(PipelineAdapter):
     """PixArt-Σ through ``PixArtSigmaPipeline`` (``call_kwargs`` e.g. ``use_resolution_binning``)."""
 
     pipeline_class = "PixArtSigmaPipeline"
-    sites = {
-        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ff)")], PROBES),
-        "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
-        "output": SitePatterns([SitePattern("")]),
-    }
+    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ff)")],
+                         _BLOCK, True, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

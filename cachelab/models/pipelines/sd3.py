@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.pipelines.base import PipelineAdapter, family_sites
+from cachelab.sites import SitePattern
 
 _BLOCK = r"transformer_blocks\.\d+"
 # Adaptive schedules' signals: block 0's image-stream residual; its adaLN-Zero norm1
@@ -23,11 +23,8 @@ class SD3Adapter(PipelineAdapter):
     """SD3 through ``StableDiffusion3Pipeline`` (batched CFG: one transformer call per step)."""
 
     pipeline_class = "StableDiffusion3Pipeline"
-    sites = {
-        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn|attn2|ff|ff_context)")], PROBES),
-        "block": SitePatterns([SitePattern(_BLOCK, residual=("encoder_hidden_states", "hidden_states"))], PROBES),
-        "output": SitePatterns([SitePattern("")]),
-    }
+    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn|attn2|ff|ff_context)")],
+                         _BLOCK, ("encoder_hidden_states", "hidden_states"), PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

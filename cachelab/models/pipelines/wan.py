@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.pipelines.base import PipelineAdapter, family_sites
+from cachelab.sites import SitePattern
 
 _BLOCK = r"blocks\.\d+"
 # Adaptive schedules' signals: block 0's residual (no module returns the modulated input:
@@ -23,11 +23,8 @@ class WanAdapter(PipelineAdapter):
     """Wan through ``WanPipeline`` (a single transformer; Wan 2.2's ``transformer_2`` is not cached)."""
 
     pipeline_class = "WanPipeline"
-    sites = {
-        "module": SitePatterns([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ffn)")], PROBES),
-        "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
-        "output": SitePatterns([SitePattern("")]),
-    }
+    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ffn)")],
+                         _BLOCK, True, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:
