@@ -17,13 +17,16 @@ class ConfigError(UserError, ValueError):
 
 
 # top-level integer keys -> smallest allowed value
-INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0}
+INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0,
+                "batch_size": 1}
+MODES = ("compare", "sample")  # compare: baseline vs cached in one batch; sample: chunked (cachelab/sampling.py)
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value; builds nothing."""
     for key, minimum in INTEGER_KEYS.items():
         check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum)
+    check_mode(cfg)
     granularity = cfg.strategy.granularity
     if granularity not in GRANULARITIES:
         raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
@@ -38,6 +41,35 @@ def check_config(cfg: DictConfig) -> None:
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={checkpoint!r}: no such file; allowed: a path to an existing checkpoint")
     check_schedule(cfg)
+    check_compile(cfg)
+
+
+def check_compile(cfg: DictConfig) -> None:
+    """``compile.mode`` must be one torch.compile knows; CUDA graphs need a CUDA device."""
+    from cachelab.compiling import MODES
+
+    options = cfg.get("compile")
+    if not options:
+        return
+    mode = options.get("mode", "default")
+    if mode not in MODES:
+        raise ConfigError(f"compile.mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
+    if mode in ("reduce-overhead", "max-autotune") and not str(cfg.device).startswith("cuda"):
+        raise ConfigError(f"compile.mode={mode!r} uses CUDA graphs and needs device=cuda, got device={cfg.device!r}; "
+                          f"allowed on {cfg.device!r}: compile.mode=default or max-autotune-no-cudagraphs")
+
+
+def check_mode(cfg: DictConfig) -> None:
+    """``mode`` is one of MODES; ``mode=sample`` runs no analysis and takes a boolean ``baseline_samples``."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is not allowed; allowed: {', '.join(MODES)}")
+    if cfg.mode != "sample":
+        return
+    if cfg.get("analysis"):
+        raise ConfigError(f"mode=sample runs no analysis, got analysis._target_={cfg.analysis._target_}; "
+                          f"allowed: analysis=none with mode=sample")
+    if not isinstance(cfg.baseline_samples, bool):
+        raise ConfigError(f"baseline_samples={cfg.baseline_samples!r} is not allowed; allowed: true, false")
 
 
 def check_schedule(cfg: DictConfig) -> None:

@@ -112,6 +112,8 @@ class CacheHandle:
         self.predictor = predictor
         self.schedule = schedule
         self._originals: list[tuple[Site, object]] = []
+        self._installed: list[tuple[Site, Callable, Callable]] = []  # site, its computation, its wrapper maker
+        self._copy_values = False
         self._observers: list[SiteObserver] = []
         self._audit = False
         self._context = "default"
@@ -210,47 +212,68 @@ class CacheHandle:
             else:
                 setattr(site.owner, site.method, original)
         self._originals.clear()
+        self._installed.clear()
         self.reset()
 
     # -- the site wrapper ----------------------------------------------------------
-    def _install(self, site: Site) -> None:
+    def compile(self, **options) -> None:
+        """Compile every site's and probe's own computation with ``torch.compile(**options)``.
+        The decisions, forecasts and bookkeeping stay eager, outside every compiled region
+        (the wrappers are excluded from tracing), so no graph depends on the schedule and
+        switching between full and forecast steps never recompiles. ``mode="reduce-overhead"``
+        (CUDA graphs) also makes the caches copy what they keep of an output, whose memory
+        the next graph replay would overwrite."""
+        self._copy_values = options.get("mode") in ("reduce-overhead", "max-autotune")
+        for site, compute, wrap in self._installed:
+            setattr(site.owner, site.method, torch.compiler.disable(wrap(torch.compile(compute, **options))))
+
+    def _hook(self, site: Site, wrap: Callable) -> None:
+        """Replace ``site``'s callable by ``wrap(its computation)``, excluded from tracing
+        so that a compiled model graph-breaks at the site instead of guarding on our state."""
         self._originals.append((site, vars(site.owner).get(site.method, _MISSING)))
         compute = getattr(site.owner, site.method)
-        signature = inspect.signature(compute)
+        self._installed.append((site, compute, wrap))
+        setattr(site.owner, site.method, torch.compiler.disable(wrap(compute)))
 
-        def cached_call(*args, **kwargs):
-            if self._s is None:
-                return compute(*args, **kwargs)
-            cache = self._site_cache(site.name, first_tensor(args, kwargs).shape)
-            if self._forecasts(site):
-                if cache.rebuild is not None:
-                    forecast = self._forecast(site, cache)
-                    if self._observers:
-                        self._notify_forecast(site, forecast, compute, signature, args, kwargs)
-                    bases = site.residual_bases(signature, args, kwargs, len(forecast))
-                    return cache.rebuild([f if b is None or f is None else b + f for f, b in zip(forecast, bases)])
-                self._stats.fallbacks += 1
-            out = compute(*args, **kwargs)
-            self._record(site, cache, out, signature, args, kwargs)
-            return out
+    def _install(self, site: Site) -> None:
+        signature = inspect.signature(getattr(site.owner, site.method))
 
-        setattr(site.owner, site.method, cached_call)
+        def wrap(compute):
+            def cached_call(*args, **kwargs):
+                if self._s is None:
+                    return compute(*args, **kwargs)
+                cache = self._site_cache(site.name, first_tensor(args, kwargs).shape)
+                if self._forecasts(site):
+                    if cache.rebuild is not None:
+                        forecast = self._forecast(site, cache)
+                        if self._observers:
+                            self._notify_forecast(site, forecast, compute, signature, args, kwargs)
+                        bases = site.residual_bases(signature, args, kwargs, len(forecast))
+                        return cache.rebuild([f if b is None or f is None else b + f
+                                              for f, b in zip(forecast, bases)])
+                    self._stats.fallbacks += 1
+                out = compute(*args, **kwargs)
+                self._record(site, cache, out, signature, args, kwargs)
+                return out
+            return cached_call
+
+        self._hook(site, wrap)
 
     def _install_probe(self, signal: str, probe: Site) -> None:
-        self._originals.append((probe, vars(probe.owner).get(probe.method, _MISSING)))
-        compute = getattr(probe.owner, probe.method)
-        signature = inspect.signature(compute)
+        signature = inspect.signature(getattr(probe.owner, probe.method))
 
-        def probed_call(*args, **kwargs):
-            out = compute(*args, **kwargs)
-            if self._s is not None and self._decision is None:
-                parts = split(out)[0]
-                self._signals[signal] = signal_value(probe, parts, probe.residual_bases(signature, args, kwargs,
-                                                                                        len(parts)))
-                self._try_decide()
-            return out
+        def wrap(compute):
+            def probed_call(*args, **kwargs):
+                out = compute(*args, **kwargs)
+                if self._s is not None and self._decision is None:
+                    parts = split(out)[0]
+                    bases = probe.residual_bases(signature, args, kwargs, len(parts))
+                    self._signals[signal] = signal_value(probe, parts, bases)
+                    self._try_decide()
+                return out
+            return probed_call
 
-        setattr(probe.owner, probe.method, probed_call)
+        self._hook(probe, wrap)
 
     def _try_decide(self) -> None:
         """Decide the step once every signal the schedule reads is there."""
@@ -282,6 +305,8 @@ class CacheHandle:
         if len(cache.states) != len(parts):
             cache.states = [None if p is None else self.predictor.new_state() for p in parts]
         values = self._cached_values(site, parts, signature, args, kwargs)
+        if self._copy_values:  # a CUDA graph's outputs are overwritten at its next replay
+            values = [None if value is None else value.clone() for value in values]
         for state, value in zip(cache.states, values):
             if state is not None:
                 self.predictor.update(state, self._s, value)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.checks import ConfigError, check_config
+from cachelab.compiling import compile_regions, uncompile_regions
 from cachelab.controller import CacheHandle, CacheStats
 from cachelab.flops import count_flops
 from cachelab.io import save_png_atomic, write_bytes_atomic, write_json_atomic
@@ -51,6 +52,8 @@ def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle 
             callback = lambda step: trajectory.append(step["x"])  # noqa: E731 -- a reference, no copy
         start = time.perf_counter()
         latents = adapter.generate(inputs, handle, progress=progress, callback=callback)
+        if latents.is_cuda:  # the kernels run asynchronously: stop the clock when they are done
+            torch.cuda.synchronize(latents.device)
         times.append(time.perf_counter() - start)
     return latents, median(times)
 
@@ -67,9 +70,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     run_name = f"{cfg.model.name}-{strategy.name}-N{cfg.interval}-o{cfg.order}"
     sink.start(run_name, OmegaConf.to_container(cfg, resolve=True), out_dir)
     analysis = build(cfg, "analysis") if cfg.get("analysis") else None  # none: an empty group file
+    if cfg.mode == "sample":  # check_config has ruled out an analysis
+        from cachelab.sampling import sample as job
+    else:
+        job = analysis.run if analysis else measure
     failed = True
     try:
-        metrics = (analysis.run if analysis else measure)(cfg, adapter, strategy, sink, out_dir)
+        metrics = job(cfg, adapter, strategy, sink, out_dir)
         failed = False
         return metrics
     finally:
@@ -88,6 +95,10 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
             counted = adapter.make_inputs(flops_images, cfg.seed)
             _, base_flops = count_flops(lambda: adapter.generate(counted, progress=label("FLOPs baseline")))
             _, cached_flops = count_flops(lambda: adapter.generate(counted, handle, progress=label("FLOPs cached")))
+        if cfg.get("compile"):  # after the (eager) FLOPs count; one untimed generation per side compiles
+            compile_regions(adapter.model, adapter.site_patterns("block"), handle, **cfg.compile)
+            adapter.generate(inputs)
+            adapter.generate(inputs, handle)
         base_path, cached_path = [], []
         baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"),
                                                base_path)
@@ -97,6 +108,7 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     finally:
         if handle is not None:
             handle.remove()
+        uncompile_regions(adapter.model)
 
     base_images, cached_images = adapter.decode(baseline), adapter.decode(cached)
     grid_path = out_dir / "grid.png"
@@ -104,16 +116,7 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     flops_speedup = base_flops / cached_flops if base_flops else None
     wall_speedup = base_wall / cached_wall
     metrics = {
-        "model": cfg.model.name,
-        "model_weights": adapter.description,
-        "strategy": strategy.name,
-        "granularity": strategy.granularity,
-        "order": cfg.order,
-        "interval": cfg.interval,
-        "first_enhance": cfg.first_enhance,
-        "num_steps": cfg.num_steps,
-        "num_images": cfg.num_images,
-        "seed": cfg.seed,
+        **describe(cfg, adapter, strategy),
         "flops": {"baseline": base_flops, "cached": cached_flops, "speedup": flops_speedup,
                   "images": flops_images if cfg.measure.flops else None},
         "wall_s": {"baseline": base_wall, "cached": cached_wall, "speedup": wall_speedup},
@@ -129,6 +132,7 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         # how far the cached trajectory x_s is from the baseline's after each step
         "per_step_rel_l2": [relative_l2(c, b) for c, b in zip(cached_path, base_path)],
         "torch_threads": torch.get_num_threads(),
+        "compile": OmegaConf.to_container(cfg.compile) if cfg.get("compile") else None,
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_bytes_atomic(out_dir / "per_step.png", per_step_plot(metrics))
@@ -142,6 +146,22 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     sink.summary(flatten(metrics))
     print(summary_table(metrics))
     return metrics
+
+
+def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict:
+    """What a run's metrics.json says about its setup."""
+    return {
+        "model": cfg.model.name,
+        "model_weights": adapter.description,
+        "strategy": strategy.name,
+        "granularity": strategy.granularity,
+        "order": cfg.order,
+        "interval": cfg.interval,
+        "first_enhance": cfg.first_enhance,
+        "num_steps": cfg.num_steps,
+        "num_images": cfg.num_images,
+        "seed": cfg.seed,
+    }
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:

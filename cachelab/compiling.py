@@ -1,0 +1,38 @@
+"""Regional ``torch.compile`` of a model with a strategy attached: the blocks and the cache
+sites' own computations are compiled, the controller's decisions stay eager."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from cachelab.controller import CacheHandle
+from cachelab.sites import SitePattern
+
+# torch.compile's modes; "reduce-overhead" and "max-autotune" use CUDA graphs on a CUDA device
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_regions(model: nn.Module, block_patterns: list[SitePattern], handle: CacheHandle | None,
+                    **options) -> list[str]:
+    """Compile, in place, every module of ``model`` that ``block_patterns`` match (the
+    adapter's ``block`` granularity: the repeated transformer blocks), and through
+    ``handle.compile`` every cache site's and probe's computation, all with
+    ``torch.compile(**options)``. A site inside a block is excluded from the block's graphs
+    (a graph break), so the schedule's decisions, the forecasts and the caches' bookkeeping
+    run eagerly between compiled regions and never cause a recompilation. Returns the names
+    of the compiled blocks. ``model.compile`` is undone by ``uncompile_regions``."""
+    if handle is not None:
+        handle.compile(**options)
+    names = []
+    for name, module in model.named_modules():
+        if any(re.fullmatch(pattern.regex, name) for pattern in block_patterns):
+            module.compile(**options)
+            names.append(name)
+    return names
+
+
+def uncompile_regions(model: nn.Module) -> None:
+    """Undo the blocks' ``module.compile`` (the sites' compilation ends with ``handle.remove``)."""
+    for module in model.modules():
+        module._compiled_call_impl = None
