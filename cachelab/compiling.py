@@ -10,7 +10,7 @@ from cachelab.controller import CacheHandle
 from cachelab.sites import SitePattern
 
 # torch.compile's modes; "reduce-overhead" and "max-autotune" use CUDA graphs on a CUDA device
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_regions(model: nn.Module, block_patterns: list[SitePattern], handle: CacheHandle | None,
