@@ -249,8 +249,10 @@ class CacheHandle:
                         if self._observers:
                             self._notify_forecast(site, forecast, compute, signature, args, kwargs)
                         bases = site.residual_bases(signature, args, kwargs, len(forecast))
-                        return cache.rebuild([f if b is None or f is None else b + f
-                                              for f, b in zip(forecast, bases)])
+                        in_place = not self._observers  # an observer may keep the forecast it was shown
+                        states = cache.states or [None] * len(forecast)  # skip sites hold no state
+                        return cache.rebuild([add_base(f, b, state, in_place)
+                                              for f, b, state in zip(forecast, bases, states)])
                     self._stats.fallbacks += 1
                 out = compute(*args, **kwargs)
                 self._record(site, cache, out, signature, args, kwargs)
@@ -339,6 +341,27 @@ class CacheHandle:
         if cache is None or cache.shape != shape:
             cache = caches[name] = SiteCache(shape)
         return cache
+
+
+def add_base(forecast: torch.Tensor | None, base: torch.Tensor | None, state: PredictorState | None,
+             in_place: bool) -> torch.Tensor | None:
+    """A residual site's output ``base + forecast`` (the forecast alone without a base). Added
+    into the forecast's memory when allowed and the forecast owns it (not a state's tensor or a
+    view of one, as reuse returns) and the sum keeps its shape and dtype: no extra allocation."""
+    if base is None or forecast is None:
+        return forecast
+    if (in_place and base.shape == forecast.shape and base.dtype == forecast.dtype
+            and not shares_memory(forecast, state)):
+        return forecast.add_(base)
+    return base + forecast
+
+
+def shares_memory(tensor: torch.Tensor, state: PredictorState | None) -> bool:
+    """Whether ``tensor`` lives in the memory of one of ``state``'s tensors (no state: yes)."""
+    if state is None:
+        return True
+    pointer = tensor.untyped_storage().data_ptr()
+    return any(held.untyped_storage().data_ptr() == pointer for held in state.tensors())
 
 
 def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) -> torch.Tensor:

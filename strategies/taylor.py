@@ -85,8 +85,14 @@ class TaylorSeer(Predictor):
                     spans = [(s - t) / (i + 1) for i, t in enumerate(state.steps)]
                 else:
                     spans = [gap] * self.order
-                for old, span in zip(state.factors[: self.order], spans):
-                    new.append((new[-1] - old).div_(span))
+                old = state.factors
+                count = min(len(old), self.order)
+                # No allocation once the order is reached: D_1 goes into the dropped top factor's
+                # memory, D_{i+1} into old D_i's (needed by nothing after this difference). Old D_0
+                # is never written: it can be the model's own output tensor.
+                buffers = [old[count] if len(old) > count else None, *old[1:count]]
+                for i, span in enumerate(spans[:count]):
+                    new.append(torch.sub(new[i], old[i], out=reusable(buffers[i], new[i])).div_(span))
         state.factors = new
         state.last_step = s
         state.out_dtype = value.dtype
@@ -123,3 +129,10 @@ class TaylorSeer(Predictor):
         lower = self.predict(replace(state, factors=state.factors[:-1]), s).float() if len(state.factors) > 1 else 0
         scale = torch.linalg.vector_norm(state.factors[0].float()).clamp_min(torch.finfo(torch.float32).tiny)
         return float(torch.linalg.vector_norm(forecast - lower) / scale)
+
+
+def reusable(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``buffer`` if it can hold a result shaped and typed like ``like``, else new memory."""
+    if buffer is not None and buffer.shape == like.shape and buffer.dtype == like.dtype:
+        return buffer
+    return torch.empty_like(like)

@@ -8,7 +8,7 @@ from torch import nn
 from cachelab.controller import attach
 from cachelab.models.dit import modulate
 from cachelab.strategy import Strategy
-from cachelab.schedules import Always, Interval
+from cachelab.schedules import Always, Interval, Mask
 from cachelab.sites import Site, SitePattern, select_sites
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
@@ -212,3 +212,32 @@ def test_output_forecasts_do_not_alias_across_steps(adapter):
     assert torch.equal(outputs[2], kept)
     assert not torch.equal(outputs[2], outputs[3])
 
+
+
+@pytest.mark.parametrize("predictor", [Reuse(), TaylorSeer(1, first_enhance=1)])
+def test_residual_forecasts_never_change_the_cache_or_an_earlier_output(predictor):
+    """The residual base is added into a forecast's own memory, never into a cached factor
+    (reuse returns the cached residual itself) nor into an output already returned."""
+    layer = nn.Linear(4, 4)
+    handle = attach([Site("layer", layer, residual=True)], predictor, Mask(full_steps=[0, 1]))
+    x = torch.randn(3, 4)
+    with torch.no_grad(), handle.generation(10):
+        handle.step(0)
+        r0 = layer(x) - x
+        handle.step(1)
+        r1 = layer(x + 1) - (x + 1)
+        held = [f.clone() for f in handle._caches["default"]["layer"].states[0].factors]
+        outputs = []
+        for s in (2, 3, 4):
+            handle.step(s)
+            outputs.append(layer(x))
+        kept = [o.clone() for o in outputs]
+        handle.step(5)
+        layer(x)
+        factors = handle._caches["default"]["layer"].states[0].factors
+    assert handle.stats().full_steps == [0, 1]
+    assert all(torch.equal(f, h) for f, h in zip(factors, held, strict=True))
+    assert all(torch.equal(o, k) for o, k in zip(outputs, kept))
+    slope = (r1 - r0) * predictor.order  # reuse: order 0
+    for k, out in enumerate(outputs, start=1):
+        torch.testing.assert_close(out, x + r1 + k * slope)

@@ -172,3 +172,29 @@ def test_state_bytes():
     p = TaylorSeer(order=2)
     state = feed(p, [(s, torch.zeros(10, 3)) for s in (0, 1, 2)])
     assert state.nbytes == 3 * 10 * 3 * 4
+
+
+@pytest.mark.parametrize("difference", ["official", "newton"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_updates_reuse_the_dropped_factors_memory_and_never_write_the_callers_value(order, difference):
+    """Once the order is reached an update allocates nothing (the new derivatives live in the
+    old derivatives' memory), the values handed in are never modified, and the factors equal
+    the ones from fresh tensors (a copy of the state's history replayed into a new state)."""
+    p = TaylorSeer(order, first_enhance=1, difference=difference)
+    state, values, kept = p.new_state(), [], []
+    for s in (0, 3, 5, 9, 12, 14, 18):
+        value = torch.randn(4, 3, dtype=torch.float64)
+        values.append(value)
+        kept.append(value.clone())
+        before = {f.data_ptr() for f in state.factors[1:]}
+        p.update(state, s, value)
+        after = {f.data_ptr() for f in state.factors[1:]}
+        if len(before) == order:  # the order was reached before this update
+            assert after == before
+        assert state.factors[0] is value
+    assert all(torch.equal(v, k) for v, k in zip(values, kept))
+    replay = p.new_state()
+    for s, value in zip((0, 3, 5, 9, 12, 14, 18), kept):
+        p.update(replay, s, value.clone())
+    for got, want in zip(state.factors, replay.factors, strict=True):
+        assert torch.equal(got, want)
