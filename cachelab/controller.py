@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -22,12 +22,15 @@ _MISSING = object()
 class SiteCache:
     """A site's history in one context: a predictor state per output tensor (None where
     the output is None), how to rebuild the output, and the input shape it was built for.
-    A skip site keeps only its outputs' (shape, dtype, device)."""
+    A skip site keeps only its outputs' (shape, dtype, device); a span site also what its
+    first member was called with in the current call."""
 
     shape: torch.Size
     states: list[PredictorState | None] = field(default_factory=list)
     rebuild: Callable[[Parts], object] | None = None
     specs: list[tuple | None] = field(default_factory=list)
+    entry: list[torch.Tensor | None] | None = None  # a span's inputs at its first member, this call
+    passing: bool = False  # a span's members pass their inputs through in this call
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +106,8 @@ class CacheHandle:
                 f"choose another strategy.granularity, strategy or schedule")
         self.probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
         probed = {(id(probe.owner), probe.method) for probe in self.probes.values()}
-        self.sites = [site for site in sites if (id(site.owner), site.method) not in probed]
+        sites = [without_probes(site, self.probes.values()) if site.members else site for site in sites]
+        self.sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
         kinds = {site.kind for site in self.sites}
         unknown = [kind for kind in schedule.kinds if kind not in kinds]
         if unknown:
@@ -120,7 +124,10 @@ class CacheHandle:
         self._T: int | None = None
         self.reset()
         for site in self.sites:
-            self._install(site)
+            if site.members:
+                self._install_span(site)
+            else:
+                self._install(site)
         for signal, probe in self.probes.items():
             self._install_probe(signal, probe)
 
@@ -235,6 +242,48 @@ class CacheHandle:
         self._installed.append((site, compute, wrap))
         setattr(site.owner, site.method, torch.compiler.disable(wrap(compute)))
 
+    def _install_span(self, site: Site) -> None:
+        """A span site: the first member decides (and records the span's inputs on full
+        steps), the members in between pass through on forecast steps, the last adds the
+        forecast (or, on full steps, records its outputs minus the span's inputs)."""
+        last = len(site.members) - 1
+        for position, member in enumerate(site.members):
+            hooked = replace(site, owner=member, members=())
+            signature = inspect.signature(getattr(member, site.method))
+
+            def wrap(compute, position=position, hooked=hooked, signature=signature):
+                def span_call(*args, **kwargs):
+                    if self._s is None:
+                        return compute(*args, **kwargs)
+                    if position == 0:
+                        cache = self._site_cache(site.name, first_tensor(args, kwargs).shape)
+                        forecasts = self._forecasts(site)
+                        cache.passing = forecasts and cache.rebuild is not None
+                        if forecasts and not cache.passing:  # no history yet: the span computes
+                            self._stats.fallbacks += 1
+                        cache.entry = None if cache.passing else hooked.residual_bases(
+                            signature, args, kwargs, 1 if site.residual is True else len(site.residual))
+                    else:
+                        cache = self._caches[self._context][site.name]
+                    if cache.passing and position < last:
+                        return hooked.passthrough(signature, args, kwargs)
+                    if cache.passing:
+                        forecast = self._forecast(site, cache)
+                        if self._observers:
+                            self._notify_forecast(site, forecast, None)
+                        bases = split(hooked.passthrough(signature, args, kwargs))[0]
+                        states = cache.states or [None] * len(forecast)
+                        return cache.rebuild([add_base(f, b, state, not self._observers)
+                                              for f, b, state in zip(forecast, bases, states)])
+                    out = compute(*args, **kwargs)
+                    if position == last:
+                        self._record(site, cache, out, cache.entry)
+                        cache.entry = None
+                    return out
+                return span_call
+
+            self._hook(hooked, wrap)
+
     def _install(self, site: Site) -> None:
         signature = inspect.signature(getattr(site.owner, site.method))
 
@@ -246,16 +295,20 @@ class CacheHandle:
                 if self._forecasts(site):
                     if cache.rebuild is not None:
                         forecast = self._forecast(site, cache)
-                        if self._observers:
-                            self._notify_forecast(site, forecast, compute, signature, args, kwargs)
                         bases = site.residual_bases(signature, args, kwargs, len(forecast))
+                        if self._observers:
+                            true = None
+                            if self._audit and not site.skip:  # what the site would have computed
+                                true = cached_values(split(compute(*args, **kwargs))[0], bases)
+                            self._notify_forecast(site, forecast, true)
                         in_place = not self._observers  # an observer may keep the forecast it was shown
                         states = cache.states or [None] * len(forecast)  # skip sites hold no state
                         return cache.rebuild([add_base(f, b, state, in_place)
                                               for f, b, state in zip(forecast, bases, states)])
                     self._stats.fallbacks += 1
                 out = compute(*args, **kwargs)
-                self._record(site, cache, out, signature, args, kwargs)
+                parts = split(out)[0]
+                self._record(site, cache, out, site.residual_bases(signature, args, kwargs, len(parts)))
                 return out
             return cached_call
 
@@ -299,14 +352,15 @@ class CacheHandle:
                      for cache in caches.values() for state in cache.states if state is not None and state.has_history]
         return sum(estimates) / len(estimates) if estimates else None
 
-    def _record(self, site: Site, cache: SiteCache, out, signature, args, kwargs) -> None:
+    def _record(self, site: Site, cache: SiteCache, out, bases: list[torch.Tensor | None]) -> None:
+        """Record a full-step output: each part minus its residual base (``bases``)."""
         parts, cache.rebuild = split(out)
         if site.skip:
             cache.specs = [None if p is None else (p.shape, p.dtype, p.device) for p in parts]
             return
         if len(cache.states) != len(parts):
             cache.states = [None if p is None else self.predictor.new_state() for p in parts]
-        values = self._cached_values(site, parts, signature, args, kwargs)
+        values = cached_values(parts, bases)
         if self._copy_values:  # a CUDA graph's outputs are overwritten at its next replay
             values = [None if value is None else value.clone() for value in values]
         for state, value in zip(cache.states, values):
@@ -315,16 +369,7 @@ class CacheHandle:
         for observer in self._observers:
             observer.full(site.name, self._context, self._s, values)
 
-    @staticmethod
-    def _cached_values(site: Site, parts: Parts, signature, args, kwargs) -> Parts:
-        """What the predictor records of an output: each part, minus its residual base."""
-        bases = site.residual_bases(signature, args, kwargs, len(parts))
-        return [part if base is None or part is None else part - base for part, base in zip(parts, bases)]
-
-    def _notify_forecast(self, site: Site, forecast: Parts, compute, signature, args, kwargs) -> None:
-        true = None
-        if self._audit and not site.skip:
-            true = self._cached_values(site, split(compute(*args, **kwargs))[0], signature, args, kwargs)
+    def _notify_forecast(self, site: Site, forecast: Parts, true: Parts | None) -> None:
         for observer in self._observers:
             observer.forecast(site.name, self._context, self._s, forecast, true)
 
@@ -341,6 +386,26 @@ class CacheHandle:
         if cache is None or cache.shape != shape:
             cache = caches[name] = SiteCache(shape)
         return cache
+
+
+def cached_values(parts: Parts, bases: list[torch.Tensor | None]) -> Parts:
+    """What the predictor records of an output: each part, minus its residual base."""
+    return [part if base is None or part is None else part - base for part, base in zip(parts, bases)]
+
+
+def without_probes(site: Site, probes) -> Site | None:
+    """A span site without its leading members that hold a probe (they compute every step,
+    before the decision); None if no member is left. A probe after the first free member
+    would run inside the skipped span: refused."""
+    holds = [any(probe.owner is module for probe in probes for module in member.modules())
+             for member in site.members]
+    free = holds.index(False) if False in holds else len(holds)
+    if any(holds[free:]):
+        raise ConfigError(f"a probe lies inside the span site {site.name} after its first member; allowed: "
+                          f"probes in the span's leading blocks only")
+    if free == len(holds):
+        return None
+    return replace(site, owner=site.members[free], members=site.members[free:])
 
 
 def add_base(forecast: torch.Tensor | None, base: torch.Tensor | None, state: PredictorState | None,

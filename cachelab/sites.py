@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-GRANULARITIES = ("module", "block", "output")
+GRANULARITIES = ("module", "block", "stack", "output")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,11 @@ class SitePattern:
     not forecast: on a forecast step they return zeros shaped like their last output
     (diffusers' "skip" modules: a branch whose only consumer is itself forecast).
     ``label`` is appended to the module name to name the site (``blocks.3`` + ``attn``).
+    ``span`` joins every module it matches, in order, into one residual site named ``stack``
+    (FBCache / TeaCache / MagCache's "the remaining blocks"): one residual from the first
+    member's inputs to the last member's outputs; on a forecast step every member passes its
+    inputs through and the last adds the forecast. Members must return their ``residual``
+    arguments, in that order (the blocks of one transformer stack do).
     """
 
     regex: str
@@ -29,6 +34,12 @@ class SitePattern:
     residual: bool | tuple[str | None, ...] = False
     label: str | None = None
     skip: bool = False
+    span: bool = False
+
+    def __post_init__(self):
+        if self.span and (not self.residual or (isinstance(self.residual, tuple) and None in self.residual)):
+            raise ValueError(f"a span pattern ({self.regex}) must name the input of every output (residual=True "
+                             f"or a tuple of argument names), got residual={self.residual!r}")
 
 
 class SitePatterns(list):
@@ -48,13 +59,22 @@ class SitePatterns(list):
 
 @dataclass(frozen=True)
 class Site:
-    """One cached callable: ``getattr(owner, method)``."""
+    """One cached callable: ``getattr(owner, method)``; a span site (``members``: the modules
+    of a stack, ``owner`` the first) is cached across all of their ``method`` calls."""
 
     name: str
     owner: nn.Module
     method: str = "forward"
     residual: bool | tuple[str | None, ...] = False
     skip: bool = False
+    members: tuple[nn.Module, ...] = ()
+
+    def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
+        """A span member's output when it is skipped: its residual inputs, as it returns them."""
+        if self.residual is True:
+            return first_tensor(args, kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        return tuple(arguments[name] for name in self.residual)
 
     @property
     def kind(self) -> str:
@@ -98,12 +118,17 @@ def select_sites(model: nn.Module, patterns: list[SitePattern]) -> Sites:
 
 
 def _matches(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
-    sites = []
+    sites, spans = [], {}
     for module_name, module in model.named_modules():
         for p in patterns:
             if re.fullmatch(p.regex, module_name):
+                if p.span:
+                    spans.setdefault(p, []).append(module)
+                    continue
                 parts = [part for part in (module_name, p.label) if part]
                 sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip))
+    for p, members in spans.items():
+        sites.append(Site(p.label or "stack", members[0], p.method, p.residual, members=tuple(members)))
     return sites
 
 

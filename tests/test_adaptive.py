@@ -305,12 +305,13 @@ ADAPTIVE = {
 }
 
 
+@pytest.mark.parametrize("granularity", ["block", "stack"])
 @pytest.mark.parametrize("name", sorted(ADAPTIVE))
-def test_state_resets_between_generations(name):
+def test_state_resets_between_generations(name, granularity):
     adapter = tiny_adapter(num_steps=12)
     inputs = adapter.make_inputs(2, seed=3)
     spy = Spy(ADAPTIVE[name]())
-    handle = Strategy(name, TaylorSeer(1, 2), spy, "block").attach(adapter)
+    handle = Strategy(name, TaylorSeer(1, 2), spy, granularity).attach(adapter)
     first = adapter.generate(inputs, handle)
     first_steps, first_seen = handle.stats().full_steps, len(spy.seen)
     second = adapter.generate(inputs, handle)
@@ -319,7 +320,7 @@ def test_state_resets_between_generations(name):
     assert 0 < len(first_steps) < 12  # the schedule really skipped and really refreshed
     assert len(spy.seen) == 2 * first_seen == 24
     fresh = tiny_adapter(num_steps=12)
-    assert torch.equal(fresh.generate(inputs, Strategy(name, TaylorSeer(1, 2), ADAPTIVE[name](), "block")
+    assert torch.equal(fresh.generate(inputs, Strategy(name, TaylorSeer(1, 2), ADAPTIVE[name](), granularity)
                                       .attach(fresh)), first)
 
 
@@ -333,14 +334,14 @@ def all_full(tmp_path):
     }
 
 
-@pytest.mark.parametrize("granularity", ["module", "block"])
+@pytest.mark.parametrize("granularity", ["module", "block", "stack"])
 def test_all_full_thresholds_are_bit_identical_to_no_caching(tmp_path, granularity):
     adapter = tiny_adapter()
     inputs = adapter.make_inputs(2, seed=4)
     plain = adapter.generate(inputs)
     modules_before = {name: dict(vars(m)) for name, m in adapter.model.named_modules()}
     for name, schedule in all_full(tmp_path).items():
-        if name == "pab" and granularity == "block":
+        if name == "pab" and granularity != "module":
             continue
         handle = Strategy(name, TaylorSeer(2, 2), schedule, granularity).attach(adapter)
         try:

@@ -50,7 +50,7 @@ def cached_run(adapter, granularity: str, schedule, compile_options: dict | None
         uncompile_regions(adapter.model)
 
 
-@pytest.mark.parametrize("granularity", ["module", "block", "output"])
+@pytest.mark.parametrize("granularity", ["module", "block", "stack", "output"])
 def test_compiled_cached_run_equals_the_eager_one(granularity):
     adapter = tiny_adapter(num_steps=12)
     eager, eager_full = cached_run(adapter, granularity, Interval(4, 2), None)

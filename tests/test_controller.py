@@ -21,7 +21,7 @@ def taylor(adapter, granularity="module", order=2, interval=3, first_enhance=2, 
     return strategy.attach(adapter)
 
 
-@pytest.mark.parametrize("granularity", ["module", "block", "output"])
+@pytest.mark.parametrize("granularity", ["module", "block", "stack", "output"])
 def test_remove_restores_the_model_exactly(adapter, granularity):
     inputs = adapter.make_inputs(3, seed=1)
     before = adapter.generate(inputs)
@@ -34,7 +34,7 @@ def test_remove_restores_the_model_exactly(adapter, granularity):
     assert {name: dict(vars(m)) for name, m in adapter.model.named_modules()} == modules_before
 
 
-@pytest.mark.parametrize("granularity", ["module", "block", "output"])
+@pytest.mark.parametrize("granularity", ["module", "block", "stack", "output"])
 def test_all_full_steps_are_bit_identical_to_no_caching(adapter, granularity):
     inputs = adapter.make_inputs(2, seed=2)
     plain = adapter.generate(inputs)

@@ -47,7 +47,7 @@ def test_no_strategy_and_all_full_steps_are_bit_identical_to_the_bare_pipeline(a
     inputs = adapter.make_inputs(2, seed=3)
     bare = bare_pipeline(adapter, inputs)
     assert torch.equal(adapter.generate(inputs), bare)  # strategy=none: the driver alone changes nothing
-    for granularity in ("module", "block", "output"):
+    for granularity in ("module", "block", "stack", "output"):
         handle = taylor(adapter, granularity, schedule=Always())
         try:
             assert torch.equal(adapter.generate(inputs, handle), bare), granularity
@@ -56,7 +56,7 @@ def test_no_strategy_and_all_full_steps_are_bit_identical_to_the_bare_pipeline(a
             handle.remove()
 
 
-@pytest.mark.parametrize("granularity", ["module", "block", "output"])
+@pytest.mark.parametrize("granularity", ["module", "block", "stack", "output"])
 def test_cached_runs_repeat_exactly_and_removal_restores(adapter, granularity):
     inputs = adapter.make_inputs(2, seed=4)
     bare = bare_pipeline(adapter, inputs)

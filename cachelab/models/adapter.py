@@ -45,11 +45,13 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def site_patterns(self, granularity: str) -> list[SitePattern]:
-        """Which callables are cache sites at ``granularity`` (``module | block | output``)."""
+        """Which callables are cache sites at ``granularity`` (``module | block | stack | output``)."""
 
     @abstractmethod
-    def make_inputs(self, num_images: int, seed: int) -> Inputs:
-        """Noise and conditioning for ``num_images`` samples, reproducible from ``seed``."""
+    def make_inputs(self, num_images: int, seed: int, start: int = 0) -> Inputs:
+        """Noise and conditioning for ``num_images`` samples, reproducible from ``seed``;
+        ``start`` is the index of the first of them among all images of a chunked run
+        (conditioning taken from a fixed list continues from there)."""
 
     @abstractmethod
     def generate(self, inputs: Inputs, handle: CacheHandle | None = None,

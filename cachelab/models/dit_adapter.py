@@ -25,6 +25,8 @@ SITE_PATTERNS = {
     "module": SitePatterns([SitePattern(_BLOCK, "attn_branch", label="attn"),
                             SitePattern(_BLOCK, "mlp_branch", label="mlp")], PROBES),
     "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
+    # FBCache / TeaCache / MagCache: the blocks after the probe's as one residual
+    "stack": SitePatterns([SitePattern(_BLOCK, residual=True, span=True)], PROBES),
     "output": SitePatterns([SitePattern("")]),
 }
 
@@ -102,7 +104,8 @@ class DiTAdapter(ModelAdapter):
         model = self.model
         return (model.in_channels, model.input_size, model.input_size)
 
-    def make_inputs(self, num_images: int, seed: int) -> Inputs:
+    def make_inputs(self, num_images: int, seed: int, start: int = 0) -> Inputs:
+        # the labels are drawn from the seed's generator after the noise, so ``start`` is not needed
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(num_images, *self.latent_shape, generator=g)
         labels = torch.randint(0, self.model.num_classes, (num_images,), generator=g)

@@ -25,9 +25,11 @@ from cachelab.sites import SitePattern, SitePatterns
 
 def family_sites(module: list[SitePattern], block: str, residual, probes: dict) -> dict[str, SitePatterns]:
     """A family's sites: ``module`` patterns, each ``block`` (regex) as a residual site
-    (``residual`` as in SitePattern), the model output; the probes at module and block level."""
+    (``residual`` as in SitePattern), all blocks as one span site (``stack``), the model
+    output; the probes at module, block and stack level."""
     return {"module": SitePatterns(module, probes),
             "block": SitePatterns([SitePattern(block, residual=residual)], probes),
+            "stack": SitePatterns([SitePattern(block, residual=residual, span=True)], probes),
             "output": SitePatterns([SitePattern("")])}
 
 
@@ -43,7 +45,8 @@ class PipelineAdapter(ModelAdapter):
     """A diffusers pipeline. ``path`` is a hub id or a local folder (both through
     ``from_pretrained``); with ``tiny=True`` a missing ``path`` folder is first filled with
     the family's tiny random components (``save_pretrained``), for tests and CPU runs.
-    ``prompts`` are cycled over the images; ``call_kwargs`` go to the pipeline call."""
+    ``prompts`` are cycled over the images (in a chunked run, over all of them: chunk after
+    chunk); ``call_kwargs`` go to the pipeline call."""
 
     pipeline_class: ClassVar[str]             # the diffusers pipeline class name
     sites: ClassVar[dict[str, list[SitePattern]]]  # granularity -> site patterns
@@ -112,8 +115,8 @@ class PipelineAdapter(ModelAdapter):
     def site_patterns(self, granularity: str) -> list[SitePattern]:
         return self.sites[granularity]
 
-    def make_inputs(self, num_images: int, seed: int) -> PromptInputs:
-        return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(num_images)], seed)
+    def make_inputs(self, num_images: int, seed: int, start: int = 0) -> PromptInputs:
+        return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(start, start + num_images)], seed)
 
     @torch.no_grad()
     def generate(self, inputs: PromptInputs, handle: CacheHandle | None = None,
