@@ -1,0 +1,153 @@
+"""The forecast step itself: its time against a full step, and against the bytes its
+predictor must move at the measured memory bandwidth.
+
+    python train_free_runs/forecast_step/benchmark.py --out train_free_runs/forecast_step/results.md
+
+For each model shape (random weights), granularity and predictor: the model call of a full
+step (nothing attached), and of forecast steps once every site holds its full order (full
+steps 0..m, then forecasts; the median over ``--repeats`` consecutive forecast steps). The
+predictor's memory traffic is computed from the cache size: per cached tensor of order m,
+Horner moves 3m tensors (m fused multiply-adds, each reading two and writing one), a
+residual site 3 more (the base added in place); reuse at a non-residual site moves nothing
+(the cached tensor is returned). "fused" is the least any implementation must move: the m+1
+factors and the base read once, the output written once. Floors are bytes / the bandwidth of
+a large copy measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from cachelab.io import write_bytes_atomic  # noqa: E402
+from cachelab.models.adapter import DTYPES  # noqa: E402
+from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
+from cachelab.schedules import Mask  # noqa: E402
+from cachelab.strategy import Strategy  # noqa: E402
+from strategies.reuse import Reuse  # noqa: E402
+from strategies.taylor import TaylorSeer  # noqa: E402
+
+RESIDUAL = {"module": False, "block": True, "stack": True, "output": False}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bandwidth(device: torch.device, dtype: torch.dtype, mib: int = 256) -> float:
+    """Bytes per second of a large copy (read + write), median of 5."""
+    src = torch.ones(mib * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() * src.element_size() / median(seconds(lambda: dst.copy_(src), device) for _ in range(5))
+
+
+def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]:
+    """(bytes our forecast moves, bytes a single fused kernel would move) for caches of
+    ``cache_bytes`` holding factors of ``order`` (every cached tensor at full order)."""
+    tensor = cache_bytes / (order + 1)  # the bytes of one value of every cached tensor together
+    ours = tensor * (3 * order + 3 * residual)
+    fused = tensor * (order + 1 + residual + 1) if order or residual else 0.0
+    return ours, fused
+
+
+def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: int, repeats: int,
+            batch: int, device: torch.device) -> dict:
+    """Full-step and forecast-step model-call times and the cache size of one configuration."""
+    model = adapter.model
+    inputs = adapter.make_inputs(batch, seed=0)
+    x = torch.cat([inputs.noise, inputs.noise]).to(device, adapter.dtype)
+    y = torch.cat([inputs.labels, torch.full_like(inputs.labels, model.num_classes)]).to(device)
+    t = torch.full((len(x),), 500, device=device)
+
+    def call():
+        return model.forward_with_cfg(x, t, y, adapter.guidance_scale)
+
+    predictor = Reuse() if predictor_name == "reuse" else TaylorSeer(order, first_enhance=1)
+    warm = order + 1
+    handle = Strategy(predictor_name, predictor, Mask(full_steps=list(range(warm))), granularity).attach(adapter)
+    with torch.inference_mode():
+        call()  # warm-up, nothing attached yet (the handle is idle outside a generation)
+        full = median(seconds(call, device) for _ in range(repeats))
+        forecasts = []
+        with handle.generation(warm + repeats):
+            for s in range(warm + repeats):
+                handle.step(s)
+                elapsed = seconds(call, device)
+                if s >= warm:
+                    forecasts.append(elapsed)
+            cache_bytes = handle.stats().cache_bytes
+    handle.remove()
+    return {"full_s": full, "forecast_s": median(forecasts), "cache_bytes": cache_bytes,
+            "sites": len(handle.sites)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="DiT-S/2,DiT-B/2")
+    p.add_argument("--granularities", default="module,block,stack,output")
+    p.add_argument("--orders", default="reuse,1,2,3")
+    p.add_argument("--batch", type=int, default=2, help="images; CFG doubles the model batch")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    gbps = bandwidth(device, dtype) / 1e9
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+               if device.type == "cpu" else torch.cuda.get_device_name(device))
+    header = [f"# Forecast step vs full step ({machine}; torch {torch.__version__}; {args.dtype}; "
+              f"batch {args.batch} x2 (CFG); median of {args.repeats})", "",
+              f"Copy bandwidth: {gbps:.1f} GB/s (read + write).", "",
+              "| model | granularity | predictor | full step (ms) | forecast step (ms) | forecast / full | "
+              "cache MiB | predictor MB moved | its floor (ms) | fused MB | fused floor (ms) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(header), flush=True)
+    rows, lines = [], []
+    for preset in args.presets.split(","):
+        adapter = DiTAdapter(name=preset, preset=preset, init="random", guidance_scale=1.5, dtype=args.dtype,
+                             device=args.device)
+        for granularity in args.granularities.split(","):
+            for name in args.orders.split(","):
+                order = 0 if name == "reuse" else int(name)
+                row = measure(adapter, granularity, "reuse" if name == "reuse" else "taylor", order, args.repeats,
+                              args.batch, device)
+                ours, fused = traffic(row["cache_bytes"], order, RESIDUAL[granularity])
+                row.update(model=preset, granularity=granularity, predictor=name if order == 0 else f"taylor o{order}",
+                           ours_mb=ours / 1e6, fused_mb=fused / 1e6, floor_ms=ours / gbps / 1e6,
+                           fused_floor_ms=fused / gbps / 1e6)
+                rows.append(row)
+                line = (f"| {preset} | {granularity} | {row['predictor']} | {1e3 * row['full_s']:.1f} | "
+                        f"{1e3 * row['forecast_s']:.2f} | {row['forecast_s'] / row['full_s']:.3f} | "
+                        f"{row['cache_bytes'] / 2**20:.1f} | {row['ours_mb']:.1f} | {row['floor_ms']:.2f} | "
+                        f"{row['fused_mb']:.1f} | {row['fused_floor_ms']:.2f} |")
+                lines.append(line)
+                print(line, flush=True)
+                if args.out:  # rewritten after every row: a partial run is kept
+                    write_bytes_atomic(args.out, ("\n".join(header + lines) + "\n").encode())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
