@@ -27,10 +27,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from cachelab.controller import attach  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from cachelab.schedules import Mask  # noqa: E402
+from cachelab.sites import Site  # noqa: E402
 from cachelab.strategy import Strategy  # noqa: E402
 from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
@@ -59,6 +61,16 @@ def bandwidth(device: torch.device, dtype: torch.dtype, mib: int = 256) -> float
     return 2 * src.numel() * src.element_size() / median(seconds(lambda: dst.copy_(src), device) for _ in range(5))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]:
     """(bytes our forecast moves, bytes a single fused kernel would move) for caches of
     ``cache_bytes`` holding factors of ``order`` (every cached tensor at full order)."""
@@ -66,6 +78,36 @@ def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]
     ours = tensor * (3 * order + 3 * residual)
     fused = tensor * (order + 1 + residual + 1) if order or residual else 0.0
     return ours, fused
+
+
+def overhead_us(calls: int = 20000) -> dict[str, float]:
+    """Microseconds the controller adds per site call, on a site whose own work is nothing
+    (an identity on 8 numbers): bare, full step (record), forecast step (reuse; Taylor o2)."""
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    x = torch.zeros(8)
+    result = {}
+    for label, predictor, full_steps in (("full step", Reuse(), None), ("forecast, reuse", Reuse(), [0]),
+                                         ("forecast, taylor o2", TaylorSeer(2, first_enhance=1), [0, 1, 2])):
+        site = Identity()
+        bare = median(seconds(lambda: [site(x) for _ in range(calls)], torch.device("cpu")) for _ in range(3))
+        schedule = Mask(full_steps=full_steps or list(range(calls + 3)))
+        handle = attach([Site("identity", site)], predictor, schedule)
+        with torch.inference_mode(), handle.generation(calls + 3):
+            for s in range(3):
+                handle.step(s)
+                site(x + s)
+            elapsed = []
+            for s in range(3, calls + 3):
+                handle.step(s)
+                start = time.perf_counter()
+                site(x)
+                elapsed.append(time.perf_counter() - start)
+        handle.remove()
+        result[label] = 1e6 * (median(elapsed) - bare / calls)
+    return result
 
 
 def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: int, repeats: int,
@@ -115,11 +157,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     gbps = bandwidth(device, dtype) / 1e9
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-               if device.type == "cpu" else torch.cuda.get_device_name(device))
+    machine = (f"{cpu_name()}, {torch.get_num_threads()} threads" if device.type == "cpu"
+               else torch.cuda.get_device_name(device))
     header = [f"# Forecast step vs full step ({machine}; torch {torch.__version__}; {args.dtype}; "
               f"batch {args.batch} x2 (CFG); median of {args.repeats})", "",
-              f"Copy bandwidth: {gbps:.1f} GB/s (read + write).", "",
+              f"Copy bandwidth: {gbps:.1f} GB/s (read + write). Controller time per site call (no work in the "
+              f"site): " + ", ".join(f"{k} {v:.1f} µs" for k, v in overhead_us().items()) + ".", "",
               "| model | granularity | predictor | full step (ms) | forecast step (ms) | forecast / full | "
               "cache MiB | predictor MB moved | its floor (ms) | fused MB | fused floor (ms) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
