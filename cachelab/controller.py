@@ -263,6 +263,8 @@ class CacheHandle:
                             self._stats.fallbacks += 1
                         cache.entry = None if cache.passing else hooked.residual_bases(
                             signature, args, kwargs, 1 if site.residual is True else len(site.residual))
+                        if cache.entry and self._copy_values:  # kept across the members' graph replays
+                            cache.entry = [None if base is None else base.clone() for base in cache.entry]
                     else:
                         cache = self._caches[self._context][site.name]
                     if cache.passing and position < last:
