@@ -68,14 +68,23 @@ class TeaCache(AdaptiveSchedule):
     """TeaCache: ``d_s = mean|m_s - m_{s-1}| / mean|m_{s-1}|`` of the first block's modulated
     input ``m`` (kept at every step), rescaled by the polynomial ``coefficients`` (highest
     degree first) and accumulated since the last full step; forecast while the sum is below
-    ``threshold``. Step 0 and the last ``final_full`` steps are full."""
+    ``threshold``. Step 0 and the last ``final_full`` steps are full. ``calibration`` (a
+    model name or .json path, ``python -m cachelab.calibrate``) takes the polynomial fitted
+    for the model instead of ``coefficients``."""
 
     signals = ("modulated_input",)
 
     def __init__(self, threshold: float, coefficients: Sequence[float] = (1.0, 0.0), first_enhance: int = 1,
-                 final_full: int = 1, max_consecutive_forecasts: int | None = None):
+                 final_full: int = 1, max_consecutive_forecasts: int | None = None, calibration: str | None = None):
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
+        if calibration is not None:
+            from cachelab.calibrate import load_calibration
+
+            coefficients = load_calibration(calibration).get("teacache_coefficients")
+            if coefficients is None:
+                raise ValueError(f"the calibration {calibration!r} has no TeaCache polynomial; record it again "
+                                 f"with `python -m cachelab.calibrate`")
         if not coefficients:
             raise ValueError("coefficients must hold at least one number (highest degree first)")
         self.threshold = threshold

@@ -1,12 +1,18 @@
-"""MagCache calibration: one full-compute run records the magnitude ratio of the stack
-residual ``R_s`` (the sum of the block residuals) at every step,
-``r_s = mean over tokens of ||R_s|| / ||R_{s-1}||`` (``r_0 = 1``; mean over CFG contexts
-and output streams too), into a JSON file::
+"""A model's calibration for the adaptive schedules, from one full-compute run, into a JSON file::
 
     python -m cachelab.calibrate model=tiny_dit num_steps=50 [num_images=1] [seed=0] [out=file.json]
 
+- MagCache: the magnitude ratio of the stack residual ``R_s`` (the sum of the block
+  residuals) at every step, ``r_s = mean over tokens of ||R_s|| / ||R_{s-1}||`` (``r_0 = 1``;
+  mean over CFG contexts and output streams too): ``ratios``.
+- TeaCache: the polynomial (degree 4, highest first) fitted by least squares from the relative
+  L1 change of the first block's modulated input to that of the model output between
+  consecutive steps, as TeaCache fits its per-model coefficients: ``teacache_coefficients``
+  (and the pairs it was fitted on, ``teacache_fit``).
+
 ``out`` defaults to ``cachelab/assets/magcache_<model.name>.json``, where ``schedule=magcache``
-finds it by the model's name (``schedule.calibration``: such a name, or a path to a .json file).
+and ``schedule=teacache schedule.calibration=<name>`` find it by the model's name (or a path
+to a .json file).
 """
 from __future__ import annotations
 
@@ -14,15 +20,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from cachelab.adaptive import relative_l1
 from cachelab.assets import ASSETS_DIR
 from cachelab.checks import ConfigError
 from cachelab.controller import attach
 from cachelab.io import write_json_atomic
 from cachelab.models.adapter import Inputs, ModelAdapter
 from cachelab.outputs import Parts
-from cachelab.schedules import Always
+from cachelab.schedules import Always, Decision, Schedule, StepContext
 from cachelab.sites import select_sites
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -97,6 +105,41 @@ def magnitude_ratios(adapter: ModelAdapter, inputs: Inputs) -> list[float]:
     return recorder.ratios(adapter.num_steps)
 
 
+class ModulatedInputs(Schedule):
+    """Computes every step and keeps each step's first-block modulated input (TeaCache's signal)."""
+
+    signals = ("modulated_input",)
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.values: list[torch.Tensor] = []
+
+    def decide(self, ctx: StepContext) -> Decision:
+        self.values.append(ctx.signals["modulated_input"].float().clone())
+        return Decision.FULL
+
+
+def teacache_fit(adapter: ModelAdapter, inputs: Inputs, degree: int = 4) -> dict:
+    """TeaCache's rescaling polynomial for ``adapter``'s model from one full generation:
+    ``coefficients`` (highest degree first) of the least-squares fit of the model output's
+    relative L1 change on the modulated input's, and the ``pairs`` it was fitted on."""
+    from strategies.reuse import Reuse
+
+    recorder, outputs = ModulatedInputs(), []
+    handle = attach(select_sites(adapter.model, adapter.site_patterns("block")), Reuse(), recorder)
+    try:
+        adapter.generate(inputs, handle, callback=lambda step: outputs.append(step["model_output"].float().clone()))
+        signals = recorder.values  # before remove(), which resets the schedule
+    finally:
+        handle.remove()
+    pairs = [(relative_l1(m, m_prev), relative_l1(o, o_prev))
+             for m_prev, m, o_prev, o in zip(signals, signals[1:], outputs, outputs[1:])]
+    x, y = np.array(pairs).T
+    return {"coefficients": np.polyfit(x, y, degree).tolist(), "pairs": pairs}
+
+
 def main(argv: list[str]) -> Path:
     """Compose the config from ``argv`` (Hydra overrides, plus ``out=``), calibrate, write."""
     from hydra import compose, initialize_config_dir
@@ -108,10 +151,13 @@ def main(argv: list[str]) -> Path:
         cfg = compose(config_name="config", overrides=["num_images=1", *overrides])
     adapter: ModelAdapter = instantiate(cfg.model)
     torch.manual_seed(cfg.seed)
-    ratios = magnitude_ratios(adapter, adapter.make_inputs(cfg.num_images, cfg.seed))
+    inputs = adapter.make_inputs(cfg.num_images, cfg.seed)
+    ratios = magnitude_ratios(adapter, inputs)
+    fit = teacache_fit(adapter, inputs)
     out = Path(outs[-1]) if outs else calibration_path(cfg.model.name)
     write_json_atomic(out, {"model": cfg.model.name, "num_steps": cfg.num_steps, "num_images": cfg.num_images,
-                            "seed": cfg.seed, "ratios": ratios,
+                            "seed": cfg.seed, "ratios": ratios, "teacache_coefficients": fit["coefficients"],
+                            "teacache_fit": {"input_change, output_change": fit["pairs"]},
                             "command": " ".join(["python -m cachelab.calibrate", *argv])})
     return out
 

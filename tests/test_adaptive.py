@@ -436,9 +436,44 @@ def calibration(tmp_path_factory) -> Path:
     return out
 
 
+def test_teacache_fit_matches_an_independent_fit():
+    """The fitted polynomial against numpy's Polynomial.fit on pairs recorded by hand: block 0's
+    modulated input (the method wrapped directly) and the sampler's model output per step."""
+    from cachelab.calibrate import teacache_fit
+
+    adapter = tiny_adapter(num_steps=12)
+    inputs = adapter.make_inputs(2, seed=6)
+    fit = teacache_fit(adapter, inputs, degree=3)
+    block = adapter.model.blocks[0]
+    signals, outputs = [], []
+    method = block.modulated_input
+    block.modulated_input = lambda *a: signals.append(method(*a).double().numpy()) or method(*a)
+    adapter.generate(inputs, callback=lambda step: outputs.append(step["model_output"].double().numpy()))
+    del block.modulated_input
+
+    def change(new, old):
+        return np.abs(new - old).mean() / np.abs(old).mean()
+
+    x = [change(b, a) for a, b in zip(signals, signals[1:])]
+    y = [change(b, a) for a, b in zip(outputs, outputs[1:])]
+    np.testing.assert_allclose(np.array(fit["pairs"]), np.array([x, y]).T, rtol=1e-5)
+    reference = np.polynomial.Polynomial.fit(x, y, 3).convert().coef[::-1]
+    np.testing.assert_allclose(fit["coefficients"], reference, rtol=1e-4, atol=1e-8)
+    assert len(x) == 11 and np.ptp(x) > 0
+
+
+def test_teacache_takes_the_fitted_polynomial_from_a_calibration(calibration, tmp_path):
+    record = json.loads(calibration.read_text())
+    assert TeaCache(0.1, calibration=str(calibration)).coefficients == record["teacache_coefficients"]
+    old = tmp_path / "ratios_only.json"
+    old.write_text(json.dumps({"model": "tiny_dit_random", "ratios": record["ratios"]}))
+    with pytest.raises(ValueError, match="no TeaCache polynomial"):
+        TeaCache(0.1, calibration=str(old))
+
+
 @pytest.mark.parametrize("preset", sorted(PAIRED))
 def test_every_preset_runs(preset, calibration, tmp_path):
-    extra = [f"schedule.calibration={calibration}"] if preset == "magcache" else []
+    extra = [f"schedule.calibration={calibration}"] if preset in ("magcache", "teacache") else []
     cfg = make_cfg(f"strategy={preset}", f"schedule={PAIRED[preset]}", *FAST, *extra)
     metrics = run(cfg, tmp_path)
     assert metrics["strategy"] == preset
