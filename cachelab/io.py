@@ -5,19 +5,27 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+@contextmanager
+def open_atomic(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file in the same folder, renamed
+    to ``path`` when the block ends without an error and removed when it raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from other users
@@ -25,6 +33,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with open_atomic(path) as f:
+        f.write(data)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -40,9 +53,57 @@ def save_torch_atomic(path: str | Path, obj) -> bytes:
     return data
 
 
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1], (..., C, H, W) -> uint8 (..., H, W, C), rounded to the nearest level."""
+    return (images.clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def from_uint8_hwc(array: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, C) -> float images in [0, 1], (..., C, H, W); inverts :func:`to_uint8_hwc`."""
+    return torch.from_numpy(array).movedim(-1, -3).float() / 255
+
+
 def save_png_atomic(path: str | Path, image: torch.Tensor) -> None:
     """``image``: (C, H, W) in [0, 1]."""
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
+    array = to_uint8_hwc(image)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
     write_bytes_atomic(path, buffer.getvalue())
+
+
+@dataclass
+class ArrayParts:
+    """An array of ``shape`` and ``dtype`` given as consecutive parts along axis 0 (an
+    iterable, consumed once), for :func:`write_npz_atomic`."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    parts: Iterable[np.ndarray]
+
+
+def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray | ArrayParts]) -> None:
+    """An uncompressed ``.npz`` as ``np.savez`` writes it (``np.load`` reads it), atomically.
+    An :class:`ArrayParts` is streamed part by part, so it never has to be in memory whole;
+    its parts must add up to its shape."""
+    with open_atomic(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
+                if isinstance(array, ArrayParts):
+                    _write_parts(out, name, array)
+                else:
+                    np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
+
+
+def _write_parts(out: BinaryIO, name: str, array: ArrayParts) -> None:
+    dtype, shape = np.dtype(array.dtype), tuple(array.shape)
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    rows = 0
+    for part in array.parts:
+        if part.shape[1:] != shape[1:] or part.dtype != dtype:
+            raise ValueError(f"{name}: a part of shape {part.shape} and dtype {part.dtype} does not fit "
+                             f"{shape} {dtype}")
+        out.write(np.ascontiguousarray(part).data)
+        rows += len(part)
+    if rows != shape[0]:
+        raise ValueError(f"{name}: the parts hold {rows} rows, the header says {shape[0]}")

@@ -36,6 +36,28 @@ def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features.mean(0), torch.cov(features.T)
 
 
+class RunningGaussian:
+    """:func:`gaussian_stats` of features given batch by batch: float64 sums of the features
+    and of their outer products (memory D^2, whatever the number of samples)."""
+
+    def __init__(self):
+        self.count, self.sum, self.outer = 0, None, None
+
+    def update(self, features: torch.Tensor) -> None:
+        features = features.double()
+        if self.sum is None:
+            dim = features.shape[1]
+            self.sum, self.outer = features.new_zeros(dim), features.new_zeros(dim, dim)
+        self.count += len(features)
+        self.sum += features.sum(0)
+        self.outer += features.T @ features
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased covariance of everything seen."""
+        mu = self.sum / self.count
+        return mu, (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+
+
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
     """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)), the FID formula.
 
