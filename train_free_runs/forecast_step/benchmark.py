@@ -16,7 +16,6 @@ a large copy measured in the same process.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from cachelab.benchmarking import copy_bandwidth, machine, median_seconds, seconds  # noqa: E402
 from cachelab.controller import attach  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
@@ -38,37 +38,6 @@ from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 
 RESIDUAL = {"module": False, "block": True, "stack": True, "output": False}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def bandwidth(device: torch.device, dtype: torch.dtype, mib: int = 256) -> float:
-    """Bytes per second of a large copy (read + write), median of 5."""
-    src = torch.ones(mib * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2 * src.numel() * src.element_size() / median(seconds(lambda: dst.copy_(src), device) for _ in range(5))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]:
@@ -92,7 +61,7 @@ def overhead_us(calls: int = 20000) -> dict[str, float]:
     for label, predictor, full_steps in (("full step", Reuse(), None), ("forecast, reuse", Reuse(), [0]),
                                          ("forecast, taylor o2", TaylorSeer(2, first_enhance=1), [0, 1, 2])):
         site = Identity()
-        bare = median(seconds(lambda: [site(x) for _ in range(calls)], torch.device("cpu")) for _ in range(3))
+        bare = median_seconds(lambda: [site(x) for _ in range(calls)], torch.device("cpu"), 3)
         schedule = Mask(full_steps=full_steps or list(range(calls + 3)))
         handle = attach([Site("identity", site)], predictor, schedule)
         with torch.inference_mode(), handle.generation(calls + 3):
@@ -127,7 +96,7 @@ def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: i
     handle = Strategy(predictor_name, predictor, Mask(full_steps=list(range(warm))), granularity).attach(adapter)
     with torch.inference_mode():
         call()  # warm-up, nothing attached yet (the handle is idle outside a generation)
-        full = median(seconds(call, device) for _ in range(repeats))
+        full = median_seconds(call, device, repeats)
         forecasts = []
         with handle.generation(warm + repeats):
             for s in range(warm + repeats):
@@ -156,10 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    gbps = bandwidth(device, dtype) / 1e9
-    machine = (f"{cpu_name()}, {torch.get_num_threads()} threads" if device.type == "cpu"
-               else torch.cuda.get_device_name(device))
-    header = [f"# Forecast step vs full step ({machine}; torch {torch.__version__}; {args.dtype}; "
+    gbps = copy_bandwidth(device, dtype) / 1e9
+    header = [f"# Forecast step vs full step ({machine(device)}; torch {torch.__version__}; {args.dtype}; "
               f"batch {args.batch} x2 (CFG); median of {args.repeats})", "",
               f"Copy bandwidth: {gbps:.1f} GB/s (read + write). Controller time per site call (no work in the "
               f"site): " + ", ".join(f"{k} {v:.1f} µs" for k, v in overhead_us().items()) + ".", "",

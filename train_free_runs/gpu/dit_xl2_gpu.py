@@ -3,6 +3,7 @@ TaylorSeer N=5 order 2 at module granularity: FLOPs speedup, wall speedup, effic
 forecast step's time against the time its bytes need at the measured memory bandwidth.
 
     python train_free_runs/gpu/dit_xl2_gpu.py                      # on the GPU (defaults)
+    python train_free_runs/gpu/dit_xl2_gpu.py --compile cudagraphs  # + regional compile, CUDA graphs
     python train_free_runs/gpu/dit_xl2_gpu.py --device cpu --preset DiT-S/2 --batch 1 --steps 10 --dtype fp32
 
 The forecast step's floor: every module site reads its order+1 factors and writes one output
@@ -14,45 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from statistics import median
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from cachelab.benchmarking import copy_bandwidth, machine, median_seconds  # noqa: E402
+from cachelab.compiling import compile_regions, uncompile_regions  # noqa: E402
 from cachelab.flops import count_flops  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from cachelab.schedules import Interval  # noqa: E402
 from cachelab.strategy import Strategy  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
-def bandwidth(device: torch.device, dtype: torch.dtype, mib: int = 1024) -> float:
-    """Bytes per second of a large copy (read + write)."""
-    src = torch.empty(mib * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device, 5)
-    return 2 * src.numel() * src.element_size() / seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--interval", type=int, default=5)
     p.add_argument("--order", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", default="none", choices=["none", "inductor", "cudagraphs"],
+                   help="also time both sides regionally compiled (cudagraphs: mode reduce-overhead)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -78,9 +57,21 @@ def main(argv: list[str] | None = None) -> dict:
         adapter.generate(inputs, handle)
         _, base_flops = count_flops(lambda: adapter.generate(inputs))
         _, cached_flops = count_flops(lambda: adapter.generate(inputs, handle))
-        base = timed(lambda: adapter.generate(inputs), device, args.repeats)
-        cached = timed(lambda: adapter.generate(inputs, handle), device, args.repeats)
-    stats = handle.stats()
+        base = median_seconds(lambda: adapter.generate(inputs), device, args.repeats)
+        cached = median_seconds(lambda: adapter.generate(inputs, handle), device, args.repeats)
+        stats = handle.stats()
+        compiled = {}
+        if args.compile != "none":  # the same generations, regionally compiled; the first call compiles
+            mode = "reduce-overhead" if args.compile == "cudagraphs" else "default"
+            compile_regions(adapter.model, adapter.site_patterns("block"), handle, mode=mode)
+            adapter.generate(inputs)
+            adapter.generate(inputs, handle)
+            compiled = {"compile": args.compile,
+                        "compiled_base_s": median_seconds(lambda: adapter.generate(inputs), device, args.repeats),
+                        "compiled_cached_s": median_seconds(lambda: adapter.generate(inputs, handle), device,
+                                                            args.repeats)}
+            compiled["compiled_wall_speedup_vs_eager_base"] = base / compiled["compiled_cached_s"]
+            uncompile_regions(adapter.model)
     handle.remove()
     full, forecast = len(stats.full_steps), len(stats.forecast_steps)
     full_step = base / args.steps
@@ -92,15 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
     per_site = stats.cache_bytes / max(1, len(handle.sites))
     site_bytes = len(handle.sites) * per_site * (1 + 1 / (args.order + 1))
     adaln_bytes = sum(b.adaLN_modulation[-1].weight.numel() * element for b in model.blocks)
-    floor = (site_bytes + adaln_bytes) / bandwidth(device, DTYPES[args.dtype])
+    floor = (site_bytes + adaln_bytes) / copy_bandwidth(device, DTYPES[args.dtype])
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": machine(device),
         "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "steps": args.steps,
         "interval": args.interval, "order": args.order, "num_full": full,
         "flops_speedup": base_flops / cached_flops, "wall_speedup": base / cached,
         "efficiency": (base / cached) / (base_flops / cached_flops),
         "full_step_ms": 1e3 * full_step, "forecast_step_ms": 1e3 * forecast_step,
-        "forecast_floor_ms": 1e3 * floor, "cache_mib": stats.cache_bytes / 2**20,
+        "forecast_floor_ms": 1e3 * floor, "cache_mib": stats.cache_bytes / 2**20, **compiled,
     }
     print(json.dumps(result, indent=2))
     if args.out:
