@@ -3,6 +3,7 @@ sites' own computations are compiled, the controller's decisions stay eager."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -36,3 +37,17 @@ def uncompile_regions(model: nn.Module) -> None:
     """Undo the blocks' ``module.compile`` (the sites' compilation ends with ``handle.remove``)."""
     for module in model.modules():
         module._compiled_call_impl = None
+
+
+@contextmanager
+def compiled_if_asked(options, model: nn.Module, block_patterns: list[SitePattern], handle: CacheHandle | None):
+    """``compile_regions`` with the run's ``compile`` options (none: eager) for the block's
+    duration, undone after it (the sites' compilation ends with ``handle.remove``)."""
+    if options:
+        compile_regions(model, block_patterns, handle, **options)
+    try:
+        yield
+    finally:
+        if options:
+            uncompile_regions(model)
+

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.checks import ConfigError, check_config
-from cachelab.compiling import compile_regions, uncompile_regions
+from cachelab.compiling import compiled_if_asked
 from cachelab.controller import CacheHandle, CacheStats
 from cachelab.flops import count_flops
 from cachelab.io import save_png_atomic, write_bytes_atomic, write_json_atomic
@@ -95,20 +95,20 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
             counted = adapter.make_inputs(flops_images, cfg.seed)
             _, base_flops = count_flops(lambda: adapter.generate(counted, progress=label("FLOPs baseline")))
             _, cached_flops = count_flops(lambda: adapter.generate(counted, handle, progress=label("FLOPs cached")))
-        if cfg.get("compile"):  # after the (eager) FLOPs count; one untimed generation per side compiles
-            compile_regions(adapter.model, adapter.site_patterns("block"), handle, **cfg.compile)
-            adapter.generate(inputs)
-            adapter.generate(inputs, handle)
         base_path, cached_path = [], []
-        baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"),
-                                               base_path)
-        cached, cached_wall = timed_generation(adapter, inputs, handle, cfg.measure.repeats, label("cached"),
-                                               cached_path)
+        # compiled (if asked) after the eager FLOPs count; one untimed generation per side compiles
+        with compiled_if_asked(cfg.get("compile"), adapter.model, adapter.site_patterns("block"), handle):
+            if cfg.get("compile"):
+                adapter.generate(inputs)
+                adapter.generate(inputs, handle)
+            baseline, base_wall = timed_generation(adapter, inputs, None, cfg.measure.repeats, label("baseline"),
+                                                   base_path)
+            cached, cached_wall = timed_generation(adapter, inputs, handle, cfg.measure.repeats, label("cached"),
+                                                   cached_path)
         stats = handle.stats() if handle else CacheStats(full_steps=list(range(cfg.num_steps)))
     finally:
         if handle is not None:
             handle.remove()
-        uncompile_regions(adapter.model)
 
     base_images, cached_images = adapter.decode(baseline), adapter.decode(cached)
     grid_path = out_dir / "grid.png"

@@ -4,6 +4,7 @@ user compiles whole still obeys the schedule, and removal restores the eager mod
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch._dynamo.utils import counters
 from cachelab.checks import ConfigError, check_compile
 from cachelab.compiling import compile_regions, uncompile_regions
 from cachelab.metrics import relative_l2
+from cachelab.runner import run
 from cachelab.schedules import Interval, Mask
 from cachelab.strategy import Strategy
 from strategies.taylor import TaylorSeer
@@ -146,3 +148,21 @@ def test_bad_compile_settings_fail_early_naming_the_key(options, device, message
     with pytest.raises(ConfigError, match=message):
         check_compile(OmegaConf.create({"compile": options, "device": device}))
     check_compile(OmegaConf.create({"compile": {**options, "mode": "default"}, "device": device}))
+
+
+def test_run_with_compile_compiles_both_sides_and_records_it(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["model=tiny_dit_random", "num_images=2", "num_steps=8", "logger=none", "progress=false",
+                 "measure.flops=false"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        eager_cfg = compose("config", overrides=overrides)
+        compiled_cfg = compose("config", overrides=[*overrides, "compile=inductor", "compile.backend=aot_eager"])
+    eager = run(eager_cfg, tmp_path / "eager")
+    compiled = run(compiled_cfg, tmp_path / "compiled")
+    assert compiled["compile"]["backend"] == "aot_eager" and eager["compile"] is None
+    assert graphs() > 0
+    assert compiled["full_steps"] == eager["full_steps"]
+    assert compiled["quality"]["rel_l2"] == pytest.approx(eager["quality"]["rel_l2"], rel=1e-4)
+

@@ -130,6 +130,18 @@ def test_one_chunk_run_gives_the_same_first_chunk(full_run, tmp_path):
     np.testing.assert_array_equal(read_chunk(tmp_path, "cached", 0)[0], read_chunk(full_run[0], "cached", 0)[0])
 
 
+def test_compiled_sampling_gives_the_eager_chunks(full_run, tmp_path):
+    """compile=... applies in mode=sample too (aot_eager: dynamo's graphs without a C++ toolchain)."""
+    torch._dynamo.reset()
+    run(make_cfg("compile=inductor", "compile.backend=aot_eager"), tmp_path)
+    for index in range(len(SIZES)):
+        compiled, _ = read_chunk(tmp_path, "cached", index)
+        eager, _ = read_chunk(full_run[0], "cached", index)
+        assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1  # uint8 rounding of ~1e-7 differences
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+
+
 def test_flops_are_counted_per_chunk(tmp_path):
     metrics = run(make_cfg("measure.flops=true", "num_images=4"), tmp_path)
     flops = [c["cached"]["flops"] for c in metrics["chunks"]]
