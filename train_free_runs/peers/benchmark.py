@@ -1,12 +1,15 @@
-"""cachelab against diffusers' own caching hooks, in one process, on the same FLUX pipeline
-and seeds: wall time, FLOPs, the wall-time ratio cachelab / peer, cache memory, and
-rel-L2 / PSNR against full compute.
+"""cachelab against other tools' caching, in one process, on the same FLUX pipeline and
+seeds: wall time, FLOPs, the wall-time ratio cachelab / peer, cache memory, full steps, and
+rel-L2 / PSNR against full compute (and rel-L2 between the two tools).
 
     python train_free_runs/peers/benchmark.py --repeats 5 --out train_free_runs/peers/results.md
+    python train_free_runs/peers/benchmark.py --only magcache,pab --repeats 1   # some pair families
 
 The pipeline has tiny text encoders and a random FLUX transformer of a measurable size
 (``--layers``/``--width``); it is built once into ``--folder`` and loaded through
-``from_pretrained``. Each pair uses settings that mean the same thing in both tools.
+``from_pretrained``. Each pair (:mod:`cachelab.peers`) uses settings that mean the same
+thing in both tools. The peers are diffusers' own hooks and, when installed
+(``pip install -e ".[peers]"``), cache-dit; without it its rows are skipped.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
@@ -22,17 +26,21 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cachelab.adaptive import FirstBlockCache  # noqa: E402
-from cachelab.controller import attach  # noqa: E402
+from cachelab import peers  # noqa: E402
 from cachelab.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.metrics import psnr, relative_l2  # noqa: E402
 from cachelab.models.pipelines.flux import FluxAdapter  # noqa: E402
-from cachelab.schedules import Mask  # noqa: E402
-from cachelab.sites import SitePattern, select_sites  # noqa: E402
-from cachelab.strategy import Strategy  # noqa: E402
-from strategies.reuse import Reuse  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+
+FAMILIES = ("taylorseer", "fbcache", "magcache", "pab", "dbcache")
+TAYLORSEER = [dict(interval=5, warmup=3, order=order) for order in (1, 2)]
+# 0.1 never skips on this random transformer (its first block's residual changes by more
+# than 10 % every step): the rows measure the bookkeeping of full steps; the others skip.
+FBCACHE = [0.1, 0.45, 0.6]
+MAGCACHE = [dict(threshold=0.06, max_skip=3, retention=0.2),   # diffusers' defaults
+            dict(threshold=0.24, max_skip=5, retention=0.1)]   # MagCache4FLUX's
+PAB = [dict(interval=2, window=(100, 800)), dict(interval=3, window=(100, 800))]  # diffusers' default window
+DBCACHE = [dict(threshold=0.45), dict(threshold=0.45, order=1), dict(threshold=0.45, order=2)]
 
 
 def build_pipeline(folder: Path, layers: int, width: int) -> None:
@@ -50,74 +58,66 @@ def build_pipeline(folder: Path, layers: int, width: int) -> None:
     FluxPipeline(**components).save_pretrained(folder)
 
 
-def peer_taylorseer(adapter, steps: int, interval: int, warmup: int, order: int):
-    """diffusers' ``TaylorSeerCacheConfig`` and cachelab's TaylorSeer with the same meaning:
-    attention sites, the hook's schedule as a mask, derivatives from the first full step, fp32 factors."""
-    from diffusers import TaylorSeerCacheConfig
-
-    def peer():
-        adapter.model.enable_cache(TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup,
-                                                         max_order=order, taylor_factors_dtype=torch.float32))
-        return adapter.model.disable_cache
-
-    full = [s for s in range(steps) if s < warmup or (s - warmup - 1) % interval == 0]
-
-    def ours():
-        sites = select_sites(adapter.model, [SitePattern(r"(single_)?transformer_blocks\.\d+\.attn")])
-        return attach(sites, TaylorSeer(order, first_enhance=1, factor_dtype="fp32"), Mask(full_steps=full))
-
-    return f"TaylorSeer o{order} N={interval} D={warmup}", peer, ours
-
-
-def peer_fbcache(adapter, threshold: float):
-    """diffusers' ``FirstBlockCacheConfig`` and cachelab's ``fbcache`` preset: the first block's
-    residual change against the last full step decides; skipped steps reuse the tail's
-    residual (diffusers: one residual for the whole tail; cachelab: one per block, the same sum)."""
-    from diffusers import FirstBlockCacheConfig
-
-    def peer():
-        adapter.model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-        return adapter.model.disable_cache
-
-    def ours():
-        return Strategy("fbcache", Reuse(), FirstBlockCache(threshold=threshold), "block").attach(adapter)
-
-    return f"FBCache threshold {threshold}", peer, ours
+def build_pairs(families: list[str], adapter: FluxAdapter, inputs, folder: Path) -> list[peers.Pair]:
+    """The pairs of ``families``, in the order of :data:`FAMILIES`. MagCache first calibrates
+    the magnitude ratios with diffusers' calibration mode (one generation of ``inputs``) into
+    ``folder``; both tools read that file."""
+    pairs = []
+    if "taylorseer" in families:
+        pairs += [peers.taylorseer(adapter, **setting) for setting in TAYLORSEER]
+    if "fbcache" in families:
+        pairs += [peers.fbcache(adapter, threshold) for threshold in FBCACHE]
+    if "magcache" in families:
+        ratios = peers.diffusers_mag_ratios(adapter, inputs)
+        calibration = peers.write_mag_ratios(folder / f"magcache_diffusers_{adapter.num_steps}.json", adapter, ratios)
+        pairs += [peers.magcache(adapter, str(calibration), **setting) for setting in MAGCACHE]
+    if "pab" in families:
+        pairs += [peers.pab(adapter, **setting) for setting in PAB]
+    if "dbcache" in families:
+        if peers.cache_dit_available():
+            pairs += [peers.dbcache(adapter, **setting) for setting in DBCACHE]
+        else:
+            print('cache-dit is not installed (pip install -e ".[peers]"): the DBCache rows are skipped')
+    return pairs
 
 
-def hook_state_bytes(model) -> int:
-    """Bytes of the tensors held by diffusers' hook states on ``model``'s modules."""
-    seen, total = set(), 0
+@dataclass
+class Measured:
+    """One tool on one setting: median wall time, FLOPs, and an observed generation."""
 
-    def walk(obj, depth=0):
-        nonlocal total
-        if isinstance(obj, torch.Tensor):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, dict) and depth < 12:
-            for value in obj.values():
-                walk(value, depth + 1)
-        elif isinstance(obj, (list, tuple)) and depth < 12:
-            for value in obj:
-                walk(value, depth + 1)
-        elif hasattr(obj, "__dict__") and depth < 12 and type(obj).__module__.startswith("diffusers.hooks"):
-            walk(vars(obj), depth + 1)
-
-    for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            walk(registry.hooks)
-    return total
+    wall: float
+    flops: int
+    seen: peers.Observation
 
 
-def timed(fn, repeats: int) -> tuple[torch.Tensor, float]:
-    times, out = [], None
+def timed(fn, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``fn``."""
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out = fn()
+        fn()
         times.append(time.perf_counter() - start)
-    return out, median(times)
+    return median(times)
+
+
+def measure(adapter: FluxAdapter, inputs, probe: str, repeats: int, handle=None, held=None) -> Measured:
+    """Time, count the FLOPs of, and observe (:func:`cachelab.peers.observe`) one generation."""
+    generate = lambda: adapter.generate(inputs, handle)  # noqa: E731
+    wall = timed(generate, repeats)
+    _, flops = count_flops(generate)
+    return Measured(wall, flops, peers.observe(adapter, inputs, probe, handle, held))
+
+
+def run_pair(pair: peers.Pair, adapter: FluxAdapter, inputs, repeats: int) -> tuple[Measured, Measured]:
+    """The peer's measurement, then cachelab's."""
+    with pair.peer():
+        peer = measure(adapter, inputs, pair.probe, repeats, held=pair.peer_bytes)
+    handle = pair.ours()
+    try:
+        ours = measure(adapter, inputs, pair.probe, repeats, handle, held=lambda: handle.stats().cache_bytes)
+    finally:
+        handle.remove()
+    return peer, ours
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,57 +130,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=",".join(FAMILIES), help=f"pair families, comma-separated: {','.join(FAMILIES)}")
     parser.add_argument("--out", type=Path, default=None, help="write the table (Markdown) here too")
     args = parser.parse_args(argv)
+    families = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--only: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                     f"allowed: {', '.join(FAMILIES)}")
     torch.set_num_threads(args.threads)
     build_pipeline(args.folder, args.layers, args.width)
     adapter = FluxAdapter("peers_flux", str(args.folder), num_steps=args.steps, guidance_scale=3.5,
                           call_kwargs={"height": args.resolution, "width": args.resolution, "max_sequence_length": 32})
     inputs = adapter.make_inputs(args.images, seed=0)
-    generate = lambda handle=None: adapter.generate(inputs, handle)  # noqa: E731
-    generate()  # warm-up
-    baseline, base_wall = timed(generate, args.repeats)
-    _, base_flops = count_flops(generate)
-    pairs = [peer_taylorseer(adapter, args.steps, interval=5, warmup=3, order=order) for order in (1, 2)]
-    pairs += [peer_fbcache(adapter, threshold) for threshold in (0.05, 0.1)]
-    rows = [("no caching", "-", base_wall, None, base_flops, 0, None, None)]
-    for name, peer, ours in pairs:
-        disable = peer()
-        try:
-            peer_out, peer_wall = timed(generate, args.repeats)
-            _, peer_flops = count_flops(generate)
-            held = []  # the hook resets its states when the pipeline call ends: read them at every step
-            adapter.generate(inputs, callback=lambda step: held.append(hook_state_bytes(adapter.model)))
-            peer_bytes = max(held)
-        finally:
-            disable()
-        handle = ours()
-        try:
-            our_out, our_wall = timed(lambda: generate(handle), args.repeats)
-            _, our_flops = count_flops(lambda: generate(handle))
-            our_bytes = handle.stats().cache_bytes
-        finally:
-            handle.remove()
-        rows.append((name, "diffusers hook", peer_wall, None, peer_flops, peer_bytes,
-                     relative_l2(peer_out, baseline), psnr(peer_out, baseline)))
-        rows.append((name, "cachelab", our_wall, our_wall / peer_wall, our_flops, our_bytes,
-                     relative_l2(our_out, baseline), psnr(our_out, baseline)))
-    table = markdown(rows, base_wall, base_flops, args)
+    adapter.generate(inputs)  # warm-up
+    base = measure(adapter, inputs, peers.stack_probe(adapter), args.repeats)
+    pairs = build_pairs(families, adapter, inputs, args.folder)
+    rows = [Row("no caching", "-", base, base)]
+    for pair in pairs:
+        peer, ours = run_pair(pair, adapter, inputs, args.repeats)
+        rows += [Row(pair.setting, pair.tool, peer, base), Row(pair.setting, "cachelab", ours, base, peer)]
+        if ours.seen.full_steps != peer.seen.full_steps:
+            print(f"{pair.setting}: the tools' full steps differ: {pair.tool} {peer.seen.full_steps}, "
+                  f"cachelab {ours.seen.full_steps}")
+    table = markdown(rows, args)
     print(table)
     if args.out:
         write_bytes_atomic(args.out, table.encode())
 
 
-def markdown(rows, base_wall: float, base_flops: int, args) -> str:
+@dataclass
+class Row:
+    """One line of the table: ``tool`` on ``setting``, against full compute ``base``
+    (and, for cachelab, against the ``peer`` on the same setting)."""
+
+    setting: str
+    tool: str
+    measured: Measured
+    base: Measured
+    peer: Measured | None = None
+
+    def cells(self, steps: int) -> list[str]:
+        m, base, peer, cached = self.measured, self.base, self.peer, self.measured is not self.base
+        return [self.setting, self.tool, f"{m.wall:.3f}", f"{base.wall / m.wall:.2f}",
+                "" if peer is None else f"**{m.wall / peer.wall:.3f}**", f"{base.flops / m.flops:.2f}",
+                f"{len(m.seen.full_steps)}/{steps}", f"{m.seen.held_bytes / 2**20:.2f}",
+                f"{relative_l2(m.seen.output, base.seen.output):.2e}" if cached else "",
+                f"{psnr(m.seen.output, base.seen.output):.1f}" if cached else "",
+                "" if peer is None else f"{relative_l2(m.seen.output, peer.seen.output):.2e}"]
+
+
+def markdown(rows: list[Row], args) -> str:
     lines = [f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
              f"{torch.__version__}; FLUX {args.layers}+{2 * args.layers} blocks, width {args.width}, "
              f"{args.resolution}^2, {args.steps} steps, {args.images} images, median of {args.repeats}.", "",
-             "| setting | tool | wall (s) | wall speedup | cachelab / peer wall | FLOPs speedup | cache MiB | "
-             "rel-L2 | PSNR (dB) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, tool, wall, ratio, flops, cache, rel, db in rows:
-        lines.append(f"| {name} | {tool} | {wall:.3f} | {base_wall / wall:.2f} | "
-                     f"{'' if ratio is None else f'{ratio:.3f}'} | {base_flops / flops:.2f} | {cache / 2**20:.2f} | "
-                     f"{'' if rel is None else f'{rel:.2e}'} | {'' if db is None else f'{db:.1f}'} |")
+             "| setting | tool | wall (s) | wall speedup | cachelab / peer wall | FLOPs speedup | full steps | "
+             "cache MiB | rel-L2 | PSNR (dB) | rel-L2 to peer |", "| --- " * 11 + "|"]
+    lines += ["| " + " | ".join(row.cells(args.steps)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
