@@ -273,10 +273,7 @@ class CacheHandle:
                         forecast = self._forecast(site, cache)
                         if self._observers:
                             self._notify_forecast(site, forecast, None)
-                        bases = split(hooked.passthrough(signature, args, kwargs))[0]
-                        states = cache.states or [None] * len(forecast)
-                        return cache.rebuild([add_base(f, b, state, not self._observers)
-                                              for f, b, state in zip(forecast, bases, states)])
+                        return self._rebuild(cache, forecast, split(hooked.passthrough(signature, args, kwargs))[0])
                     out = compute(*args, **kwargs)
                     if position == last:
                         self._record(site, cache, out, cache.entry)
@@ -303,10 +300,7 @@ class CacheHandle:
                             if self._audit and not site.skip:  # what the site would have computed
                                 true = cached_values(split(compute(*args, **kwargs))[0], bases)
                             self._notify_forecast(site, forecast, true)
-                        in_place = not self._observers  # an observer may keep the forecast it was shown
-                        states = cache.states or [None] * len(forecast)  # skip sites hold no state
-                        return cache.rebuild([add_base(f, b, state, in_place)
-                                              for f, b, state in zip(forecast, bases, states)])
+                        return self._rebuild(cache, forecast, bases)
                     self._stats.fallbacks += 1
                 out = compute(*args, **kwargs)
                 parts = split(out)[0]
@@ -370,6 +364,13 @@ class CacheHandle:
                 self.predictor.update(state, self._s, value)
         for observer in self._observers:
             observer.full(site.name, self._context, self._s, values)
+
+    def _rebuild(self, cache: SiteCache, forecast: Parts, bases: list[torch.Tensor | None]):
+        """The site's output on a forecast step: each forecast plus its residual base, in the
+        structure the site returns. In place unless an observer holds the forecast it was shown."""
+        states = cache.states or [None] * len(forecast)  # skip sites hold no state
+        in_place = not self._observers
+        return cache.rebuild([add_base(f, b, state, in_place) for f, b, state in zip(forecast, bases, states)])
 
     def _notify_forecast(self, site: Site, forecast: Parts, true: Parts | None) -> None:
         for observer in self._observers:
