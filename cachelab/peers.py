@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from cachelab.adaptive import FirstBlockCache, MagCache
-from cachelab.calibrate import load_calibration
+from cachelab.calibrate import CONFIG_DIR, load_calibration
 from cachelab.controller import CacheHandle, attach
 from cachelab.io import write_json_atomic
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
@@ -174,19 +175,24 @@ def taylorseer(adapter: PipelineAdapter, interval: int, warmup: int, order: int)
                           attention_probe(adapter))
 
 
+def preset_granularity(preset: str) -> str:
+    """The granularity of cachelab's strategy preset ``conf/strategy/<preset>.yaml``."""
+    return OmegaConf.load(CONFIG_DIR / "strategy" / f"{preset}.yaml").granularity
+
+
 # -- FirstBlockCache --------------------------------------------------------------------
 def first_block_cache(adapter: PipelineAdapter, threshold: float, warmup: int = 1,
                       predictor: Predictor | None = None) -> CacheHandle:
-    """cachelab's ``fbcache`` preset (block granularity: block 0 is the probe and always
-    computes; every other block forecasts its residual) with ``predictor`` (default: reuse)."""
+    """cachelab's ``fbcache`` preset at its granularity (block 0 is the probe and always
+    computes; the blocks after it are forecast) with ``predictor`` (default: reuse)."""
     schedule = FirstBlockCache(threshold=threshold, first_enhance=warmup)
-    return Strategy("fbcache", predictor or Reuse(), schedule, "block").attach(adapter)
+    return Strategy("fbcache", predictor or Reuse(), schedule, preset_granularity("fbcache")).attach(adapter)
 
 
 def fbcache(adapter: PipelineAdapter, threshold: float) -> Pair:
     """diffusers' ``FirstBlockCacheConfig`` and cachelab's ``fbcache`` preset: the first block's
-    residual change against the last full step decides; skipped steps reuse the tail's
-    residual (diffusers: one residual for the whole tail; cachelab: one per block, the same sum)."""
+    residual change against the last full step decides; skipped steps reuse the residual of
+    the blocks after the first, one per stream in both tools (the preset's ``stack`` site)."""
     from diffusers import FirstBlockCacheConfig
 
     return diffusers_pair(f"FBCache threshold {threshold}", adapter, lambda: FirstBlockCacheConfig(threshold=threshold),
@@ -232,17 +238,17 @@ def magcache(adapter: PipelineAdapter, calibration: str, threshold: float, max_s
 
     The two tools round ``retention T`` differently (see :func:`magcache_first_step`), so
     cachelab gets the retention that starts at diffusers' step. On a skipped step diffusers
-    adds its one stack residual to block 0's image input and passes the text stream through;
-    cachelab adds each block's residual to both streams (the same sum on the image stream;
-    FLUX drops the text stream after the stack): equal outputs up to float rounding."""
+    adds its stack residual to block 0's image input and passes the text stream through;
+    cachelab's ``stack`` site adds its residual to both streams (FLUX drops the text stream
+    after the stack)."""
     from diffusers import MagCacheConfig
 
     ratios = load_calibration(calibration)["ratios"]
     ours_retention = (magcache_first_step(adapter.num_steps, retention) + 0.5) / adapter.num_steps
     config = lambda: MagCacheConfig(threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention,  # noqa: E731
                                     num_inference_steps=adapter.num_steps, mag_ratios=ratios)
-    ours = lambda: Strategy("magcache", Reuse(), MagCache(calibration, threshold, max_skip, ours_retention),  # noqa: E731
-                            "block").attach(adapter)
+    schedule = MagCache(calibration, threshold, max_skip, ours_retention)
+    ours = lambda: Strategy("magcache", Reuse(), schedule, preset_granularity("magcache")).attach(adapter)  # noqa: E731
     return diffusers_pair(f"MagCache {threshold} K={max_skip} r={retention}", adapter, config, ours,
                           stack_probe(adapter))
 
