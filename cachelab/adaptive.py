@@ -56,6 +56,11 @@ def relative_l1(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().mean() / reference.abs().mean())
 
 
+def tensor_bytes(tensor: torch.Tensor | None) -> int:
+    """The bytes ``tensor`` holds (none: 0)."""
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
 def polynomial(coefficients: Sequence[float], x: float) -> float:
     """``coefficients`` (highest degree first) evaluated at ``x`` by Horner's rule."""
     result = 0.0
@@ -96,6 +101,9 @@ class TeaCache(AdaptiveSchedule):
         self._previous: torch.Tensor | None = None
         self._accumulated = 0.0
 
+    def held_bytes(self) -> int:
+        return tensor_bytes(self._previous)
+
     def allows_forecast(self, ctx: StepContext) -> bool:
         if self._previous is None:  # the generation's first step seen is not step 0
             return False
@@ -126,6 +134,9 @@ class FirstBlockCache(AdaptiveSchedule):
     def reset(self) -> None:
         super().reset()
         self._reference: torch.Tensor | None = None
+
+    def held_bytes(self) -> int:
+        return tensor_bytes(self._reference)
 
     def allows_forecast(self, ctx: StepContext) -> bool:
         if self._reference is None:  # the generation's first step seen is not step 0

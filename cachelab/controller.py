@@ -51,7 +51,8 @@ class SiteObserver(Protocol):
 
 @dataclass
 class CacheStats:
-    """What one generation did: full and forecast steps, fallbacks, bytes held by caches."""
+    """What one generation did: full and forecast steps, fallbacks, bytes held by caches
+    (the sites' predictor states and the schedule's reference signals)."""
 
     full_steps: list[int] = field(default_factory=list)
     forecast_steps: list[int] = field(default_factory=list)
@@ -206,7 +207,7 @@ class CacheHandle:
     def stats(self) -> CacheStats:
         """Statistics of the current (or last) generation."""
         if self._caches:
-            self._stats.cache_bytes = sum(
+            self._stats.cache_bytes = self.schedule.held_bytes() + sum(
                 c.nbytes for caches in self._caches.values() for c in caches.values()
             )
         return self._stats

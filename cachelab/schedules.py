@@ -60,6 +60,11 @@ class Schedule(ABC):
         """For static schedules, ``mask[s]`` is True at full steps; None if adaptive."""
         return None
 
+    def held_bytes(self) -> int:
+        """Bytes of the tensors kept between steps (an adaptive schedule's reference signal);
+        they count in the cache memory."""
+        return 0
+
 
 class StaticSchedule(Schedule):
     """A schedule fixed in advance: ``decide`` reads the mask, so it holds no state."""

@@ -200,6 +200,9 @@ class Spy:
     def reset(self):
         self.schedule.reset()
 
+    def held_bytes(self):
+        return self.schedule.held_bytes()
+
 
 class SiteLog:
     """Observer: (site, context, step, full?) of every site call."""

@@ -79,6 +79,9 @@ def test_fbcache_probe_block_runs_every_step_and_the_stack_starts_after_it():
     hook.remove()
     assert block_handle.stats().full_steps == stats.full_steps
     assert relative_l2(stack, block) < 1e-5
+    # memory in residuals of one block's size: the stack's one plus the schedule's reference
+    # residual of block 0, against one per cached block (2) plus the reference
+    assert stats.cache_bytes * 3 == block_handle.stats().cache_bytes * 2
 
 
 def test_a_probe_inside_the_span_is_refused():
