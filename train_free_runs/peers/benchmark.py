@@ -14,9 +14,7 @@ thing in both tools. The peers are diffusers' own hooks and, when installed
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -27,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cachelab import peers  # noqa: E402
+from cachelab.benchmarking import machine, median_seconds, seconds  # noqa: E402
 from cachelab.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.metrics import psnr, relative_l2  # noqa: E402
@@ -90,31 +89,36 @@ class Measured:
     seen: peers.Observation
 
 
-def timed(fn, repeats: int) -> float:
-    """The median wall time of ``repeats`` calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
-
-
-def measure(adapter: FluxAdapter, inputs, probe: str, repeats: int, handle=None, held=None) -> Measured:
-    """Time, count the FLOPs of, and observe (:func:`cachelab.peers.observe`) one generation."""
-    generate = lambda: adapter.generate(inputs, handle)  # noqa: E731
-    wall = timed(generate, repeats)
-    _, flops = count_flops(generate)
+def observed(adapter: FluxAdapter, inputs, probe: str, wall: float, handle=None, held=None) -> Measured:
+    """``wall`` with the FLOPs of, and an observation (:func:`cachelab.peers.observe`) of, one generation."""
+    _, flops = count_flops(lambda: adapter.generate(inputs, handle))
     return Measured(wall, flops, peers.observe(adapter, inputs, probe, handle, held))
 
 
 def run_pair(pair: peers.Pair, adapter: FluxAdapter, inputs, repeats: int) -> tuple[Measured, Measured]:
-    """The peer's measurement, then cachelab's."""
+    """The peer and cachelab on one setting, timed alternately generation by generation
+    (peer, cachelab, peer, ...; the first round untimed) so that the machine's drift hits
+    both alike; each attached only around its own generations. Then each tool's FLOPs and
+    observation."""
+    cpu = torch.device("cpu")
+    peer_times, our_times = [], []
+    for round_ in range(repeats + 1):
+        with pair.peer():
+            peer_wall = seconds(lambda: adapter.generate(inputs), cpu)
+        handle = pair.ours()
+        try:
+            our_wall = seconds(lambda: adapter.generate(inputs, handle), cpu)
+        finally:
+            handle.remove()
+        if round_:
+            peer_times.append(peer_wall)
+            our_times.append(our_wall)
     with pair.peer():
-        peer = measure(adapter, inputs, pair.probe, repeats, held=pair.peer_bytes)
+        peer = observed(adapter, inputs, pair.probe, median(peer_times), held=pair.peer_bytes)
     handle = pair.ours()
     try:
-        ours = measure(adapter, inputs, pair.probe, repeats, handle, held=lambda: handle.stats().cache_bytes)
+        ours = observed(adapter, inputs, pair.probe, median(our_times), handle,
+                        held=lambda: handle.stats().cache_bytes)
     finally:
         handle.remove()
     return peer, ours
@@ -144,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
                           call_kwargs={"height": args.resolution, "width": args.resolution, "max_sequence_length": 32})
     inputs = adapter.make_inputs(args.images, seed=0)
     adapter.generate(inputs)  # warm-up
-    base = measure(adapter, inputs, peers.stack_probe(adapter), args.repeats)
+    cpu = torch.device("cpu")
+    base = observed(adapter, inputs, peers.stack_probe(adapter),
+                    median_seconds(lambda: adapter.generate(inputs), cpu, args.repeats))
     pairs = build_pairs(families, adapter, inputs, args.folder)
     rows = [Row("no caching", "-", base, base)]
     for pair in pairs:
@@ -181,9 +187,9 @@ class Row:
 
 
 def markdown(rows: list[Row], args) -> str:
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+    lines = [f"Machine: {machine(torch.device('cpu'))}, torch "
              f"{torch.__version__}; FLUX {args.layers}+{2 * args.layers} blocks, width {args.width}, "
-             f"{args.resolution}^2, {args.steps} steps, {args.images} images, median of {args.repeats}.", "",
+             f"{args.resolution}^2, {args.steps} steps, {args.images} images, median of {args.repeats} alternating rounds.", "",
              "| setting | tool | wall (s) | wall speedup | cachelab / peer wall | FLOPs speedup | full steps | "
              "cache MiB | rel-L2 | PSNR (dB) | rel-L2 to peer |", "| --- " * 11 + "|"]
     lines += ["| " + " | ".join(row.cells(args.steps)) + " |" for row in rows]
