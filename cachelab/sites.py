@@ -18,9 +18,11 @@ class SitePattern:
     ``residual`` sites cache ``out - in`` and return ``in + forecast``: ``True`` takes ``in``
     from the first tensor argument; a tuple names the argument for each output of a site
     that returns several (``("encoder_hidden_states", "hidden_states")``; ``None``: no
-    residual for that output). Other sites cache their output itself. ``skip`` sites are
-    not forecast: on a forecast step they return zeros shaped like their last output
-    (diffusers' "skip" modules: a branch whose only consumer is itself forecast).
+    residual for that output). Other sites cache their output itself. A ``skip`` site is
+    not forecast: it names the kind of the one site that consumes its output (diffusers'
+    "skip" modules: ``skip="proj_out"``), and whenever that kind is forecast it returns zeros
+    shaped like its last output instead of computing (a per-kind schedule deciding for its
+    own kind would starve a consumer that computes).
     ``label`` is appended to the module name to name the site (``blocks.3`` + ``attn``).
     ``span`` joins every module it matches, in order, into one residual site named ``stack``
     (FBCache / TeaCache / MagCache's "the remaining blocks"): one residual from the first
@@ -33,7 +35,7 @@ class SitePattern:
     method: str = "forward"
     residual: bool | tuple[str | None, ...] = False
     label: str | None = None
-    skip: bool = False
+    skip: str | None = None
     span: bool = False
 
     def __post_init__(self):
@@ -66,7 +68,7 @@ class Site:
     owner: nn.Module
     method: str = "forward"
     residual: bool | tuple[str | None, ...] = False
-    skip: bool = False
+    skip: str | None = None
     members: tuple[nn.Module, ...] = ()
 
     def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
@@ -79,7 +81,10 @@ class Site:
     @property
     def kind(self) -> str:
         """The site's type, which per-kind schedules (PAB) decide by: the last non-numeric
-        component of its name (``blocks.3.attn`` -> ``attn``, ``blocks.3`` -> ``blocks``)."""
+        component of its name (``blocks.3.attn`` -> ``attn``, ``blocks.3`` -> ``blocks``); a
+        skip site's is its consumer's (``skip``)."""
+        if self.skip:
+            return self.skip
         return next((part for part in reversed(self.name.split(".")) if not part.isdigit()), self.name)
 
     def residual_bases(self, signature: inspect.Signature, args: tuple, kwargs: dict,

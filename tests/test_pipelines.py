@@ -12,8 +12,11 @@ from omegaconf import OmegaConf
 
 from cachelab.models.loading import WeightsUnavailable
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.schedules import Always, Interval
+from cachelab.controller import attach
+from cachelab.schedules import Always, Interval, PerKindInterval
+from cachelab.sites import select_sites
 from cachelab.strategy import Strategy
+from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -146,6 +149,32 @@ def test_cond_and_uncond_calls_keep_separate_caches_and_one_decision_per_step(na
     # context's values: guidance survives forecasting
     assert differ and differ == list(last["cond"])[len(last["cond"]) - len(differ):]
     assert list(last["cond"])[-1] in differ
+
+
+@pytest.mark.parametrize("name", ["tiny_flux", "tiny_hunyuan_video"])
+def test_skip_sites_follow_their_consumer(name, tmp_path):
+    """Single blocks' attn/proj_mlp are skip sites of proj_out: a per-kind schedule forecasting
+    ``attn`` must not starve proj_out (it computes), and a uniform forecast skips them."""
+    adapter = tiny(name, tmp_path / "pipe")
+    inputs = adapter.make_inputs(1, seed=0)
+    pab = PerKindInterval({"attn": 2})
+    without_skip = [p for p in adapter.site_patterns("module") if not p.skip]
+    results = []
+    for patterns in (adapter.site_patterns("module"), without_skip):
+        handle = attach(select_sites(adapter.model, patterns), Reuse(), pab)
+        results.append(adapter.generate(inputs, handle))
+        assert handle.stats().forecast_steps
+        handle.remove()
+    assert torch.equal(*results)
+    processor = adapter.model.single_transformer_blocks[0].attn.processor
+    calls = []
+    adapter.model.single_transformer_blocks[0].attn.processor = lambda *a, **k: calls.append(1) or processor(*a, **k)
+    handle = taylor(adapter, schedule=Interval(3, 2))
+    adapter.generate(inputs, handle)
+    stats = handle.stats()
+    handle.remove()
+    adapter.model.single_transformer_blocks[0].attn.processor = processor
+    assert len(calls) == len(stats.full_steps) < STEPS
 
 
 def test_step_index_is_the_scheduler_position_of_the_timestep(tmp_path):

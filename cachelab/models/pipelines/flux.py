@@ -28,7 +28,7 @@ class FluxAdapter(PipelineAdapter):
     pipeline_class = "FluxPipeline"
     timestep_scale = 1000.0  # the pipeline passes t / 1000
     sites = family_sites([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)],
+                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip="proj_out")],
                          f"{_DOUBLE}|{_SINGLE}", STREAMS, PROBES)
 
     @classmethod

@@ -28,7 +28,7 @@ class HunyuanVideoAdapter(PipelineAdapter):
     pipeline_class = "HunyuanVideoPipeline"
     # blocks return (hidden_states, encoder_hidden_states), the reverse of FLUX
     sites = family_sites([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip=True)],
+                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip="proj_out")],
                          f"{_DOUBLE}|{_SINGLE}", ("hidden_states", "encoder_hidden_states"), PROBES)
 
     @classmethod
