@@ -75,7 +75,7 @@ class Site:
         """A span member's output when it is skipped: its residual inputs, as it returns them."""
         if self.residual is True:
             return first_tensor(args, kwargs)
-        arguments = signature.bind(*args, **kwargs).arguments
+        arguments = named_arguments(signature, args, kwargs, self.residual)
         return tuple(arguments[name] for name in self.residual)
 
     @property
@@ -94,8 +94,16 @@ class Site:
             return [None] * num_outputs
         if self.residual is True:
             return [first_tensor(args, kwargs)] + [None] * (num_outputs - 1)
-        arguments = signature.bind(*args, **kwargs).arguments
+        arguments = named_arguments(signature, args, kwargs, self.residual)
         return [arguments.get(name) if name else None for name in self.residual]
+
+
+def named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict, names) -> dict:
+    """The call's arguments by name: ``kwargs`` itself when it has every one of ``names``
+    (diffusers calls its blocks by keyword; no binding on the hot path), else bound."""
+    if all(name in kwargs for name in names if name):
+        return kwargs
+    return signature.bind(*args, **kwargs).arguments
 
 
 class Sites(list):
