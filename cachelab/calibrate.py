@@ -2,9 +2,10 @@
 
     python -m cachelab.calibrate model=tiny_dit num_steps=50 [num_images=1] [seed=0] [out=file.json]
 
-- MagCache: the magnitude ratio of the stack residual ``R_s`` (the sum of the block
-  residuals) at every step, ``r_s = mean over tokens of ||R_s|| / ||R_{s-1}||`` (``r_0 = 1``;
-  mean over CFG contexts and output streams too): ``ratios``.
+- MagCache: the magnitude ratio of the stack residual ``R_s`` (last block's output minus
+  first block's input: the ``stack`` site) at every step,
+  ``r_s = mean over tokens of ||R_s|| / ||R_{s-1}||`` (``r_0 = 1``; mean over CFG contexts and
+  output streams too): ``ratios``.
 - TeaCache: the polynomial (degree 4, highest first) fitted by least squares from the relative
   L1 change of the first block's modulated input to that of the model output between
   consecutive steps, as TeaCache fits its per-model coefficients: ``teacache_coefficients``
@@ -53,37 +54,22 @@ def load_calibration(calibration: str) -> dict:
 
 
 class StackResidualNorms:
-    """A site observer on every block: sums each step's block residuals into the stack
-    residual (per context and output stream) and keeps its per-token norms."""
+    """A site observer on the ``stack`` site: the per-token norms of each step's stack
+    residual, per context and output stream."""
 
     def __init__(self):
-        self._sums: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
         self.norms: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
 
     def full(self, site: str, context: str, s: int, values: Parts) -> None:
         for i, value in enumerate(values):
-            if value is None:
-                continue
-            key = (context, i)
-            step, total = self._sums.get(key, (None, None))
-            if step == s:
-                total += value.float()
-            else:
-                self._finish(key)
-                self._sums[key] = (s, value.float().clone())
+            if value is not None:
+                self.norms.setdefault((context, i), {})[s] = torch.linalg.vector_norm(value.float(), dim=-1)
 
     def forecast(self, site: str, context: str, s: int, forecast: Parts, true: Parts | None) -> None:
         raise RuntimeError("calibration runs every step in full")
 
-    def _finish(self, key: tuple[str, int]) -> None:
-        if key in self._sums:
-            step, total = self._sums.pop(key)
-            self.norms.setdefault(key, {})[step] = torch.linalg.vector_norm(total, dim=-1)
-
     def ratios(self, T: int) -> list[float]:
         """``r_s`` for ``s = 0..T-1``."""
-        for key in list(self._sums):
-            self._finish(key)
         ratios = [1.0]
         for s in range(1, T):
             per_key = [(norms[s] / norms[s - 1]).mean() for norms in self.norms.values()]
@@ -96,7 +82,7 @@ def magnitude_ratios(adapter: ModelAdapter, inputs: Inputs) -> list[float]:
     from strategies.reuse import Reuse
 
     recorder = StackResidualNorms()
-    handle = attach(select_sites(adapter.model, adapter.site_patterns("block")), Reuse(), Always())
+    handle = attach(select_sites(adapter.model, adapter.site_patterns("stack")), Reuse(), Always())
     handle.observe(recorder)
     try:
         adapter.generate(inputs, handle)

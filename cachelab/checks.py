@@ -47,6 +47,7 @@ def check_config(cfg: DictConfig) -> None:
 def check_compile(cfg: DictConfig) -> None:
     """``compile.mode`` must be one torch.compile knows; CUDA graphs need a CUDA device."""
     from cachelab.compiling import COMPILE_MODES
+    from cachelab.controller import CUDA_GRAPH_MODES
 
     options = cfg.get("compile")
     if not options:
@@ -54,7 +55,7 @@ def check_compile(cfg: DictConfig) -> None:
     mode = options.get("mode", "default")
     if mode not in COMPILE_MODES:
         raise ConfigError(f"compile.mode={mode!r} is not allowed; allowed: {', '.join(COMPILE_MODES)}")
-    if mode in ("reduce-overhead", "max-autotune") and not str(cfg.device).startswith("cuda"):
+    if mode in CUDA_GRAPH_MODES and not str(cfg.device).startswith("cuda"):
         raise ConfigError(f"compile.mode={mode!r} uses CUDA graphs and needs device=cuda, got device={cfg.device!r}; "
                           f"allowed on {cfg.device!r}: compile.mode=default or max-autotune-no-cudagraphs")
 

@@ -10,27 +10,24 @@ from torch import nn
 from cachelab.controller import CacheHandle
 from cachelab.sites import SitePattern
 
-# torch.compile's modes; "reduce-overhead" and "max-autotune" use CUDA graphs on a CUDA device
+# torch.compile's modes (controller.CUDA_GRAPH_MODES replay CUDA graphs on a CUDA device)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_regions(model: nn.Module, block_patterns: list[SitePattern], handle: CacheHandle | None,
-                    **options) -> list[str]:
+                    **options) -> None:
     """Compile, in place, every module of ``model`` that ``block_patterns`` match (the
     adapter's ``block`` granularity: the repeated transformer blocks), and through
     ``handle.compile`` every cache site's and probe's computation, all with
     ``torch.compile(**options)``. A site inside a block is excluded from the block's graphs
     (a graph break), so the schedule's decisions, the forecasts and the caches' bookkeeping
-    run eagerly between compiled regions and never cause a recompilation. Returns the names
-    of the compiled blocks. ``model.compile`` is undone by ``uncompile_regions``."""
+    run eagerly between compiled regions and never cause a recompilation. ``model.compile``
+    is undone by ``uncompile_regions``."""
     if handle is not None:
         handle.compile(**options)
-    names = []
     for name, module in model.named_modules():
         if any(re.fullmatch(pattern.regex, name) for pattern in block_patterns):
             module.compile(**options)
-            names.append(name)
-    return names
 
 
 def uncompile_regions(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ from cachelab.schedules import Decision, Schedule, StepContext, StepDecision, is
 from cachelab.sites import Site, first_tensor
 
 _MISSING = object()
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
 @dataclass
@@ -231,7 +232,7 @@ class CacheHandle:
         switching between full and forecast steps never recompiles. ``mode="reduce-overhead"``
         (CUDA graphs) also makes the caches copy what they keep of an output, whose memory
         the next graph replay would overwrite."""
-        self._copy_values = options.get("mode") in ("reduce-overhead", "max-autotune")
+        self._copy_values = options.get("mode") in CUDA_GRAPH_MODES
         for site, compute, wrap in self._installed:
             setattr(site.owner, site.method, torch.compiler.disable(wrap(torch.compile(compute, **options))))
 

@@ -439,6 +439,26 @@ def calibration(tmp_path_factory) -> Path:
     return out
 
 
+def test_magnitude_ratios_match_hooks_on_the_first_and_last_block():
+    """MagCache's ratios against the stack residual taken by plain forward hooks: the first
+    block's input, the last block's output, per-token norms, mean ratio per step."""
+    from cachelab.calibrate import magnitude_ratios
+
+    adapter = tiny_adapter(arch=dict(hidden_size=32, depth=3, num_heads=2, patch_size=2), num_steps=8)
+    inputs = adapter.make_inputs(2, seed=7)
+    ratios = magnitude_ratios(adapter, inputs)
+    blocks, entries, norms = adapter.model.blocks, [], []
+    hooks = [blocks[0].register_forward_pre_hook(lambda module, args: entries.append(args[0])),
+             blocks[-1].register_forward_hook(lambda module, args, out: norms.append(
+                 torch.linalg.vector_norm((out - entries[-1]).double(), dim=-1)))]
+    adapter.generate(inputs)
+    for hook in hooks:
+        hook.remove()
+    expected = [1.0] + [float((b / a).mean()) for a, b in zip(norms, norms[1:])]
+    np.testing.assert_allclose(ratios, expected, rtol=1e-5)
+    assert np.ptp(expected) > 1e-3
+
+
 def test_teacache_fit_matches_an_independent_fit():
     """The fitted polynomial against numpy's Polynomial.fit on pairs recorded by hand: block 0's
     modulated input (the method wrapped directly) and the sampler's model output per step."""
