@@ -88,7 +88,7 @@ def observe(adapter: PipelineAdapter, inputs: PromptInputs, probe: str, handle: 
     return Observation(output, sorted(ran), most[0])
 
 
-def tensor_bytes(root, package: str, max_depth: int = 16) -> int:
+def reachable_tensor_bytes(root, package: str, max_depth: int = 16) -> int:
     """Bytes of the distinct tensors reachable from ``root`` through dicts, lists, tuples and
     the attributes of objects whose class comes from a module of ``package``."""
     seen, total = set(), 0
@@ -117,7 +117,7 @@ def tensor_bytes(root, package: str, max_depth: int = 16) -> int:
 def diffusers_hook_bytes(model: torch.nn.Module) -> int:
     """Bytes of the tensors held by diffusers' hook states on ``model``'s modules."""
     registries = [module._diffusers_hook.hooks for module in model.modules() if hasattr(module, "_diffusers_hook")]
-    return tensor_bytes(registries, "diffusers.hooks")
+    return reachable_tensor_bytes(registries, "diffusers.hooks")
 
 
 @contextlib.contextmanager
@@ -260,9 +260,9 @@ def pab(adapter: PipelineAdapter, interval: int, window: tuple[float, float]) ->
     self-attention: PAB's "spatial" kind, cachelab's kind ``attn``), recomputed when
     ``s % interval == 0`` or outside ``lo < t < hi`` (t: the scheduler's timestep, 0..1000).
 
-    Not the ``pab`` preset as it is: its module granularity makes FLUX's single-block attention
-    a skip site (zeros on forecast steps, for ``proj_out`` to consume), and ``proj_out``'s kind
-    is not forecast by PAB. diffusers counts each module's calls, cachelab the steps: the same
+    Not the ``pab`` preset: at its module granularity FLUX's single-block attention is a skip
+    site of ``proj_out`` and computes whenever ``proj_out`` does, so the preset broadcasts the
+    double blocks' attention only, where diffusers broadcasts every attention. diffusers counts each module's calls, cachelab the steps: the same
     with one transformer call per step (no true CFG)."""
     from diffusers import PyramidAttentionBroadcastConfig
 
@@ -333,7 +333,7 @@ def dbcache(adapter: PipelineAdapter, threshold: float, warmup: int = 1, order: 
 
     def configs() -> dict:  # fresh objects per use: cache-dit fills in fields of the ones it is given
         cache = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                              max_warmup_steps=warmup)
+                                        max_warmup_steps=warmup)
         calibrator = None if order is None else cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order)
         return {"cache_config": cache, "calibrator_config": calibrator}
 
@@ -342,4 +342,4 @@ def dbcache(adapter: PipelineAdapter, threshold: float, warmup: int = 1, order: 
     pipe = adapter.pipe
     return Pair(setting, "cache-dit", lambda: cache_dit_enabled(pipe, **configs()),
                 lambda: first_block_cache(adapter, threshold, warmup, predictor),
-                lambda: tensor_bytes(getattr(pipe, "_context_manager", None), "cache_dit"), stack_probe(adapter))
+                lambda: reachable_tensor_bytes(getattr(pipe, "_context_manager", None), "cache_dit"), stack_probe(adapter))
