@@ -11,7 +11,8 @@ from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cachelab.checks import ConfigError, UserError, check_group_choices
+from cachelab.errors import ConfigError, UserError
+from cachelab.jobs.checks import check_group_choices
 from cachelab.io import write_bytes_atomic, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -30,7 +31,7 @@ def finished(out_dir: Path, overrides: list[str]) -> bool:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from cachelab.runner import run
+    from cachelab.jobs.runner import run
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)

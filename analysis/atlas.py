@@ -19,9 +19,9 @@ from math import comb
 import numpy as np
 import torch
 
-from cachelab.outputs import Parts
-from cachelab.predictor import Predictor
-from cachelab.schedules import StaticSchedule
+from cachelab.core.outputs import Parts
+from cachelab.core.predictor import Predictor
+from cachelab.core.schedules import StaticSchedule
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,9 @@ class ForecastAudit:
     def error_map(self, sites: list[str]) -> np.ndarray:
         """(sites, T) measured relative errors, rows in the order of ``sites``."""
         return np.stack([self.errors.relative(site) for site in sites])
+
+
+def nanmean(values) -> float:
+    """The mean of the finite values (NaN where none is)."""
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")

@@ -7,8 +7,9 @@ Writes ``sweep.csv``, ``sweep.md``, ``pareto_psnr.png`` and, when the model has 
 ``--out`` (default: the sweep folder). Jobs that failed (an
 ``error.txt`` or no ``metrics.json``) are listed, not silently dropped.
 
-``SweepReport`` does the same at the end of every ``python run.py -m ...`` (a Hydra callback,
-see conf/config.yaml) and makes the sweep exit with status 1 when a job did not finish.
+``cachelab.jobs.sweep.SweepReport`` does the same at the end of every ``python run.py -m ...``
+(a Hydra callback, see conf/config.yaml) and makes the sweep exit with status 1 when a job did
+not finish.
 """
 from __future__ import annotations
 
@@ -17,12 +18,9 @@ import csv
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-
-from cachelab.figures import png_bytes, pyplot
+from analysis.figures import png_bytes, pyplot
 from cachelab.io import write_bytes_atomic
 
 COLUMNS = [  # (header, path into metrics.json, format)
@@ -136,36 +134,6 @@ def report(sweep_dirs: Path | list[Path], out: Path) -> list[str]:
                            pareto_plot(rows, ("model_quality", "cached", "class_accuracy"), "class accuracy"))
     print(table, end="")
     return failed
-
-
-def log_table(logger_cfg, sweep_dir: Path) -> None:
-    """The sweep's table as one logger run (W&B: a Table in a run grouped by the sweep folder)."""
-    from hydra.utils import instantiate
-
-    rows, _ = collect(sweep_dir)
-    extra = {"group": sweep_dir.name} if "group" in logger_cfg and logger_cfg.group is None else {}
-    sink = instantiate(logger_cfg, **extra)
-    sink.start(f"sweep-{sweep_dir.name}", {"sweep_dir": str(sweep_dir), "jobs": len(rows)}, sweep_dir)
-    try:
-        sink.table("sweep/summary", [header for header, _, _ in COLUMNS],
-                   [[lookup(m, path) for _, path, _ in COLUMNS] for m in rows])
-    finally:
-        sink.finish()
-
-
-class SweepReport(Callback):
-    """Hydra callback: after a multirun, report the sweep and fail if a job did not finish."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        failed = report(sweep_dir, sweep_dir)
-        if config.get("logger"):
-            log_table(config.logger, sweep_dir)
-        if failed:
-            print(f"{len(failed)} job(s) did not finish (see {sweep_dir / 'sweep.md'}):", file=sys.stderr)
-            for line in failed:
-                print(f"  {line}", file=sys.stderr)
-            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Feature trajectories: per site and step, how a full-compute run's features move.
 
-``python run.py analysis=trajectory`` records, for every site (of the strategy's granularity)
+``python run.py job=trajectory`` records, for every site (of the strategy's granularity)
 and step: the norm, the relative change against the previous step, the cosine to the previous
 step and the relative second difference ``||F_s - 2F_{s-1} + F_{s-2}|| / ||F_{s-1}||`` (what a
 first-order forecast cannot follow). Memory stays bounded: two previous values per site.
@@ -11,19 +11,11 @@ gives each site's path in 2-D; its cost is ``T x sketch_dim`` floats per site pl
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from analysis.atlas_run import nanmean, npz_bytes
-from cachelab.figures import png_bytes, pyplot
-from cachelab.controller import attach
-from cachelab.io import write_bytes_atomic, write_json_atomic
-from cachelab.outputs import Parts
-from cachelab.schedules import Always
-from cachelab.sites import select_sites
-from strategies.reuse import Reuse
+from analysis.figures import png_bytes, pyplot
+from cachelab.core.outputs import Parts
 
 STATISTICS = ("norm", "rel_change", "cosine", "rel_second_difference")
 
@@ -100,43 +92,6 @@ class TrajectoryRecorder:
 def _combine(current: float, norm: float) -> float:
     """Norm of the concatenation over contexts: sqrt(a² + b²)."""
     return norm if np.isnan(current) else float(np.hypot(current, norm))
-
-
-class TrajectoryAnalysis:
-    """``python run.py analysis=trajectory``: one full run, recorded; arrays, figures, report."""
-
-    def __init__(self, num_images: int = 16, sketch_dim: int = 32):
-        self.num_images, self.sketch_dim = num_images, sketch_dim
-
-    def run(self, cfg, adapter, strategy, sink, out_dir: Path) -> dict:
-        recorder = TrajectoryRecorder(adapter.num_steps, self.sketch_dim, seed=cfg.seed)
-        handle = attach(select_sites(adapter.model, adapter.site_patterns(strategy.granularity)), Reuse(), Always())
-        handle.observe(recorder)
-        try:
-            adapter.generate(adapter.make_inputs(self.num_images, cfg.seed), handle,
-                             progress="trajectory: full run" if cfg.progress else None)
-        finally:
-            handle.remove()
-        arrays = recorder.arrays()
-        write_bytes_atomic(out_dir / "trajectory.npz", npz_bytes(arrays))
-        figures = {"trajectory_statistics.png": statistics_figure(arrays)}
-        if self.sketch_dim:
-            figures["trajectory_pca.png"] = pca_figure(recorder.pca_paths())
-        for name, data in figures.items():
-            write_bytes_atomic(out_dir / name, data)
-            sink.log_image(f"trajectory/{name[:-4]}", out_dir / name)
-        per_step = {name: [nanmean(column) for column in arrays[name].T] for name in STATISTICS}
-        metrics = {"model": cfg.model.name, "granularity": strategy.granularity, "num_images": self.num_images,
-                   "sites": recorder.sites, "mean_over_sites": per_step, "sketch_bytes": recorder.sketch_bytes}
-        for s in range(adapter.num_steps):
-            sink.log({f"trajectory/{name}": per_step[name][s] for name in STATISTICS}, step=s)
-        write_json_atomic(out_dir / "metrics.json", metrics)
-        report = [f"# Feature trajectories: {cfg.model.name}, {strategy.granularity} sites", "",
-                  "Per site and step (full-compute run): norm, relative change and cosine to the previous step, "
-                  "relative second difference. `trajectory.npz` holds the (site, step) arrays.", ""]
-        report += [f"![{name}]({name})" for name in figures]
-        write_bytes_atomic(out_dir / "report.md", ("\n".join(report) + "\n").encode())
-        return metrics
 
 
 def statistics_figure(arrays: dict) -> bytes:

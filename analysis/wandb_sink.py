@@ -5,7 +5,7 @@ import math
 import os
 from pathlib import Path
 
-from cachelab.sink import Sink
+from analysis.sink import Sink
 
 
 class WandbSink(Sink):

@@ -63,6 +63,13 @@ def from_uint8_hwc(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).movedim(-1, -3).float() / 255
 
 
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of a compressed ``.npz`` (to write atomically)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def save_png_atomic(path: str | Path, image: torch.Tensor) -> None:
     """``image``: (C, H, W) in [0, 1]."""
     array = to_uint8_hwc(image)

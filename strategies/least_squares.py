@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from cachelab.predictor import Predictor, PredictorState
+from cachelab.core.predictor import Predictor, PredictorState
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cachelab.predictor import Predictor, PredictorState
+from cachelab.core.predictor import Predictor, PredictorState
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _DIFFERENCES = ("official", "newton")
@@ -37,7 +37,7 @@ class NewtonState(TaylorState):
 
 
 class TaylorSeer(Predictor):
-    """TaylorSeer of any order ``m >= 0``, the official rule (DESIGN.md §4), and its ablations.
+    """TaylorSeer of any order ``m >= 0``, the official rule (README, "The TaylorSeer rule"), and its ablations.
 
     At a full step ``s`` the new factors are ``D_0 = F`` and
     ``D_{i+1} = (new D_i - old D_i) / (s - s_last)`` for as long as the old factor

@@ -15,13 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from cachelab.adaptive import ErrorControlled, FirstBlockCache, MagCache, TeaCache
-from cachelab.checks import ConfigError, check_config
-from cachelab.controller import attach
-from cachelab.runner import run
-from cachelab.schedules import Decision, PerKindInterval, StepContext
-from cachelab.sites import Site, select_sites
-from cachelab.strategy import Strategy
+from cachelab.core.adaptive import ErrorControlled, FirstBlockCache, MagCache, TeaCache
+from cachelab.errors import ConfigError
+from cachelab.jobs.checks import check_config
+from cachelab.core.controller import attach
+from cachelab.jobs.runner import run
+from cachelab.core.schedules import Decision, PerKindInterval, StepContext
+from cachelab.core.sites import Site, select_sites
+from cachelab.core.strategy import Strategy
 from strategies.hermite import HiCache
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
@@ -165,7 +166,7 @@ def test_pab_matches_the_videosys_rule():
 
 
 def test_taylor_error_estimate_is_the_gap_between_orders():
-    """Factors {64, 12, 2} (values s^2 at full steps 0, 4, 8; DESIGN.md §4): the order-2 and
+    """Factors {64, 12, 2} (values s^2 at full steps 0, 4, 8; the README's test vectors): the order-2 and
     order-1 forecasts at 9 are 77 and 76; reuse's estimate is its whole value."""
     p = TaylorSeer(order=2, first_enhance=1)
     state = p.new_state()
@@ -376,10 +377,10 @@ BAD = [  # (overrides, what the message must name)
      ["modulated_input", "strategy.granularity='output'", "allowed: strategy.granularity in module, block"]),
     (["strategy=taylorseer_lite", "schedule=fbcache"], ["first_block_residual", "strategy.granularity='output'"]),
     (["strategy=adams_bashforth", "schedule=error_controlled"], ["error_estimate", "strategies.adams_bashforth"]),
-    (["strategy=teacache", "schedule=interval"], ["strategy='teacache'", "cachelab.adaptive.TeaCache",
+    (["strategy=teacache", "schedule=interval"], ["strategy='teacache'", "cachelab.core.adaptive.TeaCache",
                                                   "schedule=teacache"]),
     (["strategy=magcache", "schedule=magcache", "model=tiny_dit_random"],
-     ["schedule.calibration='tiny_dit_random'", "python -m cachelab.calibrate"]),
+     ["schedule.calibration='tiny_dit_random'", "python run.py job=calibrate"]),
 ]
 
 
@@ -430,10 +431,11 @@ FAST = ["model=tiny_dit_random", "num_images=2", "num_steps=8", "measure.flops=f
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory) -> Path:
-    from cachelab.calibrate import main
-
-    out = main(["model=tiny_dit_random", "num_steps=8", f"out={tmp_path_factory.mktemp('cal') / 'random.json'}"])
+    out_dir = tmp_path_factory.mktemp("cal")
+    returned = run(make_cfg("job=calibrate", "model=tiny_dit_random", "num_steps=8", "logger=none"), out_dir)
+    out = out_dir / "calibration.json"
     record = json.loads(out.read_text())
+    assert record == json.loads(json.dumps(returned))  # what the job returned is what it wrote
     assert record["model"] == "tiny_dit_random" and len(record["ratios"]) == 8 and record["ratios"][0] == 1.0
     assert all(r > 0 for r in record["ratios"])
     return out
@@ -442,7 +444,7 @@ def calibration(tmp_path_factory) -> Path:
 def test_magnitude_ratios_match_hooks_on_the_first_and_last_block():
     """MagCache's ratios against the stack residual taken by plain forward hooks: the first
     block's input, the last block's output, per-token norms, mean ratio per step."""
-    from cachelab.calibrate import magnitude_ratios
+    from cachelab.jobs.calibrate import magnitude_ratios
 
     adapter = tiny_adapter(arch=dict(hidden_size=32, depth=3, num_heads=2, patch_size=2), num_steps=8)
     inputs = adapter.make_inputs(2, seed=7)
@@ -462,7 +464,7 @@ def test_magnitude_ratios_match_hooks_on_the_first_and_last_block():
 def test_teacache_fit_matches_an_independent_fit():
     """The fitted polynomial against numpy's Polynomial.fit on pairs recorded by hand: block 0's
     modulated input (the method wrapped directly) and the sampler's model output per step."""
-    from cachelab.calibrate import teacache_fit
+    from cachelab.jobs.calibrate import teacache_fit
 
     adapter = tiny_adapter(num_steps=12)
     inputs = adapter.make_inputs(2, seed=6)

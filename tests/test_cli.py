@@ -21,7 +21,7 @@ from PIL import Image
 
 from analysis.wandb_log import history, summary
 from cachelab.assets import read_manifest
-from cachelab.schedules import Interval
+from cachelab.core.schedules import Interval
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"num_steps": "4", "num_images": "2", "progress": "false", "measure.flops": "false"}
@@ -128,8 +128,8 @@ def test_strategy_none_is_exact(tmp_path):
 
 def test_paper_metrics_without_weights_are_skipped_with_a_message(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_app(overrides("+paper_metrics.lpips._target_=cachelab.paper_metrics.LPIPS",
-                             "+paper_metrics.clip._target_=cachelab.paper_metrics.CLIPScore",
+    proc = run_app(overrides("+paper_metrics.lpips._target_=cachelab.evaluation.paper_metrics.LPIPS",
+                             "+paper_metrics.clip._target_=cachelab.evaluation.paper_metrics.CLIPScore",
                              "logger=none", f"hydra.run.dir={run_dir}"),
                    env={**app_env(tmp_path), "TORCH_HOME": str(tmp_path / "torch")})  # an empty weights cache
     check_ok(proc)
@@ -184,8 +184,8 @@ def test_diffusers_pipelines_run_end_to_end(model, tmp_path):
 
 def test_atlas_entry_point_writes_arrays_figures_report_and_check(tmp_path):
     run_dir = tmp_path / "run"
-    check_ok(run_app(overrides("analysis=atlas", "analysis.orders=[0,2]", "analysis.intervals=[2,3]",
-                               "analysis.num_images=2", "num_steps=8", "strategy=taylor", "interval=3",
+    check_ok(run_app(overrides("job=atlas", "job.orders=[0,2]", "job.intervals=[2,3]",
+                               "job.num_images=2", "num_steps=8", "strategy=taylor", "interval=3",
                                "logger=none", f"hydra.run.dir={run_dir}")))
     metrics = read_metrics(run_dir)
     assert set(metrics["mean_forecast_error"]) == {"taylor_o0_N2", "taylor_o0_N3", "taylor_o2_N2", "taylor_o2_N3",
@@ -204,7 +204,7 @@ def test_atlas_entry_point_writes_arrays_figures_report_and_check(tmp_path):
 
 def test_trajectory_entry_point(tmp_path):
     run_dir = tmp_path / "run"
-    check_ok(run_app(overrides("analysis=trajectory", "analysis.num_images=2", "analysis.sketch_dim=4",
+    check_ok(run_app(overrides("job=trajectory", "job.num_images=2", "job.sketch_dim=4",
                                "logger=none", f"hydra.run.dir={run_dir}")))
     metrics = read_metrics(run_dir)
     arrays = np.load(run_dir / "trajectory.npz")

@@ -11,12 +11,13 @@ import torch
 from omegaconf import OmegaConf
 from torch._dynamo.utils import counters
 
-from cachelab.checks import ConfigError, check_compile
-from cachelab.compiling import compile_regions, uncompile_regions
-from cachelab.metrics import relative_l2
-from cachelab.runner import run
-from cachelab.schedules import Interval, Mask
-from cachelab.strategy import Strategy
+from cachelab.errors import ConfigError
+from cachelab.jobs.checks import check_compile
+from cachelab.core.compiling import compile_regions, uncompile_regions
+from cachelab.evaluation.metrics import relative_l2
+from cachelab.jobs.runner import run
+from cachelab.core.schedules import Interval, Mask
+from cachelab.core.strategy import Strategy
 from strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 from tests.test_pipelines import tiny

@@ -10,12 +10,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cachelab.checks import ConfigError, check_config, check_group_choices, missing_values
+from cachelab.errors import ConfigError
+from cachelab.jobs.checks import check_config, check_group_choices, missing_values
 from cachelab.models.adapter import ModelAdapter
-from cachelab.predictor import Predictor
-from cachelab.runner import build_strategy
-from cachelab.schedules import Schedule
-from cachelab.sink import Sink
+from cachelab.core.predictor import Predictor
+from cachelab.jobs.base import build_strategy
+from cachelab.core.schedules import Schedule
+from analysis.sink import Sink
 
 CONF_DIR = (Path(__file__).resolve().parent.parent / "conf").resolve()
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))

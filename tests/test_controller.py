@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from cachelab.controller import attach
+from cachelab.core.controller import attach
 from cachelab.models.dit import modulate
-from cachelab.strategy import Strategy
-from cachelab.schedules import Always, Interval, Mask
-from cachelab.sites import Site, SitePattern, select_sites
+from cachelab.core.strategy import Strategy
+from cachelab.core.schedules import Always, Interval, Mask
+from cachelab.core.sites import Site, SitePattern, select_sites
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter

@@ -1,6 +1,6 @@
 """Parity with other tools' caching on a tiny FLUX pipeline: diffusers' own hooks and, when
 installed, cache-dit (``pip install -e ".[peers]"``), each against cachelab set up to mean the
-same thing (:mod:`cachelab.peers`). Each pair asserts the same full steps, outputs within a
+same thing (:mod:`train_free_runs.bench.peers`). Each pair asserts the same full steps, outputs within a
 tight tolerance, and that changing one setting on cachelab's side breaks the match.
 
 TaylorSeer (``TaylorSeerCacheConfig``): with the same sites (its default: every attention
@@ -18,13 +18,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cachelab import peers
-from cachelab.adaptive import MagCache
-from cachelab.controller import attach
-from cachelab.metrics import relative_l2
-from cachelab.schedules import Interval, Mask
-from cachelab.sites import select_sites
-from cachelab.strategy import Strategy
+from train_free_runs.bench import peers
+from cachelab.core.adaptive import MagCache
+from cachelab.core.controller import attach
+from cachelab.evaluation.metrics import relative_l2
+from cachelab.core.schedules import Interval, Mask
+from cachelab.core.sites import select_sites
+from cachelab.core.strategy import Strategy
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
 from tests.test_pipelines import tiny
@@ -81,7 +81,7 @@ def test_official_rule_differs_by_exactly_the_documented_differences(flux):
         assert gap > 10 * TOLERANCE, (name, gaps)
 
 
-# -- the pairs of cachelab.peers: same full steps, same outputs, and a changed setting breaks them
+# -- the pairs of train_free_runs.bench.peers: same full steps, same outputs, and a changed setting breaks them
 def peer_run(adapter, pair: peers.Pair) -> peers.Observation:
     with pair.peer():
         return peers.observe(adapter, adapter.inputs, pair.probe)

@@ -8,7 +8,8 @@ import torch
 
 from cachelab.models.dit import DiT, TimestepEmbedder, dit_from_preset, load_checkpoint
 from cachelab.models.dit_adapter import DiTAdapter
-from cachelab.models.loading import WeightsUnavailable, load_vae
+from cachelab.errors import WeightsUnavailable
+from cachelab.models.loading import load_vae
 from tests.conftest import tiny_adapter
 
 
@@ -97,12 +98,13 @@ def test_unreachable_vae_names_itself(monkeypatch):
 
 def test_shipped_weights_load_by_name_with_their_architecture(tmp_path, monkeypatch):
     from cachelab import assets
+    from cachelab.jobs.shipping import write_asset
 
     monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path)
     source = tiny_adapter(init_seed=7).model
     arch = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                 learn_sigma=False)
-    assets.write_asset("tiny_test", source.state_dict(), {"arch": arch})
+    write_asset("tiny_test", source.state_dict(), {"arch": arch})
     shipped = DiTAdapter(name="shipped", weights="tiny_test", num_steps=10)
     inputs = shipped.make_inputs(2, seed=0)
     assert shipped.latent_shape == (1, 8, 8)
@@ -110,7 +112,7 @@ def test_shipped_weights_load_by_name_with_their_architecture(tmp_path, monkeypa
 
 
 def test_adapter_scores_samples_with_its_judge():
-    from cachelab.judge import DigitJudge
+    from cachelab.evaluation.judge import DigitJudge
 
     adapter = tiny_adapter(input_size=32, judge=DigitJudge())
     inputs = adapter.make_inputs(4, seed=0)

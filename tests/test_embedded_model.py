@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from cachelab.assets import load_asset, read_manifest
-from cachelab.judge import DigitJudge
+from cachelab.evaluation.judge import DigitJudge
 from cachelab.models.adapter import Inputs
 from cachelab.models.dit_adapter import DiTAdapter
-from cachelab.runner import Strategy
-from cachelab.schedules import Interval
+from cachelab.core.strategy import Strategy
+from cachelab.core.schedules import Interval
 from strategies.taylor import TaylorSeer
 
 

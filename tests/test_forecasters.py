@@ -184,7 +184,7 @@ def test_hicache_equals_taylor_at_sigma_one_over_root_two_for_order_one_only():
 
 
 def test_hicache_on_lines_exact_at_root_half_and_half_slope_at_one_half():
-    """DESIGN §5 / caching-methods §5: a rising line is reproduced (no sign bug) at sigma =
+    """HiCache (strategies/hermite.py): a rising line is reproduced (no sign bug) at sigma =
     1/sqrt(2); at sigma = 0.5 the forecast is reuse + 1/2 slope * k."""
     rng = random.Random(6)
     for _ in range(20):

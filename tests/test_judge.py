@@ -9,9 +9,10 @@ import scipy.linalg
 import torch
 
 from cachelab import assets
-from cachelab.assets import AssetCorrupt, load_asset, read_manifest
-from cachelab.digits import load_digits32
-from cachelab.judge import DigitJudge, frechet_distance, gaussian_stats
+from cachelab.assets import load_asset, read_manifest
+from cachelab.errors import AssetCorrupt
+from cachelab.evaluation.digits import load_digits32
+from cachelab.evaluation.judge import DigitJudge, frechet_distance, gaussian_stats
 
 
 def test_frechet_distance_against_scipy_sqrtm():

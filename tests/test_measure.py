@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cachelab.flops import count_flops
+from cachelab.evaluation.flops import count_flops
 from cachelab.io import write_json_atomic
-from cachelab.metrics import psnr, relative_l2, ssim
-from cachelab.schedules import Interval
+from cachelab.evaluation.metrics import psnr, relative_l2, ssim
+from cachelab.core.schedules import Interval
 from strategies.taylor import TaylorSeer
-from cachelab.strategy import Strategy
+from cachelab.core.strategy import Strategy
 from tests.conftest import tiny_adapter
 
 

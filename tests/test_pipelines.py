@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cachelab.models.loading import WeightsUnavailable
+from cachelab.errors import WeightsUnavailable
 from cachelab.models.pipelines.base import PipelineAdapter
-from cachelab.controller import attach
-from cachelab.schedules import Always, Interval, PerKindInterval
-from cachelab.sites import select_sites
-from cachelab.strategy import Strategy
+from cachelab.core.controller import attach
+from cachelab.core.schedules import Always, Interval, PerKindInterval
+from cachelab.core.sites import select_sites
+from cachelab.core.strategy import Strategy
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
 

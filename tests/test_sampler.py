@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cachelab.diffusion import DDIMSchedule, linear_betas, respaced_timesteps
-from cachelab.samplers import ddim
+from cachelab.models.diffusion import DDIMSchedule, linear_betas, respaced_timesteps
+from cachelab.models.samplers import ddim
 
 
 def test_respacing_matches_adm_rule():

@@ -1,4 +1,4 @@
-"""``mode=sample``: chunked, resumable generation for large evaluations, on the embedded
+"""``job=sample``: chunked, resumable generation for large evaluations, on the embedded
 trained digits DiT (6 steps, chunks of 3 images, one thread). References are computed
 independently: each chunk generated alone through the adapter with a fresh cache handle,
 from the documented seed of chunk i (numpy SeedSequence([seed, i]))."""
@@ -15,17 +15,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cachelab.checks import ConfigError, check_config
-from cachelab.judge import frechet_distance, gaussian_stats
+from cachelab.errors import ConfigError
+from cachelab.jobs.checks import check_config, check_group_choices
+from cachelab.evaluation.judge import frechet_distance, gaussian_stats
 from cachelab.models.dit_adapter import DiTAdapter
 from cachelab.models.pipelines.dit import DiffusersDiTAdapter
-from cachelab.paper_metrics import InceptionFID
-from cachelab.runner import build, build_strategy, run
-from cachelab.sampling import evaluate, plan
+from cachelab.evaluation.paper_metrics import InceptionFID
+from cachelab.jobs.base import build, build_strategy
+from cachelab.jobs.runner import run
+from cachelab.jobs.sample import evaluate, plan
 
 REPO = Path(__file__).resolve().parent.parent
 # 6 steps with N=5: full steps 0 and 1, then 4 forecasts, so a leaked cache would show
-FAST = ["mode=sample", "num_steps=6", "num_images=7", "batch_size=3", "threads=1", "progress=false",
+FAST = ["job=sample", "num_steps=6", "num_images=7", "job.batch_size=3", "threads=1", "progress=false",
         "logger=none", "measure.flops=false"]
 SIZES = [3, 3, 1]
 
@@ -67,7 +69,7 @@ def full_run(tmp_path_factory) -> tuple[Path, dict]:
     """7 images in 3 chunks, baseline too, in one uninterrupted run."""
     run_dir = tmp_path_factory.mktemp("full")
     threads = torch.get_num_threads()
-    metrics = run(make_cfg("baseline_samples=true"), run_dir)
+    metrics = run(make_cfg("job.baseline_samples=true"), run_dir)
     torch.set_num_threads(threads)
     return run_dir, metrics
 
@@ -111,7 +113,7 @@ def test_merged_samples_are_the_chunks_in_the_adm_format(full_run):
 def test_metrics_json_counts_chunks_times_and_cache_stats(full_run):
     run_dir, metrics = full_run
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert (metrics["mode"], metrics["num_images"], metrics["batch_size"], metrics["num_chunks"]) == ("sample", 7, 3, 3)
+    assert (metrics["job"], metrics["num_images"], metrics["batch_size"], metrics["num_chunks"]) == ("sample", 7, 3, 3)
     assert (metrics["chunks_generated"], metrics["chunks_resumed"]) == (3, 0)
     chunks = metrics["chunks"]
     assert [(c["index"], c["start"], c["size"]) for c in chunks] == [(0, 0, 3), (1, 3, 3), (2, 6, 1)]
@@ -131,7 +133,7 @@ def test_one_chunk_run_gives_the_same_first_chunk(full_run, tmp_path):
 
 
 def test_compiled_sampling_gives_the_eager_chunks(full_run, tmp_path):
-    """compile=... applies in mode=sample too (aot_eager: dynamo's graphs without a C++ toolchain)."""
+    """compile=... applies in job=sample too (aot_eager: dynamo's graphs without a C++ toolchain)."""
     torch._dynamo.reset()
     run(make_cfg("compile=inductor", "compile.backend=aot_eager"), tmp_path)
     for index in range(len(SIZES)):
@@ -212,13 +214,13 @@ def test_paper_metrics_stream_chunk_by_chunk(full_run):
 
 
 def test_paper_metrics_offline_are_skipped_with_a_message(tmp_path, capsys):
-    metrics = run(make_cfg("num_images=2", "+paper_metrics.fid._target_=cachelab.paper_metrics.InceptionFID",
+    metrics = run(make_cfg("num_images=2", "+paper_metrics.fid._target_=cachelab.evaluation.paper_metrics.InceptionFID",
                            f"+paper_metrics.fid.reference={tmp_path / 'missing.npz'}",
-                           "+paper_metrics.lpips._target_=cachelab.paper_metrics.LPIPS"), tmp_path)
+                           "+paper_metrics.lpips._target_=cachelab.evaluation.paper_metrics.LPIPS"), tmp_path)
     skipped = metrics["paper_metrics"]
     assert skipped["fid"]["skipped"].startswith("Inception FID skipped:")
     assert skipped["lpips"]["skipped"].startswith("LPIPS skipped: it compares the cached images with the baseline's")
-    assert "allowed: baseline_samples=true" in skipped["lpips"]["skipped"]
+    assert "allowed: job.baseline_samples=true" in skipped["lpips"]["skipped"]
     err = capsys.readouterr().err
     assert "warning: Inception FID skipped" in err and "warning: LPIPS skipped" in err
 
@@ -230,13 +232,11 @@ def test_prompt_lists_continue_across_chunks():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("batch_size=0", "batch_size=0 is out of range; allowed: integers >= 1"),
-    ("batch_size=1.5", "batch_size=1.5 is not an integer; allowed: integers >= 1"),
+    ("job.batch_size=0", "job.batch_size=0 is out of range; allowed: integers >= 1"),
+    ("job.batch_size=1.5", "job.batch_size=1.5 is not an integer; allowed: integers >= 1"),
     ("num_images=0", "num_images=0 is out of range; allowed: integers >= 1"),
     ("num_images=-5", "num_images=-5 is out of range; allowed: integers >= 1"),
-    ("mode=fid", "mode='fid' is not allowed; allowed: compare, sample"),
-    ("baseline_samples=maybe", "baseline_samples='maybe' is not allowed; allowed: true, false"),
-    ("analysis=atlas", "mode=sample runs no analysis"),
+    ("job.baseline_samples=maybe", "job.baseline_samples='maybe' is not allowed; allowed: true, false"),
 ])
 def test_bad_input_is_a_config_error_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -244,9 +244,14 @@ def test_bad_input_is_a_config_error_naming_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_an_unknown_job_is_one_line_naming_the_allowed_ones():
+    with pytest.raises(ConfigError, match="job='fid' is unknown; allowed: atlas, calibrate, compare, sample, trajectory"):
+        check_group_choices(["job=fid"], REPO / "conf")
+
+
 def test_bad_batch_size_on_the_command_line_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "run.py", *FAST, "batch_size=0", "model=tiny_dit", "logger=none",
+    proc = subprocess.run([sys.executable, "run.py", *FAST, "job.batch_size=0", "model=tiny_dit", "logger=none",
                            f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr == "error: batch_size=0 is out of range; allowed: integers >= 1\n"
+    assert proc.stderr == "error: job.batch_size=0 is out of range; allowed: integers >= 1\n"
     assert not (tmp_path / "samples").exists()

@@ -1,11 +1,11 @@
-"""Schedules against DESIGN.md's full-step sets and a stateful copy of the official counter."""
+"""Schedules against the README's full-step sets ("The TaylorSeer rule") and a stateful copy of the official counter."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from cachelab.schedules import Always, Decision, Interval, StepContext
+from cachelab.core.schedules import Always, Decision, Interval, StepContext
 
 
 @pytest.mark.parametrize("first_enhance, interval, expected", [
@@ -74,7 +74,7 @@ def test_bad_parameters(kwargs, key):
 
 
 def test_mask_schedule_from_steps_or_bools():
-    from cachelab.schedules import Mask
+    from cachelab.core.schedules import Mask
 
     expected = [s in (0, 3, 4) for s in range(6)]
     assert Mask(full_steps=[4, 0, 3, 3]).mask(6) == expected

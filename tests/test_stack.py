@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cachelab.adaptive import FirstBlockCache
-from cachelab.checks import ConfigError
-from cachelab.controller import attach
-from cachelab.metrics import relative_l2
-from cachelab.schedules import Interval, Mask
-from cachelab.sites import Site, SitePattern, SitePatterns, select_sites
-from cachelab.strategy import Strategy
+from cachelab.core.adaptive import FirstBlockCache
+from cachelab.errors import ConfigError
+from cachelab.core.controller import attach
+from cachelab.evaluation.metrics import relative_l2
+from cachelab.core.schedules import Interval, Mask
+from cachelab.core.sites import Site, SitePattern, SitePatterns, select_sites
+from cachelab.core.strategy import Strategy
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter

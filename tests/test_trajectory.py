@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from analysis.trajectory import TrajectoryRecorder
-from cachelab.controller import attach
-from cachelab.schedules import Always
-from cachelab.sites import Site
+from cachelab.core.controller import attach
+from cachelab.core.schedules import Always
+from cachelab.core.sites import Site
 from strategies.reuse import Reuse
 
 

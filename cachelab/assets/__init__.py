@@ -1,5 +1,7 @@
-"""Weights the project trains and ships: ``<name>.pt`` beside ``<name>.json`` (its manifest:
-sha256, the exact training config and command, data, measured quality)."""
+"""What the project ships inside the package, read-only: trained weights (``<name>.pt`` beside
+``<name>.json``, its manifest: sha256, the exact training config and command, data, measured
+quality) and calibrations of the adaptive schedules (``calibration_<model>.json``).
+Imports only torch and the standard library, so the core's schedules can read calibrations."""
 from __future__ import annotations
 
 import hashlib
@@ -9,30 +11,20 @@ from pathlib import Path
 
 import torch
 
-from cachelab.checks import UserError
-from cachelab.io import save_torch_atomic, write_json_atomic
+from cachelab.errors import AssetCorrupt, ConfigError
 
 ASSETS_DIR = Path(__file__).resolve().parent
-
-
-class AssetCorrupt(UserError, RuntimeError):
-    """A shipped weights file is missing or does not match its manifest's sha256."""
+CALIBRATION_PREFIX = "calibration_"
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_asset(name: str, state_dict: dict, manifest: dict) -> None:
-    data = save_torch_atomic(ASSETS_DIR / f"{name}.pt", state_dict)
-    write_json_atomic(ASSETS_DIR / f"{name}.json", {**manifest, "file": f"{name}.pt", "sha256": sha256(data),
-                                                    "bytes": len(data)})
-
-
 def read_manifest(name: str) -> dict:
     path = ASSETS_DIR / f"{name}.json"
     if not path.is_file():
-        available = sorted(p.stem for p in ASSETS_DIR.glob("*.json"))
+        available = sorted(p.stem for p in ASSETS_DIR.glob("*.json") if not p.stem.startswith(CALIBRATION_PREFIX))
         raise AssetCorrupt(f"no shipped asset {name!r} ({path}); available: {', '.join(available) or 'none'}")
     return json.loads(path.read_text())
 
@@ -49,3 +41,25 @@ def load_asset(name: str) -> tuple[dict, dict]:
         raise AssetCorrupt(f"{path} has sha256 {digest[:12]}..., its manifest says {manifest['sha256'][:12]}...: "
                            f"the file is corrupt or was replaced (git lfs pointer?); restore it from the repository")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), manifest
+
+
+def shipped_calibrations() -> list[str]:
+    """The model names with a shipped calibration."""
+    return sorted(p.stem[len(CALIBRATION_PREFIX):] for p in ASSETS_DIR.glob(f"{CALIBRATION_PREFIX}*.json"))
+
+
+def calibration_path(calibration: str) -> Path:
+    """A ``.json`` path as given, else the shipped calibration of that model name."""
+    return Path(calibration) if calibration.endswith(".json") else ASSETS_DIR / f"{CALIBRATION_PREFIX}{calibration}.json"
+
+
+def load_calibration(calibration: str) -> dict:
+    """The calibration record (``model``, ``num_steps``, ``ratios``, ``teacache_coefficients``, ...)
+    of ``calibration``: a path to a ``.json`` file (``python run.py job=calibrate`` writes one into
+    its run folder) or the name of a model with a shipped calibration."""
+    path = calibration_path(calibration)
+    if not path.is_file():
+        raise ConfigError(f"schedule.calibration={calibration!r}: no file {path}; allowed: a path to a .json "
+                          f"file or a shipped name ({', '.join(shipped_calibrations()) or 'none'}); record one "
+                          f"with `python run.py job=calibrate model=<model> num_steps=<T>`")
+    return json.loads(path.read_text())

@@ -9,10 +9,10 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from cachelab.controller import CacheHandle
-from cachelab.samplers import Callback
-from cachelab.schedules import Decision
-from cachelab.sites import SitePattern
+from cachelab.core.controller import CacheHandle
+from cachelab.models.samplers import Callback
+from cachelab.core.schedules import Decision
+from cachelab.core.sites import SitePattern
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

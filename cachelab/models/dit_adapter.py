@@ -6,14 +6,14 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from cachelab.controller import CacheHandle
-from cachelab.diffusion import DDIMSchedule
+from cachelab.core.controller import CacheHandle
+from cachelab.models.diffusion import DDIMSchedule
 from cachelab.models.adapter import DTYPES, Inputs, ModelAdapter
 from cachelab.models.dit import DiT, dit_from_preset, load_checkpoint
 from cachelab.assets import load_asset
 from cachelab.models.loading import load_vae
-from cachelab.samplers import Callback, ddim
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.samplers import Callback, ddim
+from cachelab.core.sites import SitePattern, SitePatterns
 
 _BLOCK = r"blocks\.\d+"
 # Signals of adaptive schedules, read inside block 0 (which then always computes); not at

@@ -4,11 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cachelab.checks import UserError
-
-
-class WeightsUnavailable(UserError, RuntimeError):
-    """Pretrained weights could not be loaded; the message names them and the fix."""
+from cachelab.errors import WeightsUnavailable
 
 
 def load_pretrained(cls, name_or_path: str, key: str, **kwargs):

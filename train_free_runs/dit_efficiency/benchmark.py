@@ -4,14 +4,14 @@ For each model shape (random weights, 256px latents), each predictor (reuse, Tay
 several orders), each interval N of the Interval schedule and each cache granularity, this
 measures against the full-compute baseline from the same seed:
 
-* FLOPs speedup   baseline / cached FLOPs of one whole generation (cachelab.flops.count_flops;
+* FLOPs speedup   baseline / cached FLOPs of one whole generation (cachelab.evaluation.flops.count_flops;
                   deterministic and blind to the predictor's elementwise work, so counted once
                   per granularity and interval);
 * wall speedup    median baseline wall / median cached wall; the baseline is timed --repeats
                   times before and --repeats times after all configurations of a model (its
                   min/max show the drift), each configuration --repeats times after a warm-up;
 * efficiency      wall speedup / FLOPs speedup (1.0: the saved FLOPs are saved time);
-* rel-L2          of the cached latents vs the baseline latents (cachelab.metrics.relative_l2);
+* rel-L2          of the cached latents vs the baseline latents (cachelab.evaluation.metrics.relative_l2);
 * per-step times  baseline full step = baseline wall / steps; forecast step =
                   (cached wall - num_full * full step) / num_forecast, which also carries the
                   predictor's extra work at full steps (factor updates), see README.md.
@@ -38,14 +38,14 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from cachelab.flops import count_flops  # noqa: E402
+from cachelab.evaluation.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic, write_json_atomic  # noqa: E402
-from cachelab.metrics import relative_l2  # noqa: E402
+from cachelab.evaluation.metrics import relative_l2  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
-from cachelab.runner import timed_generation  # noqa: E402
-from cachelab.strategy import Strategy  # noqa: E402
-from cachelab.schedules import Interval  # noqa: E402
-from cachelab.sites import GRANULARITIES  # noqa: E402
+from cachelab.jobs.runner import timed_generation  # noqa: E402
+from cachelab.core.strategy import Strategy  # noqa: E402
+from cachelab.core.schedules import Interval  # noqa: E402
+from cachelab.core.sites import GRANULARITIES  # noqa: E402
 from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 

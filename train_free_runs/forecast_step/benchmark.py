@@ -26,14 +26,14 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cachelab.benchmarking import copy_bandwidth, machine, median_seconds, seconds  # noqa: E402
-from cachelab.controller import attach  # noqa: E402
+from train_free_runs.bench.timing import copy_bandwidth, machine, median_seconds, seconds  # noqa: E402
+from cachelab.core.controller import attach  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
-from cachelab.schedules import Mask  # noqa: E402
-from cachelab.sites import Site  # noqa: E402
-from cachelab.strategy import Strategy  # noqa: E402
+from cachelab.core.schedules import Mask  # noqa: E402
+from cachelab.core.sites import Site  # noqa: E402
+from cachelab.core.strategy import Strategy  # noqa: E402
 from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 

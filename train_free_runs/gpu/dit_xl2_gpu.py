@@ -22,13 +22,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cachelab.benchmarking import copy_bandwidth, machine, median_seconds  # noqa: E402
-from cachelab.compiling import compile_regions, uncompile_regions  # noqa: E402
-from cachelab.flops import count_flops  # noqa: E402
+from train_free_runs.bench.timing import copy_bandwidth, machine, median_seconds  # noqa: E402
+from cachelab.core.compiling import compile_regions, uncompile_regions  # noqa: E402
+from cachelab.evaluation.flops import count_flops  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
-from cachelab.schedules import Interval  # noqa: E402
-from cachelab.strategy import Strategy  # noqa: E402
+from cachelab.core.schedules import Interval  # noqa: E402
+from cachelab.core.strategy import Strategy  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 
 

@@ -7,7 +7,7 @@ rel-L2 / PSNR against full compute (and rel-L2 between the two tools).
 
 The pipeline has tiny text encoders and a random FLUX transformer of a measurable size
 (``--layers``/``--width``); it is built once into ``--folder`` and loaded through
-``from_pretrained``. Each pair (:mod:`cachelab.peers`) uses settings that mean the same
+``from_pretrained``. Each pair (:mod:`train_free_runs.bench.peers`) uses settings that mean the same
 thing in both tools. The peers are diffusers' own hooks and, when installed
 (``pip install -e ".[peers]"``), cache-dit; without it its rows are skipped.
 """
@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cachelab import peers  # noqa: E402
-from cachelab.benchmarking import machine, median_seconds, seconds  # noqa: E402
-from cachelab.flops import count_flops  # noqa: E402
+from train_free_runs.bench.timing import machine, median_seconds, seconds  # noqa: E402
+from cachelab.evaluation.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
-from cachelab.metrics import psnr, relative_l2  # noqa: E402
+from cachelab.evaluation.metrics import psnr, relative_l2  # noqa: E402
 from cachelab.models.pipelines.flux import FluxAdapter  # noqa: E402
 
 FAMILIES = ("taylorseer", "fbcache", "magcache", "pab", "dbcache")
@@ -90,7 +90,7 @@ class Measured:
 
 
 def observed(adapter: FluxAdapter, inputs, probe: str, wall: float, handle=None, held=None) -> Measured:
-    """``wall`` with the FLOPs of, and an observation (:func:`cachelab.peers.observe`) of, one generation."""
+    """``wall`` with the FLOPs of, and an observation (:func:`train_free_runs.bench.peers.observe`) of, one generation."""
     _, flops = count_flops(lambda: adapter.generate(inputs, handle))
     return Measured(wall, flops, peers.observe(adapter, inputs, probe, handle, held))
 

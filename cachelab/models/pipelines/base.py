@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from cachelab.controller import CacheHandle
+from cachelab.core.controller import CacheHandle
 from cachelab.models.adapter import DTYPES, ModelAdapter
 from cachelab.models.loading import load_pretrained
 from cachelab.models.pipelines.driver import PipelineDriver
-from cachelab.samplers import Callback
-from cachelab.sites import SitePattern, SitePatterns
+from cachelab.models.samplers import Callback
+from cachelab.core.sites import SitePattern, SitePatterns
 
 
 def family_sites(module: list[SitePattern], block: str, residual, probes: dict) -> dict[str, SitePatterns]:
@@ -61,7 +61,7 @@ class PipelineAdapter(ModelAdapter):
         self.prompts, self.negative_prompt = list(prompts), negative_prompt
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         # plain containers: pipelines type-check nested arguments (HunyuanVideo's prompt_template)
-        self.call_kwargs = OmegaConf.to_container(OmegaConf.create(dict(call_kwargs or {})))
+        self.call_kwargs = plain(dict(call_kwargs or {}))
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
 
     # -- what a family defines -------------------------------------------------------
@@ -134,3 +134,12 @@ class PipelineAdapter(ModelAdapter):
         laid out as images."""
         return latents.flatten(0, 1) if latents.dim() == 5 else latents
 
+
+def plain(value):
+    """Nested mappings and sequences (Hydra's DictConfig and ListConfig among them) as plain
+    dicts and lists; strings and other values as they are."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [plain(item) for item in value]
+    return value

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter, family_sites, PromptInputs
-from cachelab.sites import SitePattern
+from cachelab.core.sites import SitePattern
 
 _BLOCK = r"transformer_blocks\.\d+"
 # Adaptive schedules' signals: block 0's residual; its adaLN-Zero norm1 returns the modulated input first.

@@ -14,9 +14,9 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from cachelab.controller import CacheHandle
-from cachelab.samplers import Callback
-from cachelab.schedules import Decision
+from cachelab.core.controller import CacheHandle
+from cachelab.models.samplers import Callback
+from cachelab.core.schedules import Decision
 
 _MISSING = object()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter, family_sites
-from cachelab.sites import SitePattern
+from cachelab.core.sites import SitePattern
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
 STREAMS = ("encoder_hidden_states", "hidden_states")  # what a block returns, in order

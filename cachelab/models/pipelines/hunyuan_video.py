@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter, family_sites
-from cachelab.sites import SitePattern
+from cachelab.core.sites import SitePattern
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
 # Adaptive schedules' signals (as TeaCache4HunyuanVideo and FBCache): the first double

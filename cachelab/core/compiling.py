@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from cachelab.controller import CacheHandle
-from cachelab.sites import SitePattern
+from cachelab.core.controller import CacheHandle
+from cachelab.core.sites import SitePattern
 
 # torch.compile's modes (controller.CUDA_GRAPH_MODES replay CUDA graphs on a CUDA device)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

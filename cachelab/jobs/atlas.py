@@ -1,25 +1,24 @@
-"""``python run.py analysis=atlas``: one full-compute run shadowed by every candidate
+"""``python run.py job=atlas``: one full-compute run shadowed by every candidate
 (predictor family x order x interval N), the configured strategy audited in a real cached
 run, and the atlas written into the run folder: arrays, heatmaps, error-vs-k and
 derivative-error curves, a ranking per layer depth, ``report.md`` and ``metrics.json``."""
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
 import numpy as np
 
-from analysis.atlas import Atlas, Candidate, ForecastAudit
-from cachelab.figures import png_bytes, pyplot
-from cachelab.controller import attach
-from cachelab.io import write_bytes_atomic, write_json_atomic
-from cachelab.schedules import Always, Interval, StaticSchedule
-from cachelab.sites import select_sites
+from analysis.atlas import Atlas, Candidate, ForecastAudit, nanmean
+from analysis.figures import png_bytes, pyplot
+from cachelab.core.controller import attach
+from cachelab.io import npz_bytes, write_bytes_atomic, write_json_atomic
+from cachelab.core.schedules import Always, Interval, StaticSchedule
+from cachelab.core.sites import select_sites
 from strategies.reuse import Reuse
 
 
-class AtlasAnalysis:
+class AtlasJob:
     """``predictors``: family name -> factory taking ``order`` (Hydra ``_partial_``);
     candidates are every family x ``orders`` x ``intervals`` (warm-up ``first_enhance``)."""
 
@@ -213,14 +212,3 @@ def check_plot(check: dict) -> bytes:
     ax.set_ylabel("mean rel. error over sites")
     ax.legend(fontsize=8)
     return png_bytes(fig)
-
-
-def nanmean(values) -> float:
-    values = np.asarray(values, dtype=float)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
-def npz_bytes(arrays: dict) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()

@@ -1,11 +1,11 @@
-"""``mode=sample``: the images of a large evaluation (FID-50k), generated in resumable chunks.
+"""``job=sample``: the images of a large evaluation (FID-50k), generated in resumable chunks.
 
 Chunk ``i`` holds images ``i * batch_size`` onwards (``batch_size`` of them, fewer in the
 last one) and is generated afresh from its own seed, a function of ``(seed, i)`` alone, with
 the noise and conditioning that the adapter's ``make_inputs`` gives for that seed and start
 index: no chunk depends on another, on the order of the chunks or on how often the run was
 resumed. Every chunk is written atomically as soon as it is done (``samples/cached/00000.npz``
-and, with ``baseline_samples=true``, ``samples/baseline/00000.npz``): uint8 NHWC ``images``,
+and, with ``job.baseline_samples=true``, ``samples/baseline/00000.npz``): uint8 NHWC ``images``,
 the ``labels`` or ``prompts``, and its measurements (``meta``, JSON). A rerun into the same
 folder skips the finished chunks; a folder whose chunks came from other settings is refused.
 
@@ -28,22 +28,22 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cachelab.checks import ConfigError
-from cachelab.compiling import compiled_if_asked
-from cachelab.controller import CacheHandle, CacheStats
-from cachelab.flops import count_flops
+from cachelab.errors import ConfigError
+from analysis.sink import Sink
+from cachelab.core.compiling import compiled_if_asked
+from cachelab.core.controller import CacheHandle, CacheStats
+from cachelab.core.strategy import Strategy
+from cachelab.evaluation.flops import count_flops
+from cachelab.evaluation.paper_metrics import PaperMetricStream
 from cachelab.io import ArrayParts, from_uint8_hwc, to_uint8_hwc, write_json_atomic, write_npz_atomic
+from cachelab.jobs.base import build, describe, flatten, timed_generation
 from cachelab.models.adapter import ModelAdapter
-from cachelab.paper_metrics import PaperMetricStream
-from cachelab.runner import build, describe, flatten, timed_generation
-from cachelab.sink import Sink
-from cachelab.strategy import Strategy
 
 SAMPLES = "samples"         # the chunk folder inside the run folder
 SETTINGS = "settings.json"  # in it: the settings its chunks were generated with
 MERGED = {"cached": "samples.npz", "baseline": "samples_baseline.npz"}
 # the settings that decide a chunk's images; finished chunks are reused only if these are unchanged
-IMAGE_KEYS = ("model", "strategy", "schedule", "num_steps", "seed", "batch_size", "device")
+IMAGE_KEYS = ("model", "strategy", "schedule", "num_steps", "seed", "device")  # and the batch size
 CHUNK_KEYS = ("index", "start", "size", "seed")
 
 
@@ -72,13 +72,25 @@ def plan(num_images: int, batch_size: int, seed: int) -> list[Chunk]:
             for i, start in enumerate(range(0, num_images, batch_size))]
 
 
-def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sink, out_dir: Path) -> dict:
+class SampleJob:
+    """The cached images (and with ``baseline_samples`` the full-compute ones) in resumable
+    chunks of ``batch_size``, merged into ``samples.npz``."""
+
+    def __init__(self, batch_size: int = 250, baseline_samples: bool = False):
+        self.batch_size, self.baseline_samples = batch_size, baseline_samples
+
+    def run(self, cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sink, out_dir: Path) -> dict:
+        return sample(cfg, adapter, strategy, sink, out_dir, self.batch_size, self.baseline_samples)
+
+
+def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sink, out_dir: Path,
+           batch_size: int, baseline_samples: bool) -> dict:
     """Generate (or resume) every chunk, merge them, evaluate them; returns what metrics.json holds."""
     folder = Path(out_dir) / SAMPLES
-    claim(folder, cfg)
+    claim(folder, cfg, batch_size)
     paper = {name: build(cfg.paper_metrics, name) for name in cfg.paper_metrics}  # before hours of sampling
-    chunks = plan(cfg.num_images, cfg.batch_size, cfg.seed)
-    sides = ("cached", "baseline") if cfg.baseline_samples else ("cached",)
+    chunks = plan(cfg.num_images, batch_size, cfg.seed)
+    sides = ("cached", "baseline") if baseline_samples else ("cached",)
     records = {side: [] for side in sides}  # per chunk, its file's measurements
     generated = 0
     handle = strategy.attach(adapter)
@@ -107,9 +119,9 @@ def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sin
 
     counts = {side: merge(folder, chunks, side, records[side], Path(out_dir) / MERGED[side]) for side in sides}
     metrics = {
-        "mode": "sample",
+        "job": "sample",
         **describe(cfg, adapter, strategy),
-        "batch_size": cfg.batch_size,
+        "batch_size": batch_size,
         "num_chunks": len(chunks),
         "chunks_generated": generated,  # in this invocation; the others were finished before
         "chunks_resumed": len(chunks) - generated,
@@ -127,17 +139,18 @@ def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sin
     return metrics
 
 
-def claim(folder: Path, cfg: DictConfig) -> None:
+def claim(folder: Path, cfg: DictConfig, batch_size: int) -> None:
     """Record in ``folder`` the settings that decide the images, or, if it has them (a
     resumed run), check that they are the same; raises ConfigError naming the keys that differ."""
-    settings = json.loads(json.dumps({key: OmegaConf.to_container(cfg[key], resolve=True)
-                                      if OmegaConf.is_config(cfg[key]) else cfg[key] for key in IMAGE_KEYS}))
+    settings = json.loads(json.dumps({**{key: OmegaConf.to_container(cfg[key], resolve=True)
+                                         if OmegaConf.is_config(cfg[key]) else cfg[key] for key in IMAGE_KEYS},
+                                      "batch_size": batch_size}))
     path = folder / SETTINGS
     if not path.is_file():
         write_json_atomic(path, settings)
         return
     recorded = json.loads(path.read_text())
-    differ = [key for key in IMAGE_KEYS if recorded.get(key) != settings[key]]
+    differ = [key for key in settings if recorded.get(key) != settings[key]]
     if differ:
         raise ConfigError(f"{folder} holds chunks generated with other values of {', '.join(differ)} "
                           f"(recorded in {path.name}); allowed: the same values, or another hydra.run.dir")

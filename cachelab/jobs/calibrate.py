@@ -1,6 +1,5 @@
-"""A model's calibration for the adaptive schedules, from one full-compute run, into a JSON file::
-
-    python -m cachelab.calibrate model=tiny_dit num_steps=50 [num_images=1] [seed=0] [out=file.json]
+"""``python run.py job=calibrate model=<model> num_steps=<T>``: a model's calibration for the
+adaptive schedules, from one full-compute run, into ``calibration.json`` in the run folder.
 
 - MagCache: the magnitude ratio of the stack residual ``R_s`` (last block's output minus
   first block's input: the ``stack`` site) at every step,
@@ -11,46 +10,52 @@
   consecutive steps, as TeaCache fits its per-model coefficients: ``teacache_coefficients``
   (and the pairs it was fitted on, ``teacache_fit``).
 
-``out`` defaults to ``cachelab/assets/magcache_<model.name>.json``, where ``schedule=magcache``
-and ``schedule=teacache schedule.calibration=<name>`` find it by the model's name (or a path
-to a .json file).
+``schedule=magcache schedule.calibration=<path to calibration.json>`` (and ``schedule=teacache``)
+read it; the calibrations the project ships (``cachelab/assets/calibration_<model>.json``) are
+found by the model's name and are never rewritten by this job.
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
-from cachelab.adaptive import relative_l1
-from cachelab.assets import ASSETS_DIR
-from cachelab.checks import ConfigError
-from cachelab.controller import attach
+from analysis.sink import Sink
+from cachelab.core.adaptive import relative_l1
+from cachelab.core.controller import attach
+from cachelab.core.outputs import Parts
+from cachelab.core.schedules import Always, Decision, Schedule, StepContext
+from cachelab.core.sites import select_sites
+from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
 from cachelab.models.adapter import Inputs, ModelAdapter
-from cachelab.outputs import Parts
-from cachelab.schedules import Always, Decision, Schedule, StepContext
-from cachelab.sites import select_sites
+from strategies.reuse import Reuse
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+CALIBRATION = "calibration.json"  # in the run folder
 
 
-def calibration_path(calibration: str) -> Path:
-    """A ``.json`` path as given, else the shipped calibration of that name."""
-    return Path(calibration) if calibration.endswith(".json") else ASSETS_DIR / f"magcache_{calibration}.json"
+class CalibrateJob:
+    """One full generation of ``num_images`` -> ``calibration.json`` (MagCache ratios, TeaCache fit)."""
 
+    def __init__(self, num_images: int = 1):
+        self.num_images = num_images
 
-def load_calibration(calibration: str) -> dict:
-    """The calibration record (``model``, ``num_steps``, ``ratios``, ...) of ``calibration``."""
-    path = calibration_path(calibration)
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.stem[len("magcache_"):] for p in ASSETS_DIR.glob("magcache_*.json"))) or "none"
-        raise ConfigError(f"schedule.calibration={calibration!r}: no file {path}; allowed: a path to a .json "
-                          f"file or a shipped name ({shipped}); record one with "
-                          f"`python -m cachelab.calibrate model=<model> num_steps=<T>`")
-    return json.loads(path.read_text())
+    def run(self, cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sink, out_dir: Path) -> dict:
+        torch.manual_seed(cfg.seed)
+        inputs = adapter.make_inputs(self.num_images, cfg.seed)
+        ratios = magnitude_ratios(adapter, inputs)
+        fit = teacache_fit(adapter, inputs)
+        record = {"model": cfg.model.name, "num_steps": adapter.num_steps, "num_images": self.num_images,
+                  "seed": cfg.seed, "ratios": ratios,
+                  "teacache_coefficients": fit["coefficients"],
+                  "teacache_fit": {"input_change, output_change": fit["pairs"]}}
+        path = Path(out_dir) / CALIBRATION
+        write_json_atomic(path, record)
+        sink.summary({"calibration/path": str(path)})
+        print(f"{path}\nuse it with: schedule.calibration={path}")
+        return record
 
 
 class StackResidualNorms:
@@ -79,8 +84,6 @@ class StackResidualNorms:
 
 def magnitude_ratios(adapter: ModelAdapter, inputs: Inputs) -> list[float]:
     """MagCache's ratio curve of ``adapter``'s model, from one full generation of ``inputs``."""
-    from strategies.reuse import Reuse
-
     recorder = StackResidualNorms()
     handle = attach(select_sites(adapter.model, adapter.site_patterns("stack")), Reuse(), Always())
     handle.observe(recorder)
@@ -111,8 +114,6 @@ def teacache_fit(adapter: ModelAdapter, inputs: Inputs, degree: int = 4) -> dict
     """TeaCache's rescaling polynomial for ``adapter``'s model from one full generation:
     ``coefficients`` (highest degree first) of the least-squares fit of the model output's
     relative L1 change on the modulated input's, and the ``pairs`` it was fitted on."""
-    from strategies.reuse import Reuse
-
     recorder, outputs = ModulatedInputs(), []
     handle = attach(select_sites(adapter.model, adapter.site_patterns("block")), Reuse(), recorder)
     try:
@@ -124,29 +125,3 @@ def teacache_fit(adapter: ModelAdapter, inputs: Inputs, degree: int = 4) -> dict
              for m_prev, m, o_prev, o in zip(signals, signals[1:], outputs, outputs[1:])]
     x, y = np.array(pairs).T
     return {"coefficients": np.polyfit(x, y, degree).tolist(), "pairs": pairs}
-
-
-def main(argv: list[str]) -> Path:
-    """Compose the config from ``argv`` (Hydra overrides, plus ``out=``), calibrate, write."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
-    overrides = [a for a in argv if not a.startswith("out=")]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["num_images=1", *overrides])
-    adapter: ModelAdapter = instantiate(cfg.model)
-    torch.manual_seed(cfg.seed)
-    inputs = adapter.make_inputs(cfg.num_images, cfg.seed)
-    ratios = magnitude_ratios(adapter, inputs)
-    fit = teacache_fit(adapter, inputs)
-    out = Path(outs[-1]) if outs else calibration_path(cfg.model.name)
-    write_json_atomic(out, {"model": cfg.model.name, "num_steps": cfg.num_steps, "num_images": cfg.num_images,
-                            "seed": cfg.seed, "ratios": ratios, "teacache_coefficients": fit["coefficients"],
-                            "teacache_fit": {"input_change, output_change": fit["pairs"]},
-                            "command": " ".join(["python -m cachelab.calibrate", *argv])})
-    return out
-
-
-if __name__ == "__main__":
-    print(main(sys.argv[1:]))

@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 
 
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images with 1 or >= 3 channels as RGB (grey repeated; extra latent channels dropped)."""
+    images = images.float().cpu()
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images[:, :3]
+
+
 def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
     """||x - ref|| / ||ref|| over the whole batch, in float64."""
     x, reference = x.double(), reference.double()

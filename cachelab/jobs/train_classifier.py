@@ -1,6 +1,6 @@
 """Train the digit judge (a small CNN) on the train split and ship it with reference statistics.
 
-    python -m cachelab.training.train_classifier
+    python -m cachelab.jobs.train_classifier
 
 Trains on the 4,000-digit train split with small random shifts, reports accuracy on the
 1,000 held-out digits, and writes into ``cachelab/assets/``: ``digit_classifier`` (weights,
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cachelab.assets import write_asset
-from cachelab.digits import load_digits32
-from cachelab.judge import DigitClassifier, classify, gaussian_stats
+from cachelab.jobs.shipping import write_asset
+from cachelab.evaluation.digits import load_digits32
+from cachelab.evaluation.judge import DigitClassifier, classify, gaussian_stats
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"held-out accuracy: {accuracy:.4f} on {len(test_y)} digits")
     all_x, _ = load_digits32("all")
     mu, cov = gaussian_stats(classify(model, all_x)[1])
-    command = "python -m cachelab.training.train_classifier " + " ".join(
+    command = "python -m cachelab.jobs.train_classifier " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     write_asset("digit_classifier", model.state_dict(), {
         "kind": "DigitClassifier", "command": command, "train_args": vars(args),

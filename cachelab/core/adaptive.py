@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from cachelab.schedules import Decision, Schedule, StaticSchedule, StepContext
+from cachelab.assets import load_calibration
+from cachelab.core.schedules import Decision, Schedule, StaticSchedule, StepContext
 
 
 class AdaptiveSchedule(Schedule):
@@ -74,7 +75,7 @@ class TeaCache(AdaptiveSchedule):
     input ``m`` (kept at every step), rescaled by the polynomial ``coefficients`` (highest
     degree first) and accumulated since the last full step; forecast while the sum is below
     ``threshold``. Step 0 and the last ``final_full`` steps are full. ``calibration`` (a
-    model name or .json path, ``python -m cachelab.calibrate``) takes the polynomial fitted
+    model name or .json path, ``python run.py job=calibrate``) takes the polynomial fitted
     for the model instead of ``coefficients``."""
 
     signals = ("modulated_input",)
@@ -84,12 +85,10 @@ class TeaCache(AdaptiveSchedule):
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
         if calibration is not None:
-            from cachelab.calibrate import load_calibration
-
             coefficients = load_calibration(calibration).get("teacache_coefficients")
             if coefficients is None:
                 raise ValueError(f"the calibration {calibration!r} has no TeaCache polynomial; record it again "
-                                 f"with `python -m cachelab.calibrate`")
+                                 f"with `python run.py job=calibrate`")
         if not coefficients:
             raise ValueError("coefficients must hold at least one number (highest degree first)")
         self.threshold = threshold
@@ -169,7 +168,7 @@ class ErrorControlled(AdaptiveSchedule):
 
 
 class MagCache(StaticSchedule):
-    """MagCache, from a calibration (``python -m cachelab.calibrate``: per-step magnitude
+    """MagCache, from a calibration (``python run.py job=calibrate``: per-step magnitude
     ratios ``r_s = mean_tokens ||R_s|| / ||R_{s-1}||`` of the stack residual, nearest-
     interpolated to ``T``). From step ``int(retention T)`` on: ``G <- G r_s``,
     ``E <- E + |1 - G|``, ``n <- n + 1``; forecast while ``E <= threshold`` and
@@ -177,8 +176,6 @@ class MagCache(StaticSchedule):
     reads no runtime signal, so the whole mask is known up front."""
 
     def __init__(self, calibration: str, threshold: float = 0.24, max_skip: int = 5, retention: float = 0.1):
-        from cachelab.calibrate import load_calibration
-
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
         if max_skip < 0:

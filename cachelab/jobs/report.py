@@ -4,18 +4,14 @@ from __future__ import annotations
 import torch
 from torchvision.utils import make_grid
 
+from cachelab.evaluation.metrics import as_rgb
+
 
 def comparison_grid(baseline: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     """(3, H', W'): one row per sample, columns baseline | cached | |baseline - cached|."""
     baseline, cached = as_rgb(baseline), as_rgb(cached)
     rows = torch.stack([baseline, cached, (baseline - cached).abs()], dim=1).flatten(0, 1)
     return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
-
-
-def as_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Images with 1 or >= 3 channels as RGB (grey repeated; extra latent channels dropped)."""
-    images = images.float().cpu()
-    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images[:, :3]
 
 
 def summary_table(m: dict) -> str:
@@ -49,7 +45,7 @@ def summary_table(m: dict) -> str:
 
 def per_step_plot(m: dict) -> bytes:
     """PNG: rel-L2 of the cached trajectory against the baseline after every step, full steps marked."""
-    from cachelab.figures import png_bytes, pyplot
+    from analysis.figures import png_bytes, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))

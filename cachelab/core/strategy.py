@@ -1,0 +1,37 @@
+"""A strategy: predictor x schedule x granularity, attached to a model's sites of that granularity."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from cachelab.core.controller import CacheHandle, attach
+from cachelab.core.predictor import Predictor
+from cachelab.core.schedules import Schedule
+from cachelab.core.sites import SitePattern, select_sites
+
+
+class SiteSource(Protocol):
+    """What a strategy attaches to: a model and its site patterns per granularity (a model adapter)."""
+
+    model: nn.Module
+
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        """The cache sites of ``granularity``."""
+
+
+@dataclass
+class Strategy:
+    """predictor x schedule x granularity; ``predictor`` None means no caching."""
+
+    name: str
+    predictor: Predictor | None
+    schedule: Schedule
+    granularity: str
+
+    def attach(self, adapter: SiteSource) -> CacheHandle | None:
+        if self.predictor is None:
+            return None
+        sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
+        return attach(sites, self.predictor, self.schedule)

@@ -1,0 +1,19 @@
+"""The errors a user can fix. Each is printed as one line, without a traceback; this module
+imports nothing, so every layer can raise them."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, missing files); printed as one line, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value or combination."""
+
+
+class WeightsUnavailable(UserError, RuntimeError):
+    """Pretrained weights could not be loaded; the message names them and the fix."""
+
+
+class AssetCorrupt(UserError, RuntimeError):
+    """A shipped weights file is missing or does not match its manifest's sha256."""

@@ -1,0 +1,1 @@
+"""Measuring generations: FLOPs, quality metrics, paper metrics, the digit judge and its data."""

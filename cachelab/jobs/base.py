@@ -1,0 +1,76 @@
+"""What every job shares: objects built from the config, timed generations, a run's description."""
+from __future__ import annotations
+
+import time
+from statistics import median
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cachelab.core.controller import CacheHandle
+from cachelab.core.strategy import Strategy
+from cachelab.errors import ConfigError
+from cachelab.models.adapter import Inputs, ModelAdapter
+
+
+def build(cfg: DictConfig, key: str):
+    """``instantiate(cfg[key])`` with a constructor's complaint turned into a ConfigError."""
+    node = cfg[key]
+    if node is None:
+        return None
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"{key}: {cause}") from err
+
+
+def build_strategy(cfg: DictConfig) -> Strategy:
+    return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor"), build(cfg, "schedule"),
+                    cfg.strategy.granularity)
+
+
+def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,
+                     progress: str | None, trajectory: list | None = None) -> tuple[torch.Tensor, float]:
+    """The latents and the median wall-clock (seconds) over ``repeats`` generations;
+    ``trajectory`` (if given) receives x after every step of the last generation."""
+    times = []
+    for r in range(repeats):
+        callback = None
+        if trajectory is not None and r == repeats - 1:
+            callback = lambda step: trajectory.append(step["x"])  # noqa: E731 -- a reference, no copy
+        start = time.perf_counter()
+        latents = adapter.generate(inputs, handle, progress=progress, callback=callback)
+        if latents.is_cuda:  # the kernels run asynchronously: stop the clock when they are done
+            torch.cuda.synchronize(latents.device)
+        times.append(time.perf_counter() - start)
+    return latents, median(times)
+
+
+def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict:
+    """What a run's metrics.json says about its setup."""
+    return {
+        "model": cfg.model.name,
+        "model_weights": adapter.description,
+        "strategy": strategy.name,
+        "granularity": strategy.granularity,
+        "order": cfg.order,
+        "interval": cfg.interval,
+        "first_enhance": cfg.first_enhance,
+        "num_steps": cfg.num_steps,
+        "num_images": cfg.num_images,
+        "seed": cfg.seed,
+    }
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict:
+    """{"flops": {"speedup": x}} -> {"flops/speedup": x}; lists are left out."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,190 @@
+"""The layering: core <- strategies <- models <- evaluation <- analysis <- jobs <- run.py, no
+import cycle, only the jobs know Hydra, the core imports only torch and the standard library;
+the README's layout is the tree; shipped assets are never rewritten by a job."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("cachelab", "strategies", "analysis")
+# (rank, module prefixes): a module may import modules of its own rank or below, never above
+LAYERS = [
+    (0, ("cachelab.errors", "cachelab.core", "cachelab.assets")),   # the core
+    (1, ("cachelab.io",)),                                           # atomic files (numpy, PIL)
+    (2, ("strategies",)),
+    (3, ("cachelab.models",)),
+    (4, ("cachelab.evaluation",)),
+    (5, ("analysis",)),
+    (5, ("cachelab",)),                                              # the public API at the root
+    (6, ("cachelab.jobs",)),
+]
+CORE_RANK = 0
+HYDRA = ("hydra", "omegaconf")
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+MODULES = module_files()
+
+
+def imported_names(module: str) -> set[str]:
+    """Every module ``module`` imports, at module level or inside functions, absolute names."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def own(name: str) -> str | None:
+    """The project module ``name`` refers to (the longest matching prefix), or None."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def rank(module: str) -> int:
+    matches = [(len(prefix), r) for r, prefixes in LAYERS for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer"
+    return max(matches)[1]
+
+
+def edges() -> dict[str, set[str]]:
+    graph = {}
+    for module in MODULES:
+        targets = {own(name) for name in imported_names(module)} - {None, module}
+        # a package's own __init__ is imported by Python before its modules, not by them
+        graph[module] = {t for t in targets if not (MODULES[t].name == "__init__.py" and module.startswith(t + "."))}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk of ``graph`` closes."""
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_no_import_cycle():
+    cycles = find_cycles(edges())
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_walk_finds_cycles():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_downward():
+    upward = [f"{module} ({rank(module)}) imports {target} ({rank(target)})"
+              for module, targets in edges().items() for target in targets if rank(target) > rank(module)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_core_imports_only_torch_and_the_standard_library():
+    allowed = set(sys.stdlib_module_names) | {"torch"}
+    outside = [f"{module} imports {name}" for module in MODULES if rank(module) == CORE_RANK
+               for name in imported_names(module)
+               if (own(name) is None and name.split(".")[0] not in allowed and name)
+               or (own(name) is not None and rank(own(name)) != CORE_RANK)]
+    assert not outside, "\n".join(outside)
+
+
+def test_only_the_jobs_know_hydra():
+    knowing = [f"{module} imports {name}" for module in MODULES if rank(module) != 6
+               for name in imported_names(module) if name.split(".")[0] in HYDRA]
+    assert not knowing, "\n".join(knowing)
+
+
+def test_core_and_public_api_import_without_hydra_in_a_fresh_interpreter():
+    core = sorted(m for m in MODULES if rank(m) == CORE_RANK) + ["cachelab"]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in core)
+            + "print(sorted({n.split('.')[0] for n in sys.modules} & {'hydra', 'omegaconf', 'diffusers', 'timm'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"the core pulled in {out.strip()}"
+
+
+# -- the README's layout is the tree ---------------------------------------------------
+def readme_layout() -> list[str]:
+    """The paths in README's "## Layout" block: an entry per line (name in the first 24
+    columns, two spaces of indent per level), descriptions and continuations further right."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Layout\n.*?```\n(.*?)```", text, re.S).group(1)
+    paths, stack = [], []
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if not line.strip() or indent >= 24:
+            continue
+        depth = indent // 2
+        stack = stack[:depth] + [line.split()[0]]
+        paths.append("".join(stack))
+    return paths
+
+
+def test_readme_layout_lists_only_what_exists():
+    missing = [path for path in readme_layout() if not (REPO / path).exists()]
+    assert not missing, f"README layout lists paths that do not exist: {missing}"
+
+
+def test_readme_layout_lists_every_module_and_package():
+    listed = {path.rstrip("/") for path in readme_layout()}
+    tree = {str(path.relative_to(REPO)) for package in PACKAGES for path in (REPO / package).rglob("*")
+            if path.name != "__init__.py" and "__pycache__" not in path.parts
+            and (path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()))}
+    tree |= {str(p.relative_to(REPO)) for p in (REPO / "conf").iterdir() if p.is_dir()}
+    assert not tree - listed, f"README layout misses: {sorted(tree - listed)}"
+
+
+# -- jobs write into their run folder, never into the package ----------------------------
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_calibration_is_written_to_the_run_folder_and_assets_stay_untouched(tmp_path):
+    assets = REPO / "cachelab" / "assets"
+    before = digest(assets)
+    proc = subprocess.run([sys.executable, "run.py", "job=calibrate", "model=tiny_dit_random", "num_steps=6",
+                           "logger=none", "progress=false", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "calibration.json").read_text())
+    assert record["model"] == "tiny_dit_random" and len(record["ratios"]) == 6
+    assert f"schedule.calibration={tmp_path / 'calibration.json'}" in proc.stdout
+    assert digest(assets) == before
