@@ -210,3 +210,14 @@ def test_check_group_choices_sweeps():
 def test_check_group_choices_ignores_plain_keys():
     check_group_choices(["order=1,2", "interval=0", "model.checkpoint=/x.pt", "hydra.run.dir=/tmp/x",
                          "strategy.granularity=foo", "~model.checkpoint"], CONF_DIR)
+
+
+RECORDED = sorted((CONF_DIR.parent / "train_free_runs").rglob(".hydra/overrides.yaml"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[str(p.parent.parent.relative_to(CONF_DIR.parent)) for p in RECORDED])
+def test_recorded_runs_compose_with_todays_config(path):
+    """Every run recorded under train_free_runs/ can be rerun with its recorded overrides."""
+    overrides = [o for o in OmegaConf.load(path) if not o.startswith("hydra")]
+    check_group_choices(overrides, CONF_DIR)
+    check_config(make_cfg(*overrides))
