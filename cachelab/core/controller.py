@@ -59,6 +59,7 @@ class CacheStats:
     forecast_steps: list[int] = field(default_factory=list)
     fallbacks: int = 0
     cache_bytes: int = 0
+    context_bytes: dict[str, int] = field(default_factory=dict)  # the sites' states per context
 
     def as_dict(self) -> dict:
         return {
@@ -67,6 +68,7 @@ class CacheStats:
             "num_forecast": len(self.forecast_steps),
             "fallbacks": self.fallbacks,
             "cache_bytes": self.cache_bytes,
+            "context_bytes": self.context_bytes,
         }
 
 
@@ -208,9 +210,9 @@ class CacheHandle:
     def stats(self) -> CacheStats:
         """Statistics of the current (or last) generation."""
         if self._caches:
-            self._stats.cache_bytes = self.schedule.held_bytes() + sum(
-                c.nbytes for caches in self._caches.values() for c in caches.values()
-            )
+            self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
+                                         for context, caches in self._caches.items()}
+            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values())
         return self._stats
 
     def remove(self) -> None:
@@ -264,7 +266,7 @@ class CacheHandle:
                         if forecasts and not cache.passing:  # no history yet: the span computes
                             self._stats.fallbacks += 1
                         cache.entry = None if cache.passing else hooked.residual_bases(
-                            signature, args, kwargs, 1 if site.residual is True else len(site.residual))
+                            signature, args, kwargs, site.num_residuals)
                         if cache.entry and self._copy_values:  # kept across the members' graph replays
                             cache.entry = [None if base is None else base.clone() for base in cache.entry]
                     else:

@@ -16,7 +16,8 @@ class SitePattern:
     """Matches module names (``re.fullmatch``); ``method`` is the callable to cache on each.
 
     ``residual`` sites cache ``out - in`` and return ``in + forecast``: ``True`` takes ``in``
-    from the first tensor argument; a tuple names the argument for each output of a site
+    from the first tensor argument; a string names the argument of a site that returns one
+    tensor (``"hidden_states"``); a tuple names the argument for each output of a site
     that returns several (``("encoder_hidden_states", "hidden_states")``; ``None``: no
     residual for that output). Other sites cache their output itself. A ``skip`` site is
     not forecast: it names the kind of the one site that consumes its output (diffusers'
@@ -33,7 +34,7 @@ class SitePattern:
 
     regex: str
     method: str = "forward"
-    residual: bool | tuple[str | None, ...] = False
+    residual: bool | str | tuple[str | None, ...] = False
     label: str | None = None
     skip: str | None = None
     span: bool = False
@@ -67,7 +68,7 @@ class Site:
     name: str
     owner: nn.Module
     method: str = "forward"
-    residual: bool | tuple[str | None, ...] = False
+    residual: bool | str | tuple[str | None, ...] = False
     skip: str | None = None
     members: tuple[nn.Module, ...] = ()
 
@@ -75,8 +76,15 @@ class Site:
         """A span member's output when it is skipped: its residual inputs, as it returns them."""
         if self.residual is True:
             return first_tensor(args, kwargs)
+        if isinstance(self.residual, str):
+            return named_arguments(signature, args, kwargs, (self.residual,))[self.residual]
         arguments = named_arguments(signature, args, kwargs, self.residual)
         return tuple(arguments[name] for name in self.residual)
+
+    @property
+    def num_residuals(self) -> int:
+        """How many outputs have a residual base slot (one for ``True`` and a name)."""
+        return len(self.residual) if isinstance(self.residual, tuple) else 1
 
     @property
     def kind(self) -> str:
@@ -94,6 +102,8 @@ class Site:
             return [None] * num_outputs
         if self.residual is True:
             return [first_tensor(args, kwargs)] + [None] * (num_outputs - 1)
+        if isinstance(self.residual, str):
+            return [named_arguments(signature, args, kwargs, (self.residual,))[self.residual]] + [None] * (num_outputs - 1)
         arguments = named_arguments(signature, args, kwargs, self.residual)
         return [arguments.get(name) if name else None for name in self.residual]
 

@@ -11,6 +11,7 @@ from cachelab.errors import ConfigError
 
 # top-level integer keys -> smallest allowed value
 INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0}
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 JOB_INTEGER_KEYS = {"batch_size": 1, "num_images": 1, "grid_rows": 0}  # where a job has them
 
 
@@ -19,9 +20,7 @@ def check_config(cfg: DictConfig) -> None:
     for key, minimum in INTEGER_KEYS.items():
         check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum)
     check_job(cfg)
-    granularity = cfg.strategy.granularity
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+    check_strategy(cfg)
     for key in missing_values(cfg):
         if key != "model.checkpoint":
             raise ConfigError(f"{key} is required (it is ??? in the config); allowed: {key}=<value>")
@@ -32,7 +31,7 @@ def check_config(cfg: DictConfig) -> None:
         checkpoint = cfg.model.checkpoint
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={checkpoint!r}: no such file; allowed: a path to an existing checkpoint")
-    check_schedule(cfg)
+    check_model_fit(cfg)
     check_compile(cfg)
 
 
@@ -61,8 +60,12 @@ def check_job(cfg: DictConfig) -> None:
         raise ConfigError(f"job.baseline_samples={cfg.job.baseline_samples!r} is not allowed; allowed: true, false")
 
 
-def check_schedule(cfg: DictConfig) -> None:
-    """The schedule's values, and whether the model, granularity and predictor can serve it."""
+def check_strategy(cfg: DictConfig) -> None:
+    """The granularity, the schedule's values and the preset's pairing with its schedule
+    (what ``cachelab.apply`` checks too, before it knows the model)."""
+    granularity = cfg.strategy.granularity
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
     schedule, T = cfg.schedule, cfg.num_steps
     for key in ("threshold", "tolerance"):
         value = schedule.get(key)
@@ -82,7 +85,14 @@ def check_schedule(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy={cfg.strategy.name!r} needs schedule._target_={needed}, got "
                           f"schedule._target_={cfg.schedule._target_}; allowed: the paired override in "
                           f"conf/strategy/{cfg.strategy.name}.yaml (schedule={cfg.strategy.name})")
+
+
+def check_model_fit(cfg: DictConfig) -> None:
+    """Whether the model can serve the strategy: the schedule's signals and its calibration."""
+    if cfg.strategy.predictor is None:  # no caching: the schedule is never asked
+        return
     check_signals(cfg)
+    schedule, T = cfg.schedule, cfg.num_steps
     if schedule.get("calibration") is not None:
         from cachelab.assets import load_calibration
 
@@ -106,6 +116,8 @@ def check_signals(cfg: DictConfig) -> None:
     adapter_sites = getattr(get_class(cfg.model._target_), "sites", {})
     own = controller_signals(get_class(cfg.strategy.predictor._target_))
     granularity = cfg.strategy.granularity
+    if not hasattr(adapter_sites.get(granularity), "probes"):  # probes discovered: the controller checks at attach
+        return
 
     def provided(g: str) -> set[str]:
         return set(getattr(adapter_sites.get(g), "probes", {})) | own

@@ -1,7 +1,8 @@
 """The adapter for diffusers pipelines: load (hub id or local folder, or a tiny random
 pipeline built and saved locally), generate through the real pipeline call, driven by
-:class:`PipelineDriver`. One small subclass per model family says which pipeline class,
-which sites, and how to build its tiny components."""
+:class:`PipelineDriver`. The transformer's sites are discovered from its first call
+(:mod:`cachelab.models.discovery`); a family subclass says which pipeline class, how to build
+its tiny components, and any sites it chooses itself (the papers' module sites)."""
 from __future__ import annotations
 
 import os
@@ -17,20 +18,11 @@ from torch import nn
 
 from cachelab.core.controller import CacheHandle
 from cachelab.models.adapter import DTYPES, ModelAdapter
+from cachelab.models.discovery import DiscoveredSites, discover
 from cachelab.models.loading import load_pretrained
 from cachelab.models.pipelines.driver import PipelineDriver
 from cachelab.models.samplers import Callback
 from cachelab.core.sites import SitePattern, SitePatterns
-
-
-def family_sites(module: list[SitePattern], block: str, residual, probes: dict) -> dict[str, SitePatterns]:
-    """A family's sites: ``module`` patterns, each ``block`` (regex) as a residual site
-    (``residual`` as in SitePattern), all blocks as one span site (``stack``), the model
-    output; the probes at module, block and stack level."""
-    return {"module": SitePatterns(module, probes),
-            "block": SitePatterns([SitePattern(block, residual=residual)], probes),
-            "stack": SitePatterns([SitePattern(block, residual=residual, span=True)], probes),
-            "output": SitePatterns([SitePattern("")])}
 
 
 @dataclass
@@ -49,8 +41,9 @@ class PipelineAdapter(ModelAdapter):
     chunk); ``call_kwargs`` go to the pipeline call."""
 
     pipeline_class: ClassVar[str]             # the diffusers pipeline class name
-    sites: ClassVar[dict[str, list[SitePattern]]]  # granularity -> site patterns
-    timestep_scale: ClassVar[float] = 1.0     # scheduler timestep / the transformer's `timestep`
+    # granularity -> site patterns where a family chooses its own (the papers' module sites);
+    # the other granularities and the probes are discovered (cachelab.models.discovery)
+    sites: ClassVar[dict[str, list[SitePattern]]] = {}
     prompt_key: ClassVar[str] = "prompt"      # the pipeline argument that takes the prompts
 
     def __init__(self, name: str, path: str, description: str = "", tiny: bool = False,
@@ -112,8 +105,17 @@ class PipelineAdapter(ModelAdapter):
     def build(self) -> nn.Module:
         return self.pipe.transformer
 
+    @cached_property
+    def discovered(self) -> DiscoveredSites:
+        """The transformer's sites, read from its first call in a one-image generation."""
+        inputs = self.make_inputs(1, seed=0)
+        return discover(self.model, lambda: self.generate(inputs))
+
     def site_patterns(self, granularity: str) -> list[SitePattern]:
-        return self.sites[granularity]
+        own = self.sites.get(granularity)
+        if own is None:
+            return self.discovered.site_patterns(granularity)
+        return SitePatterns(own, self.discovered.probes)
 
     def make_inputs(self, num_images: int, seed: int, start: int = 0) -> PromptInputs:
         return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(start, start + num_images)], seed)
@@ -124,7 +126,7 @@ class PipelineAdapter(ModelAdapter):
         self.model  # noqa: B018 -- eval mode, no gradients
         self.pipe.set_progress_bar_config(desc=progress, disable=progress is None)
         generator = torch.Generator(self.device).manual_seed(inputs.seed)
-        with PipelineDriver(self.pipe, handle, self.timestep_scale, callback):
+        with PipelineDriver(self.pipe, handle, callback):
             images = self.pipe(**self.call_arguments(inputs), generator=generator, num_inference_steps=self.num_steps,
                                output_type="pt", return_dict=False)[0]
         return images.float()

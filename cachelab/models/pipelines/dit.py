@@ -1,20 +1,14 @@
 """diffusers' DiT (``DiTPipeline`` + ``DiTTransformer2DModel``): class-conditional, batched CFG.
 
-Module sites: each block's self-attention and feed-forward outputs, before the adaLN-Zero
-gate (the paper's DiT choice); ``block``: each block's residual; ``output``: the model.
+Discovered sites: module: each block's self-attention and feed-forward outputs, before the
+adaLN-Zero gate (the paper's DiT choice); block: each block's residual; output: the model.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, family_sites, PromptInputs
-from cachelab.core.sites import SitePattern
-
-_BLOCK = r"transformer_blocks\.\d+"
-# Adaptive schedules' signals: block 0's residual; its adaLN-Zero norm1 returns the modulated input first.
-PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=True),
-          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
+from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
 
 
 class DiffusersDiTAdapter(PipelineAdapter):
@@ -22,8 +16,6 @@ class DiffusersDiTAdapter(PipelineAdapter):
 
     pipeline_class = "DiTPipeline"
     prompt_key = "class_labels"
-    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn1|ff)")],
-                         _BLOCK, True, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

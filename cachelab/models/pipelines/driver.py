@@ -1,68 +1,116 @@
 """Drive a cache handle from inside a diffusers pipeline call, without editing the pipeline.
 
 The step index comes from the scheduler: the ``timestep`` the pipeline passes to its
-transformer is looked up in ``scheduler.timesteps`` (never a count of transformer calls,
-so separate cond/uncond calls, extra calls and step-index-less schedulers all work).
-The schedule decides at the first transformer call of each step. The pipeline's own
-``transformer.cache_context(name)`` blocks select the handle's context, so cond and
-uncond calls keep separate caches. ``scheduler.step`` reports each new sample to the
-sampler callback (``s, t, x, model_output, full``).
+transformer is mapped back to its index in ``scheduler.timesteps`` (never a count of
+transformer calls, so separate cond/uncond calls, extra calls and step-index-less schedulers
+all work). Pipelines pass the scheduler's ``t`` as it is, as ``t / 1000`` (FLUX, SD3's
+sigmas) or as ``1 - t / 1000`` (Lumina2-style); the first call tells which
+(:class:`TimestepMap`), and a value that none of them gives is an error. A generation
+starts at the first transformer call of a pipeline call (when the scheduler has its
+timesteps) and ends after the scheduler's last step. The schedule decides at the first
+transformer call of each step. The pipeline's own ``transformer.cache_context(name)`` blocks
+select the handle's context, so cond and uncond calls keep separate caches.
+``scheduler.step`` reports each new sample to the sampler callback
+(``s, t, x, model_output, full``).
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 
 from cachelab.core.controller import CacheHandle
-from cachelab.models.samplers import Callback
 from cachelab.core.schedules import Decision
+from cachelab.models.samplers import Callback
 
 _MISSING = object()
+# how pipelines hand the scheduler's timestep t to their transformer
+TRANSFORMS = {"t": lambda t: t, "t / 1000": lambda t: t / 1000, "1 - t / 1000": lambda t: 1 - t / 1000}
+
+
+class TimestepMap:
+    """The step index of the timestep value a transformer call received, under whichever of
+    :data:`TRANSFORMS` the pipeline uses: every transform that maps some scheduler timestep to
+    the value stays a candidate, so the first call (step 0) already settles which one it is."""
+
+    def __init__(self, timesteps: torch.Tensor, names=tuple(TRANSFORMS)):
+        self.timesteps = timesteps.double().cpu()
+        self.candidates = {name: TRANSFORMS[name](self.timesteps) for name in names}
+
+    def step_of(self, timestep) -> int:
+        value = float(torch.as_tensor(timestep).flatten().max())
+        steps = {}
+        for name, mapped in list(self.candidates.items()):
+            s = int((mapped - value).abs().argmin())
+            if abs(float(mapped[s]) - value) <= 1e-3 * (1 + abs(value)):
+                steps[name] = s
+            else:
+                del self.candidates[name]
+        if not steps:
+            raise RuntimeError(
+                f"the transformer was called at timestep {value:g}, which none of {', '.join(TRANSFORMS)} gives for "
+                f"the scheduler's timesteps ({float(self.timesteps[0]):g} .. {float(self.timesteps[-1]):g}); "
+                f"the pipeline feeds values that are not the scheduler's")
+        if len(set(steps.values())) > 1:
+            raise RuntimeError(f"timestep {value:g} is step {steps} depending on how the pipeline maps timesteps; "
+                               f"cannot tell the step index")
+        return next(iter(steps.values()))
 
 
 class PipelineDriver:
-    """Context manager around one pipeline call: installs the step, context and callback
-    hooks as instance attributes on entry and removes them (in reverse) on exit."""
+    """Installs the step, context and callback hooks on a pipeline's transformer and scheduler
+    (as instance attributes, removed in reverse by :meth:`uninstall`). As a context manager it
+    drives one pipeline call; :func:`cachelab.apply` keeps it installed until ``remove()``."""
 
-    def __init__(self, pipe, handle: CacheHandle | None, timestep_scale: float = 1.0,
-                 callback: Callback | None = None):
-        self.pipe, self.handle, self.timestep_scale, self.callback = pipe, handle, timestep_scale, callback
+    def __init__(self, pipe, handle: CacheHandle | None, callback: Callback | None = None):
+        self.pipe, self.handle, self.callback = pipe, handle, callback
         self.s: int | None = None
         self._patched: list[tuple[object, str, object]] = []
-        self._generation = ExitStack()  # the handle's generation, ended on exit
-        self._begun = False
-        self._timesteps: torch.Tensor | None = None  # the scheduler's, on the CPU, read once per call
+        self._map: TimestepMap | None = None
+        self._source: torch.Tensor | None = None  # the scheduler's timesteps the map was made for
 
     def __enter__(self) -> PipelineDriver:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def install(self) -> None:
         transformer, scheduler = self.pipe.transformer, self.pipe.scheduler
         self._patch(transformer, "forward", self._forward(transformer.forward))
         if self.handle is not None and hasattr(transformer, "cache_context"):
             self._patch(transformer, "cache_context", self._cache_context(transformer.cache_context))
         self._patch(scheduler, "step", self._scheduler_step(scheduler.step))
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def uninstall(self) -> None:
+        """Remove the hooks; a generation still open (an interrupted call) is ended."""
+        self.uninstall_hooks()
+        self._end()
+
+    def uninstall_hooks(self) -> None:
+        """Remove the hooks, in reverse, leaving the generation as it is."""
         for owner, name, previous in reversed(self._patched):
             if previous is _MISSING:
                 delattr(owner, name)
             else:
                 setattr(owner, name, previous)
         self._patched.clear()
-        self._generation.close()
 
     def step_of(self, timestep) -> int:
-        """The index in ``scheduler.timesteps`` of the timestep a transformer call received."""
-        if self._timesteps is None:  # set by the pipeline before its first transformer call
-            self._timesteps = self.pipe.scheduler.timesteps.float().cpu()
-        timesteps = self._timesteps
-        value = float(torch.as_tensor(timestep).flatten().max()) * self.timestep_scale
-        s = int((timesteps - value).abs().argmin())
-        if abs(float(timesteps[s]) - value) > 1e-3 * (1 + abs(value)):
-            raise RuntimeError(f"the transformer was called at timestep {value:g}, which is not one of the "
-                               f"scheduler's timesteps; is the adapter's timestep_scale "
-                               f"({self.timestep_scale:g}) right?")
-        return s
+        """The index in ``scheduler.timesteps`` of the timestep a transformer call received;
+        a new ``scheduler.timesteps`` (a new pipeline call) starts a new generation."""
+        timesteps = self.pipe.scheduler.timesteps
+        if timesteps is not self._source:  # set by the pipeline before its first transformer call
+            self._end()  # the previous call's transform still holds: keep what it ruled out
+            self._map = TimestepMap(timesteps, *([tuple(self._map.candidates)] if self._map else []))
+            self._source = timesteps
+        return self._map.step_of(timestep)
+
+    def _end(self) -> None:
+        if self.s is not None and self.handle is not None:
+            self.handle.end()
+        self.s = None
 
     def _patch(self, owner, name: str, replacement) -> None:
         """Set ``owner.name``, remembering what the instance had (e.g. a cache site's wrapper)."""
@@ -73,12 +121,11 @@ class PipelineDriver:
         def driven_forward(*args, **kwargs):
             s = self.step_of(kwargs["timestep"])
             if s != self.s:
-                self.s = s
                 if self.handle is not None:
-                    if not self._begun:  # the first call: the scheduler's T is known now
-                        self._begun = True
-                        self._generation.enter_context(self.handle.generation(len(self.pipe.scheduler.timesteps)))
-                    self.handle.step(s, float(self.pipe.scheduler.timesteps[s]))
+                    if self.s is None or s < self.s:  # the first call of a pipeline call: T is known now
+                        self.handle.begin(len(self._map.timesteps))
+                    self.handle.step(s, float(self._map.timesteps[s]))
+                self.s = s
             return forward(*args, **kwargs)
 
         return driven_forward
@@ -99,6 +146,8 @@ class PipelineDriver:
                 full = self.handle is None or self.handle.decision is Decision.FULL  # decided by now
                 self.callback({"s": self.s, "t": float(timestep), "x": x, "model_output": model_output,
                                "full": full})
+            if self.s is not None and self._map is not None and self.s == len(self._map.timesteps) - 1:
+                self._end()  # the last step: the generation is over, its caches are freed
             return out
 
         return reporting_step

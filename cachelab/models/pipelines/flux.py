@@ -10,15 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, family_sites
+from cachelab.models.pipelines.base import PipelineAdapter
 from cachelab.core.sites import SitePattern
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
-STREAMS = ("encoder_hidden_states", "hidden_states")  # what a block returns, in order
-# Adaptive schedules' signals (as TeaCache4FLUX and FBCache): the first double block's
-# image-stream residual; its norm1 (adaLN-Zero) returns the modulated image input first.
-PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=(None, "hidden_states")),
-          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
+# The official TaylorSeer module sites of dual-stream models (FLUX, HunyuanVideo): per double
+# block the joint attention and both feed-forwards; per single block the fused output
+# projection, its inputs (attention, MLP projection) skipped on forecast steps.
+DUAL_STREAM_MODULE_SITES = [SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
+                            SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip="proj_out")]
 
 
 class FluxAdapter(PipelineAdapter):
@@ -26,10 +26,8 @@ class FluxAdapter(PipelineAdapter):
     with ``negative_prompt`` and ``call_kwargs.true_cfg_scale > 1`` two, cond and uncond)."""
 
     pipeline_class = "FluxPipeline"
-    timestep_scale = 1000.0  # the pipeline passes t / 1000
-    sites = family_sites([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip="proj_out")],
-                         f"{_DOUBLE}|{_SINGLE}", STREAMS, PROBES)
+    # the official module sites; block, stack, output and the probes are discovered
+    sites = {"module": DUAL_STREAM_MODULE_SITES}
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

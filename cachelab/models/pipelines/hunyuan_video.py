@@ -12,24 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, family_sites
-from cachelab.core.sites import SitePattern
-
-_DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
-# Adaptive schedules' signals (as TeaCache4HunyuanVideo and FBCache): the first double
-# block's video-stream residual; its norm1 (adaLN-Zero) returns the modulated input first.
-PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=("hidden_states", None)),
-          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
+from cachelab.models.pipelines.base import PipelineAdapter
+from cachelab.models.pipelines.flux import DUAL_STREAM_MODULE_SITES
 
 
 class HunyuanVideoAdapter(PipelineAdapter):
     """HunyuanVideo through ``HunyuanVideoPipeline``."""
 
     pipeline_class = "HunyuanVideoPipeline"
-    # blocks return (hidden_states, encoder_hidden_states), the reverse of FLUX
-    sites = family_sites([SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
-                          SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip="proj_out")],
-                         f"{_DOUBLE}|{_SINGLE}", ("hidden_states", "encoder_hidden_states"), PROBES)
+    # the official module sites; block, stack, output and the probes are discovered
+    sites = {"module": DUAL_STREAM_MODULE_SITES}
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -1,6 +1,6 @@
 """PixArt-α/Σ (``PixArtSigmaPipeline`` + ``PixArtTransformer2DModel``): T5 text, batched CFG.
 
-Module sites: per block the self-attention (pre-gate), the cross-attention (added
+Discovered module sites: per block the self-attention (pre-gate), the cross-attention (added
 ungated) and the feed-forward (pre-gate).
 """
 from __future__ import annotations
@@ -8,21 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, family_sites
-from cachelab.core.sites import SitePattern
-
-_BLOCK = r"transformer_blocks\.\d+"
-# Adaptive schedules' signals: block 0's residual (no module returns the modulated input:
-# PixArt modulates inline after a plain LayerNorm).
-PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=True)}
+from cachelab.models.pipelines.base import PipelineAdapter
 
 
 class PixArtAdapter(PipelineAdapter):
     """PixArt-Σ through ``PixArtSigmaPipeline`` (``call_kwargs`` e.g. ``use_resolution_binning``)."""
 
     pipeline_class = "PixArtSigmaPipeline"
-    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ff)")],
-                         _BLOCK, True, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -1,6 +1,6 @@
 """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline`` + ``SD3Transformer2DModel``): MMDiT.
 
-Module sites as for FLUX double blocks: the joint attention (image and text streams; the
+Discovered module sites as for FLUX double blocks: the joint attention (image and text streams; the
 last block has no text output) and both feed-forwards, pre-gate; SD3.5's second
 self-attention (``attn2``) too.
 """
@@ -9,22 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, family_sites
-from cachelab.core.sites import SitePattern
-
-_BLOCK = r"transformer_blocks\.\d+"
-# Adaptive schedules' signals: block 0's image-stream residual; its adaLN-Zero norm1
-# returns the modulated image input first.
-PROBES = {"first_block_residual": SitePattern(r"transformer_blocks\.0", residual=(None, "hidden_states")),
-          "modulated_input": SitePattern(r"transformer_blocks\.0\.norm1")}
+from cachelab.models.pipelines.base import PipelineAdapter
 
 
 class SD3Adapter(PipelineAdapter):
     """SD3 through ``StableDiffusion3Pipeline`` (batched CFG: one transformer call per step)."""
 
     pipeline_class = "StableDiffusion3Pipeline"
-    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn|attn2|ff|ff_context)")],
-                         _BLOCK, ("encoder_hidden_states", "hidden_states"), PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -2,7 +2,7 @@
 
 The pipeline calls the transformer twice per step inside ``cache_context("cond")`` and
 ``("uncond")``: each keeps its own caches (as the official TaylorSeer-Wan2.1 does with its
-cond/uncond streams) while the schedule decides once per step. Module sites: per block
+cond/uncond streams) while the schedule decides once per step. Discovered module sites: per block
 self-attention (pre-gate), cross-attention (ungated) and FFN (pre-gate).
 """
 from __future__ import annotations
@@ -10,21 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachelab.models.pipelines import tiny
-from cachelab.models.pipelines.base import PipelineAdapter, family_sites
-from cachelab.core.sites import SitePattern
-
-_BLOCK = r"blocks\.\d+"
-# Adaptive schedules' signals: block 0's residual (no module returns the modulated input:
-# Wan modulates inline after a plain LayerNorm).
-PROBES = {"first_block_residual": SitePattern(r"blocks\.0", residual=True)}
+from cachelab.models.pipelines.base import PipelineAdapter
 
 
 class WanAdapter(PipelineAdapter):
     """Wan through ``WanPipeline`` (a single transformer; Wan 2.2's ``transformer_2`` is not cached)."""
 
     pipeline_class = "WanPipeline"
-    sites = family_sites([SitePattern(rf"{_BLOCK}\.(attn1|attn2|ffn)")],
-                         _BLOCK, True, PROBES)
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -1,0 +1,218 @@
+"""``cachelab.apply``: a strategy on a diffusers pipeline, a diffusers transformer or any
+``torch.nn.Module``, in one line, undone by ``handle.remove()``.
+
+Importing this module imports no Hydra and no diffusers. A preset name is read from ``conf/``
+through the jobs layer (the command line's own composition), the model's sites are found by
+:mod:`cachelab.models.discovery` from one traced call of the model at its first call inside a
+generation (one extra forward, once), unless ``sites`` gives them.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+
+from torch import nn
+
+from cachelab.core.controller import CacheHandle, CacheStats
+from cachelab.core.schedules import Decision
+from cachelab.core.sites import SitePattern
+from cachelab.core.strategy import SiteSource, Strategy
+from cachelab.errors import ConfigError
+
+UNDRIVEN = ("warn", "raise", "ignore")
+_MISSING = object()
+
+
+class GivenSites:
+    """Site patterns the caller gives per granularity (a ``SiteSource``)."""
+
+    def __init__(self, model: nn.Module, patterns: dict[str, list[SitePattern]]):
+        self.model, self.patterns = model, patterns
+
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        if granularity not in self.patterns:
+            raise ConfigError(f"granularity={granularity!r} has no site patterns; allowed: {', '.join(self.patterns)}")
+        return self.patterns[granularity]
+
+
+class Handle:
+    """A strategy applied to a model: drive it (or let the pipeline drive it), read ``summary()``,
+    ``remove()`` it (also on leaving ``with``). Until the model's first call inside a
+    generation its sites are not hooked; a call outside a generation runs the model untouched
+    and warns once (``on_undriven="raise"``: an error) with how to drive it."""
+
+    def __init__(self, model: nn.Module, strategy: Strategy, sites: SiteSource | None = None,
+                 on_undriven: str = "warn"):
+        if on_undriven not in UNDRIVEN:
+            raise ConfigError(f"on_undriven={on_undriven!r} is not allowed; allowed: {', '.join(UNDRIVEN)}")
+        self.model, self.strategy, self.sites, self.on_undriven = model, strategy, sites, on_undriven
+        self.inner: CacheHandle | None = None
+        self.driver = None  # a PipelineDriver when applied to a pipeline
+        self._T: int | None = None
+        self._step: tuple[int, float | None] | None = None
+        self._contexts: list[tuple[str, ExitStack]] = []  # the context blocks open now
+        self._warned = self._removed = False
+        self._stats = CacheStats()
+        self._original = vars(model).get("forward", _MISSING)
+        self._forward = model.forward
+        model.forward = self._guarded_forward
+
+    # -- driving (the same calls as CacheHandle) --------------------------------------------
+    def begin(self, T: int) -> None:
+        self._check_live()
+        self._T, self._step = T, None
+        if self.inner is not None:
+            self.inner.begin(T)
+
+    def end(self) -> None:
+        if self.inner is not None and self._T is not None:
+            self.inner.end()
+            self._stats = self.inner.stats()
+        self._T, self._step = None, None
+
+    @contextmanager
+    def generation(self, T: int):
+        """``begin(T)`` on entry, ``end()`` on exit, even when sampling fails."""
+        self.begin(T)
+        try:
+            yield self
+        finally:
+            self.end()
+
+    def step(self, s: int, t: float | None = None) -> Decision | None:
+        self._check_live()
+        if self._T is None:
+            raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
+        self._step = (s, t)
+        return self.inner.step(s, t) if self.inner is not None else Decision.FULL
+
+    @property
+    def decision(self) -> Decision | None:
+        return self.inner.decision if self.inner is not None else Decision.FULL
+
+    @contextmanager
+    def context(self, name: str):
+        """Route the model calls inside the block to the caches of context ``name`` (CFG cond/uncond)."""
+        with ExitStack() as routed:
+            if self.inner is not None:
+                routed.enter_context(self.inner.context(name))
+            self._contexts.append((name, routed))
+            try:
+                yield self
+            finally:
+                self._contexts.pop()
+
+    # -- reading ------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        """The current (or last) generation's statistics."""
+        return self.inner.stats() if self.inner is not None and self._T is not None else self._stats
+
+    def summary(self) -> str:
+        """Full and forecast steps, fallbacks, cache bytes (in all and per context) of the last generation."""
+        stats = self.stats()
+        lines = [f"cachelab {self.strategy.name} ({self.strategy.granularity}) on {type(self.model).__name__}",
+                 f"  sites: {len(self.inner.sites) if self.inner else 'not hooked yet (no generation ran)'}",
+                 f"  full steps: {len(stats.full_steps)} {stats.full_steps}",
+                 f"  forecast steps: {len(stats.forecast_steps)}, fallbacks: {stats.fallbacks}",
+                 f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
+        lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
+        return "\n".join(lines)
+
+    # -- removing -----------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach everything: the model is bit for bit as before ``apply``; the handle is unusable."""
+        if self._removed:
+            return
+        if self.driver is not None:
+            self.driver.uninstall()
+        if self.inner is not None:
+            self._stats = self.inner.stats()
+            self.inner.remove()
+        if self._original is _MISSING:
+            del self.model.forward
+        else:
+            self.model.forward = self._original
+        self._removed = True
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- the model's forward ----------------------------------------------------------------
+    def _guarded_forward(self, *args, **kwargs):
+        if self._T is None:
+            self._undriven()
+            return self._forward(*args, **kwargs)
+        if self.inner is None:
+            self._hook_sites(lambda: self._forward(*args, **kwargs))
+            return self.model.forward(*args, **kwargs)  # through the sites hooked just now
+        return self._forward(*args, **kwargs)
+
+    def _hook_sites(self, call: Callable[[], object]) -> None:
+        """Find the sites (one traced call) and hook them, then replay the generation state."""
+        if self.sites is None:
+            from cachelab.models.discovery import discover
+
+            self.sites = discover(self.model, call)
+        if self.driver is not None:  # the driver stays the outermost forward wrapper
+            self.driver.uninstall_hooks()
+        self.inner = self.strategy.attach(self.sites)
+        if self.driver is not None:
+            self.driver.install()
+        self.inner.begin(self._T)
+        if self._step is not None:
+            self.inner.step(*self._step)
+        for name, routed in self._contexts:  # the context blocks open right now
+            routed.enter_context(self.inner.context(name))
+
+    def _undriven(self) -> None:
+        if self.on_undriven == "ignore" or self._warned:
+            return
+        message = (f"cachelab: {type(self.model).__name__} was called outside a generation, so it ran without "
+                   f"caching; drive it with `with handle.generation(num_steps):` and `handle.step(s, t)` before "
+                   f"each step's model call(s), or apply the strategy to the pipeline")
+        if self.on_undriven == "raise":
+            raise RuntimeError(message)
+        self._warned = True
+        warnings.warn(message, stacklevel=3)
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this cachelab handle was removed; apply the strategy again")
+
+
+def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[SitePattern]] | None = None,
+          on_undriven: str = "warn", **overrides) -> Handle:
+    """Apply ``strategy`` (a ``conf/strategy/`` preset name, with the command line's keys as
+    ``overrides``: ``order``, ``interval``, ``first_enhance``, ``granularity``, ``schedule``,
+    the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
+    transformer, driven by the pipeline's own calls), a diffusers transformer or any
+    ``nn.Module`` (driven by the caller: ``with handle.generation(T): handle.step(s, t)``).
+    ``sites``: granularity -> site patterns, instead of discovering them."""
+    pipe = target if _is_pipeline(target) else None
+    model = target.transformer if pipe is not None else target
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cachelab.apply takes a diffusers pipeline, a diffusers transformer or a torch.nn.Module, "
+                        f"got {type(target).__name__}")
+    if isinstance(strategy, str):
+        from cachelab.jobs.presets import preset
+
+        strategy = preset(strategy, **overrides)
+    elif overrides:
+        raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
+    if strategy.predictor is None:
+        raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
+    handle = Handle(model, strategy, GivenSites(model, sites) if sites is not None else None, on_undriven)
+    if pipe is not None:
+        from cachelab.models.pipelines.driver import PipelineDriver
+
+        handle.driver = PipelineDriver(pipe, handle)
+        handle.driver.install()
+    return handle
+
+
+def _is_pipeline(target) -> bool:
+    return isinstance(getattr(target, "transformer", None), nn.Module) and hasattr(target, "scheduler")

@@ -1,0 +1,52 @@
+"""A strategy from its preset name and the command line's keys, for ``cachelab.apply``: the same
+composition of ``conf/`` as ``python run.py strategy=<name> <key>=<value>``, so a name or key
+means the same in Python as on the command line."""
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from cachelab.core.strategy import Strategy
+from cachelab.errors import ConfigError
+from cachelab.jobs.base import build_strategy
+from cachelab.jobs.checks import CONFIG_DIR, INTEGER_KEYS, check_group_choices, check_integer, check_strategy
+
+SHORTHANDS = ("order", "interval", "first_enhance", "num_steps")  # top-level keys the configs interpolate
+
+
+def preset(name: str, **overrides) -> Strategy:
+    """``conf/strategy/<name>.yaml`` with ``overrides``: ``order``, ``interval``, ``first_enhance``,
+    ``granularity``, ``schedule`` (a ``conf/schedule/`` name), and the schedule's or the
+    predictor's own keys (``threshold``, ``calibration``, ``factor_dtype``, ...)."""
+    if not CONFIG_DIR.is_dir():
+        raise ConfigError(f"strategy={name!r}: preset names are read from the conf/ folder of a cachelab checkout "
+                          f"({CONFIG_DIR} is missing); pass a Strategy object instead")
+    groups = [f"strategy={name}"] + ([f"schedule={overrides.pop('schedule')}"] if "schedule" in overrides else [])
+    check_group_choices(groups, CONFIG_DIR)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=groups)
+    for key, value in overrides.items():
+        path = where(cfg, key)
+        if key in INTEGER_KEYS:
+            check_integer(key, value, INTEGER_KEYS[key])
+        with open_dict(cfg):
+            OmegaConf.update(cfg, path, value, merge=False)
+    check_strategy(cfg)
+    return build_strategy(cfg)
+
+
+def where(cfg, key: str) -> str:
+    """The config path that ``key`` sets; an unknown key is a ConfigError naming the allowed ones."""
+    if key in SHORTHANDS:
+        return key
+    if key == "granularity":
+        return "strategy.granularity"
+    if key in cfg.schedule and key != "_target_":
+        return f"schedule.{key}"
+    predictor = cfg.strategy.predictor
+    if predictor is not None and key in predictor and key != "_target_":
+        return f"strategy.predictor.{key}"
+    allowed = [*SHORTHANDS, "granularity", "schedule", *(k for k in cfg.schedule if k != "_target_"),
+               *(k for k in (predictor or {}) if k != "_target_")]
+    raise ConfigError(f"{key}= is not a key of strategy={cfg.strategy.name!r} with schedule "
+                      f"{cfg.schedule._target_.rsplit('.', 1)[-1]}; allowed: {', '.join(dict.fromkeys(allowed))}")

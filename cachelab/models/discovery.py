@@ -1,0 +1,250 @@
+"""Cache sites of any transformer, found from its structure and one traced call: no family file.
+
+- **Stacks**: the model's direct ``ModuleList`` children whose members are all of one class
+  with submodules (diffusers' ``transformer_blocks`` / ``single_transformer_blocks`` / ``blocks``,
+  a user DiT's ``blocks``), kept when every member runs exactly once in the traced call, in the
+  order they ran.
+- **Streams**: which input each output of a block replaces, from the identity of the tensors
+  flowing through the traced call: output ``j`` of block ``i`` is the tensor that block ``i+1``
+  of the same stack receives as argument ``X`` (never by position or shape). Where a stack has a
+  single block, its successor (the next stack's first block) is asked instead, then diffusers'
+  own block metadata (``TransformerBlockRegistry``). An output that maps to no input, or to two,
+  is an error naming the block class.
+- **Module sites**: the direct children of each block that are attention or feed-forward
+  modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``) and ran.
+- **Probes** for adaptive schedules: ``first_block_residual`` (the first block's image-stream
+  residual) everywhere; ``modulated_input`` where the first block's ``norm1`` is an adaptive
+  norm (``Ada*``: diffusers' adaLN returns the modulated input first), else not offered.
+
+``call`` may run the model more than once (a whole pipeline call): only its first forward is
+traced, and the call is stopped right after it.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cachelab.core.outputs import split
+from cachelab.core.sites import GRANULARITIES, SitePattern, SitePatterns
+from cachelab.errors import ConfigError
+
+ATTENTION = ("Attention",)
+FEED_FORWARD = ("FeedForward", "Mlp", "MLP")
+IMAGE_STREAM_NAMES = ("hidden_states", "x", "img", "visual_embed", "gen_seq")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of blocks: ``name`` the attribute holding the ``ModuleList``; ``streams[j]``
+    the argument that output ``j`` of a block replaces; ``image`` the index of the image stream."""
+
+    name: str
+    block_class: str
+    size: int
+    streams: tuple[str, ...]
+    image: int
+    returns_tuple: bool = True
+
+    @property
+    def regex(self) -> str:
+        return rf"{re.escape(self.name)}\.\d+"
+
+    @property
+    def residual(self) -> str | tuple[str, ...]:
+        """As :class:`SitePattern` takes it: the argument name of a block returning one tensor."""
+        return self.streams if self.returns_tuple else self.streams[0]
+
+
+class _Traced(Exception):
+    """Raised after the model's first forward: the traced call need not go on."""
+
+
+@dataclass
+class Call:
+    """What one block received and returned in the traced call."""
+
+    arguments: dict[str, object]
+    outputs: list
+    returns_tuple: bool
+
+
+class DiscoveredSites:
+    """The sites of one model at every granularity (a ``SiteSource`` for :class:`Strategy`)."""
+
+    def __init__(self, model: nn.Module, stacks: list[Stack], module_sites: list[str], norm1: str | None):
+        if not stacks:
+            raise ConfigError(f"{type(model).__name__} has no discoverable blocks (no ModuleList of one block class "
+                              f"whose members each ran once); pass site patterns yourself: "
+                              f"cachelab.apply(model, strategy, sites={{'block': [SitePattern(r'<regex>', "
+                              f"residual=True)]}})")
+        self.model, self.stacks, self.module_sites = model, stacks, module_sites
+        first = stacks[0]
+        residual = (tuple(name if j == first.image else None for j, name in enumerate(first.streams))
+                    if first.returns_tuple else first.residual)
+        self.probes = {"first_block_residual": SitePattern(rf"{re.escape(first.name)}\.0", residual=residual)}
+        if norm1 is not None:
+            self.probes["modulated_input"] = SitePattern(re.escape(norm1))
+
+    def site_patterns(self, granularity: str) -> SitePatterns:
+        if granularity == "module":
+            if not self.module_sites:
+                raise ConfigError(f"{type(self.model).__name__} has no attention or feed-forward modules as children "
+                                  f"of its blocks; allowed: strategy.granularity in block, stack, output")
+            return SitePatterns([SitePattern("|".join(re.escape(name) for name in self.module_sites))], self.probes)
+        if granularity == "block":
+            return SitePatterns([SitePattern(s.regex, residual=s.residual) for s in self.stacks], self.probes)
+        if granularity == "stack":
+            return SitePatterns(self.spans(), self.probes)
+        if granularity == "output":
+            return SitePatterns([SitePattern("")])
+        raise ConfigError(f"granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+
+    def spans(self) -> list[SitePattern]:
+        """One span over every stack when they all return the same streams (FBCache's "the
+        remaining blocks"), else one span per stack."""
+        if len({s.streams for s in self.stacks}) == 1:
+            regex = "|".join(s.regex for s in self.stacks)
+            return [SitePattern(regex, residual=self.stacks[0].residual, span=True)]
+        return [SitePattern(s.regex, residual=s.residual, span=True, label=f"stack.{s.name}") for s in self.stacks]
+
+    def describe(self) -> str:
+        """One line per stack and the module sites: what was found."""
+        lines = [f"{s.name}: {s.size} x {s.block_class}, outputs replace {', '.join(s.streams)}" for s in self.stacks]
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in self.module_sites})
+        return "\n".join(lines + [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})",
+                                  f"probes: {', '.join(sorted(self.probes))}"])
+
+
+def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """The direct ModuleList children whose members are all of one class with submodules."""
+    found = {}
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) and len({type(block) for block in child}) == 1 \
+                and any(True for _ in child[0].children()):
+            found[name] = child
+    return found
+
+
+def block_children(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention and feed-forward children of a block."""
+    return [(name, child) for name, child in block.named_children()
+            if any(word in type(child).__name__ for word in ATTENTION + FEED_FORWARD)]
+
+
+def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
+    """Run ``call`` (one forward of ``model``) with hooks on every candidate block and module
+    site, and read the stacks, streams and module sites from what flowed through."""
+    stacks = candidate_stacks(model)
+    calls: dict[tuple[str, int], list[Call]] = {}
+    order: list[tuple[str, int]] = []
+    ran: set[str] = set()
+    def stop(module, args, out):
+        raise _Traced
+
+    hooks = [model.register_forward_hook(stop)]
+    for stack_name, blocks in stacks.items():
+        for index, block in enumerate(blocks):
+            hooks += _block_hooks(block, (stack_name, index), calls, order)
+            for child_name, child in block_children(block):
+                path = f"{stack_name}.{index}.{child_name}"
+                hooks.append(child.register_forward_hook(lambda *_, path=path: ran.add(path)))
+    try:
+        with torch.no_grad():
+            call()
+    except _Traced:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    found, seen = [], []
+    for stack_name, index in order:
+        if stack_name not in seen:
+            seen.append(stack_name)
+    for position, stack_name in enumerate(seen):
+        blocks = stacks[stack_name]
+        if any(len(calls.get((stack_name, i), [])) != 1 for i in range(len(blocks))):
+            continue  # a stack that did not run block by block once (e.g. weights shared in a loop)
+        successor = next((calls[(s, 0)][0] for s in seen[position + 1:]
+                          if all(len(calls.get((s, i), [])) == 1 for i in range(len(stacks[s])))), None)
+        streams = _streams(blocks, [calls[(stack_name, i)][0] for i in range(len(blocks))], successor)
+        found.append(Stack(stack_name, type(blocks[0]).__name__, len(blocks), streams,
+                           _image_stream(type(blocks[0]), streams), calls[(stack_name, 0)][0].returns_tuple))
+    module_sites = [path for s in found for i in range(s.size)
+                    for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i])) if path in ran]
+    first_block = stacks[found[0].name][0] if found else None
+    adaptive = first_block is not None and "Ada" in type(getattr(first_block, "norm1", None)).__name__
+    norm1 = f"{found[0].name}.0.norm1" if adaptive else None
+    return DiscoveredSites(model, found, module_sites, norm1)
+
+
+def _block_hooks(block: nn.Module, key: tuple[str, int], calls: dict, order: list) -> list:
+    signature = inspect.signature(block.forward)
+    pending: list[dict] = []
+
+    def before(module, args, kwargs):
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        arguments.update(arguments.pop("kwargs", {}) if isinstance(arguments.get("kwargs"), dict) else {})
+        pending.append(arguments)
+        order.append(key)
+
+    def after(module, args, kwargs, out):
+        calls.setdefault(key, []).append(Call(pending.pop(), split(out)[0], not isinstance(out, torch.Tensor)))
+
+    return [block.register_forward_pre_hook(before, with_kwargs=True),
+            block.register_forward_hook(after, with_kwargs=True)]
+
+
+def _streams(blocks: nn.ModuleList, stack_calls: list[Call], successor: Call | None) -> tuple[str, ...]:
+    """The argument each block output replaces, by tensor identity from a block to the next."""
+    pairs = list(zip(stack_calls, stack_calls[1:])) or ([(stack_calls[0], successor)] if successor else [])
+    block_class = type(blocks[0]).__name__
+    answers = set()
+    for this, following in pairs:
+        names = []
+        for j, out in enumerate(this.outputs):
+            matches = [name for name, value in following.arguments.items() if value is out and out is not None]
+            if len(matches) != 1:
+                names = None
+                break
+            names.append(matches[0])
+        answers.add(None if names is None else tuple(names))
+    if len(answers) == 1 and None not in answers:
+        return answers.pop()
+    registered = _registry_streams(type(blocks[0]), len(stack_calls[0].outputs))
+    if registered is not None:
+        return registered
+    raise ConfigError(f"cannot tell which input each output of {block_class} replaces: its outputs are not passed "
+                      f"on unchanged to the next block and diffusers has no metadata for it; pass site patterns "
+                      f"yourself (SitePattern(regex, residual=(<argument per output>)))")
+
+
+def _registry_streams(block_class: type, num_outputs: int) -> tuple[str, ...] | None:
+    """The streams from diffusers' own block metadata, when it has some for ``block_class``."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        metadata = TransformerBlockRegistry.get(block_class)
+    except (ImportError, ValueError, KeyError, AttributeError):
+        return None
+    streams = [None] * num_outputs
+    if metadata.return_hidden_states_index is not None and metadata.return_hidden_states_index < num_outputs:
+        streams[metadata.return_hidden_states_index] = metadata.hidden_states_argument_name
+    index = metadata.return_encoder_hidden_states_index
+    if index is not None and index < num_outputs:
+        streams[index] = metadata.encoder_hidden_states_argument_name
+    return tuple(streams) if None not in streams else None
+
+
+def _image_stream(block_class: type, streams: tuple[str, ...]) -> int:
+    """The output that carries the image (latent) tokens: diffusers' metadata, else by name, else the first."""
+    registered = _registry_streams(block_class, len(streams))
+    names = registered or streams
+    for candidate in IMAGE_STREAM_NAMES:
+        if candidate in names:
+            return names.index(candidate)
+    return 0
