@@ -29,6 +29,17 @@ def finished(out_dir: Path, overrides: list[str]) -> bool:
     return done.get("overrides") == overrides
 
 
+def config_dirs(argv: list[str]) -> list[str]:
+    """The folders given with ``--config-dir`` / ``-cd`` (Hydra searches them before conf/)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from cachelab.jobs.runner import run
@@ -56,7 +67,8 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         # overrides only: not flags, nor flag values such as the `job` of `--cfg job`
-        check_group_choices([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")], CONFIG_DIR)
+        check_group_choices([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")], CONFIG_DIR,
+                            config_dirs(sys.argv[1:]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -23,8 +23,8 @@ LAYERS = [
     (3, ("cachelab.models",)),
     (4, ("cachelab.evaluation",)),
     (5, ("analysis",)),
-    (5, ("cachelab",)),                                              # the public API at the root
     (6, ("cachelab.jobs",)),
+    (7, ("cachelab", "cachelab.api")),   # the public API at the root: presets come from the jobs' config
 ]
 CORE_RANK = 0
 HYDRA = ("hydra", "omegaconf")

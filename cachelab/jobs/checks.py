@@ -151,17 +151,27 @@ def check_integer(key: str, value, minimum: int) -> None:
         raise ConfigError(f"{key}={value} is out of range; allowed: integers >= {minimum}")
 
 
-def check_group_choices(overrides: list[str], config_dir: Path) -> None:
-    """Reject ``group=name`` command-line choices with no ``conf/group/name.yaml``, before
-    Hydra composes anything (sweeps ``a,b`` are checked value by value)."""
+def check_group_choices(overrides: list[str], config_dir: Path, searched: list[str] = ()) -> None:
+    """Reject ``group=name`` command-line choices with no ``<dir>/group/name.yaml`` in
+    ``config_dir`` or the ``searched`` folders (``--config-dir``, ``hydra.searchpath``'s
+    ``file://`` entries), before Hydra composes anything (sweeps ``a,b`` are checked value by
+    value). A ``pkg://`` search path cannot be listed: then Hydra alone decides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    for override in OverridesParser.create().parse_overrides(overrides):
-        group_dir = config_dir / override.key_or_group
-        if override.package is not None or not group_dir.is_dir() or override.is_delete():
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    searched = list(searched)
+    for override in parsed:
+        if override.key_or_group == "hydra.searchpath":
+            searched += list(override.value())
+    if any(not str(path).startswith("file://") and "://" in str(path) for path in searched):
+        return
+    dirs = [config_dir] + [Path(str(path).removeprefix("file://")) for path in searched]
+    for override in parsed:
+        group_dirs = [d / override.key_or_group for d in dirs if (d / override.key_or_group).is_dir()]
+        if override.package is not None or not group_dirs or override.is_delete():
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-        allowed = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        allowed = sorted({p.stem for d in group_dirs for p in d.glob("*.yaml")})
         for value in values:
             if str(value) not in allowed:
                 raise ConfigError(f"{override.key_or_group}={value!r} is unknown; allowed: {', '.join(allowed)}")

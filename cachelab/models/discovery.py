@@ -1,8 +1,8 @@
 """Cache sites of any transformer, found from its structure and one traced call: no family file.
 
-- **Stacks**: the model's direct ``ModuleList`` children whose members are all of one class
-  with submodules (diffusers' ``transformer_blocks`` / ``single_transformer_blocks`` / ``blocks``,
-  a user DiT's ``blocks``), kept when every member runs exactly once in the traced call, in the
+- **Stacks**: the shallowest ``ModuleList``s whose members are all of one class with
+  submodules (diffusers' ``transformer_blocks`` / ``single_transformer_blocks`` / ``blocks``, a
+  user DiT's ``blocks``), kept when every member runs exactly once in the traced call, in the
   order they ran.
 - **Streams**: which input each output of a block replaces, from the identity of the tensors
   flowing through the traced call: output ``j`` of block ``i`` is the tensor that block ``i+1``
@@ -121,13 +121,15 @@ class DiscoveredSites:
 
 
 def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
-    """The direct ModuleList children whose members are all of one class with submodules."""
-    found = {}
-    for name, child in model.named_children():
+    """The ModuleLists whose members are all of one class with submodules, at the shallowest
+    depth that has any (the model's own stacks, not a text refiner nested inside an embedder;
+    through a wrapper module too)."""
+    found: dict[int, dict[str, nn.ModuleList]] = {}
+    for name, child in model.named_modules():
         if isinstance(child, nn.ModuleList) and len(child) and len({type(block) for block in child}) == 1 \
                 and any(True for _ in child[0].children()):
-            found[name] = child
-    return found
+            found.setdefault(name.count("."), {})[name] = child
+    return found[min(found)] if found else {}
 
 
 def block_children(block: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -5,6 +5,7 @@ pipeline built and saved locally), generate through the real pipeline call, driv
 its tiny components, and any sites it chooses itself (the papers' module sites)."""
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -34,13 +35,16 @@ class PromptInputs:
 
 
 class PipelineAdapter(ModelAdapter):
-    """A diffusers pipeline. ``path`` is a hub id or a local folder (both through
-    ``from_pretrained``); with ``tiny=True`` a missing ``path`` folder is first filled with
-    the family's tiny random components (``save_pretrained``), for tests and CPU runs.
-    ``prompts`` are cycled over the images (in a chunked run, over all of them: chunk after
-    chunk); ``call_kwargs`` go to the pipeline call."""
+    """A diffusers pipeline, any one (``model=diffusers``) or a family's. ``path`` is a hub id
+    or a local folder (both through ``from_pretrained``); ``pipeline`` the pipeline class
+    (default: the family's, else ``DiffusionPipeline``, which reads it from the folder's
+    ``model_index.json``). With ``tiny=True`` a missing ``path`` folder is first filled with
+    tiny random components (``save_pretrained``) from the family's ``tiny_components`` or from
+    ``components``, the dotted name of a function ``(scratch folder) -> components``; for tests
+    and CPU runs. ``prompts`` are cycled over the images (in a chunked run, over all of them:
+    chunk after chunk); ``call_kwargs`` go to the pipeline call."""
 
-    pipeline_class: ClassVar[str]             # the diffusers pipeline class name
+    pipeline_class: ClassVar[str] = "DiffusionPipeline"  # the diffusers pipeline class name
     # granularity -> site patterns where a family chooses its own (the papers' module sites);
     # the other granularities and the probes are discovered (cachelab.models.discovery)
     sites: ClassVar[dict[str, list[SitePattern]]] = {}
@@ -49,8 +53,13 @@ class PipelineAdapter(ModelAdapter):
     def __init__(self, name: str, path: str, description: str = "", tiny: bool = False,
                  prompts: list | tuple = ("a photo of a cat",), negative_prompt: str | None = None,
                  num_steps: int = 50, guidance_scale: float = 5.0, call_kwargs: dict | None = None,
-                 dtype: str = "fp32", device: str = "cpu"):
+                 dtype: str = "fp32", device: str = "cpu", pipeline: str | None = None, components: str | None = None):
         self.name, self.path, self.description, self.tiny = name, os.path.expanduser(path), description, tiny
+        if pipeline is not None:
+            self.pipeline_class = pipeline
+        if components is not None:
+            module, _, function = components.rpartition(".")
+            self.tiny_components = getattr(importlib.import_module(module), function)
         self.prompts, self.negative_prompt = list(prompts), negative_prompt
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         # plain containers: pipelines type-check nested arguments (HunyuanVideo's prompt_template)
@@ -86,8 +95,7 @@ class PipelineAdapter(ModelAdapter):
                                dtype=self.dtype)
         return pipe.to(self.device)
 
-    @classmethod
-    def save_tiny(cls, folder: str | Path, seed: int = 0) -> Path:
+    def save_tiny(self, folder: str | Path, seed: int = 0) -> Path:
         """Build the tiny random pipeline and ``save_pretrained`` it to ``folder`` (atomically)."""
         import diffusers
 
@@ -96,7 +104,7 @@ class PipelineAdapter(ModelAdapter):
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                pipe = getattr(diffusers, cls.pipeline_class)(**cls.tiny_components(Path(tmp) / "scratch"))
+                pipe = getattr(diffusers, self.pipeline_class)(**self.tiny_components(Path(tmp) / "scratch"))
             pipe.save_pretrained(Path(tmp) / "pipe")
             if not folder.exists():
                 (Path(tmp) / "pipe").rename(folder)
