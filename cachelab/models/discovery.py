@@ -10,8 +10,10 @@
   single block, its successor (the next stack's first block) is asked instead, then diffusers'
   own block metadata (``TransformerBlockRegistry``). An output that maps to no input, or to two,
   is an error naming the block class.
-- **Module sites**: the direct children of each block that are attention or feed-forward
-  modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``) and ran.
+- **Module sites**: the children (or grandchildren) of each block that are attention or
+  feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
+  and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,
+  would hold two values: no site).
 - **Probes** for adaptive schedules: ``first_block_residual`` (the first block's image-stream
   residual) everywhere; ``modulated_input`` where the first block's ``norm1`` is an adaptive
   norm (``Ada*``: diffusers' adaLN returns the modulated input first), else not offered.
@@ -46,8 +48,8 @@ class Stack:
     name: str
     block_class: str
     size: int
-    streams: tuple[str, ...]
-    image: int
+    streams: tuple[str | None, ...]
+    image: int | None
     returns_tuple: bool = True
 
     @property
@@ -55,7 +57,7 @@ class Stack:
         return rf"{re.escape(self.name)}\.\d+"
 
     @property
-    def residual(self) -> str | tuple[str, ...]:
+    def residual(self) -> str | tuple[str | None, ...] | None:
         """As :class:`SitePattern` takes it: the argument name of a block returning one tensor."""
         return self.streams if self.returns_tuple else self.streams[0]
 
@@ -86,7 +88,8 @@ class DiscoveredSites:
         first = stacks[0]
         residual = (tuple(name if j == first.image else None for j, name in enumerate(first.streams))
                     if first.returns_tuple else first.residual)
-        self.probes = {"first_block_residual": SitePattern(rf"{re.escape(first.name)}\.0", residual=residual)}
+        self.probes = {} if first.image is None else {
+            "first_block_residual": SitePattern(rf"{re.escape(first.name)}\.0", residual=residual)}
         if norm1 is not None:
             self.probes["modulated_input"] = SitePattern(re.escape(norm1))
 
@@ -106,15 +109,20 @@ class DiscoveredSites:
 
     def spans(self) -> list[SitePattern]:
         """One span over every stack when they all return the same streams (FBCache's "the
-        remaining blocks"), else one span per stack."""
-        if len({s.streams for s in self.stacks}) == 1:
-            regex = "|".join(s.regex for s in self.stacks)
-            return [SitePattern(regex, residual=self.stacks[0].residual, span=True)]
-        return [SitePattern(s.regex, residual=s.residual, span=True, label=f"stack.{s.name}") for s in self.stacks]
+        remaining blocks"), else one span per stack; a span passes its inputs through, so only
+        stacks whose every output has a stream can be one."""
+        stacks = [s for s in self.stacks if None not in s.streams]
+        if not stacks:
+            raise ConfigError(f"no block stack of {type(self.model).__name__} hands every output on to the next block, "
+                              f"so none can be one span; allowed: strategy.granularity in module, block, output")
+        if len({s.streams for s in stacks}) == 1:
+            return [SitePattern("|".join(s.regex for s in stacks), residual=stacks[0].residual, span=True)]
+        return [SitePattern(s.regex, residual=s.residual, span=True, label=f"stack.{s.name}") for s in stacks]
 
     def describe(self) -> str:
         """One line per stack and the module sites: what was found."""
-        lines = [f"{s.name}: {s.size} x {s.block_class}, outputs replace {', '.join(s.streams)}" for s in self.stacks]
+        lines = [f"{s.name}: {s.size} x {s.block_class}, outputs replace "
+                 f"{', '.join(name or '(cached as is)' for name in s.streams)}" for s in self.stacks]
         kinds = sorted({name.rsplit(".", 1)[-1] for name in self.module_sites})
         return "\n".join(lines + [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})",
                                   f"probes: {', '.join(sorted(self.probes))}"])
@@ -132,10 +140,20 @@ def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
     return found[min(found)] if found else {}
 
 
-def block_children(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention and feed-forward children of a block."""
-    return [(name, child) for name, child in block.named_children()
-            if any(word in type(child).__name__ for word in ATTENTION + FEED_FORWARD)]
+def block_children(block: nn.Module, depth: int = 2) -> list[tuple[str, nn.Module]]:
+    """The attention and feed-forward modules of a block: its children, or its grandchildren
+    where a child wraps them (HiDream's ``block``); never a module inside a matched one."""
+    found = []
+
+    def walk(module: nn.Module, prefix: str, level: int) -> None:
+        for name, child in module.named_children():
+            if any(word in type(child).__name__ for word in ATTENTION + FEED_FORWARD):
+                found.append((prefix + name, child))
+            elif level < depth:
+                walk(child, f"{prefix}{name}.", level + 1)
+
+    walk(block, "", 1)
+    return found
 
 
 def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
@@ -144,17 +162,20 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
     stacks = candidate_stacks(model)
     calls: dict[tuple[str, int], list[Call]] = {}
     order: list[tuple[str, int]] = []
-    ran: set[str] = set()
+    runs: dict[str, int] = {}
+
     def stop(module, args, out):
         raise _Traced
+
+    def count(path):
+        return lambda *_: runs.__setitem__(path, runs.get(path, 0) + 1)
 
     hooks = [model.register_forward_hook(stop)]
     for stack_name, blocks in stacks.items():
         for index, block in enumerate(blocks):
             hooks += _block_hooks(block, (stack_name, index), calls, order)
-            for child_name, child in block_children(block):
-                path = f"{stack_name}.{index}.{child_name}"
-                hooks.append(child.register_forward_hook(lambda *_, path=path: ran.add(path)))
+            hooks += [child.register_forward_hook(count(f"{stack_name}.{index}.{child_name}"))
+                      for child_name, child in block_children(block)]
     try:
         with torch.no_grad():
             call()
@@ -163,25 +184,44 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
     finally:
         for hook in hooks:
             hook.remove()
-    found, seen = [], []
-    for stack_name, index in order:
-        if stack_name not in seen:
-            seen.append(stack_name)
-    for position, stack_name in enumerate(seen):
-        blocks = stacks[stack_name]
-        if any(len(calls.get((stack_name, i), [])) != 1 for i in range(len(blocks))):
-            continue  # a stack that did not run block by block once (e.g. weights shared in a loop)
-        successor = next((calls[(s, 0)][0] for s in seen[position + 1:]
-                          if all(len(calls.get((s, i), [])) == 1 for i in range(len(stacks[s])))), None)
-        streams = _streams(blocks, [calls[(stack_name, i)][0] for i in range(len(blocks))], successor)
-        found.append(Stack(stack_name, type(blocks[0]).__name__, len(blocks), streams,
-                           _image_stream(type(blocks[0]), streams), calls[(stack_name, 0)][0].returns_tuple))
+    found = _stacks(stacks, calls, order)
+    # a module called more than once per forward (one feed-forward for both streams) holds two values: no site
     module_sites = [path for s in found for i in range(s.size)
-                    for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i])) if path in ran]
+                    for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i]))
+                    if runs.get(path) == 1]
     first_block = stacks[found[0].name][0] if found else None
     adaptive = first_block is not None and "Ada" in type(getattr(first_block, "norm1", None)).__name__
     norm1 = f"{found[0].name}.0.norm1" if adaptive else None
     return DiscoveredSites(model, found, module_sites, norm1)
+
+
+def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[Stack]:
+    """The stacks that ran block by block once, in the order they ran, with their streams.
+    A list of two or more blocks is a stack only when each block hands on an output to the next
+    (a chain); a one-block list takes the streams of its class from a longer stack, else from its
+    successor (the next stack's first block) or diffusers' metadata, else it is left out.
+    An output no next block receives unchanged has no stream (None): it is cached as it is."""
+    ran = []
+    for stack_name, _ in order:
+        blocks = stacks[stack_name]
+        if stack_name not in ran and all(len(calls.get((stack_name, i), [])) == 1 for i in range(len(blocks))):
+            ran.append(stack_name)
+    chains = {name: [calls[(name, i)][0] for i in range(len(stacks[name]))] for name in ran}
+    known, streams = {}, {}
+    for name, chain in chains.items():
+        if len(chain) > 1 and all(_hands_on(a, b) for a, b in zip(chain, chain[1:])):
+            streams[name] = known[type(stacks[name][0])] = _streams(stacks[name], list(zip(chain, chain[1:])))
+    for position, name in enumerate(ran):
+        if len(chains[name]) == 1:
+            successor = next((chains[s][0] for s in ran[position + 1:]), None)
+            block_class = type(stacks[name][0])
+            found = known.get(block_class) or _paired(chains[name][0], successor, block_class.__name__) or \
+                _registry_streams(block_class, len(chains[name][0].outputs))
+            if found is not None:
+                streams[name] = found
+    return [Stack(name, type(stacks[name][0]).__name__, len(stacks[name]), streams[name],
+                  _image_stream(type(stacks[name][0]), streams[name]), chains[name][0].returns_tuple)
+            for name in ran if name in streams]
 
 
 def _block_hooks(block: nn.Module, key: tuple[str, int], calls: dict, order: list) -> list:
@@ -201,28 +241,37 @@ def _block_hooks(block: nn.Module, key: tuple[str, int], calls: dict, order: lis
             block.register_forward_hook(after, with_kwargs=True)]
 
 
-def _streams(blocks: nn.ModuleList, stack_calls: list[Call], successor: Call | None) -> tuple[str, ...]:
-    """The argument each block output replaces, by tensor identity from a block to the next."""
-    pairs = list(zip(stack_calls, stack_calls[1:])) or ([(stack_calls[0], successor)] if successor else [])
+def _hands_on(this: Call, following: Call) -> bool:
+    """Whether some output of a block is an argument of the next one (the same tensor)."""
+    return any(value is out for out in this.outputs if out is not None for value in following.arguments.values())
+
+
+def _paired(this: Call, following: Call | None, block_class: str) -> tuple[str | None, ...] | None:
+    """The argument of ``following`` that each output of ``this`` is, by identity (None for an
+    output it does not receive unchanged: that output is cached as it is); None when nothing
+    pairs. An output received as two arguments is ambiguous: an error naming the class."""
+    if following is None:
+        return None
+    names = []
+    for out in this.outputs:
+        matches = [name for name, value in following.arguments.items() if out is not None and value is out]
+        if len(matches) > 1:
+            raise ConfigError(f"an output of {block_class} reaches the next block as {', '.join(matches)}: which input "
+                              f"it replaces is ambiguous; pass site patterns yourself "
+                              f"(SitePattern(regex, residual=(<argument per output>)))")
+        names.append(matches[0] if matches else None)
+    return tuple(names) if any(names) else None
+
+
+def _streams(blocks: nn.ModuleList, pairs: list[tuple[Call, Call]]) -> tuple[str | None, ...]:
+    """The argument each block output replaces (None: cached as it is), the same for every pair
+    of neighbours; pairs that disagree are an error naming the block class."""
     block_class = type(blocks[0]).__name__
-    answers = set()
-    for this, following in pairs:
-        names = []
-        for j, out in enumerate(this.outputs):
-            matches = [name for name, value in following.arguments.items() if value is out and out is not None]
-            if len(matches) != 1:
-                names = None
-                break
-            names.append(matches[0])
-        answers.add(None if names is None else tuple(names))
-    if len(answers) == 1 and None not in answers:
-        return answers.pop()
-    registered = _registry_streams(type(blocks[0]), len(stack_calls[0].outputs))
-    if registered is not None:
-        return registered
-    raise ConfigError(f"cannot tell which input each output of {block_class} replaces: its outputs are not passed "
-                      f"on unchanged to the next block and diffusers has no metadata for it; pass site patterns "
-                      f"yourself (SitePattern(regex, residual=(<argument per output>)))")
+    answers = {_paired(this, following, block_class) for this, following in pairs}
+    if len(answers) != 1:
+        raise ConfigError(f"the outputs of {block_class} reach the next block as different inputs from block to "
+                          f"block; pass site patterns yourself (SitePattern(regex, residual=(<argument per output>)))")
+    return answers.pop()
 
 
 def _registry_streams(block_class: type, num_outputs: int) -> tuple[str, ...] | None:
@@ -242,11 +291,12 @@ def _registry_streams(block_class: type, num_outputs: int) -> tuple[str, ...] | 
     return tuple(streams) if None not in streams else None
 
 
-def _image_stream(block_class: type, streams: tuple[str, ...]) -> int:
-    """The output that carries the image (latent) tokens: diffusers' metadata, else by name, else the first."""
-    registered = _registry_streams(block_class, len(streams))
-    names = registered or streams
+def _image_stream(block_class: type, streams: tuple[str | None, ...]) -> int | None:
+    """The output that carries the image (latent) tokens, among those with a stream: diffusers'
+    metadata, else by name, else the first; None when no output has a stream."""
+    names = _registry_streams(block_class, len(streams)) or streams
+    with_stream = [j for j, name in enumerate(streams) if name is not None]
     for candidate in IMAGE_STREAM_NAMES:
-        if candidate in names:
+        if candidate in names and names.index(candidate) in with_stream:
             return names.index(candidate)
-    return 0
+    return with_stream[0] if with_stream else None

@@ -6,7 +6,7 @@ tower, part of the model though unused for text-to-image) and the tokenizer a re
 and whole-word merges for the words of the pipeline's prompt template: the template's system
 prefix then takes exactly ``prompt_template_encode_start_idx`` (34) tokens, as with the real
 tokenizer, so the pipeline drops precisely it and the transformer sees only the prompt (one
-token per byte, bar template words) and the template's 5-token tail.
+token per byte, except template words) and the template's 5-token tail.
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def qwen_vl_model(tokenizer, seed: int = 0):
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=tiny.WIDTH, intermediate_size=37,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2]),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=tiny.WIDTH, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2]),  # sums to head_dim / 2
                          bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=2,
                            window_size=8, fullatt_block_indexes=[1], out_hidden_size=tiny.WIDTH),
@@ -73,7 +73,7 @@ def qwen_vl_model(tokenizer, seed: int = 0):
 def tiny_components(tmp_dir: Path) -> dict:
     """Tiny random components of QwenImagePipeline: transformer, vae, scheduler, text_encoder, tokenizer.
 
-    The VAE downsamples 4x (Qwen-Image: 8x) into 4 latent channels (16), packed 2x2 into the
+    The VAE downsamples 4x (Qwen-Image: 8x) into 4 latent channels (Qwen-Image: 16), packed 2x2 into the
     transformer's 16 input channels, so a 32x32 image is 16 image tokens.
     """
     import torch
