@@ -20,7 +20,8 @@ from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-FAMILIES = ["tiny_diffusers_dit", "tiny_pixart", "tiny_sd3", "tiny_flux", "tiny_wan", "tiny_hunyuan_video"]
+FAMILIES = ["tiny_diffusers_dit", "tiny_pixart", "tiny_sd3", "tiny_flux", "tiny_wan", "tiny_hunyuan_video",
+            "tiny_qwenimage"]  # the last one with no family file
 STEPS = 6
 
 
@@ -116,6 +117,7 @@ TRUE_CFG = {  # families whose pipeline calls the transformer twice per step, in
     "tiny_wan": {},
     "tiny_flux": {"negative_prompt": "blurry", "call_kwargs": {"true_cfg_scale": 2.0}},
     "tiny_hunyuan_video": {"negative_prompt": "blurry", "call_kwargs": {"true_cfg_scale": 2.0}},
+    "tiny_qwenimage": {},
 }
 
 

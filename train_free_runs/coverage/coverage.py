@@ -176,8 +176,9 @@ def cachelab_cell(spec: Specimen, T: int, granularity: str) -> Cell:
     settings = dict(order=ORDER, interval=INTERVAL, first_enhance=FIRST_ENHANCE, granularity=granularity,
                     on_undriven="raise")
     try:
-        full, _ = driven(model, spec, ts, cachelab.apply(model, "taylor", schedule="always", **settings))
-        cached, handle = driven(model, spec, ts, cachelab.apply(model, "taylor", **settings))
+        full = driven(model, spec, ts, cachelab.apply(model, "taylor", schedule="always", **settings))
+        handle = cachelab.apply(model, "taylor", **settings)
+        cached = driven(model, spec, ts, handle)
         after = trajectory(model, spec, ts)
     except Exception as exc:  # the cell reports it
         return error_cell(exc)
@@ -199,14 +200,13 @@ def cachelab_cell(spec: Specimen, T: int, granularity: str) -> Cell:
     return Cell(verdict(problems), rel_l2(cached, bare), skipped_steps(cached, bare), len(stats.forecast_steps), note)
 
 
-def driven(model, spec: Specimen, ts: list[float], handle) -> tuple[Trajectory, object]:
-    """One generation of ``handle`` driven step by step, then the handle removed."""
+def driven(model: torch.nn.Module, spec: Specimen, ts: list[float], handle) -> Trajectory:
+    """One generation driven by cachelab's ``handle`` step by step; the handle is removed after it."""
     try:
         with handle.generation(len(ts)):
-            traj = trajectory(model, spec, ts, before_step=handle.step)
+            return trajectory(model, spec, ts, before_step=handle.step)
     finally:
         handle.remove()
-    return traj, handle
 
 
 # --------------------------------------------------------------------------- peers
@@ -291,9 +291,9 @@ def diffusers_fbcache_cell(spec: Specimen, T: int) -> Cell:
     from diffusers import FirstBlockCacheConfig
 
     def run(threshold: float) -> Cell:
+        hooks = hooked_modules(("fbc_leader_block_hook", "fbc_block_hook"))
         return peer_cell(spec, T, enable_diffusers(FirstBlockCacheConfig(threshold=threshold)),
-                         lambda model: model.disable_cache(), hooked_modules(("fbc_leader_block_hook", "fbc_block_hook")),
-                         lambda model: model.cache_context("cond"))
+                         lambda model: model.disable_cache(), hooks, lambda model: model.cache_context("cond"))
 
     return adaptive_cell(run)
 
@@ -351,7 +351,7 @@ def cache_dit_cell(spec: Specimen, T: int) -> Cell:
     alone = adaptive_cell(lambda threshold: cache_dit_run(spec, T, threshold, calibrator=False))
     if alone.status.startswith("fails"):
         return with_calibrator
-    alone.note = ", ".join(filter(None, [alone.note, f"DBCache alone: with the calibrator it {with_calibrator.status}"]))
+    alone.note = ", ".join(filter(None, [alone.note, f"DBCache alone (with the calibrator it {with_calibrator.status})"]))
     return alone
 
 
@@ -369,7 +369,8 @@ class Row:
 def measure(spec: Specimen, T: int) -> Row:
     """Every tool on one specimen."""
     start, row = time.perf_counter(), Row(spec.name, spec.pipelines)
-    tools: dict[str, Callable[[], Cell]] = {f"cachelab {g}": (lambda g=g: cachelab_cell(spec, T, g)) for g in GRANULARITIES}
+    tools: dict[str, Callable[[], Cell]] = {f"cachelab {g}": (lambda g=g: cachelab_cell(spec, T, g))
+                                            for g in GRANULARITIES}
     tools["diffusers TaylorSeer"] = lambda: diffusers_taylorseer_cell(spec, T)
     tools["diffusers FBCache"] = lambda: diffusers_fbcache_cell(spec, T)
     tools["cache-dit DBCache"] = lambda: cache_dit_cell(spec, T)
@@ -400,12 +401,14 @@ def table(rows: list[Row]) -> list[str]:
         lines.append(f"| {row.name} | {abbreviate(row.pipelines)} | " + " | ".join(cells) + " |")
     for cls, reason in UNSUPPORTED.items():
         pipes = abbreviate(pipeline_transformer_classes().get(cls, ()))
-        lines.append(f"| {cls} | {pipes} | " + " | ".join([f"not in the zoo: {reason}"] + [""] * (len(COLUMNS) - 1)) + " |")
+        cells = [f"not in the zoo: {reason}"] + [""] * (len(COLUMNS) - 1)
+        lines.append(f"| {cls} | {pipes} | " + " | ".join(cells) + " |")
     return lines
 
 
 def kind(cell: Cell) -> str:
-    return cell.status.split(":")[0].split(" ")[0] if cell.status != "not installed" else "not installed"
+    """works, silent, fails, unsupported or not installed."""
+    return cell.status.split(":")[0]
 
 
 def totals(rows: list[Row]) -> list[str]:
