@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 
 from torch import nn
 
-from cachelab.core.controller import CacheHandle, CacheStats
+from cachelab.core.controller import CacheHandle, CacheStats, Generations
 from cachelab.core.schedules import Decision
 from cachelab.core.sites import SitePattern
 from cachelab.core.strategy import SiteSource, Strategy
@@ -36,7 +36,7 @@ class GivenSites:
         return self.patterns[granularity]
 
 
-class Handle:
+class Handle(Generations):
     """A strategy applied to a model: drive it (or let the pipeline drive it), read ``summary()``,
     ``remove()`` it (also on leaving ``with``). Until the model's first call inside a
     generation its sites are not hooked; a call outside a generation runs the model untouched
@@ -70,15 +70,6 @@ class Handle:
             self.inner.end()
             self._stats = self.inner.stats()
         self._T, self._step = None, None
-
-    @contextmanager
-    def generation(self, T: int):
-        """``begin(T)`` on entry, ``end()`` on exit, even when sampling fails."""
-        self.begin(T)
-        try:
-            yield self
-        finally:
-            self.end()
 
     def step(self, s: int, t: float | None = None) -> Decision | None:
         self._check_live()

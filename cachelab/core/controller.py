@@ -78,7 +78,20 @@ def controller_signals(predictor) -> set[str]:
     return {"error_estimate"} if callable(getattr(predictor, "error_estimate", None)) else set()
 
 
-class CacheHandle:
+class Generations:
+    """``with handle.generation(T):`` for whatever has ``begin(T)`` and ``end()``."""
+
+    @contextmanager
+    def generation(self, T: int):
+        """``begin(T)`` on entry, ``end()`` on exit, even when sampling fails."""
+        self.begin(T)
+        try:
+            yield self
+        finally:
+            self.end()
+
+
+class CacheHandle(Generations):
     """A strategy attached to a model; created by :func:`attach`.
 
     The sampler drives it inside ``with handle.generation(T):`` (or ``begin(T)`` ... ``end()``),
@@ -147,15 +160,6 @@ class CacheHandle:
         self.stats()
         self._caches, self._signals = {}, {}
         self._s = self._t = self._decision = self._T = None
-
-    @contextmanager
-    def generation(self, T: int):
-        """``begin(T)`` on entry, ``end()`` on exit, even when sampling fails."""
-        self.begin(T)
-        try:
-            yield self
-        finally:
-            self.end()
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
         """Enter step ``s`` (counted up); the schedule decides once for every site and context,

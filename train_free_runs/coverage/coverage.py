@@ -2,18 +2,21 @@
 granularity, diffusers' own hooks (TaylorSeer, FirstBlockCache) and cache-dit (DBCache), each on
 every specimen of the zoo (:mod:`train_free_runs.coverage.zoo`), tiny and random, on CPU.
 
-For each specimen and tool: ``T`` steps over timesteps spread across the class's range, from the
-noisy end to the clean end, inputs fixed except the timestep, one model call per step (batch 2,
-one cache context). A cell is
+For each specimen and tool, on a fresh model: ``T`` steps over timesteps spread across the class's
+range from the noisy end towards the clean end, inputs fixed except the timestep, one model call per
+step (batch 2, one cache context); the bare model first, then the tool, then the model after the
+tool is removed. A cell is
 
 - ``works``: the tool hooked something, skipped compute on some steps, changed the output there
-  (rel-L2 > 0) and, for cachelab, its all-full schedule and the model after ``remove()`` are bit
-  for bit the bare model;
+  (rel-L2 > 0) and left the model bit for bit as it was; for cachelab also its all-full schedule
+  (``schedule="always"``) gives the bare model's outputs bit for bit;
 - ``silent: <what>``: it ran without an error but one of those did not hold;
 - ``fails: <error>``: it raised; ``unsupported: <why>``: the tool does not offer itself for the class.
 
-A step "skipped compute" when fewer modules were called in it than in the bare model's call
-(one global forward hook counts them): the same reading for all tools.
+A step "skipped compute" when fewer modules were called in it than in the bare model's call (a
+global forward hook counts them): the same reading for every tool. Where FBCache or DBCache skip no
+step, the note gives what an infinite threshold skips (threshold or hooking to blame); where cache-dit
+raises with its TaylorSeer calibrator, DBCache alone is measured and the note says so.
 
     python -m train_free_runs.coverage.coverage [--only Class1,Class2] [--steps 10] [--out results.md]
 """
@@ -25,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -36,6 +40,7 @@ import torch
 
 from train_free_runs.coverage.zoo import UNSUPPORTED, Specimen, pipeline_transformer_classes, specimen
 
+ROOT = Path(__file__).resolve().parents[2]
 BATCH = 2
 ORDER, INTERVAL, FIRST_ENHANCE = 2, 5, 1  # TaylorSeer for cachelab and diffusers' hook
 GRANULARITIES = ("output", "block", "module", "stack")
@@ -351,7 +356,8 @@ def cache_dit_cell(spec: Specimen, T: int) -> Cell:
     alone = adaptive_cell(lambda threshold: cache_dit_run(spec, T, threshold, calibrator=False))
     if alone.status.startswith("fails"):
         return with_calibrator
-    alone.note = ", ".join(filter(None, [alone.note, f"DBCache alone (with the calibrator it {with_calibrator.status})"]))
+    reason = f"DBCache alone (with the calibrator it {with_calibrator.status})"
+    alone.note = ", ".join(filter(None, [alone.note, reason]))
     return alone
 
 
@@ -436,6 +442,24 @@ def problems(rows: list[Row], columns: list[str]) -> list[str]:
     return lines or ["- none"]
 
 
+def machine() -> str:
+    """The CPU model (``/proc/cpuinfo``), its cores and the threads torch uses."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = models[0] if models else platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def source() -> str:
+    """The commit of the checkout, and whether cachelab/ differs from it (the library measured)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "cachelab")
+    return f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}" + (" + uncommitted changes" if dirty else "")
+
+
 def header(T: int, seconds: float) -> list[str]:
     import diffusers
 
@@ -445,9 +469,10 @@ def header(T: int, seconds: float) -> list[str]:
     return [
         "# Caching coverage of diffusers' transformer classes",
         "",
-        f"`python -m train_free_runs.coverage.coverage --steps {T}` ({' '.join(sys.argv[1:]) or 'no options'}); "
-        f"diffusers {diffusers.__version__}, torch {torch.__version__}, cache-dit {cache_dit}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread; wall time {seconds:.0f} s.",
+        f"`python -m train_free_runs.coverage.coverage {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"diffusers {diffusers.__version__}, torch {torch.__version__}, cache-dit {cache_dit}; cachelab at {source()}; "
+        f"{machine()}; wall time {seconds:.0f} s.",
         "",
         f"{T} steps, batch {BATCH}, inputs fixed except the timestep. cachelab: `taylor` order {ORDER}, interval "
         f"{INTERVAL}, first_enhance {FIRST_ENHANCE}. diffusers TaylorSeer: cache_interval {INTERVAL}, max_order "
