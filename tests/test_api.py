@@ -290,3 +290,20 @@ def test_driver_as_a_context_manager_removes_its_hooks():
     with PipelineDriver(pipe, None):
         assert "forward" in vars(pipe.transformer)
     assert "forward" not in vars(pipe.transformer) and "step" not in vars(pipe.scheduler)
+
+
+def test_nested_outputs_are_taken_apart_and_rebuilt():
+    """A model output holding a list of per-sample tensors (Z-Image) is cached tensor by tensor."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from cachelab.core.outputs import split
+
+    a, b, c = torch.ones(1), torch.zeros(2), torch.full((3,), 2.0)
+    for out, count in [((a, None, b), 3), (Transformer2DModelOutput(sample=[a, b]), 2), (((a, b), c, None), 4)]:
+        parts, rebuild = split(out)
+        assert len(parts) == count
+        again = split(rebuild([None if p is None else p + 1 for p in parts]))[0]
+        assert [None if p is None else p.tolist() for p in again] == \
+            [None if p is None else (p + 1).tolist() for p in parts]
+    with pytest.raises(TypeError, match="returned str"):
+        split((a, "x"))

@@ -15,23 +15,35 @@ Parts = list[torch.Tensor | None]
 
 
 def split(out) -> tuple[Parts, Callable[[Parts], object]]:
-    """``out`` -> (its tensors in order, a function rebuilding the same structure from new tensors)."""
+    """``out`` -> (its tensors in order, a function rebuilding the same structure from new tensors).
+    Tuples, lists and mappings may nest (Z-Image returns a list of per-sample tensors in its output)."""
     if isinstance(out, torch.Tensor):
         return [out], lambda parts: parts[0]
-    if isinstance(out, (tuple, list)):
-        _check_parts(out)
-        kind = type(out)  # not `out` itself: the rebuild must not keep the tensors alive
-        return list(out), lambda parts: kind(parts)
-    if isinstance(out, Mapping):  # diffusers BaseOutput is an OrderedDict dataclass
-        kind, keys = type(out), list(out.keys())
-        _check_parts(out.values())
-        return [out[k] for k in keys], lambda parts: kind(**dict(zip(keys, parts)))
-    raise TypeError(f"a cache site returned {type(out).__name__}; cachelab caches tensors, tuples of "
+    if isinstance(out, (tuple, list, Mapping)):
+        items = list(out.values()) if isinstance(out, Mapping) else list(out)
+        if all(item is None or isinstance(item, torch.Tensor) for item in items):  # flat: the hot path
+            return items, _rebuilder(out, None)
+        pieces = [([None], _none) if item is None else split(item) for item in items]
+        return [part for parts, _ in pieces for part in parts], _rebuilder(out, pieces)
+    raise TypeError(f"a cache site returned {type(out).__name__}; cachelab caches tensors, tuples and lists of "
                     f"tensors and diffusers outputs")
 
 
-def _check_parts(parts) -> None:
-    for part in parts:
-        if part is not None and not isinstance(part, torch.Tensor):
-            raise TypeError(f"a cache site returned a {type(part).__name__} inside its output; "
-                            f"only tensors (or None) can be cached")
+def _none(parts: Parts) -> None:
+    return None
+
+
+def _rebuilder(out, pieces) -> Callable[[Parts], object]:
+    """Rebuild ``out``'s structure (its type and keys, never its tensors: they must not stay
+    alive) from new parts; ``pieces``: each item's own split when the structure nests."""
+    kind, keys = type(out), list(out.keys()) if isinstance(out, Mapping) else None
+    sizes = None if pieces is None else [len(parts) for parts, _ in pieces]
+    items = None if pieces is None else [rebuild for _, rebuild in pieces]
+
+    def rebuild(parts: Parts):
+        if sizes is not None:
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            parts = [item(parts[start:start + size]) for item, start, size in zip(items, starts, sizes)]
+        return kind(**dict(zip(keys, parts))) if keys is not None else kind(parts)
+
+    return rebuild

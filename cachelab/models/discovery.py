@@ -6,10 +6,11 @@
   order they ran.
 - **Streams**: which input each output of a block replaces, from the identity of the tensors
   flowing through the traced call: output ``j`` of block ``i`` is the tensor that block ``i+1``
-  of the same stack receives as argument ``X`` (never by position or shape). Where a stack has a
-  single block, its successor (the next stack's first block) is asked instead, then diffusers'
-  own block metadata (``TransformerBlockRegistry``). An output that maps to no input, or to two,
-  is an error naming the block class.
+  of the same stack receives as argument ``X`` (never by position or shape). A list whose blocks
+  do not hand their outputs on (the model changes them in between) or a one-block list takes the
+  streams of its block class from a chained stack, else from diffusers' own block metadata
+  (``TransformerBlockRegistry``), else it is no stack. An output received as two arguments is
+  an error naming the block class; one no next block receives unchanged is cached as it is.
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
   and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,
@@ -26,7 +27,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -51,6 +52,8 @@ class Stack:
     streams: tuple[str | None, ...]
     image: int | None
     returns_tuple: bool = True
+    chained: bool = True         # each block hands an output on to the next (else: diffusers' metadata)
+    hands_on_next: bool = False  # its last block hands an output on to the next stack's first block
 
     @property
     def regex(self) -> str:
@@ -79,45 +82,52 @@ class DiscoveredSites:
     """The sites of one model at every granularity (a ``SiteSource`` for :class:`Strategy`)."""
 
     def __init__(self, model: nn.Module, stacks: list[Stack], module_sites: list[str], norm1: str | None):
-        if not stacks:
-            raise ConfigError(f"{type(model).__name__} has no discoverable blocks (no ModuleList of one block class "
-                              f"whose members each ran once); pass site patterns yourself: "
-                              f"cachelab.apply(model, strategy, sites={{'block': [SitePattern(r'<regex>', "
-                              f"residual=True)]}})")
         self.model, self.stacks, self.module_sites = model, stacks, module_sites
-        first = stacks[0]
-        residual = (tuple(name if j == first.image else None for j, name in enumerate(first.streams))
-                    if first.returns_tuple else first.residual)
-        self.probes = {} if first.image is None else {
-            "first_block_residual": SitePattern(rf"{re.escape(first.name)}\.0", residual=residual)}
+        self.probes = {}
+        first = stacks[0] if stacks else None
+        if first is not None and first.image is not None:
+            residual = (tuple(name if j == first.image else None for j, name in enumerate(first.streams))
+                        if first.returns_tuple else first.residual)
+            self.probes["first_block_residual"] = SitePattern(rf"{re.escape(first.name)}\.0", residual=residual)
         if norm1 is not None:
             self.probes["modulated_input"] = SitePattern(re.escape(norm1))
 
     def site_patterns(self, granularity: str) -> SitePatterns:
+        if granularity == "output":
+            return SitePatterns([SitePattern("")])
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+        if not self.stacks:
+            raise ConfigError(f"{type(self.model).__name__} has no discoverable blocks (no ModuleList of blocks that "
+                              f"each ran once and hand an output on, or that diffusers has metadata for); allowed: "
+                              f"strategy.granularity=output, or site patterns: cachelab.apply(model, strategy, "
+                              f"sites={{'{granularity}': [SitePattern(r'<regex>', residual='<argument>')]}})")
         if granularity == "module":
             if not self.module_sites:
-                raise ConfigError(f"{type(self.model).__name__} has no attention or feed-forward modules as children "
-                                  f"of its blocks; allowed: strategy.granularity in block, stack, output")
+                raise ConfigError(f"{type(self.model).__name__} has no attention or feed-forward modules in its "
+                                  f"blocks; allowed: strategy.granularity in block, stack, output")
             return SitePatterns([SitePattern("|".join(re.escape(name) for name in self.module_sites))], self.probes)
         if granularity == "block":
             return SitePatterns([SitePattern(s.regex, residual=s.residual) for s in self.stacks], self.probes)
-        if granularity == "stack":
-            return SitePatterns(self.spans(), self.probes)
-        if granularity == "output":
-            return SitePatterns([SitePattern("")])
-        raise ConfigError(f"granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
+        return SitePatterns([self.span()], self.probes)
 
-    def spans(self) -> list[SitePattern]:
-        """One span over every stack when they all return the same streams (FBCache's "the
-        remaining blocks"), else one span per stack; a span passes its inputs through, so only
-        stacks whose every output has a stream can be one."""
-        stacks = [s for s in self.stacks if None not in s.streams]
-        if not stacks:
-            raise ConfigError(f"no block stack of {type(self.model).__name__} hands every output on to the next block, "
-                              f"so none can be one span; allowed: strategy.granularity in module, block, output")
-        if len({s.streams for s in stacks}) == 1:
-            return [SitePattern("|".join(s.regex for s in stacks), residual=stacks[0].residual, span=True)]
-        return [SitePattern(s.regex, residual=s.residual, span=True, label=f"stack.{s.name}") for s in stacks]
+    def span(self) -> SitePattern:
+        """One span over the trunk (FBCache's "the remaining blocks"): the run of stacks, in the
+        order they ran, that hand their outputs on block after block and stack after stack, with
+        the same streams, every output one (a span passes its inputs through); the longest one."""
+        runs, current = [], []
+        for stack in self.stacks:
+            fits = stack.chained and None not in stack.streams
+            if current and fits and current[-1].hands_on_next and stack.streams == current[-1].streams:
+                current.append(stack)
+            else:
+                current = [stack] if fits else []
+                runs.append(current)
+        trunk = max(runs, key=lambda run: sum(s.size for s in run), default=[])
+        if not trunk:
+            raise ConfigError(f"no stack of {type(self.model).__name__} hands every output on from block to block, so "
+                              f"none can be one span; allowed: strategy.granularity in module, block, output")
+        return SitePattern("|".join(s.regex for s in trunk), residual=trunk[0].residual, span=True)
 
     def describe(self) -> str:
         """One line per stack and the module sites: what was found."""
@@ -197,9 +207,9 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
 
 def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[Stack]:
     """The stacks that ran block by block once, in the order they ran, with their streams.
-    A list of two or more blocks is a stack only when each block hands on an output to the next
-    (a chain); a one-block list takes the streams of its class from a longer stack, else from its
-    successor (the next stack's first block) or diffusers' metadata, else it is left out.
+    A list of two or more blocks that hand an output on from one to the next (a chain) reads
+    its streams from the tensors handed on; any other list takes its class's streams from such
+    a chain or from diffusers' metadata, else it is left out (a list of text projections, ...).
     An output no next block receives unchanged has no stream (None): it is cached as it is."""
     ran = []
     for stack_name, _ in order:
@@ -207,21 +217,20 @@ def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[
         if stack_name not in ran and all(len(calls.get((stack_name, i), [])) == 1 for i in range(len(blocks))):
             ran.append(stack_name)
     chains = {name: [calls[(name, i)][0] for i in range(len(stacks[name]))] for name in ran}
-    known, streams = {}, {}
-    for name, chain in chains.items():
-        if len(chain) > 1 and all(_hands_on(a, b) for a, b in zip(chain, chain[1:])):
-            streams[name] = known[type(stacks[name][0])] = _streams(stacks[name], list(zip(chain, chain[1:])))
-    for position, name in enumerate(ran):
-        if len(chains[name]) == 1:
-            successor = next((chains[s][0] for s in ran[position + 1:]), None)
-            block_class = type(stacks[name][0])
-            found = known.get(block_class) or _paired(chains[name][0], successor, block_class.__name__) or \
-                _registry_streams(block_class, len(chains[name][0].outputs))
-            if found is not None:
-                streams[name] = found
-    return [Stack(name, type(stacks[name][0]).__name__, len(stacks[name]), streams[name],
-                  _image_stream(type(stacks[name][0]), streams[name]), chains[name][0].returns_tuple)
-            for name in ran if name in streams]
+    chained = {name for name, chain in chains.items()
+               if len(chain) > 1 and all(_hands_on(a, b) for a, b in zip(chain, chain[1:]))}
+    known = {}
+    for name in chained:
+        known[type(stacks[name][0])] = _streams(stacks[name], list(zip(chains[name], chains[name][1:])))
+    found = []
+    for name in ran:
+        block_class, first = type(stacks[name][0]), chains[name][0]
+        streams = known.get(block_class) or _registry_streams(block_class, len(first.outputs))
+        if streams is not None:
+            found.append(Stack(name, block_class.__name__, len(stacks[name]), streams, _image_stream(block_class, streams),
+                               first.returns_tuple, name in chained))
+    return [replace(stack, hands_on_next=_hands_on(chains[stack.name][-1], chains[following.name][0]))
+            for stack, following in zip(found, found[1:])] + found[-1:]
 
 
 def _block_hooks(block: nn.Module, key: tuple[str, int], calls: dict, order: list) -> list:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import platform
@@ -160,11 +159,13 @@ class Cell:
 
 
 def error_cell(exc: BaseException) -> Cell:
+    """``fails: <type>: <first line of the message>``."""
     lines = str(exc).strip().splitlines()
     return Cell(f"fails: {type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "))
 
 
 def verdict(problems: list[str]) -> str:
+    """``works`` without problems, else ``silent: <problems>``."""
     return "works" if not problems else "silent: " + "; ".join(problems)
 
 
@@ -272,6 +273,7 @@ def hooked_modules(names: tuple[str, ...]) -> Callable[[torch.nn.Module], int]:
 
 
 def enable_diffusers(config) -> Callable:
+    """``model.enable_cache(config)``, or Unsupported where the class has no ``enable_cache``."""
     def enable(model):
         if not hasattr(model, "enable_cache"):
             raise Unsupported(f"{type(model).__name__} is no CacheMixin (no enable_cache)")
@@ -322,6 +324,7 @@ def cache_dit_target(model: torch.nn.Module, pipelines: tuple[str, ...]):
 
 
 def cache_dit_configs(T: int, threshold: float, calibrator: bool) -> dict:
+    """DBCache F1B0 (first block decides, no tail block always computed), and its TaylorSeer calibrator."""
     import cache_dit
 
     cache = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
@@ -366,6 +369,8 @@ def cache_dit_cell(spec: Specimen, T: int) -> Cell:
 
 @dataclass
 class Row:
+    """One specimen: a cell per column and the seconds it took."""
+
     name: str
     pipelines: tuple[str, ...]
     cells: dict[str, Cell] = field(default_factory=dict)
@@ -401,6 +406,7 @@ def abbreviate(pipelines: tuple[str, ...]) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
+    """The markdown table: a row per specimen, then the classes the zoo leaves out."""
     lines = ["| class | pipelines | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for row in rows:
         cells = [row.cells[c].text().replace("|", "\\|") for c in COLUMNS]
@@ -452,7 +458,7 @@ def machine() -> str:
 
 
 def source() -> str:
-    """The commit of the checkout, and whether cachelab/ differs from it (the library measured)."""
+    """The commit of the checkout, and whether cachelab/ differs from it: the library measured (read at the start)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
@@ -460,7 +466,8 @@ def source() -> str:
     return f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}" + (" + uncommitted changes" if dirty else "")
 
 
-def header(T: int, seconds: float) -> list[str]:
+def header(T: int, seconds: float, library: str) -> list[str]:
+    """The command, the versions, the machine and the settings."""
     import diffusers
 
     from train_free_runs.bench import peers
@@ -471,7 +478,7 @@ def header(T: int, seconds: float) -> list[str]:
         "",
         f"`python -m train_free_runs.coverage.coverage {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
-        f"diffusers {diffusers.__version__}, torch {torch.__version__}, cache-dit {cache_dit}; cachelab at {source()}; "
+        f"diffusers {diffusers.__version__}, torch {torch.__version__}, cache-dit {cache_dit}; cachelab at {library}; "
         f"{machine()}; wall time {seconds:.0f} s.",
         "",
         f"{T} steps, batch {BATCH}, inputs fixed except the timestep. cachelab: `taylor` order {ORDER}, interval "
@@ -484,10 +491,11 @@ def header(T: int, seconds: float) -> list[str]:
     ]
 
 
-def report(rows: list[Row], T: int, seconds: float) -> str:
+def report(rows: list[Row], T: int, seconds: float, library: str) -> str:
+    """results.md: the settings, the table, the totals and the lists of failing or silent cells."""
     cachelab_columns = [f"cachelab {g}" for g in GRANULARITIES]
     peer_columns = [c for c in COLUMNS if c not in cachelab_columns]
-    lines = header(T, seconds) + table(rows) + ["", "## Totals", ""] + totals(rows)
+    lines = header(T, seconds, library) + table(rows) + ["", "## Totals", ""] + totals(rows)
     lines += ["", "## Where cachelab fails or is silent", ""] + problems(rows, cachelab_columns)
     lines += ["", "## Where the peers fail or are silent", ""] + problems(rows, peer_columns)
     return "\n".join(lines) + "\n"
@@ -503,28 +511,27 @@ def quiet() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    logging.getLogger("cachelab").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated specimen names (default: all)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", default="train_free_runs/coverage/results.md")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.md")))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     quiet()
     from train_free_runs.coverage.zoo import SPECIMENS
 
     names = [n for n in args.only.split(",") if n] or list(SPECIMENS)
-    start, rows = time.perf_counter(), []
+    library, start, rows = source(), time.perf_counter(), []
     for name in names:
         rows.append(measure(specimen(name), args.steps))
         row = rows[-1]
         print(f"{name} ({row.seconds:.0f} s): " + " | ".join(f"{c}: {row.cells[c].text(60)}" for c in COLUMNS),
               flush=True)
     seconds = time.perf_counter() - start
-    Path(args.out).write_text(report(rows, args.steps, seconds))
+    Path(args.out).write_text(report(rows, args.steps, seconds, library))
     print(f"wrote {args.out} ({len(rows)} specimens, {seconds:.0f} s)")
 
 
