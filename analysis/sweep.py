@@ -5,7 +5,8 @@
 Writes ``sweep.csv``, ``sweep.md``, ``pareto_psnr.png`` and, when the model has a judge,
 ``pareto_accuracy.png`` (quality against FLOPs speedup, one line per strategy/order) into
 ``--out`` (default: the sweep folder). Jobs that failed (an
-``error.txt`` or no ``metrics.json``) are listed, not silently dropped.
+``error.txt`` or no ``metrics.json``) are listed with their reason (the first line of
+``error.txt``), not silently dropped.
 
 ``cachelab.jobs.sweep.SweepReport`` does the same at the end of every ``python run.py -m ...``
 (a Hydra callback, see conf/config.yaml) and makes the sweep exit with status 1 when a job did
@@ -41,11 +42,15 @@ COLUMNS = [  # (header, path into metrics.json, format)
 
 
 def lookup(metrics: dict, path: tuple[str, ...]):
+    """The value at ``path``; a value metrics.json holds as null and flags in ``non_finite``
+    (strict JSON) comes back as the float it was (``inf`` PSNR of identical images)."""
+    value = metrics
     for key in path:
-        if not isinstance(metrics, dict) or key not in metrics:
+        if not isinstance(value, dict) or key not in value:
             return None
-        metrics = metrics[key]
-    return metrics
+        value = value[key]
+    flagged = (metrics.get("non_finite") or {}).get("/".join(path)) if value is None else None
+    return float(flagged) if flagged else value
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
@@ -56,9 +61,18 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         if path.is_file():
             rows.append({"job": job.name, **json.loads(path.read_text())})
         else:
-            reason = (job / "error.txt").read_text().strip() if (job / "error.txt").is_file() else "no metrics.json"
-            failed.append(f"{job.name}: {reason}")
+            failed.append(f"{job.name}: {failure_reason(job)}")
     return sort_rows(rows), failed
+
+
+def failure_reason(job: Path) -> str:
+    """Why a job did not finish: the first line of its ``error.txt`` (the lines after it hold
+    its last output and traceback), else that it has no metrics.json."""
+    try:
+        lines = (job / "error.txt").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no metrics.json"
+    return lines[0].strip() if lines else "no metrics.json (an empty error.txt)"
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
@@ -110,7 +124,8 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes
     ax.set_xlabel("FLOPs speedup (x)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if series:  # no points without FLOPs (measure.flops=false): no legend to draw
+        ax.legend(fontsize=8)
     return png_bytes(fig)
 
 

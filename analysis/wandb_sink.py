@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from analysis.sink import Sink
@@ -41,6 +42,13 @@ class WandbSink(Sink):
         self.run.summary.update(metrics)
 
     def finish(self, failed: bool = False) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=1 if failed else 0)
-            self.run = None
+        """Mark the run finished (exit code 1 when the job failed or was interrupted). Called
+        from ``finally`` blocks, also while an error or an interrupt is on its way out: a
+        failure to finish is a warning, never a new error in its place."""
+        run, self.run = self.run, None
+        if run is None:
+            return
+        try:
+            run.finish(exit_code=1 if failed else 0)
+        except Exception as err:  # noqa: BLE001
+            print(f"warning: the W&B run was not finished cleanly: {type(err).__name__}: {err}", file=sys.stderr)

@@ -105,7 +105,8 @@ class Handle(Generations):
         lines = [f"cachelab {self.strategy.name} ({self.strategy.granularity}) on {type(self.model).__name__}",
                  f"  sites: {len(self.inner.sites) if self.inner else 'not hooked yet (no generation ran)'}",
                  f"  full steps: {len(stats.full_steps)} {stats.full_steps}",
-                 f"  forecast steps: {len(stats.forecast_steps)}, fallbacks: {stats.fallbacks}",
+                 f"  forecast steps: {len(stats.forecast_steps)}, fallbacks: {stats.fallbacks}, "
+                 f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
         return "\n".join(lines)
@@ -168,7 +169,7 @@ class Handle(Generations):
         if self.on_undriven == "raise":
             raise RuntimeError(message)
         self._warned = True
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=5)  # the caller of model(...), past torch's call wrappers
 
     def _check_live(self) -> None:
         if self._removed:

@@ -17,3 +17,15 @@ class WeightsUnavailable(UserError, RuntimeError):
 
 class AssetCorrupt(UserError, RuntimeError):
     """A shipped weights file is missing or does not match its manifest's sha256."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A checkpoint file that cannot be read, or holds weights of another architecture."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A forecast holds NaN or Inf (``guard=raise``); the message names the step, the site and the context."""
+
+
+class FolderLocked(UserError, RuntimeError):
+    """Another run holds the folder's lock file; the message names the file and its pid."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -40,8 +41,29 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+def finite_json(obj) -> tuple[object, dict[str, str]]:
+    """``obj`` with every NaN and +-Inf float (in dicts, lists and tuples) replaced by None,
+    and which ones were: ``{"quality/psnr_db": "inf", "per_step_rel_l2/3": "nan", ...}`` (keys
+    joined by "/", list positions as numbers; values "nan", "inf", "-inf"). Strict JSON
+    readers (jq, JavaScript) reject the NaN and Infinity that ``json.dumps`` writes by default."""
+    flags: dict[str, str] = {}
+
+    def clean(value, path: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            flags[path] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f"{path}/{key}" if path else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f"{path}/{i}" if path else str(i)) for i, item in enumerate(value)]
+        return value
+
+    return clean(obj, ""), flags
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+    """``obj`` as strict JSON (NaN and +-Inf written as null, see :func:`finite_json`), atomically."""
+    write_bytes_atomic(path, (json.dumps(finite_json(obj)[0], indent=2, allow_nan=False) + "\n").encode())
 
 
 def save_torch_atomic(path: str | Path, obj) -> bytes:
@@ -54,8 +76,9 @@ def save_torch_atomic(path: str | Path, obj) -> bytes:
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """Images in [0, 1], (..., C, H, W) -> uint8 (..., H, W, C), rounded to the nearest level."""
-    return (images.clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
+    """Images in [0, 1], (..., C, H, W) -> uint8 (..., H, W, C), rounded to the nearest level;
+    NaN becomes 0 and +-Inf 1 / 0 (a uint8 cannot hold them; the image still shows the rest)."""
+    return (images.nan_to_num(nan=0.0).clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
 
 
 def from_uint8_hwc(array: np.ndarray) -> torch.Tensor:

@@ -14,6 +14,9 @@ from cachelab.core.predictor import Predictor, PredictorState
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _DIFFERENCES = ("official", "newton")
+# Beyond this the finite differences of float features are noise (the paper uses 1-4), and every
+# full step of every site would keep order + 1 factors: a larger order is refused, not truncated.
+MAX_ORDER = 16
 
 
 @dataclass
@@ -26,6 +29,11 @@ class TaylorState(PredictorState):
 
     def tensors(self) -> list[torch.Tensor]:
         return self.factors
+
+    @property
+    def order_reached(self) -> int | None:
+        """The highest factor held: ``D_0..D_j`` is order ``j`` (None before any full step)."""
+        return len(self.factors) - 1 if self.factors else None
 
 
 @dataclass
@@ -56,8 +64,8 @@ class TaylorSeer(Predictor):
 
     def __init__(self, order: int, first_enhance: int = 1, factor_dtype: str | None = None,
                  difference: str = "official", damping: float = 1.0):
-        if order < 0:
-            raise ValueError(f"order must be >= 0, got {order}")
+        if not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"order must be in 0..{MAX_ORDER}, got {order}")
         if factor_dtype is not None and factor_dtype not in _DTYPES:
             raise ValueError(f"factor_dtype must be one of {sorted(_DTYPES)} or null, got {factor_dtype!r}")
         if difference not in _DIFFERENCES:

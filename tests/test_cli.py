@@ -118,7 +118,8 @@ def test_strategy_none_is_exact(tmp_path):
     metrics = read_metrics(run_dir)
     assert metrics["strategy"] == "none"
     assert metrics["quality"]["rel_l2"] == 0
-    assert metrics["quality"]["psnr_db"] == math.inf
+    # identical images: PSNR is infinite, written as null (strict JSON) and flagged
+    assert metrics["quality"]["psnr_db"] is None and metrics["non_finite"]["quality/psnr_db"] == "inf"
     assert metrics["full_steps"] == list(range(int(FAST["num_steps"])))
     assert metrics["num_forecast"] == 0 and metrics["cache_bytes"] == 0
     assert metrics["flops"] == {"baseline": None, "cached": None, "speedup": None, "images": None}  # not counted

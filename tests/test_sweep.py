@@ -50,3 +50,12 @@ def test_several_sweep_folders_merge_into_one_table(tmp_path):
     table = (out / "sweep.md").read_text()
     assert table.index("| reuse |") < table.index("| taylor |")
     assert "- reuse/1: no metrics.json" in table
+
+
+def test_a_flagged_null_reads_back_as_its_value():
+    """metrics.json holds an infinite PSNR as null plus a non_finite flag; the table shows inf."""
+    from analysis.sweep import lookup
+
+    metrics = {"quality": {"psnr_db": None, "ssim": None}, "non_finite": {"quality/psnr_db": "inf"}}
+    assert lookup(metrics, ("quality", "psnr_db")) == float("inf")
+    assert lookup(metrics, ("quality", "ssim")) is None

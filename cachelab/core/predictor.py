@@ -23,6 +23,12 @@ class PredictorState(ABC):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    @property
+    def order_reached(self) -> int | None:
+        """The order the history supports now (e.g. a Taylor state's number of factors - 1);
+        None for a predictor without orders, or before any history."""
+        return None
+
 
 class Predictor(ABC):
     """Turns a site's full-step history into a forecast at a later step.

@@ -23,15 +23,19 @@ class SiteSource(Protocol):
 
 @dataclass
 class Strategy:
-    """predictor x schedule x granularity; ``predictor`` None means no caching."""
+    """predictor x schedule x granularity; ``predictor`` None means no caching. ``guard``: what
+    a forecast holding NaN or Inf does (``fallback | raise | off``, see :class:`CacheHandle`)."""
 
     name: str
     predictor: Predictor | None
     schedule: Schedule
     granularity: str
+    guard: str = "fallback"
 
-    def attach(self, adapter: SiteSource) -> CacheHandle | None:
+    def attach(self, adapter: SiteSource, guard: str | None = None) -> CacheHandle | None:
+        """The handle on ``adapter``'s sites of this granularity (None without caching);
+        ``guard`` overrides the strategy's own."""
         if self.predictor is None:
             return None
         sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
-        return attach(sites, self.predictor, self.schedule)
+        return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard)

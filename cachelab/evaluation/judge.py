@@ -1,6 +1,7 @@
 """The digit judge: a small CNN classifier, its feature space, and the Fréchet distance there."""
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import torch
@@ -63,10 +64,14 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 
     tr((cov1 cov2)^(1/2)) is the sum of the square roots of the eigenvalues of cov1 cov2,
     which are real and non-negative for covariance matrices (tiny negative/imaginary
-    round-off is clipped).
+    round-off is clipped). NaN if any statistic holds NaN or Inf (features of non-finite
+    images): LAPACK's eigenvalue routine must never see those (it crashes the process).
     """
     mu1, cov1, mu2, cov2 = (t.double() for t in (mu1, cov1, mu2, cov2))
-    eigenvalues = torch.linalg.eigvals(cov1 @ cov2).real.clamp(min=0)
+    product = cov1 @ cov2
+    if not all(bool(torch.isfinite(t).all()) for t in (mu1, mu2, cov1, cov2, product)):
+        return math.nan
+    eigenvalues = torch.linalg.eigvals(product).real.clamp(min=0)
     trace_sqrt = eigenvalues.sqrt().sum()
     return ((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt).item()
 
@@ -102,8 +107,11 @@ class DigitJudge:
         return load_asset(self.reference_name)[0]
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """``images`` in [0, 1], (N, 1, 32, 32); ``labels`` the requested classes."""
+        """``images`` in [0, 1], (N, 1, 32, 32); ``labels`` the requested classes. An image
+        holding NaN or Inf is recognised as no class; any makes ``feature_fd`` NaN."""
         predicted, features = classify(self.classifier, images * 2 - 1)
+        broken = ~torch.isfinite(images.flatten(1)).all(1).to(predicted.device)
+        predicted = predicted.masked_fill(broken, -1)
         scores = {"class_accuracy": (predicted == labels.to(predicted.device)).float().mean().item(),
                   "num_samples": len(labels)}
         if len(labels) > 1:

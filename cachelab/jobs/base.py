@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cachelab.core.controller import CacheHandle
+from cachelab.core.controller import CacheHandle, guard_policy
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.models.adapter import Inputs, ModelAdapter
@@ -29,7 +29,7 @@ def build(cfg: DictConfig, key: str):
 
 def build_strategy(cfg: DictConfig) -> Strategy:
     return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor"), build(cfg, "schedule"),
-                    cfg.strategy.granularity)
+                    cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")))
 
 
 def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,

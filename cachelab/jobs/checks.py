@@ -1,24 +1,32 @@
 """Early validation of a composed config: one line naming the key, the value, what is allowed."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cachelab.core.controller import guard_policy
+from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
 from cachelab.errors import ConfigError
+from strategies.taylor import MAX_ORDER
 
 
-# top-level integer keys -> smallest allowed value
-INTEGER_KEYS = {"order": 0, "interval": 1, "first_enhance": 1, "num_steps": 1, "num_images": 1, "seed": 0}
+# top-level integer keys -> (smallest, largest allowed value or None)
+INTEGER_KEYS = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
+                "num_images": (1, None), "seed": (0, None)}
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 JOB_INTEGER_KEYS = {"batch_size": 1, "num_images": 1, "grid_rows": 0}  # where a job has them
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value; builds nothing."""
-    for key, minimum in INTEGER_KEYS.items():
-        check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum)
+    check_device(cfg.device)
+    guard_policy(cfg.get("guard", "fallback"))  # fallback | raise | off
+    for key, (minimum, maximum) in INTEGER_KEYS.items():
+        check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum, maximum)
     check_job(cfg)
     check_strategy(cfg)
     for key in missing_values(cfg):
@@ -32,6 +40,7 @@ def check_config(cfg: DictConfig) -> None:
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={checkpoint!r}: no such file; allowed: a path to an existing checkpoint")
     check_model_fit(cfg)
+    check_forecasts(cfg)
     check_compile(cfg)
 
 
@@ -144,11 +153,46 @@ def missing_values(node, prefix: str = "") -> list[str]:
     return keys
 
 
-def check_integer(key: str, value, minimum: int) -> None:
+def check_integer(key: str, value, minimum: int, maximum: int | None = None) -> None:
+    allowed = f"integers >= {minimum}" if maximum is None else f"integers {minimum}..{maximum}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}={value!r} is not an integer; allowed: integers >= {minimum}")
-    if value < minimum:
-        raise ConfigError(f"{key}={value} is out of range; allowed: integers >= {minimum}")
+        raise ConfigError(f"{key}={value!r} is not an integer; allowed: {allowed}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(f"{key}={value} is out of range; allowed: {allowed}")
+
+
+def check_device(device) -> None:
+    """``device`` must name a torch device that this machine has."""
+    allowed = "cpu, cuda, cuda:<index>, mps"
+    try:
+        parsed = torch.device(str(device))
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not a device; allowed: {allowed}") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if parsed.type not in available:
+        raise ConfigError(f"device={device!r} is not supported; allowed: {allowed}")
+    if not available[parsed.type]:
+        raise ConfigError(f"device={device!r} is not available on this machine (torch sees no {parsed.type} device); "
+                          f"allowed here: cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_forecasts(cfg: DictConfig) -> None:
+    """A fixed interval that leaves no forecast step is refused; one that leaves only the warm-up
+    steps full is said once on stderr (both name what will happen)."""
+    schedule, T = cfg.schedule, cfg.num_steps
+    if cfg.strategy.predictor is None or schedule.get("_target_") != f"{Interval.__module__}.Interval":
+        return
+    mask = Interval(schedule.interval, schedule.first_enhance, schedule.get("final_full", 0)).mask(T)
+    full = sum(mask)
+    if full == T:
+        raise ConfigError(f"no forecast step: first_enhance={schedule.first_enhance} with num_steps={T} (and "
+                          f"interval={schedule.interval}) makes every step full; allowed: first_enhance < num_steps")
+    if schedule.interval > T - schedule.first_enhance:
+        print(f"warning: interval={schedule.interval} with num_steps={T}: after the {schedule.first_enhance} warm-up "
+              f"steps every step is forecast ({full} full steps of {T})", file=sys.stderr)
 
 
 def check_group_choices(overrides: list[str], config_dir: Path, searched: list[str] = ()) -> None:

@@ -14,7 +14,7 @@ from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops
 from cachelab.evaluation.metrics import psnr, relative_l2, ssim
 from cachelab.evaluation.paper_metrics import evaluate_all
-from cachelab.io import save_png_atomic, write_bytes_atomic, write_json_atomic
+from cachelab.io import finite_json, save_png_atomic, write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import build, describe, flatten, timed_generation
 from cachelab.jobs.report import comparison_grid, per_step_plot, run_report, summary_table
 from cachelab.models.adapter import ModelAdapter
@@ -82,7 +82,10 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
         "per_step_rel_l2": [relative_l2(c, b) for c, b in zip(cached_path, base_path)],
         "torch_threads": torch.get_num_threads(),
         "compile": OmegaConf.to_container(cfg.compile) if cfg.get("compile") else None,
+        "guard": strategy.guard,
     }
+    metrics, flags = finite_json(metrics)  # NaN and Inf as null (strict JSON), named here
+    metrics["non_finite"] = flags
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_bytes_atomic(out_dir / "per_step.png", per_step_plot(metrics))
     write_bytes_atomic(out_dir / "report.md",

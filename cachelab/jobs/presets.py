@@ -11,13 +11,14 @@ from cachelab.errors import ConfigError
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs.checks import CONFIG_DIR, INTEGER_KEYS, check_group_choices, check_integer, check_strategy
 
-SHORTHANDS = ("order", "interval", "first_enhance", "num_steps")  # top-level keys the configs interpolate
+SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top-level keys of conf/config.yaml
 
 
 def preset(name: str, **overrides) -> Strategy:
     """``conf/strategy/<name>.yaml`` with ``overrides``: ``order``, ``interval``, ``first_enhance``,
-    ``granularity``, ``schedule`` (a ``conf/schedule/`` name), and the schedule's or the
-    predictor's own keys (``threshold``, ``calibration``, ``factor_dtype``, ...)."""
+    ``granularity``, ``schedule`` (a ``conf/schedule/`` name), ``guard`` (``fallback | raise |
+    off``), and the schedule's or the predictor's own keys (``threshold``, ``calibration``,
+    ``factor_dtype``, ...)."""
     if not CONFIG_DIR.is_dir():
         raise ConfigError(f"strategy={name!r}: preset names are read from the conf/ folder of a cachelab checkout "
                           f"({CONFIG_DIR} is missing); pass a Strategy object instead")
@@ -28,7 +29,7 @@ def preset(name: str, **overrides) -> Strategy:
     for key, value in overrides.items():
         path = where(cfg, key)
         if key in INTEGER_KEYS:
-            check_integer(key, value, INTEGER_KEYS[key])
+            check_integer(key, value, *INTEGER_KEYS[key])
         with open_dict(cfg):
             OmegaConf.update(cfg, path, value, merge=False)
     check_strategy(cfg)

@@ -35,7 +35,7 @@ from cachelab.core.controller import CacheHandle, CacheStats
 from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops
 from cachelab.evaluation.paper_metrics import PaperMetricStream
-from cachelab.io import ArrayParts, from_uint8_hwc, to_uint8_hwc, write_json_atomic, write_npz_atomic
+from cachelab.io import ArrayParts, finite_json, from_uint8_hwc, to_uint8_hwc, write_json_atomic, write_npz_atomic
 from cachelab.jobs.base import build, describe, flatten, timed_generation
 from cachelab.models.adapter import ModelAdapter
 
@@ -132,7 +132,10 @@ def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sin
                     **{side: {k: v for k, v in records[side][i].items() if k not in CHUNK_KEYS} for side in sides}}
                    for i, chunk in enumerate(chunks)],
         "torch_threads": torch.get_num_threads(),
+        "guard": strategy.guard,
     }
+    metrics, flags = finite_json(metrics)  # NaN and Inf as null (strict JSON), named here
+    metrics["non_finite"] = flags
     write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     sink.summary(flatten(metrics))
     print(summary(metrics))
@@ -171,14 +174,17 @@ def write_chunk(folder: Path, chunk: Chunk, side: str, adapter: ModelAdapter, in
     """Generate one side of ``chunk`` (``handle`` None: full compute) and write its file
     atomically; returns its measurements: generation wall-clock, decoding time (to uint8 on
     the CPU), FLOPs (counted during the timed generation, so its wall-clock includes the
-    counter's overhead; None unless ``flops``), and for the cached side the cache statistics."""
+    counter's overhead; None unless ``flops``), the images that held NaN or Inf (stored with
+    NaN as 0), and for the cached side the cache statistics."""
     torch.manual_seed(chunk.seed)  # whatever draws from the global generator is per chunk too
     generation = lambda: timed_generation(adapter, inputs, handle, 1, progress)  # noqa: E731
     (latents, wall), counted = count_flops(generation) if flops else (generation(), None)
     start = time.perf_counter()
-    images = to_uint8_hwc(adapter.decode(latents))
+    decoded = adapter.decode(latents)
+    images = to_uint8_hwc(decoded)
     meta = {**{key: getattr(chunk, key) for key in CHUNK_KEYS}, "images": len(images), "wall_s": wall,
-            "decode_s": time.perf_counter() - start, "flops": counted}
+            "decode_s": time.perf_counter() - start, "flops": counted,
+            "non_finite_images": int((~torch.isfinite(decoded.flatten(1)).all(1)).sum())}
     if side == "cached":
         meta.update((handle.stats() if handle else CacheStats(full_steps=list(range(adapter.num_steps)))).as_dict())
     write_npz_atomic(chunk.path(folder, side), {"images": images, **conditioning(inputs),
@@ -254,8 +260,8 @@ def totals(records: dict[str, list[dict]]) -> dict:
     """Wall-clock, decoding time and FLOPs per side over all chunks (FLOPs None unless every
     chunk was counted), with the baseline/cached ratios; the cache statistics summed over
     the chunks' generations (``cache_bytes``: the largest)."""
-    def total(side: str, key: str):
-        values = [meta[key] for meta in records.get(side, [])]
+    def total(side: str, key: str):  # None if a chunk lacks it (or was written before it was measured)
+        values = [meta.get(key) for meta in records.get(side, [])]
         return sum(values) if values and all(v is not None for v in values) else None
 
     def ratio(key: str):
@@ -263,12 +269,18 @@ def totals(records: dict[str, list[dict]]) -> dict:
         return baseline / cached if baseline and cached else None
 
     cached = records["cached"]
+    orders = [m.get("order_reached") for m in cached]
     return {
         "wall_s": {**{side: total(side, "wall_s") for side in records}, "speedup": ratio("wall_s")},
         "decode_s": {side: total(side, "decode_s") for side in records},
         "flops": {**{side: total(side, "flops") for side in records}, "speedup": ratio("flops")},
+        "non_finite_images": {side: total(side, "non_finite_images") for side in records},
         "cache": {"num_full": total("cached", "num_full"), "num_forecast": total("cached", "num_forecast"),
-                  "fallbacks": total("cached", "fallbacks"), "cache_bytes": max(m["cache_bytes"] for m in cached)},
+                  "fallbacks": total("cached", "fallbacks"), "guard_fallbacks": total("cached", "guard_fallbacks"),
+                  "cache_bytes": max(m["cache_bytes"] for m in cached),
+                  # over the chunks' generations; None if a chunk's predictor has no orders
+                  "order_reached": {"min": min(o["min"] for o in orders), "max": max(o["max"] for o in orders)}
+                  if orders and all(orders) else None},
     }
 
 
@@ -277,9 +289,14 @@ def summary(metrics: dict) -> str:
     lines = [f"{metrics['samples']['cached']['file']}: {metrics['num_images']} images in {metrics['num_chunks']} "
              f"chunks ({metrics['chunks_generated']} generated now, {metrics['chunks_resumed']} finished before)"]
     for side in metrics["samples"]:
-        flops = metrics["flops"][side]
+        flops, broken = metrics["flops"][side], metrics["non_finite_images"][side]
         lines.append(f"  {side}: {metrics['wall_s'][side]:.2f} s generating"
-                     + (f", {flops:.4g} FLOPs" if flops is not None else ""))
+                     + (f", {flops:.4g} FLOPs" if flops is not None else "")
+                     + (f", {broken} images with NaN/Inf" if broken else ""))
+    if metrics["cache"]["guard_fallbacks"]:
+        lines.append(f"  guard: {metrics['cache']['guard_fallbacks']} site forecasts held NaN/Inf and were computed")
+    if metrics["non_finite"]:
+        lines.append(f"  non-finite (null in metrics.json): {', '.join(metrics['non_finite'])}")
     if metrics["wall_s"]["speedup"]:
         lines.append(f"  speedup: wall {metrics['wall_s']['speedup']:.2f}x"
                      + (f", FLOPs {metrics['flops']['speedup']:.2f}x" if metrics["flops"]["speedup"] else ""))

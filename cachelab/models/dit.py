@@ -17,6 +17,8 @@ import torch
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
+from cachelab.errors import CheckpointMismatch
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -156,6 +158,11 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
+    def describe(self) -> str:
+        """The architecture in the paper's terms: depth, width, patch, input, classes."""
+        return (f"depth {len(self.blocks)}, width {self.pos_embed.shape[-1]}, patch {self.patch_size}, "
+                f"input {self.input_size}x{self.input_size}x{self.in_channels}, {self.num_classes} classes")
+
     def initialize_weights(self) -> None:
         """The reference initialisation: adaLN-Zero (gates and final layer start at zero)."""
 
@@ -252,11 +259,31 @@ def dit_from_preset(preset: str, **kwargs) -> DiT:
 
 
 def load_checkpoint(model: DiT, path: str | Path) -> None:
-    """Load an original DiT checkpoint (a plain state dict, or a training one with ``ema``)."""
+    """Load an original DiT checkpoint (a plain state dict, or a training one with ``ema``).
+    A file that is not a checkpoint, or one of another architecture, is a one-line
+    :class:`~cachelab.errors.CheckpointMismatch` naming the file, what was expected and found."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DiT checkpoint not found: {path}")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if "ema" in state_dict:
+    expected = f"a state dict of {sum(p.numel() for p in model.parameters()):,} parameters ({model.describe()})"
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: pickle, zip, truncation errors alike
+        raise CheckpointMismatch(f"model.checkpoint={str(path)!r} is not a readable torch checkpoint "
+                                 f"({type(err).__name__}); expected {expected}") from err
+    if isinstance(state_dict, dict) and "ema" in state_dict:
         state_dict = state_dict["ema"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointMismatch(f"model.checkpoint={str(path)!r} holds a {type(state_dict).__name__}, not a state "
+                                 f"dict; expected {expected}")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    wrong = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        found = sum(v.numel() for v in state_dict.values())
+        detail = (f"shape of {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong
+                  else f"{len(missing)} keys missing (e.g. {missing[0]})" if missing
+                  else f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointMismatch(f"model.checkpoint={str(path)!r} does not fit: expected {expected}, found "
+                                 f"{found:,} parameters ({detail}); allowed: a checkpoint of this preset")
     model.load_state_dict(state_dict, strict=True)

@@ -8,10 +8,12 @@ step (nothing attached), and of forecast steps once every site holds its full or
 steps 0..m, then forecasts; the median over ``--repeats`` consecutive forecast steps). The
 predictor's memory traffic is computed from the cache size: per cached tensor of order m,
 Horner moves 3m tensors (m fused multiply-adds, each reading two and writing one), a
-residual site 3 more (the base added in place); reuse at a non-residual site moves nothing
-(the cached tensor is returned). "fused" is the least any implementation must move: the m+1
-factors and the base read once, the output written once. Floors are bytes / the bandwidth of
-a large copy measured in the same process.
+residual site 3 more (the base added in place); reuse at a non-residual site moves 2 (the
+cached tensor is copied, so that the caller may change what it gets in place). "fused" is the
+least any implementation must move: the m+1 factors and the base read once, the output
+written once. Floors are bytes / the bandwidth of a large copy measured in the same process.
+``--guard`` is the controller's non-finite check (one reduction per forecast tensor, not
+counted in the bytes); ``--guard off`` measures without it.
 """
 from __future__ import annotations
 
@@ -44,12 +46,12 @@ def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]
     """(bytes our forecast moves, bytes a single fused kernel would move) for caches of
     ``cache_bytes`` holding factors of ``order`` (every cached tensor at full order)."""
     tensor = cache_bytes / (order + 1)  # the bytes of one value of every cached tensor together
-    ours = tensor * (3 * order + 3 * residual)
-    fused = tensor * (order + 1 + residual + 1) if order or residual else 0.0
+    ours = tensor * (3 * order + 3 * residual + 2 * (not order and not residual))  # reuse: a copy
+    fused = tensor * (order + 1 + residual + 1)
     return ours, fused
 
 
-def overhead_us(calls: int = 20000) -> dict[str, float]:
+def overhead_us(calls: int = 20000, guard: str = "fallback") -> dict[str, float]:
     """Microseconds the controller adds per site call, on a site whose own work is nothing
     (an identity on 8 numbers): bare, full step (record), forecast step (reuse; Taylor o2)."""
     class Identity(torch.nn.Module):
@@ -63,7 +65,7 @@ def overhead_us(calls: int = 20000) -> dict[str, float]:
         site = Identity()
         bare = median_seconds(lambda: [site(x) for _ in range(calls)], torch.device("cpu"), 3)
         schedule = Mask(full_steps=full_steps or list(range(calls + 3)))
-        handle = attach([Site("identity", site)], predictor, schedule)
+        handle = attach([Site("identity", site)], predictor, schedule, guard=guard)
         with torch.inference_mode(), handle.generation(calls + 3):
             for s in range(3):
                 handle.step(s)
@@ -80,7 +82,7 @@ def overhead_us(calls: int = 20000) -> dict[str, float]:
 
 
 def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: int, repeats: int,
-            batch: int, device: torch.device) -> dict:
+            batch: int, device: torch.device, guard: str = "fallback") -> dict:
     """Full-step and forecast-step model-call times and the cache size of one configuration."""
     model = adapter.model
     inputs = adapter.make_inputs(batch, seed=0)
@@ -93,7 +95,8 @@ def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: i
 
     predictor = Reuse() if predictor_name == "reuse" else TaylorSeer(order, first_enhance=1)
     warm = order + 1
-    handle = Strategy(predictor_name, predictor, Mask(full_steps=list(range(warm))), granularity).attach(adapter)
+    handle = Strategy(predictor_name, predictor, Mask(full_steps=list(range(warm))), granularity,
+                      guard=guard).attach(adapter)
     with torch.inference_mode():
         call()  # warm-up, nothing attached yet (the handle is idle outside a generation)
         full = median_seconds(call, device, repeats)
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--guard", default="fallback", choices=["fallback", "raise", "off"],
+                   help="the controller's non-finite check of every forecast tensor (off: none)")
     p.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     args = p.parse_args(argv)
     if args.threads:
@@ -127,9 +132,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     gbps = copy_bandwidth(device, dtype) / 1e9
     header = [f"# Forecast step vs full step ({machine(device)}; torch {torch.__version__}; {args.dtype}; "
-              f"batch {args.batch} x2 (CFG); median of {args.repeats})", "",
+              f"batch {args.batch} x2 (CFG); median of {args.repeats}; guard={args.guard})", "",
               f"Copy bandwidth: {gbps:.1f} GB/s (read + write). Controller time per site call (no work in the "
-              f"site): " + ", ".join(f"{k} {v:.1f} µs" for k, v in overhead_us().items()) + ".", "",
+              f"site): " + ", ".join(f"{k} {v:.1f} µs" for k, v in overhead_us(guard=args.guard).items()) + ".", "",
               "| model | granularity | predictor | full step (ms) | forecast step (ms) | forecast / full | "
               "cache MiB | predictor MB moved | its floor (ms) | fused MB | fused floor (ms) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name in args.orders.split(","):
                 order = 0 if name == "reuse" else int(name)
                 row = measure(adapter, granularity, "reuse" if name == "reuse" else "taylor", order, args.repeats,
-                              args.batch, device)
+                              args.batch, device, args.guard)
                 ours, fused = traffic(row["cache_bytes"], order, RESIDUAL[granularity])
                 row.update(model=preset, granularity=granularity, predictor=name if order == 0 else f"taylor o{order}",
                            ours_mb=ours / 1e6, fused_mb=fused / 1e6, floor_ms=ours / gbps / 1e6,

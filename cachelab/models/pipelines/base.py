@@ -54,7 +54,8 @@ class PipelineAdapter(ModelAdapter):
                  prompts: list | tuple = ("a photo of a cat",), negative_prompt: str | None = None,
                  num_steps: int = 50, guidance_scale: float = 5.0, call_kwargs: dict | None = None,
                  dtype: str = "fp32", device: str = "cpu", pipeline: str | None = None, components: str | None = None):
-        self.name, self.path, self.description, self.tiny = name, os.path.expanduser(path), description, tiny
+        self.name, self.path, self.tiny = name, os.path.expanduser(path), tiny
+        self.description = description or self.path  # what runs report as the model's weights
         if pipeline is not None:
             self.pipeline_class = pipeline
         if components is not None:

@@ -1,0 +1,41 @@
+"""A model that fails on purpose, for the fault tests and ``train_free_runs/faults/run.py``: the
+tiny DiT, armed per job seed by the environment variable ``CACHELAB_TEST_FAULTS``
+("1=segv,2=hang": the job with seed 1 segfaults, the one with seed 2 hangs). Chosen on the
+command line with ``model._target_=train_free_runs.faults.faulty.FaultyDiT +model.seed=${seed}``,
+so the production code holds no test hook."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from cachelab.models.dit_adapter import DiTAdapter
+
+FAULTS = "CACHELAB_TEST_FAULTS"
+
+
+class FaultyDiT(DiTAdapter):
+    """The tiny DiT with the fault that ``$CACHELAB_TEST_FAULTS`` gives its seed: ``segv``
+    (a segmentation fault in the first generation), ``raise`` (a RuntimeError there),
+    ``hang`` (sleeps there), ``enospc`` (the disk is full: every fsync fails with ENOSPC)."""
+
+    def __init__(self, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        faults = dict(item.split("=") for item in os.environ.get(FAULTS, "").split(",") if item)
+        self.fault = faults.get(str(seed))
+        if self.fault == "enospc":
+            def full(fd):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            os.fsync = full
+
+    def generate(self, inputs, handle=None, callback=None, progress=None):
+        if self.fault == "segv":
+            print("FaultyDiT: crashing now", flush=True)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if self.fault == "raise":
+            raise RuntimeError("the test's fault: raised while generating")
+        if self.fault == "hang":
+            time.sleep(600)
+        return super().generate(inputs, handle, callback=callback, progress=progress)
