@@ -151,7 +151,10 @@ class Handle(Generations):
             self.sites = discover(self.model, call)
         if self.driver is not None:  # the driver stays the outermost forward wrapper
             self.driver.uninstall_hooks()
-        self.inner = self.strategy.attach(self.sites)
+        try:
+            self.inner = self.strategy.attach(self.sites)
+        except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model
+            raise ConfigError(f"{type(self.model).__name__}: {err}") from None
         if self.driver is not None:
             self.driver.install()
         self.inner.begin(self._T)

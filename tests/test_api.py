@@ -202,7 +202,7 @@ def test_given_sites_need_no_discovery():
 def test_a_schedule_needing_a_missing_probe_is_one_line():
     model = user_model()
     handle = cachelab.apply(model, "teacache")
-    with pytest.raises(ConfigError, match="modulated_input") as err, handle.generation(T):
+    with pytest.raises(ConfigError, match="UserDiT: .*modulated_input") as err, handle.generation(T):
         handle.step(0, 999.0)
         model(torch.randn(2, 6, 16), torch.full((2,), 999.0))
     assert "\n" not in str(err.value)
