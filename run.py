@@ -34,12 +34,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 from cachelab.errors import ConfigError, UserError  # noqa: E402
 from cachelab.io import write_bytes_atomic, write_json_atomic  # noqa: E402
-from cachelab.jobs.checks import check_group_choices  # noqa: E402
+from cachelab.jobs.checks import CONFIG_DIR, check_group_choices  # noqa: E402
 from cachelab.jobs.isolation import Outcome, run_isolated  # noqa: E402
 from cachelab.jobs.lifecycle import (LOCK, PROGRESS, SWEEP, Interrupted, Owner, interruptible,  # noqa: E402
                                      interrupted_line, release_if_owned, write_failure)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 FINISHED = "finished.json"  # written after a job's metrics.json: its overrides, for resuming sweeps
 ERROR = "error.txt"         # a failed sweep job's reason (first line), last output lines, traceback
 

@@ -31,11 +31,10 @@ from cachelab.core.schedules import Mask, PerKindInterval
 from cachelab.core.sites import SitePattern, select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
+from cachelab.jobs.checks import CONFIG_DIR
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Every attention module of FLUX: what diffusers' TaylorSeer and PAB hooks pick by default.
 ATTENTION = [SitePattern(r"(single_)?transformer_blocks\.\d+\.attn")]
