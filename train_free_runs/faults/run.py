@@ -69,6 +69,21 @@ def python(code: str):
     return run
 
 
+def with_checkpoint(write: str):
+    """``python run.py model=dit_s_2 +model.checkpoint=<file>`` with the file that ``write``
+    (Python, given ``checkpoint``) makes."""
+    return python(f"""
+        import subprocess, sys
+        checkpoint = folder.parent / (folder.name + ".pt")
+        {write}
+        proc = subprocess.run([sys.executable, "run.py", "model=dit_s_2", "model.input_size=8", "num_steps=4",
+                               "num_images=1", "measure.flops=false", "logger=none", "progress=false",
+                               f"+model.checkpoint={{checkpoint}}", f"hydra.run.dir={{folder}}"],
+                              capture_output=True, text=True)
+        sys.stderr.write(proc.stderr); sys.exit(proc.returncode)
+    """)
+
+
 def concurrent(folder: Path) -> Outcome:
     """Two ``job=sample`` runs into one folder at once: the second must refuse (exit 2)."""
     args = [sys.executable, "run.py", *FAST, "job=sample", "num_images=6", "job.batch_size=2", "num_steps=20",
@@ -196,27 +211,12 @@ FAULTS = [
     Fault("pipeline without a path", "model=diffusers", cli("model=diffusers"), 2, "model.path is required",
           nothing_written),
     Fault("not a checkpoint", "+model.checkpoint=<random bytes>",
-          python("""
-              import os, subprocess, sys
-              bad = folder.parent / (folder.name + ".pt"); bad.write_bytes(os.urandom(4096))
-              proc = subprocess.run([sys.executable, "run.py", "model=dit_s_2", "model.input_size=8", "num_steps=4",
-                                     "num_images=1", "measure.flops=false", "logger=none", "progress=false",
-                                     f"+model.checkpoint={bad}", f"hydra.run.dir={folder}"], capture_output=True,
-                                    text=True)
-              sys.stderr.write(proc.stderr); sys.exit(proc.returncode)
-          """), 2, "is not a readable torch checkpoint", all_of(nothing_written, no_traceback)),
+          with_checkpoint("import os; checkpoint.write_bytes(os.urandom(4096))"), 2,
+          "is not a readable torch checkpoint", all_of(nothing_written, no_traceback)),
     Fault("checkpoint of another shape", "+model.checkpoint=<a DiT-S/2 of another input size>",
-          python("""
-              import subprocess, sys, torch
-              from cachelab.models.dit import dit_from_preset
-              other = folder.parent / (folder.name + ".pt")
-              torch.save(dit_from_preset("DiT-S/2", input_size=16).state_dict(), other)
-              proc = subprocess.run([sys.executable, "run.py", "model=dit_s_2", "model.input_size=8", "num_steps=4",
-                                     "num_images=1", "measure.flops=false", "logger=none", "progress=false",
-                                     f"+model.checkpoint={other}", f"hydra.run.dir={folder}"], capture_output=True,
-                                    text=True)
-              sys.stderr.write(proc.stderr); sys.exit(proc.returncode)
-          """), 2, "does not fit: expected a state dict of", all_of(nothing_written, no_traceback)),
+          with_checkpoint("import torch; from cachelab.models.dit import dit_from_preset; "
+                          "torch.save(dit_from_preset('DiT-S/2', input_size=16).state_dict(), checkpoint)"), 2,
+          "does not fit: expected a state dict of", all_of(nothing_written, no_traceback)),
     # at run time
     Fault("overflowing guidance", "model=tiny_dit model.guidance_scale=1e38",
           cli("model=tiny_dit", "model.guidance_scale=1e38"), 0, "",
