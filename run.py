@@ -34,7 +34,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from cachelab.errors import ConfigError, UserError  # noqa: E402
 from cachelab.io import write_bytes_atomic, write_json_atomic  # noqa: E402
-from cachelab.jobs.checks import CONFIG_DIR, check_group_choices  # noqa: E402
+from cachelab.jobs.checks import CONFIG_DIR, check_group_choices, job_timeout  # noqa: E402
 from cachelab.jobs.isolation import Outcome, run_isolated  # noqa: E402
 from cachelab.jobs.lifecycle import (LOCK, PROGRESS, SWEEP, Interrupted, Owner, interruptible,  # noqa: E402
                                      interrupted_line, release_if_owned, write_failure)
@@ -80,14 +80,6 @@ def error_report(outcome: Outcome) -> str:
     if outcome.details:
         text += "\n" + outcome.details.rstrip() + "\n"
     return text
-
-
-def job_timeout(cfg: DictConfig) -> float | None:
-    """``job_timeout_s``: null or a number of seconds > 0."""
-    value = cfg.get("job_timeout_s")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ConfigError(f"job_timeout_s={value!r} is not allowed; allowed: null or a number of seconds > 0")
-    return value
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

@@ -109,6 +109,8 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
+        if hasattr(self.sites, "describe"):  # discovered: what was found
+            lines += ["  discovered:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
         return "\n".join(lines)
 
     # -- removing -----------------------------------------------------------------------------

@@ -161,6 +161,14 @@ def check_integer(key: str, value, minimum: int, maximum: int | None = None) -> 
         raise ConfigError(f"{key}={value} is out of range; allowed: {allowed}")
 
 
+def job_timeout(cfg: DictConfig) -> float | None:
+    """``job_timeout_s``: null or a number of seconds > 0 (run.py reads it before a run starts)."""
+    value = cfg.get("job_timeout_s")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ConfigError(f"job_timeout_s={value!r} is not allowed; allowed: null or a number of seconds > 0")
+    return value
+
+
 def check_device(device) -> None:
     """``device`` must name a torch device that this machine has."""
     allowed = "cpu, cuda, cuda:<index>, mps"
