@@ -24,12 +24,13 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from cachelab import peers  # noqa: E402
+from train_free_runs.bench import peers  # noqa: E402
 from train_free_runs.bench.timing import machine, median_seconds, seconds  # noqa: E402
 from cachelab.evaluation.flops import count_flops  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.evaluation.metrics import psnr, relative_l2  # noqa: E402
 from cachelab.models.pipelines.flux import FluxAdapter  # noqa: E402
+from cachelab.models.pipelines.flux_digits import FluxDigitsAdapter  # noqa: E402
 
 FAMILIES = ("taylorseer", "fbcache", "magcache", "pab", "dbcache")
 TAYLORSEER = [dict(interval=5, warmup=3, order=order) for order in (1, 2)]
@@ -126,6 +127,8 @@ def run_pair(pair: peers.Pair, adapter: FluxAdapter, inputs, repeats: int) -> tu
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["random", "tiny_flux_digits"], default="random",
+                        help="random: a random FLUX of --layers/--width; tiny_flux_digits: the shipped trained one")
     parser.add_argument("--folder", type=Path, default=Path.home() / ".cache/cachelab/peers_flux")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
@@ -143,9 +146,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
                      f"allowed: {', '.join(FAMILIES)}")
     torch.set_num_threads(args.threads)
-    build_pipeline(args.folder, args.layers, args.width)
-    adapter = FluxAdapter("peers_flux", str(args.folder), num_steps=args.steps, guidance_scale=3.5,
-                          call_kwargs={"height": args.resolution, "width": args.resolution, "max_sequence_length": 32})
+    if args.model == "random":
+        build_pipeline(args.folder, args.layers, args.width)
+        adapter = FluxAdapter("peers_flux", str(args.folder), num_steps=args.steps, guidance_scale=3.5,
+                              call_kwargs={"height": args.resolution, "width": args.resolution,
+                                           "max_sequence_length": 32})
+    else:  # the trained pipeline: real feature dynamics; its prompts ask for digits 0, 1, ...
+        adapter = FluxDigitsAdapter(args.model, num_steps=args.steps, guidance_scale=3.5)
+        args.folder.mkdir(parents=True, exist_ok=True)
     inputs = adapter.make_inputs(args.images, seed=0)
     adapter.generate(inputs)  # warm-up
     cpu = torch.device("cpu")
@@ -187,9 +195,10 @@ class Row:
 
 
 def markdown(rows: list[Row], args) -> str:
+    model = (f"FLUX {args.layers}+{2 * args.layers} blocks, width {args.width}, {args.resolution}^2"
+             if args.model == "random" else f"{args.model} (trained, shipped)")
     lines = [f"Machine: {machine(torch.device('cpu'))}, torch "
-             f"{torch.__version__}; FLUX {args.layers}+{2 * args.layers} blocks, width {args.width}, "
-             f"{args.resolution}^2, {args.steps} steps, {args.images} images, median of {args.repeats} alternating rounds.", "",
+             f"{torch.__version__}; {model}, {args.steps} steps, {args.images} images, median of {args.repeats} alternating rounds.", "",
              "| setting | tool | wall (s) | wall speedup | cachelab / peer wall | FLOPs speedup | full steps | "
              "cache MiB | rel-L2 | PSNR (dB) | rel-L2 to peer |", "| --- " * 11 + "|"]
     lines += ["| " + " | ".join(row.cells(args.steps)) + " |" for row in rows]

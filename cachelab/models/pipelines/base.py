@@ -90,11 +90,15 @@ class PipelineAdapter(ModelAdapter):
         for library in (diffusers, transformers):  # loading bars and notices would bury the run's output
             library.utils.logging.set_verbosity_error()
             library.utils.logging.disable_progress_bar()
-        if self.tiny and not (Path(self.path) / "model_index.json").is_file():
-            self.save_tiny(self.path)
-        pipe = load_pretrained(getattr(diffusers, self.pipeline_class), self.path, "model.path",
+        pipe = load_pretrained(getattr(diffusers, self.pipeline_class), self.source(), "model.path",
                                dtype=self.dtype)
         return pipe.to(self.device)
+
+    def source(self) -> str:
+        """What ``from_pretrained`` loads: ``path`` (with ``tiny``, first filled if missing)."""
+        if self.tiny and not (Path(self.path) / "model_index.json").is_file():
+            self.save_tiny(self.path)
+        return self.path
 
     def save_tiny(self, folder: str | Path, seed: int = 0) -> Path:
         """Build the tiny random pipeline and ``save_pretrained`` it to ``folder`` (atomically)."""
