@@ -22,5 +22,8 @@ class Sink:
     def summary(self, metrics: dict) -> None:
         """Final values of the run."""
 
+    def artifact(self, kind: str, paths: list[Path], metadata: dict | None = None) -> None:
+        """Files the run's numbers come from (samples, grids), kept with the run."""
+
     def finish(self, failed: bool = False) -> None:
         """Close the run; always called."""

@@ -24,6 +24,8 @@ from pathlib import Path
 from analysis.figures import png_bytes, pyplot
 from cachelab.io import write_bytes_atomic
 
+SKIPPED = "skipped.txt"  # in a job folder: the job was the same run as another (cachelab.jobs.sweep.claim)
+
 COLUMNS = [  # (header, path into metrics.json, format)
     ("strategy", ("strategy",), "s"),
     ("granularity", ("granularity",), "s"),
@@ -54,9 +56,11 @@ def lookup(metrics: dict, path: tuple[str, ...]):
 
 
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
-    """Metrics of every finished job (sorted) and the names of jobs that did not finish."""
+    """Metrics of every finished job (sorted) and the names of jobs that did not finish (a job
+    skipped as the same run as another is neither)."""
     rows, failed = [], []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()
+                      and not (p / SKIPPED).is_file()):
         path = job / "metrics.json"
         if path.is_file():
             rows.append({"job": job.name, **json.loads(path.read_text())})
@@ -107,26 +111,43 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str) -> bytes:
-    """PNG: ``quality`` against FLOPs speedup, one line per strategy (and Taylor order)."""
+def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
+    """Figure: ``quality`` against FLOPs speedup, one line per strategy (and Taylor order), each
+    point labelled with its interval N; the title names the model(s), steps and samples."""
     plt = pyplot()
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[str, list[tuple[float, float, int]]] = {}
     for m in rows:
         x, y = lookup(m, ("flops", "speedup")), lookup(m, quality)
         if x is None or y is None or (isinstance(y, float) and math.isinf(y)):
             continue
-        name = f"taylor order {m['order']}" if m["strategy"] == "taylor" else m["strategy"]
-        series.setdefault(name, []).append((x, y))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        name = f"{m['strategy']} order {m['order']}" if m["strategy"] in ("taylor", "taylorseer") else m["strategy"]
+        series.setdefault(name, []).append((x, y, m.get("interval")))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
     for name, points in sorted(series.items()):
         points.sort()
-        ax.plot(*zip(*points), marker="o", label=name)
-    ax.set_xlabel("FLOPs speedup (x)")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for x, y, n in points:
+            ax.annotate(f"N={n}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.set_xlabel("FLOPs speedup (×, baseline FLOPs / cached FLOPs)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     if series:  # no points without FLOPs (measure.flops=false): no legend to draw
-        ax.legend(fontsize=8)
-    return png_bytes(fig)
+        ax.legend(fontsize=8, title="strategy")
+    else:
+        ax.text(0.5, 0.5, "no job has FLOPs (measure.flops=false) or a finite value", ha="center",
+                transform=ax.transAxes, fontsize=9)
+    ax.set_title(f"{label} against FLOPs speedup\n{sweep_description(rows)}", fontsize=9)
+    return fig
+
+
+def sweep_description(rows: list[dict]) -> str:
+    """``model tiny_dit, 50 steps, n=64 samples per job, 6 jobs`` (ranges where the jobs differ)."""
+    def values(key):
+        found = sorted({str(m.get(key)) for m in rows}, key=lambda v: (len(v), v))
+        return "/".join(found) if found else "?"
+
+    return (f"model {values('model')}, {values('num_steps')} steps, n={values('num_images')} samples per job, "
+            f"{len(rows)} jobs")
 
 
 def report(sweep_dirs: Path | list[Path], out: Path) -> list[str]:
@@ -143,10 +164,11 @@ def report(sweep_dirs: Path | list[Path], out: Path) -> list[str]:
     table = markdown(rows, failed)
     write_bytes_atomic(out / "sweep.md", table.encode())
     write_bytes_atomic(out / "sweep.csv", to_csv(rows).encode())
-    write_bytes_atomic(out / "pareto_psnr.png", pareto_plot(rows, ("quality", "psnr_db"), "PSNR vs full compute (dB)"))
+    write_bytes_atomic(out / "pareto_psnr.png", png_bytes(pareto_plot(rows, ("quality", "psnr_db"), "PSNR vs full compute (dB)")))
     if any(lookup(m, ("model_quality", "cached", "class_accuracy")) is not None for m in rows):
         write_bytes_atomic(out / "pareto_accuracy.png",
-                           pareto_plot(rows, ("model_quality", "cached", "class_accuracy"), "class accuracy"))
+                           png_bytes(pareto_plot(rows, ("model_quality", "cached", "class_accuracy"),
+                                                     "class accuracy of the cached samples (judge)")))
     print(table, end="")
     return failed
 

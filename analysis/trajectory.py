@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.figures import png_bytes, pyplot
+from analysis.figures import heatmap_colormap, label_sites, log10_or_nan, pyplot
 from cachelab.core.outputs import Parts
 
 STATISTICS = ("norm", "rel_change", "cosine", "rel_second_difference")
@@ -71,21 +71,25 @@ class TrajectoryRecorder:
         """Memory held for the PCA sketches (projection matrices included)."""
         return sum(p.numel() * 4 for p in self._projections.values()) + sum(a.nbytes for a in self.sketches.values())
 
-    def pca_paths(self, components: int = 2) -> dict[str, np.ndarray]:
-        """Per site (and context): the sketches' top principal components over the steps, (T, components)."""
-        paths = {}
+    def pca(self, components: int = 2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per site (and context): the sketches' top principal components over the steps,
+        (T, components), and the fraction of the variance each explains."""
+        out = {}
         for key, sketch in self.sketches.items():
             centered = sketch - np.nanmean(sketch, axis=0)
             u, singular, _ = np.linalg.svd(np.nan_to_num(centered), full_matrices=False)
-            paths[key] = u[:, :components] * singular[:components]
-        return paths
+            variance = singular**2
+            out[key] = (u[:, :components] * singular[:components],
+                        variance[:components] / variance.sum() if variance.sum() > 0 else np.zeros(components))
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"sites": np.array(self.sites)}
         for name in STATISTICS:
             out[name] = np.stack([self.stats[site][name] for site in self.sites])
-        for key, path in self.pca_paths().items():
+        for key, (path, explained) in self.pca().items():
             out[f"pca/{key}"] = path
+            out[f"pca_explained/{key}"] = explained
         return out
 
 
@@ -94,33 +98,52 @@ def _combine(current: float, norm: float) -> float:
     return norm if np.isnan(current) else float(np.hypot(current, norm))
 
 
-def statistics_figure(arrays: dict) -> bytes:
+PANELS = {  # statistic -> (what the panel shows, the value drawn)
+    "norm": ("||F_s||", lambda v: v),
+    "rel_change": ("||F_s - F_{s-1}|| / ||F_{s-1}||", lambda v: v),
+    "rel_second_difference": ("||F_s - 2F_{s-1} + F_{s-2}|| / ||F_{s-1}||", lambda v: v),
+    "cosine": ("1 - cos(F_s, F_{s-1})", lambda v: 1 - v),
+}
+
+
+def statistics_figure(arrays: dict, title: str = ""):
+    """Figure: one site x step heatmap (log10) per statistic, the norm first, sites labelled on each."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
-    for ax, name in zip(axes, ("rel_change", "rel_second_difference", "cosine")):
-        values = arrays[name] if name != "cosine" else 1 - arrays[name]
-        image = ax.imshow(np.log10(values), aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title("log10 " + (name if name != "cosine" else "(1 - cosine)"), fontsize=9)
-        ax.set_xlabel("step")
-        fig.colorbar(image, ax=ax, shrink=0.8)
     sites = list(arrays["sites"])
-    step = max(1, len(sites) // 16)
-    axes[0].set_yticks(range(0, len(sites), step), sites[::step], fontsize=6)
-    return png_bytes(fig)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 4.0 + 0.16 * min(len(sites), 40)), layout="constrained")
+    for ax, (name, (formula, value)) in zip(axes.ravel(), PANELS.items()):
+        image = ax.imshow(log10_or_nan(value(arrays[name])), aspect="auto", cmap=heatmap_colormap("viridis"),
+                          interpolation="nearest")
+        ax.set_title(f"log10 {formula}", fontsize=10)
+        ax.set_xlabel("denoising step s", fontsize=9)
+        label_sites(ax, sites)
+        fig.colorbar(image, ax=ax, shrink=0.9, label="log10")
+    fig.suptitle(f"Feature trajectories{': ' + title if title else ''}\n"
+                 "grey: not defined (no previous step, or a change of exactly 0)", fontsize=10)
+    return fig
 
 
-def pca_figure(paths: dict[str, np.ndarray], max_sites: int = 12) -> bytes:
+def pca_figure(pca: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "", max_sites: int = 12):
+    """Figure: each site's path over the steps in the plane of its two principal components
+    (axes labelled with the variance each explains), coloured by step."""
     plt = pyplot()
-    keys = list(paths)[:: max(1, len(paths) // max_sites)][:max_sites]
+    keys = list(pca)[:: max(1, -(-len(pca) // max_sites))][:max_sites]
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 3.1 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax, key in zip(axes.ravel(), keys):
-        path = paths[key]
+        path, explained = pca[key]
         ax.plot(path[:, 0], path[:, 1], color="0.7", linewidth=0.8)
-        points = ax.scatter(path[:, 0], path[:, 1], c=np.arange(len(path)), cmap="plasma", s=10)
-        ax.set_title(key.replace("|", " "), fontsize=7)
+        points = ax.scatter(path[:, 0], path[:, 1], c=np.arange(len(path)), cmap="plasma", s=12)
+        ax.annotate("s=0", path[0], fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(key.replace("|", ", context "), fontsize=9)
+        ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f} % of variance)", fontsize=8)
+        ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f} %)" if len(explained) > 1 else "PC2", fontsize=8)
+        ax.tick_params(labelsize=7)
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
-    fig.colorbar(points, ax=axes.ravel().tolist(), shrink=0.6, label="step")
-    return png_bytes(fig)
+    fig.colorbar(points, ax=axes.ravel().tolist(), shrink=0.6, label="denoising step s")
+    shown = f"{len(keys)} of {len(pca)} sites" if len(keys) < len(pca) else f"{len(keys)} sites"
+    fig.suptitle(f"PCA paths of the sketched features ({shown}){': ' + title if title else ''}", fontsize=10)
+    return fig

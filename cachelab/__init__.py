@@ -11,13 +11,25 @@ The public Python API (importing it imports no Hydra)::
 those with ``with handle.generation(T):`` and ``handle.step(s, t)``). Below it: a
 :class:`Strategy` (predictor x schedule x granularity) attached to sites (:func:`attach`).
 """
-from cachelab.api import Handle, apply
-from cachelab.core.controller import CacheHandle, CacheStats, attach
-from cachelab.core.predictor import Predictor, PredictorState
-from cachelab.core.schedules import Decision, Schedule, StepContext
-from cachelab.core.sites import SitePattern, select_sites
-from cachelab.core.strategy import Strategy
-from cachelab.errors import ConfigError, UserError
+from __future__ import annotations
 
-__all__ = ["Handle", "apply", "CacheHandle", "CacheStats", "ConfigError", "Decision", "Predictor", "PredictorState", "Schedule",
-           "SitePattern", "StepContext", "Strategy", "UserError", "attach", "select_sites"]
+import importlib
+
+# public name -> the module defining it; imported on first use, so that ``cachelab --help``
+# and the light modules (cachelab.errors, the command line) do not wait for torch
+_EXPORTS = {"Handle": "cachelab.api", "apply": "cachelab.api", "CacheHandle": "cachelab.core.controller",
+            "CacheStats": "cachelab.core.controller", "attach": "cachelab.core.controller",
+            "Predictor": "cachelab.core.predictor", "PredictorState": "cachelab.core.predictor",
+            "Decision": "cachelab.core.schedules", "Schedule": "cachelab.core.schedules",
+            "StepContext": "cachelab.core.schedules", "SitePattern": "cachelab.core.sites",
+            "select_sites": "cachelab.core.sites", "Strategy": "cachelab.core.strategy",
+            "ConfigError": "cachelab.errors", "UserError": "cachelab.errors"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cachelab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

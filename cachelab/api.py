@@ -146,7 +146,10 @@ class Handle(Generations):
         return self._forward(*args, **kwargs)
 
     def _hook_sites(self, call: Callable[[], object]) -> None:
-        """Find the sites (one traced call) and hook them, then replay the generation state."""
+        """Find the sites (one traced call) and hook them, then replay the generation state; under
+        diffusers context parallelism the signals are reduced over the model's group."""
+        from cachelab.models.parallel import context_parallel_group
+
         if self.sites is None:
             from cachelab.models.discovery import discover
 
@@ -154,7 +157,7 @@ class Handle(Generations):
         if self.driver is not None:  # the driver stays the outermost forward wrapper
             self.driver.uninstall_hooks()
         try:
-            self.inner = self.strategy.attach(self.sites)
+            self.inner = self.strategy.attach(self.sites, group=context_parallel_group(self.model))
         except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model
             raise ConfigError(f"{type(self.model).__name__}: {err}") from None
         if self.driver is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cachelab.core.predictor import Predictor, PredictorState
+from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _DIFFERENCES = ("official", "newton")
@@ -129,14 +129,18 @@ class TaylorSeer(Predictor):
             torch.add(factors[i], acc, alpha=a[i], out=acc)
         return acc.to(state.out_dtype)
 
+    def error_terms(self, state: TaylorState, s: int) -> torch.Tensor:
+        """The sums behind :meth:`error_estimate`: ``[sum gap^2, sum D_0^2]`` (float64), where the
+        gap is between the forecast from every factor and the one without the top factor (zero
+        without any); sums add up over the shards of a context-parallel generation."""
+        forecast = self.predict(state, s).double()
+        lower = self.predict(replace(state, factors=state.factors[:-1]), s).double() if len(state.factors) > 1 else 0
+        return torch.stack([(forecast - lower).square().sum(), state.factors[0].double().square().sum()])
+
     def error_estimate(self, state: TaylorState, s: int) -> float:
-        """The forecast's own error estimate at step ``s``: the norm of the gap between the
-        forecast from every factor and the one without the top factor (zero without any),
+        """The forecast's own error estimate at step ``s``: the norm of the gap (:meth:`error_terms`)
         relative to the norm of the last full value ``D_0`` (what ``schedule=error_controlled`` reads)."""
-        forecast = self.predict(state, s).float()
-        lower = self.predict(replace(state, factors=state.factors[:-1]), s).float() if len(state.factors) > 1 else 0
-        scale = torch.linalg.vector_norm(state.factors[0].float()).clamp_min(torch.finfo(torch.float32).tiny)
-        return float(torch.linalg.vector_norm(forecast - lower) / scale)
+        return float(relative_norm(self.error_terms(state, s)))
 
 
 def reusable(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

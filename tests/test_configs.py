@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.errors import ConfigError
 from cachelab.jobs.checks import check_config, check_group_choices, missing_values
+from cachelab.jobs.schema import compose_config
 from cachelab.models.adapter import ModelAdapter
 from cachelab.core.predictor import Predictor
 from cachelab.jobs.base import build_strategy
@@ -27,8 +27,7 @@ SCHEDULES = [choice for group, choice in CHOICES if group == "schedule"]
 
 
 def make_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose_config(list(overrides), CONF_DIR)
 
 
 def test_groups_discovered():
@@ -170,9 +169,8 @@ BAD = [
 
 @pytest.mark.parametrize(("overrides", "key", "value"), BAD, ids=[" ".join(o) for o, _, _ in BAD])
 def test_check_config_rejects(overrides, key, value):
-    cfg = make_cfg(*overrides)
-    with pytest.raises(ConfigError) as info:
-        check_config(cfg)
+    with pytest.raises(ConfigError) as info:  # a wrong type while composing (the schema), the rest in check_config
+        check_config(make_cfg(*overrides))
     message = str(info.value)
     assert key in message
     assert value in message

@@ -344,7 +344,7 @@ def test_sigint_stops_a_sweep_that_then_resumes(tmp_path):
 
     proc = run_app(args, env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.count("skipping") == 1 and (sweep / "0" / "metrics.json").stat().st_mtime_ns == first
+    assert proc.stdout.count("skipping job 0") == 1 and (sweep / "0" / "metrics.json").stat().st_mtime_ns == first
     check_finished(sweep / "1")
     assert (sweep / "sweep.md").read_text().count("| taylor |") == 2
 

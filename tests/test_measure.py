@@ -74,6 +74,16 @@ def test_flops_of_a_cached_generation_follow_the_schedule():
     assert base - cached == num_forecast * branches
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_flops_are_linear_in_the_batch(cached):
+    """What lets job=compare count FLOPs on measure.flops_images images and scale the count to
+    num_images: 2n images cost exactly twice n (guidance, attention and a cache included)."""
+    adapter = tiny_adapter(num_steps=8)
+    handle = Strategy("taylor", TaylorSeer(2, 2), Interval(3, 2), "module").attach(adapter) if cached else None
+    counts = [count_flops(lambda: adapter.generate(adapter.make_inputs(n, seed=0), handle))[1] for n in (3, 6)]
+    assert counts[0] > 0 and counts[1] == 2 * counts[0]
+
+
 def test_atomic_json_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "metrics.json"
     write_json_atomic(path, {"ok": 1})

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from cachelab.errors import ConfigError
 from cachelab.jobs.checks import check_config, check_group_choices
+from cachelab.jobs.schema import compose_config
 from cachelab.evaluation.judge import frechet_distance, gaussian_stats
 from cachelab.models.dit_adapter import DiTAdapter
 from cachelab.models.pipelines.dit import DiffusersDiTAdapter
@@ -33,8 +33,7 @@ SIZES = [3, 3, 1]
 
 
 def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*FAST, *overrides])
+    return compose_config([*FAST, *overrides])  # a wrong type is a ConfigError here
 
 
 @pytest.fixture(autouse=True)

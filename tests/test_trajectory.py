@@ -57,7 +57,8 @@ def test_statistics_match_closed_forms():
 
 def test_a_straight_path_has_one_principal_component():
     recorder = record(Path(lambda s: 3.0 * s), T=12, sketch_dim=8)
-    (path,) = recorder.pca_paths().values()
+    ((path, explained),) = recorder.pca().values()
+    assert explained[0] > 0.9999 and explained.sum() <= 1 + 1e-12
     assert path.shape == (12, 2)
     assert np.abs(path[:, 1]).max() < 1e-4 * np.abs(path[:, 0]).max()
     assert np.allclose(np.diff(path[:, 0]), np.diff(path[:, 0])[0], rtol=1e-4)  # evenly spaced along it

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from cachelab.assets import load_calibration
+from cachelab.core.distributed import Reduce, local
 from cachelab.core.schedules import Decision, Schedule, StaticSchedule, StepContext
 
 
@@ -51,10 +52,12 @@ class AdaptiveSchedule(Schedule):
         """Called after every decision (guarded ones too)."""
 
 
-def relative_l1(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """``mean|value - reference| / mean|reference|``."""
-    value, reference = value.float(), reference.float()
-    return float((value - reference).abs().mean() / reference.abs().mean())
+def relative_l1(value: torch.Tensor, reference: torch.Tensor, reduce: Reduce = local) -> float:
+    """``mean|value - reference| / mean|reference|``, as the ratio of the two sums after ``reduce``
+    (:attr:`StepContext.reduce`: over every shard of a context-parallel generation)."""
+    value, reference = value.double(), reference.double()
+    sums = reduce(torch.stack([(value - reference).abs().sum(), reference.abs().sum()]))
+    return float(sums[0] / sums[1])
 
 
 def tensor_bytes(tensor: torch.Tensor | None) -> int:
@@ -106,7 +109,7 @@ class TeaCache(AdaptiveSchedule):
     def allows_forecast(self, ctx: StepContext) -> bool:
         if self._previous is None:  # the generation's first step seen is not step 0
             return False
-        change = relative_l1(ctx.signals["modulated_input"], self._previous)
+        change = relative_l1(ctx.signals["modulated_input"], self._previous, ctx.reduce)
         self._accumulated += polynomial(self.coefficients, change)
         return self._accumulated < self.threshold
 
@@ -140,7 +143,7 @@ class FirstBlockCache(AdaptiveSchedule):
     def allows_forecast(self, ctx: StepContext) -> bool:
         if self._reference is None:  # the generation's first step seen is not step 0
             return False
-        return relative_l1(ctx.signals["first_block_residual"], self._reference) < self.threshold
+        return relative_l1(ctx.signals["first_block_residual"], self._reference, ctx.reduce) < self.threshold
 
     def record(self, ctx: StepContext, decision: Decision) -> None:
         if decision is Decision.FULL:

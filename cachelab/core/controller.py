@@ -5,15 +5,16 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
 from cachelab.errors import ConfigError, NonFiniteError
+from cachelab.core.distributed import GroupReduce, local
 from cachelab.core.outputs import Parts, split
-from cachelab.core.predictor import Predictor, PredictorState
+from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
 from cachelab.core.sites import Site, first_tensor
 
@@ -87,8 +88,16 @@ class CacheStats:
 
 def controller_signals(predictor) -> set[str]:
     """The signals the controller computes itself for ``predictor`` (an instance or a class):
-    ``error_estimate`` when the predictor has ``error_estimate(state, s) -> float``."""
-    return {"error_estimate"} if callable(getattr(predictor, "error_estimate", None)) else set()
+    ``error_estimate`` when the predictor has ``error_terms(state, s)`` (the squared sums of its
+    forecast's error and of the scale, :func:`~cachelab.core.predictor.relative_norm`)."""
+    return {"error_estimate"} if callable(getattr(predictor, "error_terms", None)) else set()
+
+
+def decision_code(decision: StepDecision) -> int:
+    """A step's decision as one integer (bit i: the i-th site kind, in name order, forecasts)."""
+    if isinstance(decision, Decision):
+        return int(decision is Decision.FORECAST)
+    return sum(1 << i for i, kind in enumerate(sorted(decision)) if decision[kind] is Decision.FORECAST)
 
 
 class Generations:
@@ -122,6 +131,12 @@ class CacheHandle(Generations):
     ``predictor.error_estimate``; None before any history). A per-kind decision (PAB) maps
     each site by ``site.kind``; kinds it does not name compute.
 
+    ``group`` (context parallelism: each rank of a process group holds a shard of the same
+    activations): the caches hold each rank's shards, every signal is reduced over the group
+    before the schedule reads it, and after every decision the ranks check that they agree
+    (:class:`~cachelab.core.distributed.DivergentDecisions` on every rank otherwise); the sites
+    are hooked beneath the engine's own split and gather hooks (``group.lifted()``).
+
     Nothing the model gets from a site is a tensor the cache holds: a full step's output is
     copied where the predictor would keep it as is, and a forecast in a state's memory (reuse)
     is copied, so a caller changing an output in place never changes the cache.
@@ -134,8 +149,9 @@ class CacheHandle(Generations):
     """
 
     def __init__(self, sites: list[Site], predictor: Predictor, schedule: Schedule,
-                 probes: dict[str, Site] | None = None, guard: str = "fallback"):
+                 probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None):
         self.guard = guard_policy(guard)
+        self.group = group
         probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
         own = controller_signals(predictor)
         missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
@@ -164,13 +180,14 @@ class CacheHandle(Generations):
         self._context = "default"
         self._T: int | None = None
         self.reset()
-        for site in self.sites:
-            if site.members:
-                self._install_span(site)
-            else:
-                self._install(site)
-        for signal, probe in self.probes.items():
-            self._install_probe(signal, probe)
+        with self._lifted():
+            for site in self.sites:
+                if site.members:
+                    self._install_span(site)
+                else:
+                    self._install(site)
+            for signal, probe in self.probes.items():
+                self._install_probe(signal, probe)
 
     # -- driving -------------------------------------------------------------------
     def begin(self, T: int) -> None:
@@ -250,11 +267,12 @@ class CacheHandle(Generations):
 
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""
-        for site, original in reversed(self._originals):
-            if original is _MISSING:
-                delattr(site.owner, site.method)
-            else:
-                setattr(site.owner, site.method, original)
+        with self._lifted():
+            for site, original in reversed(self._originals):
+                if original is _MISSING:
+                    delattr(site.owner, site.method)
+                else:
+                    setattr(site.owner, site.method, original)
         self._originals.clear()
         self._installed.clear()
         self.reset()
@@ -268,8 +286,13 @@ class CacheHandle(Generations):
         (CUDA graphs) also makes the caches copy what they keep of an output, whose memory
         the next graph replay would overwrite."""
         self._copy_values = options.get("mode") in CUDA_GRAPH_MODES
-        for site, compute, wrap in self._installed:
-            setattr(site.owner, site.method, torch.compiler.disable(wrap(torch.compile(compute, **options))))
+        with self._lifted():
+            for site, compute, wrap in self._installed:
+                setattr(site.owner, site.method, torch.compiler.disable(wrap(torch.compile(compute, **options))))
+
+    def _lifted(self):
+        """The group's own hooks lifted while sites are (un)hooked (:meth:`GroupReduce.lifted`)."""
+        return nullcontext() if self.group is None else self.group.lifted()
 
     def _hook(self, site: Site, wrap: Callable) -> None:
         """Replace ``site``'s callable by ``wrap(its computation)``, excluded from tracing
@@ -375,8 +398,12 @@ class CacheHandle(Generations):
         """Decide the step once every signal the schedule reads is there."""
         if self._decision is not None or any(signal not in self._signals for signal in self.schedule.signals):
             return
-        self._decision = self.schedule.decide(StepContext(s=self._s, T=self._T, t=self._t, signals=self._signals))
+        reduce = local if self.group is None else self.group
+        self._decision = self.schedule.decide(StepContext(s=self._s, T=self._T, t=self._t, signals=self._signals,
+                                                          reduce=reduce))
         self._signals = {}
+        if self.group is not None:
+            self.group.agree(decision_code(self._decision), f"step {self._s}")
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self._s)
 
@@ -388,10 +415,14 @@ class CacheHandle(Generations):
         return decision is Decision.FORECAST
 
     def _error_estimate(self, s: int) -> float | None:
-        """The predictor's error estimate for step ``s``, averaged over every site with a history."""
-        estimates = [self.predictor.error_estimate(state, s) for caches in self._caches.values()
-                     for cache in caches.values() for state in cache.states if state is not None and state.has_history]
-        return sum(estimates) / len(estimates) if estimates else None
+        """The predictor's error estimate for step ``s``, averaged over every site with a history
+        (each site's sums reduced over the group first)."""
+        terms = [self.predictor.error_terms(state, s) for caches in self._caches.values()
+                 for cache in caches.values() for state in cache.states if state is not None and state.has_history]
+        if not terms:
+            return None
+        terms = torch.stack(terms)
+        return float(relative_norm(terms if self.group is None else self.group(terms)).mean())
 
     def _record(self, site: Site, cache: SiteCache, out, bases: list[torch.Tensor | None]) -> None:
         """Record a full-step output: each part minus its residual base (``bases``)."""
@@ -423,8 +454,14 @@ class CacheHandle(Generations):
     def _guard_passes(self, site: Site, forecast: Parts) -> bool:
         """Whether ``forecast`` may replace the site's computation: every tensor finite (or
         ``guard=off``; a skip site's zeros always are). Otherwise ``guard=raise`` raises, and
-        ``fallback`` counts it, warns once per generation and returns False (the site computes)."""
-        if self.guard == "off" or site.skip or all(f is None or all_finite(f) for f in forecast):
+        ``fallback`` counts it, warns once per generation and returns False (the site computes).
+        Under a group the ranks decide together: the site computes on every rank or on none."""
+        if self.guard == "off" or site.skip:
+            return True
+        finite = all(f is None or all_finite(f) for f in forecast)
+        if self.group is not None:  # a site computing on one rank only would wait for the others' collectives
+            finite = not self.group(torch.tensor([float(not finite)])).item()
+        if finite:
             return True
         where = f"step {self._s}, site {site.name}, context {self._context!r}"
         if self.guard == "raise":
@@ -530,8 +567,10 @@ def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) ->
 
 
 def attach(sites: list[Site], predictor: Predictor, schedule: Schedule,
-           probes: dict[str, Site] | None = None, guard: str = "fallback") -> CacheHandle:
+           probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None
+           ) -> CacheHandle:
     """Hook ``predictor`` x ``schedule`` onto ``sites``; ``handle.remove()`` undoes it.
     ``probes`` (signal -> site) defaults to ``sites.probes`` (:func:`select_sites`); ``guard``:
-    what a non-finite forecast does (:data:`GUARDS`, see :class:`CacheHandle`)."""
-    return CacheHandle(sites, predictor, schedule, probes, guard)
+    what a non-finite forecast does (:data:`GUARDS`, see :class:`CacheHandle`); ``group``: the
+    ranks sharing each generation under context parallelism (None: this process alone)."""
+    return CacheHandle(sites, predictor, schedule, probes, guard, group)

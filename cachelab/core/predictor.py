@@ -59,3 +59,9 @@ class Predictor(ABC):
         if k <= 0:
             raise ValueError(f"step {s} is not after the last full step {state.last_step} (gap {k})")
         return k
+
+
+def relative_norm(terms: torch.Tensor) -> torch.Tensor:
+    """``||gap|| / ||scale||`` from ``terms[..., 0] = sum gap^2`` and ``terms[..., 1] = sum scale^2``
+    (a predictor's ``error_terms``: sums, so they add up over shards of the same tensors)."""
+    return terms[..., 0].sqrt() / terms[..., 1].sqrt().clamp_min(torch.finfo(torch.float32).tiny)

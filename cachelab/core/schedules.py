@@ -7,6 +7,8 @@ from enum import Enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cachelab.core.distributed import Reduce, local
+
 
 class Decision(Enum):
     """What every cache site does at one step."""
@@ -28,12 +30,15 @@ def is_full(decision: StepDecision) -> bool:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a schedule may look at: step ``s`` of ``T`` (counted up), the timestep, signals."""
+    """What a schedule may look at: step ``s`` of ``T`` (counted up), the timestep, signals, and
+    ``reduce``, which sums a tensor of sums over the ranks sharing the generation (the identity
+    in one process): a schedule reduces sums and divides afterwards, so every rank decides alike."""
 
     s: int
     T: int
     t: float | None = None
     signals: dict[str, Any] = field(default_factory=dict)
+    reduce: Reduce = local
 
 
 class Schedule(ABC):

@@ -7,6 +7,7 @@ from typing import Protocol
 from torch import nn
 
 from cachelab.core.controller import CacheHandle, attach
+from cachelab.core.distributed import GroupReduce
 from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Schedule
 from cachelab.core.sites import SitePattern, select_sites
@@ -32,10 +33,12 @@ class Strategy:
     granularity: str
     guard: str = "fallback"
 
-    def attach(self, adapter: SiteSource, guard: str | None = None) -> CacheHandle | None:
+    def attach(self, adapter: SiteSource, guard: str | None = None, group: GroupReduce | None = None
+               ) -> CacheHandle | None:
         """The handle on ``adapter``'s sites of this granularity (None without caching);
-        ``guard`` overrides the strategy's own."""
+        ``guard`` overrides the strategy's own; ``group``: the ranks sharing each generation
+        under context parallelism (see :class:`CacheHandle`)."""
         if self.predictor is None:
             return None
         sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
-        return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard)
+        return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group)

@@ -9,7 +9,7 @@ chunk by chunk without holding them.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -17,6 +17,8 @@ import torch
 
 from cachelab.errors import WeightsUnavailable
 from cachelab.evaluation.metrics import as_rgb
+
+log = logging.getLogger(__name__)
 
 SIDES = ("baseline", "cached")
 
@@ -125,8 +127,8 @@ class InceptionFID(PaperMetric):
             inception = FrechetInceptionDistance(feature=2048).inception
             reference = np.load(self.reference)
         except Exception as err:  # noqa: BLE001
-            raise _unavailable(self.title, err, "pip install torch-fidelity with its Inception weights cached, "
-                                                "and set the reference statistics file") from err
+            raise _unavailable(self.title, err, "pip install 'cachelab[fid]' (torch-fidelity) with its Inception "
+                                                "weights cached, and set the reference statistics file") from err
         ref = (torch.from_numpy(reference["mu"]).double(), torch.from_numpy(reference["sigma"]).double())
         return {"features": inception, "reference": ref, "stats": {}}
 
@@ -236,7 +238,7 @@ class PaperMetricStream:
         return {name: self.skipped.get(name) or self.metrics[name].result(self.states[name]) for name in self.metrics}
 
     def _skip(self, name: str, err: WeightsUnavailable) -> None:
-        print(f"warning: {err}", file=sys.stderr)
+        log.warning(f"warning: {err}")
         self.skipped[name] = {"skipped": str(err)}
 
 

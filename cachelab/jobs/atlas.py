@@ -4,18 +4,21 @@ run, and the atlas written into the run folder: arrays, heatmaps, error-vs-k and
 derivative-error curves, a ranking per layer depth, ``report.md`` and ``metrics.json``."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import numpy as np
 
 from analysis.atlas import Atlas, Candidate, ForecastAudit, nanmean
-from analysis.figures import png_bytes, pyplot
+from analysis.figures import heatmap_colormap, label_sites, log10_or_nan, png_bytes, pyplot
 from cachelab.core.controller import attach
 from cachelab.io import npz_bytes, write_bytes_atomic, write_json_atomic
 from cachelab.core.schedules import Always, Interval, StaticSchedule
 from cachelab.core.sites import select_sites
 from strategies.reuse import Reuse
+
+log = logging.getLogger(__name__)
 
 
 class AtlasJob:
@@ -51,11 +54,13 @@ class AtlasJob:
                    "num_images": self.num_images, "sites": atlas.sites,
                    "mean_forecast_error": {c.name: nanmean(atlas.error_map(c.name)) for c in candidates}}
         write_bytes_atomic(out_dir / "atlas.npz", npz_bytes(atlas.arrays()))
-        figures = {"atlas_heatmaps.png": self.heatmaps(atlas), "atlas_error_vs_k.png": self.error_vs_k(atlas),
-                   "atlas_derivatives.png": self.derivative_curves(atlas)}
+        title = f"{cfg.model.name}, {strategy.granularity} sites, {T} steps, n={self.num_images}"
+        figures = {"atlas_heatmaps.png": self.heatmaps(atlas, title), "atlas_error_vs_k.png": self.error_vs_k(atlas, title),
+                   "atlas_derivatives.png": self.derivative_curves(atlas, title)}
         if checked and self.audit:
             metrics["check"] = self.check(cfg, adapter, strategy, atlas, inputs, out_dir)
-            figures["atlas_check.png"] = check_plot(metrics["check"])
+            figures["atlas_check.png"] = check_plot(metrics["check"], f"{strategy.name} (order {cfg.order}, "
+                                                                      f"N={cfg.interval}) on {title}")
         for name, data in figures.items():
             write_bytes_atomic(out_dir / name, data)
             sink.log_image(f"atlas/{name[:-4]}", out_dir / name)
@@ -64,7 +69,7 @@ class AtlasJob:
         write_json_atomic(out_dir / "metrics.json", metrics)
         write_bytes_atomic(out_dir / "report.md", self.report(cfg, metrics, figures).encode())
         sink.summary({f"atlas/{k}": v for k, v in metrics["mean_forecast_error"].items()})
-        print(ranking_markdown(ranking))
+        log.info(ranking_markdown(ranking))
         return metrics
 
     def check(self, cfg, adapter, strategy, atlas: Atlas, inputs, out_dir: Path) -> dict:
@@ -92,56 +97,73 @@ class AtlasJob:
         rows = [(family, order) for family in self.predictors for order in self.orders]
         return rows, self.intervals
 
-    def heatmaps(self, atlas: Atlas) -> bytes:
-        """log10 relative forecast error, site x step, one panel per candidate."""
+    def heatmap_intervals(self) -> list[int]:
+        """The intervals the heatmaps show: the smallest, a middle one and the largest (all
+        intervals are in ``atlas_error_vs_k.png`` and ``atlas.npz``)."""
+        n = sorted(self.intervals)
+        return sorted({n[0], n[len(n) // 2], n[-1]})
+
+    def heatmaps(self, atlas: Atlas, title: str = "") -> bytes:
+        """log10 relative forecast error, site x step: one row per family and order, a column
+        per shown interval; grey where the candidate made no forecast (its full steps)."""
         plt = pyplot()
-        rows, cols = self._grid()
-        fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols) + 1.5, 2.0 * len(rows) + 0.6),
+        rows, cols = self._grid()[0], self.heatmap_intervals()
+        height = 1.2 + 0.12 * min(len(atlas.sites), 24)
+        fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.4 * len(cols) + 2.2, height * len(rows) + 1.2),
                                  squeeze=False, sharex=True, sharey=True, layout="constrained")
         image = None
         for i, (family, order) in enumerate(rows):
             for j, n in enumerate(cols):
                 errors = atlas.error_map(f"{family}_o{order}_N{n}")
-                image = axes[i][j].imshow(np.log10(errors), aspect="auto", cmap="magma", vmin=-3, vmax=0.5,
-                                          interpolation="nearest")
-                axes[i][j].set_title(f"{family} o{order} N={n}", fontsize=7)
+                image = axes[i][j].imshow(log10_or_nan(errors), aspect="auto", cmap=heatmap_colormap("magma"),
+                                          vmin=-3, vmax=0.5, interpolation="nearest")
+                axes[i][j].set_title(f"{family} order {order}, N={n}", fontsize=9)
         for ax in axes[-1]:
-            ax.set_xlabel("step", fontsize=7)
-        step = max(1, len(atlas.sites) // 16)  # at most ~16 site labels
+            ax.set_xlabel("denoising step s", fontsize=9)
         for ax in axes[:, 0]:
-            ax.set_yticks(range(0, len(atlas.sites), step), atlas.sites[::step], fontsize=5)
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log10 rel. error")
+            label_sites(ax, atlas.sites, max_labels=12)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log10 relative forecast error")
+        fig.suptitle(f"Atlas: forecast error per site and step{': ' + title if title else ''}\n"
+                     f"grey columns: the candidate's full steps (computed, nothing forecast); "
+                     f"N in {cols} of {sorted(self.intervals)} shown", fontsize=10)
         return png_bytes(fig)
 
-    def error_vs_k(self, atlas: Atlas) -> bytes:
+    def error_vs_k(self, atlas: Atlas, title: str = "") -> bytes:
         """Mean relative error against k = steps since the last full step, per N and order."""
         plt = pyplot()
-        fig, axes = plt.subplots(1, len(self.intervals), figsize=(3 * len(self.intervals), 3), squeeze=False)
+        fig, axes = plt.subplots(1, len(self.intervals), figsize=(3 * len(self.intervals), 3.4), squeeze=False,
+                                 sharey=True, layout="constrained")
         for ax, n in zip(axes[0], self.intervals):
             for family, order in self._grid()[0]:
                 name = f"{family}_o{order}_N{n}"
                 by_k = errors_by_offset(atlas.error_map(name), atlas.masks[name])
-                ax.plot(list(by_k), list(by_k.values()), marker="o", label=f"{family} o{order}")
+                ax.plot(list(by_k), list(by_k.values()), marker="o", label=f"{family} order {order}")
             ax.set_yscale("log")
             ax.set_title(f"N = {n}", fontsize=9)
-            ax.set_xlabel("k (steps since full)")
-        axes[0][0].set_ylabel("mean rel. error")
+            ax.set_xlabel("k (steps since the last full step)", fontsize=8)
+            ax.set_xticks(list(by_k))  # k is a whole number of steps
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("mean relative forecast error")
         axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"Forecast error against distance from the last full step{': ' + title if title else ''}",
+                     fontsize=10)
         return png_bytes(fig)
 
-    def derivative_curves(self, atlas: Atlas) -> bytes:
+    def derivative_curves(self, atlas: Atlas, title: str = "") -> bytes:
         """Mean relative error of D_i against the dense derivative, per order i, against N."""
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
         family = next(iter(self.predictors))
         top = max(self.orders)
         for i in range(1, min(self.derivative_orders, top) + 1):
             values = [nanmean(atlas.derivative_map(f"{family}_o{top}_N{n}", i)) for n in self.intervals]
             ax.plot(self.intervals, values, marker="o", label=f"D{i}")
         ax.set_yscale("log")
-        ax.set_xlabel("interval N")
-        ax.set_ylabel(f"rel. error vs dense derivative ({family} o{top})")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("interval N (steps between full steps)")
+        ax.set_ylabel("mean rel. error of D_i vs Δ^i F")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="factor")
+        ax.set_title(f"Finite-difference factors of {family} order {top}\n{title}", fontsize=9)
         return png_bytes(fig)
 
     def ranking(self, atlas: Atlas) -> list[dict]:
@@ -202,13 +224,16 @@ def ranking_markdown(ranking: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_plot(check: dict) -> bytes:
+def check_plot(check: dict, title: str = "") -> bytes:
+    """The configured strategy's forecast error per step: the atlas's against a real cached run's."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), layout="constrained")
     ax.plot(check["steps"], check["predicted"], marker="o", label="atlas (full-run inputs)")
     ax.plot(check["steps"], check["measured"], marker="x", label="measured (cached run)")
     ax.set_yscale("log")
-    ax.set_xlabel("forecast step")
-    ax.set_ylabel("mean rel. error over sites")
+    ax.set_xlabel("forecast step s")
+    ax.set_ylabel("mean rel. forecast error over sites")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    ax.set_title(f"Atlas check: {title}", fontsize=9, wrap=True)
     return png_bytes(fig)

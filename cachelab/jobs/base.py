@@ -7,7 +7,7 @@ from statistics import median
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cachelab.core.controller import CacheHandle, guard_policy
 from cachelab.core.strategy import Strategy
@@ -62,6 +62,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "num_steps": cfg.num_steps,
         "num_images": cfg.num_images,
         "seed": cfg.seed,
+        "parallel": OmegaConf.to_container(cfg.parallel),  # >1: FLOPs, times and cache bytes are rank 0's
     }
 
 

@@ -16,6 +16,7 @@ found by the model's name and are never rewritten by this job.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
 from cachelab.models.adapter import Inputs, ModelAdapter
 from strategies.reuse import Reuse
+
+log = logging.getLogger(__name__)
 
 CALIBRATION = "calibration.json"  # in the run folder
 
@@ -54,7 +57,7 @@ class CalibrateJob:
         path = Path(out_dir) / CALIBRATION
         write_json_atomic(path, record)
         sink.summary({"calibration/path": str(path)})
-        print(f"{path}\nuse it with: schedule.calibration={path}")
+        log.info(f"{path}\nuse it with: schedule.calibration={path}")
         return record
 
 

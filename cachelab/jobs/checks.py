@@ -11,23 +11,24 @@ from cachelab.core.controller import guard_policy
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
 from cachelab.errors import ConfigError
+from cachelab.jobs import CONFIG_DIR  # noqa: F401 -- where the presets and the peers benchmark read it
 from strategies.taylor import MAX_ORDER
 
 
-# top-level integer keys -> (smallest, largest allowed value or None)
-INTEGER_KEYS = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
-                "num_images": (1, None), "seed": (0, None)}
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-JOB_INTEGER_KEYS = {"batch_size": 1, "num_images": 1, "grid_rows": 0}  # where a job has them
+# integer keys -> (smallest, largest allowed value or None); their type is the schema's
+# (cachelab/jobs/schema.py), their range is checked here; job.* where the job has the key
+INTEGER_RANGES = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
+                  "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
+                  "job.num_images": (1, None), "job.grid_rows": (0, None)}
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first bad value; builds nothing."""
+    """Raise :class:`ConfigError` for the first bad value; builds nothing. The types were
+    checked when the config was composed (the schemas); these are the ranges and the rules
+    that tie keys together."""
     check_device(cfg.device)
     guard_policy(cfg.get("guard", "fallback"))  # fallback | raise | off
-    for key, (minimum, maximum) in INTEGER_KEYS.items():
-        check_integer(key, OmegaConf.select(cfg, key, throw_on_missing=False), minimum, maximum)
-    check_job(cfg)
+    check_ranges(cfg)
     check_strategy(cfg)
     for key in missing_values(cfg):
         if key != "model.checkpoint":
@@ -60,13 +61,22 @@ def check_compile(cfg: DictConfig) -> None:
                           f"allowed on {cfg.device!r}: compile.mode=default or max-autotune-no-cudagraphs")
 
 
-def check_job(cfg: DictConfig) -> None:
-    """The job's own integer settings, and ``job.baseline_samples`` a boolean where it has one."""
-    for key, minimum in JOB_INTEGER_KEYS.items():
-        if key in cfg.job:
-            check_integer(f"job.{key}", cfg.job[key], minimum)
-    if "baseline_samples" in cfg.job and not isinstance(cfg.job.baseline_samples, bool):
-        raise ConfigError(f"job.baseline_samples={cfg.job.baseline_samples!r} is not allowed; allowed: true, false")
+def check_ranges(cfg: DictConfig) -> None:
+    """Every integer key of :data:`INTEGER_RANGES` that ``cfg`` has lies in its range."""
+    for key, (minimum, maximum) in INTEGER_RANGES.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is not None and (value < minimum or (maximum is not None and value > maximum)):
+            raise ConfigError(f"{key}={value} is out of range; allowed: {allowed_values(key, 'an integer')}")
+
+
+def allowed_values(key: str, expected: str) -> str:
+    """What a key of type ``expected`` (``an integer``, ``a number``) allows, for messages."""
+    if expected != "an integer":
+        return "numbers"
+    minimum, maximum = INTEGER_RANGES.get(key, (None, None))
+    if minimum is None:
+        return "integers"
+    return f"integers >= {minimum}" if maximum is None else f"integers {minimum}..{maximum}"
 
 
 def check_strategy(cfg: DictConfig) -> None:
@@ -78,7 +88,7 @@ def check_strategy(cfg: DictConfig) -> None:
     schedule, T = cfg.schedule, cfg.num_steps
     for key in ("threshold", "tolerance"):
         value = schedule.get(key)
-        if key in schedule and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        if key in schedule and not value > 0:
             raise ConfigError(f"schedule.{key}={value!r} is out of range; allowed: numbers > 0")
     if schedule.get("mask") is not None and len(schedule.mask) != T:
         raise ConfigError(f"schedule.mask has {len(schedule.mask)} entries but num_steps={T}; allowed: a mask of "
@@ -153,19 +163,11 @@ def missing_values(node, prefix: str = "") -> list[str]:
     return keys
 
 
-def check_integer(key: str, value, minimum: int, maximum: int | None = None) -> None:
-    allowed = f"integers >= {minimum}" if maximum is None else f"integers {minimum}..{maximum}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}={value!r} is not an integer; allowed: {allowed}")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ConfigError(f"{key}={value} is out of range; allowed: {allowed}")
-
-
 def job_timeout(cfg: DictConfig) -> float | None:
     """``job_timeout_s``: null or a number of seconds > 0 (run.py reads it before a run starts)."""
     value = cfg.get("job_timeout_s")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ConfigError(f"job_timeout_s={value!r} is not allowed; allowed: null or a number of seconds > 0")
+    if value is not None and not value > 0:
+        raise ConfigError(f"job_timeout_s={value:g} is not allowed; allowed: null or a number of seconds > 0")
     return value
 
 

@@ -2,6 +2,7 @@
 seeds, compared on FLOPs, wall-clock and quality; everything written into the run folder."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,10 +15,13 @@ from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops
 from cachelab.evaluation.metrics import psnr, relative_l2, ssim
 from cachelab.evaluation.paper_metrics import evaluate_all
-from cachelab.io import finite_json, save_png_atomic, write_bytes_atomic, write_json_atomic
+from cachelab.io import finite_json, write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import build, describe, flatten, timed_generation
-from cachelab.jobs.report import comparison_grid, per_step_plot, run_report, summary_table
+from analysis.figures import png_bytes
+from cachelab.jobs.report import comparison_grid, per_step_plot, run_report, run_title, summary_table
 from cachelab.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
 
 
 class CompareJob:
@@ -35,7 +39,7 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     """Generate both sides, write grid, metrics, per-step plot and report; returns the metrics."""
     torch.manual_seed(cfg.seed)
     inputs = adapter.make_inputs(cfg.num_images, cfg.seed)
-    handle = strategy.attach(adapter)
+    handle = strategy.attach(adapter, group=adapter.parallel_group)
     try:
         base_flops = cached_flops = None
         label = (lambda what: what) if cfg.progress else (lambda what: None)
@@ -44,6 +48,8 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
             counted = adapter.make_inputs(flops_images, cfg.seed)
             _, base_flops = count_flops(lambda: adapter.generate(counted, progress=label("FLOPs baseline")))
             _, cached_flops = count_flops(lambda: adapter.generate(counted, handle, progress=label("FLOPs cached")))
+            # FLOPs are linear in the batch (tests/test_measure.py): scaled to num_images
+            base_flops, cached_flops = (round(f * cfg.num_images / flops_images) for f in (base_flops, cached_flops))
         base_path, cached_path = [], []
         # compiled (if asked) after the eager FLOPs count; one untimed generation per side compiles
         with compiled_if_asked(cfg.get("compile"), adapter.model, adapter.site_patterns("block"), handle):
@@ -60,8 +66,6 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
             handle.remove()
 
     base_images, cached_images = adapter.decode(baseline), adapter.decode(cached)
-    grid_path = out_dir / "grid.png"
-    save_png_atomic(grid_path, comparison_grid(base_images[: grid_rows], cached_images[: grid_rows]))
     flops_speedup = base_flops / cached_flops if base_flops else None
     wall_speedup = base_wall / cached_wall
     metrics = {
@@ -87,14 +91,19 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     metrics, flags = finite_json(metrics)  # NaN and Inf as null (strict JSON), named here
     metrics["non_finite"] = flags
     write_json_atomic(out_dir / "metrics.json", metrics)
-    write_bytes_atomic(out_dir / "per_step.png", per_step_plot(metrics))
+    grid_path = out_dir / "grid.png"
+    rows = min(grid_rows, len(base_images))
+    write_bytes_atomic(grid_path, png_bytes(comparison_grid(base_images[:rows], cached_images[:rows],
+                                                            f"{run_title(metrics)}; {rows} of them shown")))
+    write_bytes_atomic(out_dir / "per_step.png", png_bytes(per_step_plot(metrics)))
     write_bytes_atomic(out_dir / "report.md",
                        run_report(OmegaConf.to_yaml(cfg), metrics, ["grid.png", "per_step.png"]).encode())
     full = set(metrics["full_steps"])
     for s, error in enumerate(metrics["per_step_rel_l2"]):
         sink.log({"schedule/full": int(s in full), "trajectory/rel_l2": error}, step=s)
-    sink.log_image("samples/grid", grid_path, caption="baseline | cached | |difference|")
+    sink.log_image("samples/grid", grid_path, caption="baseline | cached | |difference| (scaled, see the header)")
     sink.log_image("trajectory/per_step", out_dir / "per_step.png", caption="rel-L2 per step, full steps marked")
+    sink.artifact("grid", [grid_path, out_dir / "per_step.png"])
     sink.summary(flatten(metrics))
-    print(summary_table(metrics))
+    log.info(summary_table(metrics))
     return metrics

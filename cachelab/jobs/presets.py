@@ -3,13 +3,13 @@ composition of ``conf/`` as ``python run.py strategy=<name> <key>=<value>``, so 
 means the same in Python as on the command line."""
 from __future__ import annotations
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf, ValidationError, open_dict
 
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.jobs.base import build_strategy
-from cachelab.jobs.checks import CONFIG_DIR, INTEGER_KEYS, check_group_choices, check_integer, check_strategy
+from cachelab.jobs.checks import CONFIG_DIR, check_group_choices, check_ranges, check_strategy
+from cachelab.jobs.schema import compose_config, type_error
 
 SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top-level keys of conf/config.yaml
 
@@ -24,14 +24,15 @@ def preset(name: str, **overrides) -> Strategy:
                           f"({CONFIG_DIR} is missing); pass a Strategy object instead")
     groups = [f"strategy={name}"] + ([f"schedule={overrides.pop('schedule')}"] if "schedule" in overrides else [])
     check_group_choices(groups, CONFIG_DIR)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=groups)
+    cfg = compose_config(groups)
     for key, value in overrides.items():
         path = where(cfg, key)
-        if key in INTEGER_KEYS:
-            check_integer(key, value, *INTEGER_KEYS[key])
-        with open_dict(cfg):
-            OmegaConf.update(cfg, path, value, merge=False)
+        try:
+            with open_dict(cfg):
+                OmegaConf.update(cfg, path, value, merge=False)
+        except ValidationError as err:  # the schema's type for the key
+            raise type_error(err) from None
+    check_ranges(cfg)
     check_strategy(cfg)
     return build_strategy(cfg)
 

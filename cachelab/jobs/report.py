@@ -9,11 +9,44 @@ from torchvision.utils import make_grid
 from cachelab.evaluation.metrics import as_rgb
 
 
-def comparison_grid(baseline: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-    """(3, H', W'): one row per sample, columns baseline | cached | |baseline - cached|."""
+def diff_scale(difference: torch.Tensor) -> tuple[int, float]:
+    """The power of two ``k`` (>= 1) that brings the 99th percentile of |difference| (returned
+    too) to at most 1: the typical difference is visible, the largest ones saturate."""
+    typical = float(torch.quantile(difference.flatten().float()[:2**24], 0.99)) if difference.numel() else 0.0
+    return (2 ** max(0, math.floor(math.log2(1 / typical))) if typical > 0 else 1), typical
+
+
+def comparison_grid(baseline: torch.Tensor, cached: torch.Tensor, title: str = ""):
+    """Figure (pixels 1:1, small images enlarged by an integer factor): one row per sample,
+    columns baseline | cached | |baseline - cached| × k, with k and the difference's 99th
+    percentile and maximum printed above them."""
+    from analysis.figures import pyplot
+
     baseline, cached = as_rgb(baseline), as_rgb(cached)
-    rows = torch.stack([baseline, cached, (baseline - cached).abs()], dim=1).flatten(0, 1)
-    return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+    difference = (baseline - cached).abs()
+    k, typical = diff_scale(difference)
+    zoom = max(1, 96 // baseline.shape[-2])  # 32-pixel digits are shown 3x
+    columns = [make_grid(x.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1), nrow=1, padding=2, pad_value=1.0)
+               for x in (baseline, cached, (difference * k).clamp(0, 1))]
+    width = max(columns[0].shape[-1], 130)  # room for each column's header
+    header, dpi = 80, 100
+    total = (3 * width + 20, columns[0].shape[-2] + header + 6)
+    fig = pyplot().figure(figsize=(max(total[0], 480) / dpi, total[1] / dpi), dpi=dpi, layout="none",
+                          facecolor="white")
+    left = (fig.bbox.width - 3 * width) / 2
+    largest = float(difference.max()) if difference.numel() else 0.0
+    headers = ["baseline (full)", "cached", f"|diff| × {k}" if k > 1 else "|diff|"]
+    for i, (column, name) in enumerate(zip(columns, headers)):
+        x = left + i * width + (width - column.shape[-1]) / 2
+        fig.figimage((column.permute(1, 2, 0).numpy() * 255).round().astype("uint8"), xo=round(x), yo=6,
+                     origin="upper")
+        fig.text((left + (i + 0.5) * width) / fig.bbox.width, (columns[0].shape[-2] + 12) / fig.bbox.height, name,
+                 ha="center", va="bottom", fontsize=10, weight="bold")
+    note = (f"|diff| × {k}, clipped at 1 (pixel range 0..1): 99th percentile {typical:.3g}, max {largest:.3g}"
+            if largest > 0 else "identical images: |diff| is 0 everywhere")
+    fig.text(0.5, 1 - 4 / fig.bbox.height, f"{title}\n{note}" if title else note, ha="center", va="top", fontsize=8.5,
+             wrap=True)
+    return fig
 
 
 def summary_table(m: dict) -> str:
@@ -58,21 +91,29 @@ def summary_table(m: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def per_step_plot(m: dict) -> bytes:
-    """PNG: rel-L2 of the cached trajectory against the baseline after every step, full steps marked."""
-    from analysis.figures import png_bytes, pyplot
+def run_title(m: dict) -> str:
+    """``model: strategy (granularity, order, N), T steps, n images`` from a run's metrics."""
+    return (f"{m['model']}: {m['strategy']} ({m['granularity']}, order {m['order']}, N={m['interval']}), "
+            f"{m['num_steps']} steps, n={m['num_images']}")
+
+
+def per_step_plot(m: dict):
+    """Figure: rel-L2 of the cached trajectory against the baseline after every step, full steps marked."""
+    from analysis.figures import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    ax.set_title(f"Cached vs full-compute trajectory\n{run_title(m)}", fontsize=9)
     errors = [math.nan if e is None else e for e in m["per_step_rel_l2"]]  # null: not finite
     ax.plot(range(len(errors)), errors, color="C0", label="cached vs baseline x_s")
     full = [s for s in m["full_steps"] if s < len(errors)]
     ax.scatter(full, [errors[s] for s in full], color="C3", s=12, zorder=3, label="full step")
     ax.set_yscale("symlog", linthresh=1e-6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("relative L2")
+    ax.set_xlabel("denoising step s")
+    ax.set_ylabel("rel. L2 of x_s (cached vs baseline)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return png_bytes(fig)
+    return fig
 
 
 def run_report(config_yaml: str, m: dict, images: list[str]) -> str:

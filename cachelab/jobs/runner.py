@@ -15,6 +15,7 @@ from analysis.sink import Sink
 from cachelab.jobs.base import build, build_strategy
 from cachelab.jobs.checks import check_config
 from cachelab.jobs.lifecycle import PROGRESS, FolderLock, track_generations
+from cachelab.jobs.parallel import check_parallel, degree, is_rank, join, launch, rank_folder, writes
 from cachelab.jobs.sample import SampleJob
 from cachelab.models.adapter import ModelAdapter
 
@@ -25,18 +26,21 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the configured job into ``out_dir``; returns what its metrics.json holds."""
     out_dir = Path(out_dir)
     check_config(cfg)
-    with FolderLock(out_dir):
+    check_parallel(cfg)
+    if degree(cfg) > 1 and not is_rank():  # parallel.*: the ranks run this command under torchrun
+        return launch(cfg, out_dir)
+    with rank_folder(out_dir) as out_dir, FolderLock(out_dir):
         PROGRESS.reset(out_dir)
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         strategy = build_strategy(cfg)
         adapter: ModelAdapter = build(cfg, "model")
+        join(cfg, adapter)  # as a rank: the process group, context parallelism on the model
         job = build(cfg, "job")
         PROGRESS.resumable = isinstance(job, RESUMABLE_JOBS)
         track_generations(adapter)
-        sink: Sink = build(cfg, "logger")
-        run_name = f"{cfg.model.name}-{strategy.name}-N{cfg.interval}-o{cfg.order}"
-        sink.start(run_name, OmegaConf.to_container(cfg, resolve=True), out_dir)
+        sink: Sink = build(cfg, "logger") if writes() else Sink()  # rank 0 alone logs
+        sink.start(run_name(cfg, strategy.name), OmegaConf.to_container(cfg, resolve=True), out_dir)
         failed = True
         try:
             metrics = job.run(cfg, adapter, strategy, sink, out_dir)
@@ -44,3 +48,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
             return metrics
         finally:
             sink.finish(failed=failed)
+
+
+def run_name(cfg: DictConfig, strategy: str) -> str:
+    """``tiny_dit-taylor-N5-o2``: the interval and order only where the schedule and the
+    predictor have them (reuse has no order)."""
+    used = (("N", OmegaConf.select(cfg, "schedule.interval")), ("o", OmegaConf.select(cfg, "strategy.predictor.order")))
+    return "-".join([cfg.model.name, strategy] + [f"{tag}{value}" for tag, value in used if value is not None])

@@ -17,6 +17,7 @@ wall-clock, FLOPs and cache statistics per chunk and in total.
 """
 from __future__ import annotations
 
+import logging
 import json
 import time
 import zipfile
@@ -38,6 +39,8 @@ from cachelab.evaluation.paper_metrics import PaperMetricStream
 from cachelab.io import ArrayParts, finite_json, from_uint8_hwc, to_uint8_hwc, write_json_atomic, write_npz_atomic
 from cachelab.jobs.base import build, describe, flatten, timed_generation
 from cachelab.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
 
 SAMPLES = "samples"         # the chunk folder inside the run folder
 SETTINGS = "settings.json"  # in it: the settings its chunks were generated with
@@ -109,8 +112,8 @@ def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sin
                                                   cfg.measure.flops, label)
                     generated += 1
                     sink.log({f"sample/{side}_wall_s": metas[side]["wall_s"] for side in missing}, step=chunk.index)
-                    print(f"chunk {chunk.index + 1}/{len(chunks)} ({chunk.size} images): "
-                          + ", ".join(f"{side} {metas[side]['wall_s']:.2f} s" for side in missing), flush=True)
+                    log.info(f"chunk {chunk.index + 1}/{len(chunks)} ({chunk.size} images): "
+                             + ", ".join(f"{side} {metas[side]['wall_s']:.2f} s" for side in missing))
                 for side in sides:
                     records[side].append(metas[side])
     finally:
@@ -138,7 +141,9 @@ def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sin
     metrics["non_finite"] = flags
     write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     sink.summary(flatten(metrics))
-    print(summary(metrics))
+    sink.artifact("samples", [Path(out_dir) / MERGED[side] for side in sides],  # what the paper metrics were taken on
+                  {"images": counts, "paper_metrics": metrics["paper_metrics"]})
+    log.info(summary(metrics))
     return metrics
 
 

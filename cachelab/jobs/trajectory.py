@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from analysis.atlas import nanmean
+from analysis.figures import png_bytes
 from analysis.trajectory import STATISTICS, TrajectoryRecorder, pca_figure, statistics_figure
 from cachelab.core.controller import attach
 from cachelab.core.schedules import Always
@@ -30,9 +31,11 @@ class TrajectoryJob:
             handle.remove()
         arrays = recorder.arrays()
         write_bytes_atomic(out_dir / "trajectory.npz", npz_bytes(arrays))
-        figures = {"trajectory_statistics.png": statistics_figure(arrays)}
+        title = (f"{cfg.model.name}, {strategy.granularity} sites, full compute, {adapter.num_steps} steps, "
+                 f"n={self.num_images}")
+        figures = {"trajectory_statistics.png": png_bytes(statistics_figure(arrays, title))}
         if self.sketch_dim:
-            figures["trajectory_pca.png"] = pca_figure(recorder.pca_paths())
+            figures["trajectory_pca.png"] = png_bytes(pca_figure(recorder.pca(), title))
         for name, data in figures.items():
             write_bytes_atomic(out_dir / name, data)
             sink.log_image(f"trajectory/{name[:-4]}", out_dir / name)

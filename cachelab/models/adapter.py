@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from cachelab.core.controller import CacheHandle
+from cachelab.core.distributed import GroupReduce
+from cachelab.models.parallel import context_parallel_group
 from cachelab.models.samplers import Callback
 from cachelab.core.schedules import Decision
 from cachelab.core.sites import SitePattern
@@ -42,6 +44,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def build(self) -> nn.Module:
         """Build (and load) the denoiser."""
+
+    @property
+    def parallel_group(self) -> GroupReduce | None:
+        """The ranks sharing each generation when the model runs context parallel, else None."""
+        return context_parallel_group(self.model)
 
     @abstractmethod
     def site_patterns(self, granularity: str) -> list[SitePattern]:
