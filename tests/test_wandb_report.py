@@ -80,12 +80,12 @@ def test_report_panels_name_keys_the_runs_logged(sweep):
     assert "samples/grid" in media and media <= images
     assert len(by_type["Run Comparer"]) == 1
 
-    # the runset: the sweep's group and the finished jobs' runs, named by strategy, N and order
+    # the runset: the sweep's group and the finished jobs' runs, named by strategy, N and order (reuse has none)
     runs = [next(r.run for r in read_records(path) if r.WhichOneof("record_type") == "run") for path in files]
     (grid,) = [b for b in definition["spec"]["blocks"] if b["type"] == "panel-grid"]
     filters = {f["key"]["name"]: f["value"] for f in grid["metadata"]["runSets"][0]["filters"]["filters"]}
     assert filters == {"group": sorted({run.run_group for run in runs}), "name": [run.run_id for run in runs]}
-    assert sorted(run.display_name for run in runs) == ["tiny_dit_random-reuse-N5-o2", "tiny_dit_random-taylor-N5-o2"]
+    assert sorted(run.display_name for run in runs) == ["tiny_dit_random-reuse-N5", "tiny_dit_random-taylor-N5-o2"]
     (text,) = [b["content"] for b in definition["spec"]["blocks"] if b["type"] == "markdown-block"]
     assert text == (folder / "sweep.md").read_text()
 

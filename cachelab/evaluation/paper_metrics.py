@@ -210,7 +210,7 @@ class ImageReward(PaperMetric):
 
 class PaperMetricStream:
     """Every configured metric over a stream of batches (``update`` per batch, ``results``
-    at the end); a metric that cannot run is skipped with a message on stderr, once, and
+    at the end); a metric that cannot run is skipped with a logged warning, once, and
     records why. Without baseline images, a metric that needs them is skipped."""
 
     def __init__(self, metrics: dict[str, PaperMetric], with_baseline: bool = True):
@@ -243,7 +243,7 @@ class PaperMetricStream:
 
 
 def evaluate_all(metrics: dict[str, PaperMetric], baseline, cached, inputs) -> dict:
-    """Every configured metric on one batch; one that cannot run records why (and says so on stderr)."""
+    """Every configured metric on one batch; one that cannot run records why (and logs a warning)."""
     stream = PaperMetricStream(metrics)
     stream.update(baseline, cached, inputs)
     return stream.results()
