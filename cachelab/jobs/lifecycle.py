@@ -228,6 +228,8 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Owner:
+    """Who holds a lock: the process id and the host."""
+
     pid: int
     host: str
 

@@ -79,23 +79,31 @@ class Target:
 
 @dataclass
 class CompareJobSchema(Target):
+    """``job=compare``: the default job (baseline and cached run side by side)."""
+
     grid_rows: int = MISSING
 
 
 @dataclass
 class SampleJobSchema(Target):
+    """``job=sample``: large evaluations in batches (FID and other paper metrics)."""
+
     batch_size: int = MISSING
     baseline_samples: bool = MISSING
 
 
 @dataclass
 class TrajectoryJobSchema(Target):
+    """``job=trajectory``: per-site feature trajectories, sketched to ``sketch_dim``."""
+
     num_images: int = MISSING
     sketch_dim: int = MISSING
 
 
 @dataclass
 class AtlasJobSchema(Target):
+    """``job=atlas``: per-site error of each predictor, order and interval."""
+
     predictors: Dict[str, Any] = MISSING
     orders: List[int] = MISSING
     intervals: List[int] = MISSING
@@ -107,6 +115,8 @@ class AtlasJobSchema(Target):
 
 @dataclass
 class CalibrateJobSchema(Target):
+    """``job=calibrate``: one full-compute run into ``calibration.json``."""
+
     num_images: int = MISSING
 
 
@@ -122,6 +132,8 @@ class StrategySchema:
 
 @dataclass
 class IntervalSchema(Target):
+    """``schedule=interval``: full every ``interval`` steps after ``first_enhance``."""
+
     interval: int = MISSING
     first_enhance: int = MISSING
     final_full: int = MISSING
@@ -129,12 +141,16 @@ class IntervalSchema(Target):
 
 @dataclass
 class MaskSchema(Target):
+    """``schedule=mask``: the full steps given as a list of steps or a boolean mask."""
+
     full_steps: Optional[List[int]] = MISSING
     mask: Optional[List[bool]] = MISSING
 
 
 @dataclass
 class PerKindIntervalSchema(Target):
+    """``schedule=pab``: one interval per site kind, inside a timestep window."""
+
     intervals: Dict[str, int] = MISSING
     window: Optional[List[float]] = MISSING
 
@@ -150,6 +166,8 @@ class AdaptiveSchema(Target):
 
 @dataclass
 class TeaCacheSchema(AdaptiveSchema):
+    """``schedule=teacache``: the rescaled accumulated input change against ``threshold``."""
+
     threshold: float = MISSING
     coefficients: List[float] = MISSING
     calibration: Optional[str] = MISSING
@@ -157,16 +175,22 @@ class TeaCacheSchema(AdaptiveSchema):
 
 @dataclass
 class FirstBlockCacheSchema(AdaptiveSchema):
+    """``schedule=fbcache``: the first block residual's change against ``threshold``."""
+
     threshold: float = MISSING
 
 
 @dataclass
 class ErrorControlledSchema(AdaptiveSchema):
+    """``schedule=error_controlled``: the predictor's error estimate against ``tolerance``."""
+
     tolerance: float = MISSING
 
 
 @dataclass
 class MagCacheSchema(Target):
+    """``schedule=magcache``: the calibrated magnitude ratios' accumulated error against ``threshold``."""
+
     calibration: Optional[str] = MISSING
     threshold: float = MISSING
     max_skip: int = MISSING
@@ -175,6 +199,8 @@ class MagCacheSchema(Target):
 
 @dataclass
 class WandbSchema(Target):
+    """``logger=wandb``: the W&B project, mode and group."""
+
     project: str = MISSING
     mode: Optional[str] = MISSING
     group: Optional[str] = MISSING
