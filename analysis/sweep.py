@@ -31,6 +31,7 @@ COLUMNS = [  # (header, path into metrics.json, format)
     ("granularity", ("granularity",), "s"),
     ("order", ("order",), "d"),
     ("N", ("interval",), "d"),
+    ("schedule", ("schedule",), "s"),
     ("full", ("num_full",), "d"),
     ("FLOPs speedup", ("flops", "speedup"), ".2f"),
     ("wall speedup", ("wall_s", "speedup"), ".2f"),
@@ -113,7 +114,7 @@ def to_csv(rows: list[dict]) -> str:
 
 def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
     """Figure: ``quality`` against FLOPs speedup, one line per strategy (and Taylor order), each
-    point labelled with its interval N; the title names the model(s), steps and samples."""
+    point labelled with its interval N (or its adaptive schedule's knob); the title names the model(s), steps and samples."""
     plt = pyplot()
     series: dict[str, list[tuple[float, float, int]]] = {}
     for m in rows:
@@ -121,13 +122,13 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
         if x is None or y is None or (isinstance(y, float) and math.isinf(y)):
             continue
         name = f"{m['strategy']} order {m['order']}" if m["strategy"] in ("taylor", "taylorseer") else m["strategy"]
-        series.setdefault(name, []).append((x, y, m.get("interval")))
+        series.setdefault(name, []).append((x, y, point_label(m)))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
     for name, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-        for x, y, n in points:
-            ax.annotate(f"N={n}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        for x, y, text in points:
+            ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     ax.set_xlabel("FLOPs speedup (×, baseline FLOPs / cached FLOPs)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -138,6 +139,13 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
                 transform=ax.transAxes, fontsize=9)
     ax.set_title(f"{label} against FLOPs speedup\n{sweep_description(rows)}", fontsize=9)
     return fig
+
+
+def point_label(m: dict) -> str:
+    """``N=5`` for a fixed interval; the knob of any other schedule (``threshold=0.05``)."""
+    schedule = m.get("schedule") or "Interval"
+    knobs = schedule.split(" ")[1:]
+    return f"N={m.get('interval')}" if schedule.startswith("Interval") or not knobs else " ".join(knobs)
 
 
 def sweep_description(rows: list[dict]) -> str:

@@ -15,6 +15,7 @@ from cachelab.jobs.schema import compose_config
 from cachelab.models.adapter import ModelAdapter
 from cachelab.core.predictor import Predictor
 from cachelab.jobs.base import build_strategy
+from cachelab.jobs.runner import run_name
 from cachelab.core.schedules import Schedule
 from analysis.sink import Sink
 
@@ -219,3 +220,14 @@ def test_recorded_runs_compose_with_todays_config(path):
     overrides = [o for o in OmegaConf.load(path) if not o.startswith("hydra")]
     check_group_choices(overrides, CONF_DIR)
     check_config(make_cfg(*overrides))
+
+
+@pytest.mark.parametrize(("overrides", "name"), [
+    (["strategy=taylor", "order=3", "interval=4"], "tiny_dit-taylor-N4-o3"),
+    (["strategy=reuse", "interval=4"], "tiny_dit-reuse-N4"),  # reuse has no order
+    (["strategy=fbcache", "schedule.threshold=0.05"], "tiny_dit-fbcache-th0.05"),
+    (["strategy=taylor", "schedule=error_controlled", "schedule.tolerance=0.1"], "tiny_dit-taylor-tol0.1-o2"),
+])
+def test_run_names_tell_the_jobs_of_a_sweep_apart(overrides, name):
+    cfg = make_cfg(*overrides)
+    assert run_name(cfg, cfg.strategy.name) == name

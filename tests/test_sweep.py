@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
-from analysis.sweep import collect, main
+from omegaconf import OmegaConf
+
+from analysis.sweep import collect, main, point_label
+from cachelab.jobs.base import schedule_setting
 
 
 def job(root, name, metrics=None, error=None):
@@ -15,8 +18,9 @@ def job(root, name, metrics=None, error=None):
         (folder / "error.txt").write_text(error)
 
 
-def metrics(strategy, order, interval, speedup, psnr):
+def metrics(strategy, order, interval, speedup, psnr, schedule=None):
     return {"strategy": strategy, "granularity": "module", "order": order, "interval": interval, "num_full": 11,
+            "schedule": schedule or f"Interval interval={interval}",
             "flops": {"speedup": speedup}, "wall_s": {"speedup": speedup * 0.9}, "efficiency": 0.9,
             "quality": {"rel_l2": 0.01, "psnr_db": psnr}, "model_quality": {"baseline": {}, "cached": {}}}
 
@@ -27,17 +31,34 @@ def test_collect_table_and_plot(tmp_path):
     job(tmp_path, "2", metrics("none", 2, 5, 1.0, float("inf")))
     job(tmp_path, "3", error="order=-1 is out of range")
     job(tmp_path, "4")
+    job(tmp_path, "5", metrics("fbcache", 2, 5, 2.0, 35.0, schedule="FirstBlockCache threshold=0.05"))
     (tmp_path / "not-a-job").mkdir()
     rows, failed = collect(tmp_path)
-    assert [r["strategy"] for r in rows] == ["none", "reuse", "taylor"]
+    assert [r["strategy"] for r in rows] == ["none", "fbcache", "reuse", "taylor"]
     assert failed == ["3: order=-1 is out of range", "4: no metrics.json"]
     main([str(tmp_path)])
     table = (tmp_path / "sweep.md").read_text()
-    assert "| taylor | module | 2 | 5 | 11 | 4.50 | 4.05 | 0.90 | 0.0100 | 30.00 | n/a | n/a |" in table
-    assert "| none | module | 2 | 5 | 11 | 1.00 | 0.90 | 0.90 | 0.0100 | inf |" in table
+    assert "| taylor | module | 2 | 5 | Interval interval=5 | 11 | 4.50 | 4.05 | 0.90 | 0.0100 | 30.00 | n/a | n/a |" in table
+    assert "| none | module | 2 | 5 | Interval interval=5 | 11 | 1.00 | 0.90 | 0.90 | 0.0100 | inf |" in table
+    assert "| fbcache | module | 2 | 5 | FirstBlockCache threshold=0.05 | 11 | 2.00 |" in table
     assert "- 3: order=-1 is out of range" in table
     assert (tmp_path / "pareto_psnr.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 4
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 5
+
+
+def test_point_labels_name_the_interval_or_the_adaptive_knob():
+    assert point_label(metrics("taylor", 2, 5, 4.5, 30.0)) == "N=5"
+    assert point_label(metrics("fbcache", 2, 5, 2.0, 35.0, schedule="FirstBlockCache threshold=0.05")) == "threshold=0.05"
+    assert point_label({"interval": 3}) == "N=3"  # metrics.json written before the schedule was recorded
+
+
+def test_the_schedule_setting_names_the_class_and_its_knob():
+    interval = OmegaConf.create({"_target_": "cachelab.core.schedules.Interval", "interval": "${n}", "first_enhance": 2})
+    interval.n = 8  # an interpolation, as conf/schedule/interval.yaml has
+    assert schedule_setting(interval) == "Interval interval=8"
+    teacache = OmegaConf.create({"_target_": "cachelab.core.adaptive.TeaCache", "threshold": 0.2,
+                                 "calibration": "tiny_flux_digits", "coefficients": [1.0, 0.0]})
+    assert schedule_setting(teacache) == "TeaCache threshold=0.2 (calibrated)"
 
 
 def test_several_sweep_folders_merge_into_one_table(tmp_path):

@@ -59,11 +59,23 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "order": cfg.order,
         "interval": cfg.interval,
         "first_enhance": cfg.first_enhance,
+        "schedule": schedule_setting(cfg.schedule),
         "num_steps": cfg.num_steps,
         "num_images": cfg.num_images,
         "seed": cfg.seed,
         "parallel": OmegaConf.to_container(cfg.parallel),  # >1: FLOPs, times and cache bytes are rank 0's
     }
+
+
+SCHEDULE_KNOBS = ("interval", "intervals", "threshold", "tolerance", "full_steps")  # what tells two runs apart
+
+
+def schedule_setting(schedule: DictConfig) -> str:
+    """``Interval interval=5``, ``FirstBlockCache threshold=0.05``: the schedule's class and its
+    knob, so that sweep tables tell apart jobs that differ only in a threshold."""
+    knobs = [f"{key}={OmegaConf.to_container(schedule, resolve=True)[key]}" for key in SCHEDULE_KNOBS if key in schedule]
+    calibrated = " (calibrated)" if schedule.get("calibration") else ""
+    return " ".join([schedule._target_.rsplit(".", 1)[-1], *knobs]) + calibrated
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:

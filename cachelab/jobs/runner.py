@@ -51,7 +51,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 
 def run_name(cfg: DictConfig, strategy: str) -> str:
-    """``tiny_dit-taylor-N5-o2``: the interval and order only where the schedule and the
-    predictor have them (reuse has no order)."""
-    used = (("N", OmegaConf.select(cfg, "schedule.interval")), ("o", OmegaConf.select(cfg, "strategy.predictor.order")))
+    """``tiny_dit-taylor-N5-o2``, ``tiny_dit-fbcache-th0.08``: the interval, threshold, tolerance
+    and order only where the schedule and the predictor have them (reuse has no order)."""
+    used = (("N", OmegaConf.select(cfg, "schedule.interval")), ("th", OmegaConf.select(cfg, "schedule.threshold")),
+            ("tol", OmegaConf.select(cfg, "schedule.tolerance")), ("o", OmegaConf.select(cfg, "strategy.predictor.order")))
     return "-".join([cfg.model.name, strategy] + [f"{tag}{value}" for tag, value in used if value is not None])
