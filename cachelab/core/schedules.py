@@ -48,8 +48,9 @@ class Schedule(ABC):
     predictor's error estimate): the controller decides as soon as they are all there.
     ``kinds`` names the site kinds (``Site.kind``) a per-kind schedule decides for; its
     ``decide`` returns kind -> Decision. With ``decides_for = "site"`` the names in ``kinds``
-    and the decision's keys are site names (``Site.decision_name``) instead. A schedule with per-generation state clears it in
-    ``reset``, which the controller calls at the start of every generation.
+    and the decision's keys are site names (``Site.decision_name``) instead. A schedule with
+    per-generation state clears it in ``reset``, which the controller calls at the start of
+    every generation.
     """
 
     signals: tuple[str, ...] = ()

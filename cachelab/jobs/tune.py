@@ -67,6 +67,7 @@ class Setting:
     feature: float
 
     def label(self) -> str:
+        """``taylor o2 N=5`` or ``taylor o2 per-site N 2..8``."""
         values = sorted(set(self.intervals.values()))
         spread = f"N={values[0]}" if len(values) == 1 else f"per-site N {values[0]}..{values[-1]}"
         return f"{self.family} o{self.order} {spread}"
@@ -101,6 +102,7 @@ class CostModel:
         return self.site_flops[site] * self.forecasts(interval) / self.T / self.total
 
     def speedup(self, intervals: dict[str, int]) -> float:
+        """The predicted FLOPs speedup of ``intervals`` (site -> N; unnamed sites always compute)."""
         return 1 / (1 - sum(self.saving(site, n) for site, n in intervals.items()))
 
 
@@ -117,10 +119,12 @@ class ErrorModel:
         self.psnr_fit = np.polyfit(x, [p["psnr_db"] for p in points], 1)
 
     def predict(self, feature: float) -> dict:
+        """The predicted ``rel_l2`` and ``psnr_db`` at error feature ``feature``."""
         x = math.log10(feature)
         return {"rel_l2": float(10 ** np.polyval(self.rel_l2_fit, x)), "psnr_db": float(np.polyval(self.psnr_fit, x))}
 
     def as_dict(self) -> dict:
+        """The fits and their points, for tune.json."""
         return {"log10_rel_l2": {"intercept": self.rel_l2_fit[1], "slope": self.rel_l2_fit[0]},
                 "psnr_db": {"intercept": self.psnr_fit[1], "slope_per_decade": self.psnr_fit[0]},
                 "points": self.points}
@@ -155,8 +159,8 @@ class TuneJob:
         atlas = Atlas(self.atlas.candidates(), T)
         baseline = shadow_run(adapter, granularity, atlas, inputs, "tune: shadowed full run" if cfg.progress else None)
         base_images = adapter.decode(baseline)
-        cost = CostModel.measure(adapter, granularity, min(cfg.measure.flops_images or self.num_images, self.num_images),
-                                 cfg.seed, first_enhance)
+        counted = min(cfg.measure.flops_images or self.num_images, self.num_images)
+        cost = CostModel.measure(adapter, granularity, counted, cfg.seed, first_enhance)
         settings = self.settings(atlas, cost)
         log.info(f"tune: {len(settings)} candidates from {len(atlas.candidates)} shadowed ones at "
                  f"{len(atlas.sites)} sites")
@@ -176,9 +180,10 @@ class TuneJob:
                 if tries:
                     break
                 best = max(predicted, key=lambda p: slack(key, value, p))
-                raise ConfigError(f"job.target.{key}={value:g}: no candidate is predicted to meet it (closest: speedup "
-                                  f"{best['speedup']:.2f}x, PSNR {best['psnr_db']:.1f} dB, rel-L2 {best['rel_l2']:.3g});"
-                                  f" allowed: a looser job.target.{key}, or more job.orders / job.intervals")
+                raise ConfigError(f"job.target.{key}={value:g}: no candidate is predicted to meet it (closest: "
+                                  f"speedup {best['speedup']:.2f}x, PSNR {best['psnr_db']:.1f} dB, rel-L2 "
+                                  f"{best['rel_l2']:.3g}); allowed: a looser job.target.{key}, or more job.orders / "
+                                  f"job.intervals")
             index = ladder[0]
             setting = settings[index]
             vcfg = self.verification_config(cfg, setting, granularity)
@@ -305,6 +310,7 @@ class TuneJob:
 
 
 def folder(path: Path) -> Path:
+    """``path``, created if needed."""
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -318,14 +324,15 @@ def report(result: dict) -> str:
     for i, t in enumerate(result["tries"]):
         p, m = t["predicted"], t["measured"]
         lines.append(f"| {i + 1} | {t['setting']} | {p['speedup']:.2f}x | {m['speedup']:.2f}x | {p['psnr_db']:.1f} dB "
-                     f"| {m['psnr_db']:.1f} dB | {p['rel_l2']:.3g} | {m['rel_l2']:.3g} | {'yes' if t['met'] else 'no'} |")
+                     f"| {m['psnr_db']:.1f} dB | {p['rel_l2']:.3g} | {m['rel_l2']:.3g} | "
+                     f"{'yes' if t['met'] else 'no'} |")
     fit = result["error_model"]
     lines += ["", f"{result['num_candidates']} candidates. Error model (least squares over the calibration runs): "
               f"PSNR = {fit['psnr_db']['intercept']:.2f} + {fit['psnr_db']['slope_per_decade']:.2f} log10 E, "
               f"log10 rel-L2 = {fit['log10_rel_l2']['intercept']:.3f} + {fit['log10_rel_l2']['slope']:.3f} log10 E", "",
               "| calibration run | E | FLOPs (predicted) | rel-L2 | PSNR |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {p['setting']} | {p['feature']:.3g} | {p['speedup']:.2f}x | {p['rel_l2']:.3g} | {p['psnr_db']:.1f} dB |"
-              for p in fit["points"]]
+    lines += [f"| {p['setting']} | {p['feature']:.3g} | {p['speedup']:.2f}x | {p['rel_l2']:.3g} "
+              f"| {p['psnr_db']:.1f} dB |" for p in fit["points"]]
     if result.get("run_with"):
         lines += ["", f"Chosen: {result['chosen']}; run it: `{result['run_with']}`"]
     return "\n".join(lines) + "\n"
