@@ -129,7 +129,8 @@ class CacheHandle(Generations):
     own block always computes. The probes are not cache sites: a site on a probe's callable
     is dropped. ``error_estimate`` is computed at ``step`` from the caches (mean over sites of
     ``predictor.error_estimate``; None before any history). A per-kind decision (PAB) maps
-    each site by ``site.kind``; kinds it does not name compute.
+    each site by ``site.kind`` (a per-site one, ``schedule.decides_for == "site"``, by
+    ``site.decision_name``); kinds or sites it does not name compute.
 
     ``group`` (context parallelism: each rank of a process group holds a shard of the same
     activations): the caches hold each rank's shards, every signal is reduced over the group
@@ -165,10 +166,13 @@ class CacheHandle(Generations):
         probed = {(id(probe.owner), probe.method) for probe in self.probes.values()}
         sites = [without_probes(site, self.probes.values()) if site.members else site for site in sites]
         self.sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
-        kinds = {site.kind for site in self.sites}
+        self._decision_keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind
+                               for site in self.sites}
+        kinds = set(self._decision_keys.values())
         unknown = [kind for kind in schedule.kinds if kind not in kinds]
         if unknown:
-            raise ConfigError(f"the schedule {type(schedule).__name__} names site kind(s) {', '.join(unknown)} that no "
+            what = "site(s)" if schedule.decides_for == "site" else "site kind(s)"
+            raise ConfigError(f"the schedule {type(schedule).__name__} names {what} {', '.join(unknown)} that no "
                               f"cache site has; allowed at this granularity: {', '.join(sorted(kinds))}")
         self.predictor = predictor
         self.schedule = schedule
@@ -411,7 +415,7 @@ class CacheHandle(Generations):
         """Whether ``site`` returns a forecast at this step (never before the decision)."""
         decision = self._decision
         if decision is not None and not isinstance(decision, Decision):
-            decision = decision.get(site.kind, Decision.FULL)
+            decision = decision.get(self._decision_keys[site.name], Decision.FULL)
         return decision is Decision.FORECAST
 
     def _error_estimate(self, s: int) -> float | None:

@@ -47,12 +47,15 @@ class Schedule(ABC):
     ``signals`` names what ``decide`` reads from ``ctx.signals`` (a probe's value, the
     predictor's error estimate): the controller decides as soon as they are all there.
     ``kinds`` names the site kinds (``Site.kind``) a per-kind schedule decides for; its
-    ``decide`` returns kind -> Decision. A schedule with per-generation state clears it in
-    ``reset``, which the controller calls at the start of every generation.
+    ``decide`` returns kind -> Decision. With ``decides_for = "site"`` the names in ``kinds``
+    and the decision's keys are site names (``Site.decision_name``) instead. A schedule with
+    per-generation state clears it in ``reset``, which the controller calls at the start of
+    every generation.
     """
 
     signals: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
+    decides_for: str = "kind"  # what the keys of a per-kind decision name: "kind" or "site"
 
     @abstractmethod
     def decide(self, ctx: StepContext) -> StepDecision:
@@ -165,3 +168,29 @@ class PerKindInterval(Schedule):
         inside = self.window is None or self.window[0] < ctx.t < self.window[1]
         return {kind: Decision.FORECAST if inside and ctx.s % n else Decision.FULL
                 for kind, n in self.intervals.items()}
+
+
+class PerSiteInterval(Schedule):
+    """One interval per cache site: site ``name`` follows ``Interval(intervals[name],
+    first_enhance, final_full)``, so deeper or steadier sites can refresh less often (what
+    ``job=tune`` writes); sites not named compute on every step."""
+
+    decides_for = "site"
+
+    def __init__(self, intervals: Mapping[str, int], first_enhance: int = 1, final_full: int = 0):
+        if not intervals:
+            raise ValueError("intervals must name at least one cache site, e.g. {blocks.0.attn: 3}")
+        bad = {k: n for k, n in intervals.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"intervals must be integers >= 1, got {bad}")
+        self.intervals = dict(intervals)
+        self.schedules = {name: Interval(n, first_enhance, final_full) for name, n in self.intervals.items()}
+        self.kinds = tuple(self.intervals)
+
+    def site_masks(self, T: int) -> dict[str, list[bool]]:
+        """Site name -> ``mask[s]``, True at that site's full steps."""
+        return {name: schedule.mask(T) for name, schedule in self.schedules.items()}
+
+    def decide(self, ctx: StepContext) -> dict[str, Decision]:
+        return {name: Decision.FULL if schedule.mask(ctx.T)[ctx.s] else Decision.FORECAST
+                for name, schedule in self.schedules.items()}

@@ -95,6 +95,14 @@ class Site:
             return self.skip
         return next((part for part in reversed(self.name.split(".")) if not part.isdigit()), self.name)
 
+    @property
+    def decision_name(self) -> str:
+        """The site name a per-site schedule decides by: its own; a skip site's is its consumer's
+        (``single_blocks.0.attn`` with ``skip="proj_out"`` -> ``single_blocks.0.proj_out``)."""
+        if self.skip:
+            return f"{self.name.rpartition('.')[0]}.{self.skip}".lstrip(".")
+        return self.name
+
     def residual_bases(self, signature: inspect.Signature, args: tuple, kwargs: dict,
                        num_outputs: int) -> list[torch.Tensor | None]:
         """The input subtracted from each output (None: the output is cached as it is)."""

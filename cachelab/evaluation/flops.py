@@ -1,9 +1,11 @@
 """FLOP counting with ``torch.utils.flop_counter`` (no hand-written model formulas)."""
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Callable, TypeVar
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 T = TypeVar("T")
@@ -23,3 +25,42 @@ def count_flops(fn: Callable[[], T]) -> tuple[T, int]:
     with FlopCounterMode(display=False) as counter:
         result = fn()
     return result, counter.get_total_flops()
+
+
+def count_flops_per_call(fn: Callable[[], T], callables: dict[str, tuple[nn.Module, str]]
+                         ) -> tuple[T, int, dict[str, int]]:
+    """Run ``fn()`` under one FLOP counter; returns its result, the total FLOPs and, per name of
+    ``callables`` (name -> ``(owner, method)``), the FLOPs counted while ``getattr(owner, method)``
+    ran, summed over its calls (the method is wrapped for the run and restored after it)."""
+    counts = dict.fromkeys(callables, 0)
+    with FlopCounterMode(display=False) as counter, ExitStack() as restore:
+        for name, (owner, method) in callables.items():
+            restore.enter_context(_counting(owner, method, name, counter, counts))
+        result = fn()
+    return result, counter.get_total_flops(), counts
+
+
+class _counting:
+    """Wraps ``owner.<method>`` to add the FLOPs of each call to ``counts[name]``; undone on exit."""
+
+    def __init__(self, owner: nn.Module, method: str, name: str, counter: FlopCounterMode, counts: dict):
+        self.owner, self.method, self.had = owner, method, method in vars(owner)
+        self.own = vars(owner).get(method)
+        compute = getattr(owner, method)
+
+        def counted(*args, **kwargs):
+            before = counter.get_total_flops()
+            out = compute(*args, **kwargs)
+            counts[name] += counter.get_total_flops() - before
+            return out
+
+        self.counted = counted
+
+    def __enter__(self):
+        setattr(self.owner, self.method, self.counted)
+
+    def __exit__(self, *exc):
+        if self.had:
+            setattr(self.owner, self.method, self.own)
+        else:
+            delattr(self.owner, self.method)

@@ -38,18 +38,12 @@ class AtlasJob:
     def run(self, cfg, adapter, strategy, sink, out_dir: Path) -> dict:
         T = adapter.num_steps
         inputs = adapter.make_inputs(self.num_images, cfg.seed)
-        sites = select_sites(adapter.model, adapter.site_patterns(strategy.granularity))
         candidates = self.candidates()
         checked = strategy.predictor is not None and isinstance(strategy.schedule, StaticSchedule)
         if checked:
             candidates.append(Candidate("configured", strategy.predictor, strategy.schedule))
         atlas = Atlas(candidates, T, self.derivative_orders)
-        shadow = attach(sites, Reuse(), Always())
-        shadow.observe(atlas)
-        try:
-            adapter.generate(inputs, shadow, progress="atlas: full run" if cfg.progress else None)
-        finally:
-            shadow.remove()
+        shadow_run(adapter, strategy.granularity, atlas, inputs, "atlas: full run" if cfg.progress else None)
         metrics = {"model": cfg.model.name, "granularity": strategy.granularity, "num_steps": T,
                    "num_images": self.num_images, "sites": atlas.sites,
                    "mean_forecast_error": {c.name: nanmean(atlas.error_map(c.name)) for c in candidates}}
@@ -194,6 +188,17 @@ class AtlasJob:
             lines.append("")
         lines += [f"![{name}]({name})" for name in figures]
         return "\n".join(lines) + "\n"
+
+
+def shadow_run(adapter, granularity: str, atlas: Atlas, inputs, progress: str | None = None):
+    """One full-compute generation of ``inputs`` with ``atlas`` shadowing every candidate at the
+    sites of ``granularity``; returns the generation's latents (the full-compute result)."""
+    shadow = attach(select_sites(adapter.model, adapter.site_patterns(granularity)), Reuse(), Always())
+    shadow.observe(atlas)
+    try:
+        return adapter.generate(inputs, shadow, progress=progress)
+    finally:
+        shadow.remove()
 
 
 def site_depth(site: str) -> int | None:

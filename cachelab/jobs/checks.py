@@ -19,7 +19,8 @@ from strategies.taylor import MAX_ORDER
 # (cachelab/jobs/schema.py), their range is checked here; job.* where the job has the key
 INTEGER_RANGES = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
                   "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
-                  "job.num_images": (1, None), "job.grid_rows": (0, None)}
+                  "job.num_images": (1, None), "job.grid_rows": (0, None),
+                  "job.calibration_runs": (2, None), "job.max_tries": (1, None)}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -43,6 +44,36 @@ def check_config(cfg: DictConfig) -> None:
     check_model_fit(cfg)
     check_forecasts(cfg)
     check_compile(cfg)
+    if "target" in cfg.job:  # job=tune
+        check_target(cfg.job.target)
+        if cfg.job.group not in TUNE_GROUPS:
+            raise ConfigError(f"job.group={cfg.job.group!r} is not allowed; allowed: {', '.join(TUNE_GROUPS)}")
+        if cfg.strategy.granularity not in TUNE_GRANULARITIES:
+            raise ConfigError(f"job=tune sets one interval per site: strategy.granularity={cfg.strategy.granularity!r} "
+                              f"is not allowed; allowed: {', '.join(TUNE_GRANULARITIES)}")
+
+
+TUNE_GROUPS = ("site", "block")  # job.group: one interval per site, or per block (its sites share one)
+TUNE_GRANULARITIES = ("module", "block", "output")  # a stack site spans blocks: no per-site FLOPs
+# job=tune's quality or speed budget: key -> (is the value allowed, what is allowed)
+TARGETS = {"psnr": (lambda v: v > 0, "numbers > 0 (dB, PSNR of the cached images against the full-compute ones)"),
+           "rel_l2": (lambda v: 0 < v < 1, "numbers between 0 and 1 (relative L2 against the full-compute result)"),
+           "speedup": (lambda v: v > 1, "numbers > 1 (FLOPs speedup)")}
+
+
+def check_target(target) -> tuple[str, float]:
+    """``job.target``: exactly one of psnr, rel_l2, speedup, in its range; returns (key, value)."""
+    given = {key: target.get(key) for key in TARGETS if target.get(key) is not None}
+    keys = ", ".join(f"job.target.{key}" for key in TARGETS)
+    if len(given) != 1:
+        got = "none" if not given else " and ".join(f"job.target.{k}={v:g}" for k, v in given.items())
+        raise ConfigError(f"job.target: give exactly one of {keys} (python -m cachelab.tune target.psnr=35), "
+                          f"got {got}; allowed: one of {keys}")
+    (key, value), = given.items()
+    allowed, what = TARGETS[key]
+    if not allowed(value):
+        raise ConfigError(f"job.target.{key}={value:g} is out of range; allowed: {what}")
+    return key, float(value)
 
 
 def check_compile(cfg: DictConfig) -> None:

@@ -114,6 +114,31 @@ class AtlasJobSchema(Target):
 
 
 @dataclass
+class TuneTargetSchema:
+    """``job.target.*`` of ``job=tune``: exactly one is given (checked in ``checks.py``)."""
+
+    psnr: Optional[float] = None
+    rel_l2: Optional[float] = None
+    speedup: Optional[float] = None
+
+
+@dataclass
+class TuneJobSchema(Target):
+    """``job=tune``: the fastest per-site interval configuration predicted to meet ``target``."""
+
+    target: TuneTargetSchema = field(default_factory=TuneTargetSchema)
+    predictors: Dict[str, Any] = MISSING
+    orders: List[int] = MISSING
+    intervals: List[int] = MISSING
+    first_enhance: int = MISSING
+    group: str = MISSING
+    num_images: int = MISSING
+    calibration_runs: int = MISSING
+    max_tries: int = MISSING
+    grid_rows: int = MISSING
+
+
+@dataclass
 class CalibrateJobSchema(Target):
     """``job=calibrate``: one full-compute run into ``calibration.json``."""
 
@@ -153,6 +178,15 @@ class PerKindIntervalSchema(Target):
 
     intervals: Dict[str, int] = MISSING
     window: Optional[List[float]] = MISSING
+
+
+@dataclass
+class PerSiteIntervalSchema(Target):
+    """``schedule=per_site``: one interval per cache site (what ``job=tune`` writes)."""
+
+    intervals: Dict[str, int] = MISSING
+    first_enhance: int = MISSING
+    final_full: int = MISSING
 
 
 @dataclass
@@ -219,10 +253,11 @@ class CompileSchema:
 SCHEMAS = {  # ConfigStore group -> name -> schema; conf/ files name theirs in their defaults list
     "schema": {"config": ConfigSchema},
     "schema/job": {"compare": CompareJobSchema, "sample": SampleJobSchema, "trajectory": TrajectoryJobSchema,
-                   "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema},
+                   "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema, "tune": TuneJobSchema},
     "schema/strategy": {"strategy": StrategySchema},
     "schema/schedule": {"always": Target, "interval": IntervalSchema, "mask": MaskSchema,
-                        "pab": PerKindIntervalSchema, "teacache": TeaCacheSchema, "fbcache": FirstBlockCacheSchema,
+                        "pab": PerKindIntervalSchema, "per_site": PerSiteIntervalSchema, "teacache": TeaCacheSchema,
+                        "fbcache": FirstBlockCacheSchema,
                         "error_controlled": ErrorControlledSchema, "magcache": MagCacheSchema},
     "schema/logger": {"none": Target, "wandb": WandbSchema},
     "schema/compile": {"compile": CompileSchema},
