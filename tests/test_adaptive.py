@@ -192,7 +192,7 @@ class Spy:
 
     def __init__(self, schedule):
         self.schedule, self.seen = schedule, []
-        self.signals, self.kinds = schedule.signals, schedule.kinds
+        self.signals, self.kinds, self.decides_for = schedule.signals, schedule.kinds, schedule.decides_for
 
     def decide(self, ctx):
         self.seen.append(ctx)
