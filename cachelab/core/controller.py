@@ -399,12 +399,13 @@ class CacheHandle(Generations):
 
     def _tokens_full(self, site: Site, cache: SiteCache, args: tuple, kwargs: dict) -> None:
         """A full step under token selection: every token of the site is fresh (age 0), the policy
-        sees its input, and a site that gives attention scores gives them if the policy needs them."""
+        sees its input (and its own data of the last full step), and a site that gives attention scores gives them if the policy needs them."""
         x = first_tensor(args, kwargs)
         if site.attention and "attention" in self.tokens.needs:
             self._attention[self._context, id(site.owner)] = getattr(site.owner, site.attention)(*args, **kwargs)
-        if site.name in self._token_sites:
-            cache.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device))
+        if site.name in self._token_sites:  # a policy's own data (ClusCa's centroids) carries over
+            previous = None if cache.tokens is None else cache.tokens.extra
+            cache.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device), extra=previous)
             self.tokens.full(cache.tokens, x)
 
     def _refresh_tokens(self, site: Site, cache: SiteCache, forecast: Parts, compute: Callable,

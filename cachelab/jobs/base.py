@@ -66,6 +66,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "model_weights": adapter.description,
         "strategy": strategy.name,
         "granularity": strategy.granularity,
+        "tokens": None if strategy.tokens is None else type(strategy.tokens).__name__,  # token selection policy
         "order": cfg.order,
         "interval": cfg.interval,
         "first_enhance": cfg.first_enhance,
