@@ -130,7 +130,7 @@ def test_spatial_bonus_on_a_4x4_map():
     for i in (5, 7, 13, 15):
         expected[0, i] = 1.5 * i
     torch.testing.assert_close(spatial_bonus(score, 0.5, 2), expected)
-    with pytest.raises(ValueError, match="square token map"):
+    with pytest.raises(ConfigError, match="square token map"):
         spatial_bonus(torch.zeros(1, 12), 0.5, 2)
 
 
@@ -283,3 +283,45 @@ def test_presets_run_on_the_embedded_dit(adapter):
         out = adapter.generate(inputs, handle)
         handle.remove()
         assert torch.isfinite(out).all() and 0 < (out - plain).norm() / plain.norm() < 0.2, name
+
+
+# -- diffusers pipelines -----------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["tiny_pixart", "tiny_flux"])
+def pipeline(request, tmp_path_factory):
+    from tests.test_pipelines import tiny
+
+    return tiny(request.param, tmp_path_factory.mktemp(request.param) / "pipe")
+
+
+class All(Fixed):
+    """Selects every token (in order) at the site kinds it names."""
+
+    def select(self, view):
+        return torch.arange(view.tokens.shape[1]).expand(view.tokens.shape[0], -1)
+
+
+def test_pipelines_partial_steps_are_exact(pipeline):
+    """PixArt: cross-attention (attn2) and feed-forward recompute tokens, self-attention (attn1) is
+    forecast whole; FLUX: the double blocks' feed-forwards, the joint attention and the single
+    blocks forecast whole. All tokens selected = those kinds computing at every step."""
+    from cachelab.core.schedules import PerKindInterval
+
+    partial, whole = (("attn2", "ff"), ("attn1",)) if "attn1" in kinds_of(pipeline) else (("ff", "ff_context"),
+                                                                                        ("attn", "proj_out"))
+    inputs = pipeline.make_inputs(2, seed=3)
+    reference = generate(pipeline, inputs, Reuse(), None, PerKindInterval({kind: 3 for kind in whole}))
+    every = PerKindInterval({kind: 3 for kind in whole + partial})
+    assert torch.equal(generate(pipeline, inputs, Reuse(), All([], partial), every), reference)
+    assert torch.equal(generate(pipeline, inputs, Reuse(), Fixed([], partial)), generate(pipeline, inputs, Reuse(), None))
+    toca = ToCa(score="norm", attention_kinds=("attn", "attn1", "proj_out"), bonus_ratio=0.0)
+    assert torch.isfinite(generate(pipeline, inputs, Reuse(), toca)).all()
+    with pytest.raises(ConfigError, match="cannot compute a subset of their tokens exactly"):
+        generate(pipeline, inputs, Reuse(), RandomTokens())
+    with pytest.raises(ConfigError, match="attention maps"):
+        generate(pipeline, inputs, Reuse(), ToCa(attention_kinds=("attn", "attn1", "proj_out")))
+
+
+def kinds_of(adapter) -> set[str]:
+    handle = Strategy("t", Reuse(), Interval(3), "module").attach(adapter)
+    handle.remove()
+    return {site.kind for site in handle.sites}

@@ -632,12 +632,14 @@ def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, Site
         return {}
     chosen = [site for site in sites if tokens.computes(site.kind)]
     policy = type(tokens).__name__
-    unable = [site.name for site in chosen if not site.tokens or site.residual or site.members or site.skip]
+    unable = [site for site in chosen if not site.tokens or site.residual or site.members or site.skip]
     if unable:
-        raise ConfigError(f"strategy.tokens ({policy}) recomputes tokens at site(s) {', '.join(unable[:3])}"
-                          f"{' ...' if len(unable) > 3 else ''}, which cannot compute a subset of their tokens exactly "
-                          f"(only module sites that declare it can); allowed: strategy.tokens=null, or "
-                          f"strategy.granularity=module on a model whose module sites can (tiny_dit, dit_*)")
+        kinds = sorted({site.kind for site in unable})
+        raise ConfigError(f"strategy.tokens ({policy}) recomputes tokens at site(s) "
+                          f"{', '.join(site.name for site in unable[:3])}{' ...' if len(unable) > 3 else ''}, which "
+                          f"cannot compute a subset of their tokens exactly; allowed: strategy.tokens=null, module "
+                          f"granularity, or a policy that only forecasts site kind(s) {', '.join(kinds)} (ToCa, DuCa, "
+                          f"ClusCa: strategy.tokens.attention_kinds=[attn,attn1,{','.join(kinds)}])")
     attention = {id(site.owner) for site in sites if site.attention}
     blind = [site.name for site in chosen if "attention" in tokens.needs and id(site.owner) not in attention]
     if blind:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cachelab.errors import ConfigError
+
 
 def random_scores(shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Uniform scores (B, N), drawn on the CPU from ``generator`` (the same on every device)."""
@@ -31,8 +33,8 @@ def spatial_bonus(score: torch.Tensor, bonus_ratio: float, grid: int) -> torch.T
     B, N = score.shape
     side = round(N ** 0.5)
     if side * side != N or side % grid:
-        raise ValueError(f"the spatial bonus needs a square token map whose side divides by grid={grid}; "
-                         f"got {N} tokens (allowed: strategy.tokens.bonus_ratio=0 for this model)")
+        raise ConfigError(f"strategy.tokens.bonus_ratio={bonus_ratio}: the spatial bonus needs a square token map "
+                          f"whose side divides by grid={grid}, got {N} tokens; allowed: strategy.tokens.bonus_ratio=0")
     cells = side // grid
     patches = score.reshape(B, cells, grid, cells, grid).permute(0, 1, 3, 2, 4).reshape(B, cells * cells, grid * grid)
     best, where = patches.max(dim=-1, keepdim=True)
