@@ -325,3 +325,13 @@ def kinds_of(adapter) -> set[str]:
     handle = Strategy("t", Reuse(), Interval(3), "module").attach(adapter)
     handle.remove()
     return {site.kind for site in handle.sites}
+
+
+def test_cache_bytes_count_the_token_state(adapter):
+    handle = Strategy("t", Reuse(), Interval(3, 2), "module", tokens=ToCa(score="attention")).attach(adapter)
+    adapter.generate(adapter.make_inputs(2, seed=6), handle)
+    stats = handle.stats()
+    handle.remove()
+    # 2 blocks x (attn, mlp) x D_0 (batch 2 x CFG 2, 16 tokens, width 32) fp32, int32 ages of the 2 MLP
+    # sites (ToCa forecasts self-attention whole), the 2 blocks' attention received (4 x 16 fp32)
+    assert stats.cache_bytes == 2 * 2 * (4 * 16 * 32) * 4 + 2 * (4 * 16) * 4 + 2 * (4 * 16) * 4

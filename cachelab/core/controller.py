@@ -45,7 +45,8 @@ class SiteCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(state.nbytes for state in self.states if state is not None)
+        tokens = 0 if self.tokens is None else self.tokens.nbytes
+        return tokens + sum(state.nbytes for state in self.states if state is not None)
 
 
 class SiteObserver(Protocol):
@@ -64,8 +65,8 @@ class SiteObserver(Protocol):
 class CacheStats:
     """What one generation did: full and forecast steps, fallbacks (a site without history
     computing on a forecast step), guard fallbacks (a site whose forecast held NaN or Inf
-    computing instead), bytes held by caches (the sites' predictor states and the schedule's
-    reference signals), and the order the predictor states reached (``{"min", "max"}`` over
+    computing instead), bytes held by caches (the sites' predictor states, token selection's
+    ages, clusters and attention scores, and the schedule's reference signals), and the order the predictor states reached (``{"min", "max"}`` over
     sites and contexts; None for a predictor without orders)."""
 
     full_steps: list[int] = field(default_factory=list)
@@ -211,7 +212,7 @@ class CacheHandle(Generations):
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
         self.stats()
-        self._caches, self._signals = {}, {}
+        self._caches, self._signals, self._attention = {}, {}, {}
         self._s = self._t = self._decision = self._T = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
@@ -273,7 +274,8 @@ class CacheHandle(Generations):
         if self._caches:
             self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
                                          for context, caches in self._caches.items()}
-            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values())
+            attention = sum(score.numel() * score.element_size() for score in self._attention.values())
+            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + attention
             orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
                       for state in cache.states if state is not None]
             orders = [order for order in orders if order is not None]

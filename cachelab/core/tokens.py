@@ -31,6 +31,12 @@ class TokenState:
     forecasts: int = 0
     extra: Any = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the ages and of the tensors in ``extra`` (a tensor or a tuple of them)."""
+        extra = self.extra if isinstance(self.extra, (tuple, list)) else (self.extra,)
+        return sum(x.numel() * x.element_size() for x in (self.age, *extra) if isinstance(x, torch.Tensor))
+
 
 @dataclass(frozen=True)
 class TokenView:

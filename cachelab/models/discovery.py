@@ -173,8 +173,8 @@ def token_mode(module: nn.Module) -> str | None:
 
     if isinstance(module, FeedForward):
         return TOKENWISE
-    if (isinstance(module, Attention) and module.is_cross_attention and module.group_norm is None
-            and module.spatial_norm is None):
+    if (isinstance(module, Attention) and getattr(module, "is_cross_attention", False)  # subclasses may lack them
+            and getattr(module, "group_norm", None) is None and getattr(module, "spatial_norm", None) is None):
         return TOKENWISE
     return None
 
