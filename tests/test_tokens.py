@@ -23,7 +23,7 @@ from strategies.taylor import TaylorSeer
 from strategies.tokens.clusca import ClusCa, kmeans
 from strategies.tokens.duca import DuCa
 from strategies.tokens.random_tokens import RandomTokens
-from strategies.tokens.scores import age_score, attention_score, norm_score, spatial_bonus, top_tokens
+from strategies.tokens.scores import age_score, norm_score, normalised, spatial_bonus, top_tokens
 from strategies.tokens.toca import ToCa
 from tests.conftest import tiny_adapter
 
@@ -120,7 +120,7 @@ def test_the_view_names_kind_depth_and_age(adapter):
 def test_norm_attention_and_age_scores():
     tokens = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
     torch.testing.assert_close(norm_score(tokens), torch.tensor([[5 / math.sqrt(26), 1 / math.sqrt(26)]]))
-    torch.testing.assert_close(attention_score(torch.tensor([[1.0, 2.0, 2.0]])), torch.tensor([[1 / 3, 2 / 3, 2 / 3]]))
+    torch.testing.assert_close(normalised(torch.tensor([[1.0, 2.0, 2.0]])), torch.tensor([[1 / 3, 2 / 3, 2 / 3]]))
     torch.testing.assert_close(age_score(torch.tensor([[0, 2, 4]], dtype=torch.int32), 4), torch.tensor([[0.0, 0.5, 1.0]]))
 
 
@@ -138,10 +138,10 @@ def test_top_tokens():
     assert top_tokens(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), 2).sort().values.tolist() == [[1, 3]]
 
 
-def view(s=0, T=50, kind="mlp", depth=0, depths=28, tokens=None, age=None, attention=None, forecasts=1):
+def view(s=0, T=50, kind="mlp", depth=0, depths=28, tokens=None, age=None, scores=None, forecasts=1):
     tokens = torch.zeros(1, 16, 4) if tokens is None else tokens
     age = torch.zeros(tokens.shape[:2], dtype=torch.int32) if age is None else age
-    return TokenView(s, T, kind, depth, depths, tokens, TokenState(age, forecasts), attention)
+    return TokenView(s, T, kind, depth, depths, tokens, TokenState(age, forecasts), scores or {})
 
 
 def test_toca_ratio_schedule_closed_form():
@@ -159,9 +159,12 @@ def test_toca_selects_by_score_age_and_bonus():
     received = torch.tensor([[4.0, 3.0, 2.0, 1.0] + [0.0] * 12])
     age = torch.tensor([[0, 0, 0, 0] + [0] * 11 + [20]], dtype=torch.int32)  # token 15 unseen for 20 steps
     # scores: 4/sqrt(30), 3/sqrt(30), ... (0.73, 0.55, 0.37, 0.18) and 0.25 * 20 / 4 = 1.25 for token 15
-    chosen = toca.select(view(attention=received, age=age))
+    chosen = toca.select(view(scores={"attention": received}, age=age))
     assert chosen.sort().values.tolist() == [[0, 1, 2, 15]]
     assert toca.needs == ("attention",) and ToCa(score="norm").needs == ()
+    value_norm = ToCa(fresh_ratio=0.25, ratio_schedule="constant", score="value_norm", bonus_ratio=0.0)
+    assert value_norm.needs == ("value_norm",)
+    assert value_norm.select(view(scores={"value_norm": received}, age=age)).sort().values.tolist() == [[0, 1, 2, 15]]
 
 
 def test_the_dit_attention_received_matches_an_explicit_map():
@@ -174,6 +177,21 @@ def test_the_dit_attention_received_matches_an_explicit_map():
     with torch.no_grad():
         torch.testing.assert_close(block.attention_received(x, shift, scale).double(), weights.mean(1).sum(1),
                                    rtol=1e-5, atol=1e-6)  # float32 against a float64 reference
+
+
+def test_the_dit_value_norms_match_the_value_projection():
+    block = tiny_adapter().model.blocks[0]
+    x, shift, scale = torch.randn(2, 16, 32), torch.randn(2, 32), torch.randn(2, 32)
+    h = modulate(block.norm1(x), shift, scale).double()
+    v = h @ block.attn.qkv.weight[64:].double().T + block.attn.qkv.bias[64:].double()
+    with torch.no_grad():
+        torch.testing.assert_close(block.value_norms(x, shift, scale).double(), v.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_value_norm_selection_runs_on_the_dit(adapter):
+    inputs = adapter.make_inputs(2, seed=7)
+    out = generate(adapter, inputs, Reuse(), DuCa(score="value_norm", fresh_ratio=0.2))
+    assert not torch.equal(out, generate(adapter, inputs, Reuse(), DuCa(fresh_ratio=0.2)))
 
 
 def test_duca_alternates_conservative_and_aggressive_steps():
@@ -243,7 +261,7 @@ def test_bad_tokens_values_are_one_line(value, message):
 
 @pytest.mark.parametrize("keys, message", [
     (dict(fresh_ratio=2.0), "strategy.tokens: fresh_ratio must be a number in [0, 1], got 2.0"),
-    (dict(score="cosine"), "strategy.tokens: score must be one of attention, norm, random, got 'cosine'"),
+    (dict(score="cosine"), "strategy.tokens: score must be one of attention, value_norm, norm, random, got 'cosine'"),
     (dict(tokens="fast"), "strategy.tokens='fast' is not allowed"),
 ])
 def test_bad_policy_keys_are_one_line(keys, message):
@@ -257,7 +275,7 @@ def test_sites_that_cannot_compute_a_subset_are_refused(adapter):
         preset("toca", granularity="block").attach(adapter)
     assert "\n" not in str(err.value) and "blocks.0" in str(err.value)
     mlp_only = [SitePattern(r"blocks\.\d+", "mlp_branch", label="mlp", tokens=TOKENWISE)]
-    with pytest.raises(ConfigError, match="attention maps, which the attention of blocks.0.mlp"):
+    with pytest.raises(ConfigError, match="scores tokens by attention, which the module of blocks.0.mlp"):
         attach(select_sites(adapter.model, mlp_only), Reuse(), Interval(3), tokens=ToCa())
     attach(select_sites(adapter.model, mlp_only), Reuse(), Interval(3), tokens=ToCa(score="norm")).remove()
 
@@ -269,6 +287,7 @@ def test_presets(name, predictor, schedule, policy):
     strategy = preset(name)
     assert (type(strategy.predictor), type(strategy.schedule), type(strategy.tokens)) == (predictor, schedule, policy)
     assert preset("taylor", tokens="random").tokens.fresh_ratio == 0.07
+    assert preset("toca", score="norm", fresh_ratio=0.1).tokens.score == "norm"  # keys as cachelab.apply takes them
     if policy is ToCa:
         toca = strategy.tokens
         assert (toca.fresh_ratio, toca.score, toca.soft_fresh_weight, toca.bonus_ratio, toca.grid) == (
@@ -317,7 +336,7 @@ def test_pipelines_partial_steps_are_exact(pipeline):
     assert torch.isfinite(generate(pipeline, inputs, Reuse(), toca)).all()
     with pytest.raises(ConfigError, match="cannot compute a subset of their tokens exactly"):
         generate(pipeline, inputs, Reuse(), RandomTokens())
-    with pytest.raises(ConfigError, match="attention maps"):
+    with pytest.raises(ConfigError, match="scores tokens by attention"):
         generate(pipeline, inputs, Reuse(), ToCa(attention_kinds=("attn", "attn1", "proj_out")))
 
 

@@ -66,8 +66,9 @@ class CacheStats:
     """What one generation did: full and forecast steps, fallbacks (a site without history
     computing on a forecast step), guard fallbacks (a site whose forecast held NaN or Inf
     computing instead), bytes held by caches (the sites' predictor states, token selection's
-    ages, clusters and attention scores, and the schedule's reference signals), and the order the predictor states reached (``{"min", "max"}`` over
-    sites and contexts; None for a predictor without orders)."""
+    ages, clusters and scores, and the schedule's reference signals), and the order the
+    predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
+    without orders)."""
 
     full_steps: list[int] = field(default_factory=list)
     forecast_steps: list[int] = field(default_factory=list)
@@ -184,7 +185,7 @@ class CacheHandle(Generations):
         self.schedule = schedule
         self.tokens = tokens
         self._token_sites = token_sites(self.sites, tokens)
-        self._attention: dict[tuple[str, int], torch.Tensor] = {}  # (context, owner) -> attention received
+        self._scores: dict[tuple[str, int, str], torch.Tensor] = {}  # (context, owner, score) -> (B, N)
         self._originals: list[tuple[Site, object]] = []
         self._installed: list[tuple[Site, Callable, Callable]] = []  # site, its computation, its wrapper maker
         self._copy_values = False
@@ -212,7 +213,7 @@ class CacheHandle(Generations):
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
         self.stats()
-        self._caches, self._signals, self._attention = {}, {}, {}
+        self._caches, self._signals, self._scores = {}, {}, {}
         self._s = self._t = self._decision = self._T = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
@@ -265,7 +266,7 @@ class CacheHandle(Generations):
         self._signals: dict = {}
         self._guard_warned = False
         self.schedule.reset()
-        self._attention = {}
+        self._scores = {}
         if self.tokens is not None:
             self.tokens.reset()
 
@@ -274,8 +275,8 @@ class CacheHandle(Generations):
         if self._caches:
             self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
                                          for context, caches in self._caches.items()}
-            attention = sum(score.numel() * score.element_size() for score in self._attention.values())
-            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + attention
+            scores = sum(score.numel() * score.element_size() for score in self._scores.values())
+            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + scores
             orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
                       for state in cache.states if state is not None]
             orders = [order for order in orders if order is not None]
@@ -401,10 +402,12 @@ class CacheHandle(Generations):
 
     def _tokens_full(self, site: Site, cache: SiteCache, args: tuple, kwargs: dict) -> None:
         """A full step under token selection: every token of the site is fresh (age 0), the policy
-        sees its input (and its own data of the last full step), and a site that gives attention scores gives them if the policy needs them."""
+        sees its input (and its own data of the last full step), and a site that gives scores
+        the policy needs gives them (kept per context and owner module until its next full step)."""
         x = first_tensor(args, kwargs)
-        if site.attention and "attention" in self.tokens.needs:
-            self._attention[self._context, id(site.owner)] = getattr(site.owner, site.attention)(*args, **kwargs)
+        for score, method in site.scores:
+            if score in self.tokens.needs:
+                self._scores[self._context, id(site.owner), score] = getattr(site.owner, method)(*args, **kwargs)
         if site.name in self._token_sites:  # a policy's own data (ClusCa's centroids) carries over
             previous = None if cache.tokens is None else cache.tokens.extra
             cache.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device), extra=previous)
@@ -416,8 +419,8 @@ class CacheHandle(Generations):
         those tokens handed to the predictor (``refresh``); the others' cache ages grow by one."""
         spec, state, x = self._token_sites[site.name], cache.tokens, first_tensor(args, kwargs)
         state.forecasts += 1
-        view = TokenView(self._s, self._T, site.kind, spec.depth, spec.depths, x, state,
-                         self._attention.get((self._context, id(site.owner))))
+        scores = {score: self._scores[self._context, id(site.owner), score] for score in self.tokens.needs}
+        view = TokenView(self._s, self._T, site.kind, spec.depth, spec.depths, x, state, scores)
         index = self.tokens.select(view)
         if index is None:
             return forecast
@@ -629,7 +632,7 @@ def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) ->
 def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, SiteTokens]:
     """The sites where ``tokens`` selects (those of a kind it ``computes``), with their depth among
     their kind; a ConfigError for such a site that cannot compute a subset of its tokens exactly,
-    or when the policy needs attention scores that no site of the same module gives."""
+    or when the policy needs a score that no site of the same module gives."""
     if tokens is None:
         return {}
     chosen = [site for site in sites if tokens.computes(site.kind)]
@@ -642,12 +645,14 @@ def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, Site
                           f"cannot compute a subset of their tokens exactly; allowed: strategy.tokens=null, module "
                           f"granularity, or a policy that only forecasts site kind(s) {', '.join(kinds)} (ToCa, DuCa, "
                           f"ClusCa: strategy.tokens.attention_kinds=[attn,attn1,{','.join(kinds)}])")
-    attention = {id(site.owner) for site in sites if site.attention}
-    blind = [site.name for site in chosen if "attention" in tokens.needs and id(site.owner) not in attention]
-    if blind:
-        raise ConfigError(f"strategy.tokens ({policy}) scores tokens by attention maps, which the attention of "
-                          f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} cannot give (fused attention); "
-                          f"allowed: strategy.tokens.score=random or norm")
+    for score in tokens.needs:
+        given = {id(site.owner) for site in sites if score in dict(site.scores)}
+        blind = [site.name for site in chosen if id(site.owner) not in given]
+        if blind:
+            raise ConfigError(f"strategy.tokens ({policy}) scores tokens by {score}, which the module of "
+                              f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} cannot give (attention maps "
+                              f"and value vectors stay inside fused attention); allowed: strategy.tokens.score=random "
+                              f"or norm")
     kinds: dict[str, list[str]] = {}
     for site in chosen:
         kinds.setdefault(site.kind, []).append(site.name)

@@ -34,8 +34,9 @@ class SitePattern:
     :mod:`cachelab.core.tokens`): ``"tokenwise"`` (its callable on the selected tokens of its
     first tensor argument), or the name of an owner method taking the site's arguments and
     ``index`` (B, k) (self-attention: the selected queries against every key and value); None:
-    it cannot. ``attention`` names an owner method giving, from the site's arguments, each
-    token's attention received (B, N) (ToCa's score; computed only when a policy asks).
+    it cannot. ``scores`` pairs score names with owner methods giving that score of every token
+    (B, N) from the site's arguments (``("attention", "attention_received")``: ToCa's s1); each
+    is computed at full steps only when a policy needs it.
     """
 
     regex: str
@@ -45,7 +46,7 @@ class SitePattern:
     skip: str | None = None
     span: bool = False
     tokens: str | None = None
-    attention: str | None = None
+    scores: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.span and (not self.residual or (isinstance(self.residual, tuple) and None in self.residual)):
@@ -80,7 +81,7 @@ class Site:
     skip: str | None = None
     members: tuple[nn.Module, ...] = ()
     tokens: str | None = None
-    attention: str | None = None
+    scores: tuple[tuple[str, str], ...] = ()
 
     def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
         """A span member's output when it is skipped: its residual inputs, as it returns them."""
@@ -160,7 +161,7 @@ def _matches(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
                     continue
                 parts = [part for part in (module_name, p.label) if part]
                 sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip,
-                                  tokens=p.tokens, attention=p.attention))
+                                  tokens=p.tokens, scores=p.scores))
     for p, members in spans.items():
         sites.append(Site(p.label or "stack", members[0], p.method, p.residual, members=tuple(members)))
     return sites

@@ -10,7 +10,7 @@ owner); a site without it is refused when the policy would select tokens there.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,8 +43,9 @@ class TokenView:
     """What a policy sees when it selects at one site on one forecast step: step ``s`` of ``T``
     (counted up), the site's kind and its depth among the sites of that kind (``0..depths-1``),
     its input hidden states ``tokens`` (B, N, D), its :class:`TokenState`, and the scores the
-    model gave on request (``attention``: each token's attention received at the last full step,
-    (B, N); None unless the policy ``needs`` it)."""
+    model gave on request at the site module's last full step (``scores[name]`` (B, N) for every
+    name the policy ``needs``: ``attention``, each token's attention received; ``value_norm``,
+    the norm of its value vector)."""
 
     s: int
     T: int
@@ -53,13 +54,13 @@ class TokenView:
     depths: int
     tokens: torch.Tensor
     state: TokenState
-    attention: torch.Tensor | None = None
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TokenPolicy(ABC):
     """Chooses the tokens a site recomputes on a forecast step (one instance serves every site;
     per-site data lives in :class:`TokenState`). ``needs`` names scores the model must give on
-    request (``"attention"``); ``computes(kind)`` says whether the policy may select tokens at
+    request (``"attention"``, ``"value_norm"``); ``computes(kind)`` says whether the policy may select tokens at
     sites of ``kind`` at all (sites where it never does need no partial computation)."""
 
     needs: tuple[str, ...] = ()

@@ -6,8 +6,8 @@ is that each block's two residual branches are methods (``attn_branch``, ``mlp_b
 they return the pre-gate attention / MLP outputs, which cachelab's module granularity
 caches (skipping the norm and modulation too); the attention branch's modulated input is a
 method too (``modulated_input``: TeaCache's signal), and so are the attention at a subset of
-query tokens and the attention each token receives (``attn_tokens``, ``attention_received``:
-token selection). Parameters and numerics are unchanged.
+query tokens, the attention each token receives and its value vector's norm (``attn_tokens``,
+``attention_received``, ``value_norms``: token selection). Parameters and numerics are unchanged.
 """
 from __future__ import annotations
 
@@ -130,6 +130,13 @@ class DiTBlock(nn.Module):
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
         return weights.mean(dim=1).sum(dim=1)
+
+    def value_norms(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of every token's value vector (all heads) in ``attn_branch`` (DuCa's V-caching
+        score; the value projection run again, only when asked). (B, N)."""
+        attn, width = self.attn, self.attn.num_heads * self.attn.head_dim
+        weight, bias = attn.qkv.weight[2 * width:], None if attn.qkv.bias is None else attn.qkv.bias[2 * width:]
+        return F.linear(self.modulated_input(x, shift, scale), weight, bias).norm(dim=-1)
 
     def mlp_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """MLP output, before the gate. (B, N, D) -> (B, N, D)."""

@@ -24,9 +24,10 @@ PROBES = {"first_block_residual": SitePattern(r"blocks\.0", residual=True),
 SITE_PATTERNS = {
     # TaylorSeer's choice: attention and MLP outputs per block, before the adaLN gate.
     # Token selection: the MLP is token-wise; the attention recomputes the selected queries against
-    # every key and value, and gives each token's attention received on request (ToCa's score).
+    # every key and value; on request it gives each token's attention received (ToCa's score) and
+    # the norm of its value vector (DuCa's V-caching score).
     "module": SitePatterns([SitePattern(_BLOCK, "attn_branch", label="attn", tokens="attn_tokens",
-                                        attention="attention_received"),
+                                        scores=(("attention", "attention_received"), ("value_norm", "value_norms"))),
                             SitePattern(_BLOCK, "mlp_branch", label="mlp", tokens=TOKENWISE)], PROBES),
     "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
     # FBCache / TeaCache / MagCache: the blocks after the probe's as one residual

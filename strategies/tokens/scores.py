@@ -17,9 +17,10 @@ def norm_score(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens.float().norm(dim=-1), dim=-1)
 
 
-def attention_score(received: torch.Tensor) -> torch.Tensor:
-    """ToCa's self-attention score s1: the attention each token received (B, N), L2-normalised."""
-    return F.normalize(received.float(), dim=-1)
+def normalised(score: torch.Tensor) -> torch.Tensor:
+    """A score the model gave (B, N) (ToCa's s1: the attention each token received; DuCa's value
+    norm), L2-normalised over the tokens of each sample."""
+    return F.normalize(score.float(), dim=-1)
 
 
 def age_score(age: torch.Tensor, fresh_threshold: int) -> torch.Tensor:

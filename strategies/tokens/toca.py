@@ -7,16 +7,17 @@ import torch
 
 from cachelab.core.tokens import TokenPolicy, TokenView
 from strategies.tokens.random_tokens import check_ratio
-from strategies.tokens.scores import age_score, attention_score, norm_score, random_scores, spatial_bonus, top_tokens
+from strategies.tokens.scores import age_score, norm_score, normalised, random_scores, spatial_bonus, top_tokens
 
-SCORES = ("attention", "norm", "random")
+SCORES = ("attention", "value_norm", "norm", "random")
+GIVEN = ("attention", "value_norm")  # scores the model gives on request
 RATIO_SCHEDULES = ("toca", "constant")
 
 
 class ToCa(TokenPolicy):
     """ToCa's token selection. The score of a token is s1 (``score``: ``attention``, the attention
-    it received at the last full step, L2-normalised; ``norm``, its input's L2 norm normalised;
-    ``random``) plus ``soft_fresh_weight`` x its cache age / ``fresh_threshold`` (s3); then the
+    it received at the last full step, L2-normalised; ``value_norm``, its value vector's norm there
+    (DuCa's V-caching), normalised; ``norm``, its input's L2 norm normalised; ``random``) plus ``soft_fresh_weight`` x its cache age / ``fresh_threshold`` (s3); then the
     best token of every ``grid`` x ``grid`` patch gains ``bonus_ratio`` x its score (s4); the
     ``int(ratio * N)`` best are recomputed. The ratio (``ratio_schedule="toca"``) is
     ``fresh_ratio`` x step factor x layer factor x module factor (:meth:`ratio`); self-attention
@@ -41,7 +42,7 @@ class ToCa(TokenPolicy):
         self.fresh_threshold, self.soft_fresh_weight = fresh_threshold, soft_fresh_weight
         self.bonus_ratio, self.grid = bonus_ratio, grid
         self.attention_kinds, self.seed = tuple(attention_kinds), seed
-        self.needs = ("attention",) if score == "attention" else ()
+        self.needs = (score,) if score in GIVEN else ()
         self.generator = torch.Generator()
         self.reset()
 
@@ -67,8 +68,8 @@ class ToCa(TokenPolicy):
     def scores(self, view: TokenView) -> torch.Tensor:
         """Every token's score s1 + s3 + s4, (B, N)."""
         B, N = view.tokens.shape[:2]
-        if self.score == "attention":
-            score = attention_score(view.attention)
+        if self.score in GIVEN:
+            score = normalised(view.scores[self.score])
         elif self.score == "norm":
             score = norm_score(view.tokens)
         else:
