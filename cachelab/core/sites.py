@@ -72,7 +72,8 @@ class SitePatterns(list):
 @dataclass(frozen=True)
 class Site:
     """One cached callable: ``getattr(owner, method)``; a span site (``members``: the modules
-    of a stack, ``owner`` the first) is cached across all of their ``method`` calls."""
+    of a stack, ``owner`` the first) is cached across all of their ``method`` calls. ``tokens``
+    and ``scores``: its pattern's (token selection)."""
 
     name: str
     owner: nn.Module
