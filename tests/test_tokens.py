@@ -354,3 +354,23 @@ def test_cache_bytes_count_the_token_state(adapter):
     # 2 blocks x (attn, mlp) x D_0 (batch 2 x CFG 2, 16 tokens, width 32) fp32, int32 ages of the 2 MLP
     # sites (ToCa forecasts self-attention whole), the 2 blocks' attention received (4 x 16 fp32)
     assert stats.cache_bytes == 2 * 2 * (4 * 16 * 32) * 4 + 2 * (4 * 16) * 4 + 2 * (4 * 16) * 4
+
+
+def test_apply_on_a_bare_dit_discovers_its_token_wise_mlps():
+    import cachelab
+
+    adapter = tiny_adapter()
+    model, x, y = adapter.model, torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    handle = cachelab.apply(model, "toca", score="norm", interval=3)
+    outs = []
+    with torch.no_grad(), handle.generation(6):
+        for s in range(6):
+            handle.step(s)
+            outs.append(model(x, torch.full((2,), 999 - 100 * s), y))
+    kinds = {site.kind: site.tokens for site in handle.inner.sites}
+    handle.remove()
+    assert kinds == {"attn": None, "mlp": "tokenwise"} and all(torch.isfinite(o).all() for o in outs)
+    with pytest.raises(ConfigError, match="scores tokens by attention"):
+        with cachelab.apply(model, "toca") as refused, refused.generation(2):
+            refused.step(0)
+            model(x, torch.full((2,), 999), y)

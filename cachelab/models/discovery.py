@@ -164,14 +164,16 @@ def module_patterns(model: nn.Module, names: list[str]) -> list[SitePattern]:
 
 def token_mode(module: nn.Module) -> str | None:
     """How a discovered module site computes a subset of its tokens exactly (token selection):
-    ``"tokenwise"`` for diffusers' ``FeedForward`` and for its classic ``Attention`` used as
-    cross-attention without a group or spatial norm (the queries are the tokens; keys and values
-    come from the text); None (refused) for everything else: self- and joint attention, and
-    feed-forwards of other classes, which may mix tokens (convolutions)."""
+    ``"tokenwise"`` for diffusers' ``FeedForward``, timm's ``Mlp`` (exactly that class) and
+    diffusers' classic ``Attention`` used as cross-attention without a group or spatial norm (the
+    queries are the tokens; keys and values come from the text); None (refused) for everything
+    else: self- and joint attention, and feed-forwards of other classes, which may mix tokens
+    (convolutions)."""
     from diffusers.models.attention import FeedForward
     from diffusers.models.attention_processor import Attention
+    from timm.layers import Mlp
 
-    if isinstance(module, FeedForward):
+    if isinstance(module, FeedForward) or type(module) is Mlp:
         return TOKENWISE
     if (isinstance(module, Attention) and getattr(module, "is_cross_attention", False)  # subclasses may lack them
             and getattr(module, "group_norm", None) is None and getattr(module, "spatial_norm", None) is None):
