@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
+from cachelab.core.tokens import scatter_tokens
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _DIFFERENCES = ("official", "newton")
@@ -106,6 +107,11 @@ class TaylorSeer(Predictor):
         state.out_dtype = value.dtype
         if self.newton:
             state.steps = [s, *state.steps][: len(new)]
+
+    def refresh(self, state: TaylorState, index: torch.Tensor, values: torch.Tensor) -> None:
+        """ToCa's and ClusCa's cache update: ``D_0`` takes the fresh tokens, the derivative factors
+        and the last full step stay (a new tensor: ``D_0`` may be shown to observers)."""
+        state.factors[0] = scatter_tokens(state.factors[0], index, values)
 
     def multipliers(self, state: TaylorState, s: int, k: int, top: int) -> list[float]:
         """``a_1..a_top`` of the nested form ``D_0 + a_1 (D_1 + a_2 (D_2 + ...))``:

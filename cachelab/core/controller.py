@@ -17,6 +17,8 @@ from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
 from cachelab.core.sites import Site, first_tensor
+from cachelab.core.tokens import (TOKENWISE, SiteTokens, TokenPolicy, TokenState, TokenView, gather_tokens,
+                                  scatter_tokens, with_first_tensor)
 
 _MISSING = object()
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
@@ -39,10 +41,12 @@ class SiteCache:
     passing: bool = False  # a span's members pass their inputs through in this call
     pending: Parts | None = None  # a passing span's forecast, from its first member to its last
     guarded: bool = False  # a span computes this call because its forecast was not finite (not recorded)
+    tokens: TokenState | None = None  # token selection: the site's cache ages and policy data
 
     @property
     def nbytes(self) -> int:
-        return sum(state.nbytes for state in self.states if state is not None)
+        tokens = 0 if self.tokens is None else self.tokens.nbytes
+        return tokens + sum(state.nbytes for state in self.states if state is not None)
 
 
 class SiteObserver(Protocol):
@@ -61,9 +65,10 @@ class SiteObserver(Protocol):
 class CacheStats:
     """What one generation did: full and forecast steps, fallbacks (a site without history
     computing on a forecast step), guard fallbacks (a site whose forecast held NaN or Inf
-    computing instead), bytes held by caches (the sites' predictor states and the schedule's
-    reference signals), and the order the predictor states reached (``{"min", "max"}`` over
-    sites and contexts; None for a predictor without orders)."""
+    computing instead), bytes held by caches (the sites' predictor states, token selection's
+    ages, clusters and scores, and the schedule's reference signals), and the order the
+    predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
+    without orders)."""
 
     full_steps: list[int] = field(default_factory=list)
     forecast_steps: list[int] = field(default_factory=list)
@@ -147,10 +152,16 @@ class CacheHandle(Generations):
     ``stats().guard_fallbacks``, one warning per generation), ``raise`` raises
     :class:`~cachelab.errors.NonFiniteError` naming the step, site and context, ``off`` checks
     nothing. A full step's value is recorded as the model computed it, finite or not.
+
+    ``tokens`` (token selection, :mod:`cachelab.core.tokens`): on a forecast step every site
+    where the policy ``computes`` asks it for token indices, computes those tokens for real
+    (the site's ``tokens`` mode), returns the forecast with them in place, and hands them to
+    the predictor's ``refresh``; sites that cannot compute a subset exactly are refused.
     """
 
     def __init__(self, sites: list[Site], predictor: Predictor, schedule: Schedule,
-                 probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None):
+                 probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
+                 tokens: TokenPolicy | None = None):
         self.guard = guard_policy(guard)
         self.group = group
         probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
@@ -176,6 +187,9 @@ class CacheHandle(Generations):
                               f"cache site has; allowed at this granularity: {', '.join(sorted(kinds))}")
         self.predictor = predictor
         self.schedule = schedule
+        self.tokens = tokens
+        self._token_sites = token_sites(self.sites, tokens)
+        self._scores: dict[tuple[str, int, str], torch.Tensor] = {}  # (context, owner, score) -> (B, N)
         self._originals: list[tuple[Site, object]] = []
         self._installed: list[tuple[Site, Callable, Callable]] = []  # site, its computation, its wrapper maker
         self._copy_values = False
@@ -203,7 +217,7 @@ class CacheHandle(Generations):
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
         self.stats()
-        self._caches, self._signals = {}, {}
+        self._caches, self._signals, self._scores = {}, {}, {}
         self._s = self._t = self._decision = self._T = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
@@ -256,13 +270,17 @@ class CacheHandle(Generations):
         self._signals: dict = {}
         self._guard_warned = False
         self.schedule.reset()
+        self._scores = {}
+        if self.tokens is not None:
+            self.tokens.reset()
 
     def stats(self) -> CacheStats:
         """Statistics of the current (or last) generation."""
         if self._caches:
             self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
                                          for context, caches in self._caches.items()}
-            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values())
+            scores = sum(score.numel() * score.element_size() for score in self._scores.values())
+            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + scores
             orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
                       for state in cache.states if state is not None]
             orders = [order for order in orders if order is not None]
@@ -367,6 +385,8 @@ class CacheHandle(Generations):
                         if not self._guard_passes(site, forecast):  # computed for real, not recorded
                             return compute(*args, **kwargs)
                         bases = site.residual_bases(signature, args, kwargs, len(forecast))
+                        if site.name in self._token_sites:
+                            forecast = self._refresh_tokens(site, cache, forecast, compute, args, kwargs)
                         if self._observers:
                             true = None
                             if self._audit and not site.skip:  # what the site would have computed
@@ -377,10 +397,53 @@ class CacheHandle(Generations):
                 out = compute(*args, **kwargs)
                 parts = split(out)[0]
                 self._record(site, cache, out, site.residual_bases(signature, args, kwargs, len(parts)))
+                if self.tokens is not None:
+                    self._tokens_full(site, cache, args, kwargs)
                 return out
             return cached_call
 
         self._hook(site, wrap)
+
+    def _tokens_full(self, site: Site, cache: SiteCache, args: tuple, kwargs: dict) -> None:
+        """A full step under token selection: every token of the site is fresh (age 0), the policy
+        sees its input (and its own data of the last full step), and a site that gives scores
+        the policy needs gives them (kept per context and owner module until its next full step)."""
+        x = first_tensor(args, kwargs)
+        for score, method in site.scores:
+            if score in self.tokens.needs:
+                self._scores[self._context, id(site.owner), score] = getattr(site.owner, method)(*args, **kwargs)
+        if site.name in self._token_sites:  # a policy's own data (ClusCa's centroids) carries over
+            previous = None if cache.tokens is None else cache.tokens.extra
+            cache.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device), extra=previous)
+            self.tokens.full(cache.tokens, x)
+
+    def _refresh_tokens(self, site: Site, cache: SiteCache, forecast: Parts, compute: Callable,
+                        args: tuple, kwargs: dict) -> Parts:
+        """The forecast with the tokens the policy selects computed for real (sorted by index), and
+        those tokens handed to the predictor (``refresh``); the others' cache ages grow by one."""
+        spec, state, x = self._token_sites[site.name], cache.tokens, first_tensor(args, kwargs)
+        state.forecasts += 1
+        scores = {score: self._scores[self._context, id(site.owner), score] for score in self.tokens.needs}
+        view = TokenView(self._s, self._T, site.kind, spec.depth, spec.depths, x, state, scores)
+        index = self.tokens.select(view)
+        if index is None:
+            return forecast
+        state.age += 1
+        if index.shape[1] == 0:
+            return forecast
+        index = index.sort(dim=1).values
+        state.age.scatter_(1, index, 0)
+        if site.tokens == TOKENWISE:
+            selected_args, selected_kwargs = with_first_tensor(args, kwargs, gather_tokens(x, index))
+            fresh = compute(*selected_args, **selected_kwargs)
+        else:
+            fresh = getattr(site.owner, site.tokens)(*args, index=index, **kwargs)
+        parts = split(fresh)[0]
+        if len(parts) != 1 or len(forecast) != 1:
+            raise ConfigError(f"strategy.tokens: the site {site.name} returns {len(forecast)} tensors; token selection "
+                              f"needs sites that return one (allowed: strategy.tokens=null for this model)")
+        self.predictor.refresh(cache.states[0], index, parts[0])
+        return [scatter_tokens(forecast[0], index, parts[0])]
 
     def _install_probe(self, signal: str, probe: Site) -> None:
         signature = inspect.signature(getattr(probe.owner, probe.method))
@@ -570,11 +633,42 @@ def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) ->
     raise ValueError(f"the probe {probe.name} returned no output to read its signal from")
 
 
+def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, SiteTokens]:
+    """The sites where ``tokens`` selects (those of a kind it ``computes``), with their depth among
+    their kind; a ConfigError for such a site that cannot compute a subset of its tokens exactly,
+    or when the policy needs a score that no site of the same module gives."""
+    if tokens is None:
+        return {}
+    chosen = [site for site in sites if tokens.computes(site.kind)]
+    policy = type(tokens).__name__
+    unable = [site for site in chosen if not site.tokens or site.residual or site.members or site.skip]
+    if unable:
+        kinds = sorted({site.kind for site in unable})
+        raise ConfigError(f"strategy.tokens ({policy}) recomputes tokens at site(s) "
+                          f"{', '.join(site.name for site in unable[:3])}{' ...' if len(unable) > 3 else ''}, which "
+                          f"cannot compute a subset of their tokens exactly; allowed: strategy.tokens=null, module "
+                          f"granularity, or a policy that only forecasts site kind(s) {', '.join(kinds)} (ToCa, DuCa, "
+                          f"ClusCa: strategy.tokens.attention_kinds=[attn,attn1,{','.join(kinds)}])")
+    for score in tokens.needs:
+        given = {id(site.owner) for site in sites if score in dict(site.scores)}
+        blind = [site.name for site in chosen if id(site.owner) not in given]
+        if blind:
+            raise ConfigError(f"strategy.tokens ({policy}) scores tokens by {score}, which the module of "
+                              f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} cannot give (attention maps "
+                              f"and value vectors stay inside fused attention); allowed: strategy.tokens.score=random "
+                              f"or norm")
+    kinds: dict[str, list[str]] = {}
+    for site in chosen:
+        kinds.setdefault(site.kind, []).append(site.name)
+    return {name: SiteTokens(depth, len(names)) for names in kinds.values() for depth, name in enumerate(names)}
+
+
 def attach(sites: list[Site], predictor: Predictor, schedule: Schedule,
-           probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None
-           ) -> CacheHandle:
+           probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
+           tokens: TokenPolicy | None = None) -> CacheHandle:
     """Hook ``predictor`` x ``schedule`` onto ``sites``; ``handle.remove()`` undoes it.
     ``probes`` (signal -> site) defaults to ``sites.probes`` (:func:`select_sites`); ``guard``:
     what a non-finite forecast does (:data:`GUARDS`, see :class:`CacheHandle`); ``group``: the
-    ranks sharing each generation under context parallelism (None: this process alone)."""
-    return CacheHandle(sites, predictor, schedule, probes, guard, group)
+    ranks sharing each generation under context parallelism (None: this process alone);
+    ``tokens``: a token selection policy (None: every site is forecast whole)."""
+    return CacheHandle(sites, predictor, schedule, probes, guard, group, tokens)

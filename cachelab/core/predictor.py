@@ -50,6 +50,11 @@ class Predictor(ABC):
     def predict(self, state: PredictorState, s: int) -> torch.Tensor:
         """Forecast the value at step ``s`` (after the last full step)."""
 
+    def refresh(self, state: PredictorState, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Tokens computed for real on a forecast step (token selection): ``values`` (B, k, ...)
+        at ``index`` (B, k) of the token axis 1. The default keeps the full-step history as it
+        is (the other tokens and later steps are forecast from the last full step)."""
+
     @staticmethod
     def gap(state: PredictorState, s: int) -> int:
         """Steps since the last recorded step; rejects zero and negative gaps."""

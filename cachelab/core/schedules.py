@@ -120,6 +120,25 @@ class Interval(StaticSchedule):
         return mask
 
 
+class ToCaInterval(StaticSchedule):
+    """ToCa's full steps (its DiT code's force scheduler and ``cal_type``): counting steps down,
+    ``d = T - 1 - s``, step 0 and every step with ``d`` divisible by
+    ``round(interval / (1 + w - 2 w d / T))`` are full (``w = weight``, 0.4 in ToCa): the interval
+    grows from about ``interval / (1 - w)`` early to ``interval / (1 + w)`` late; the last step is full."""
+
+    def __init__(self, interval: int, weight: float = 0.4):
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"weight must be a number in [0, 1), got {weight!r}")
+        self.interval, self.weight = interval, weight
+
+    def mask(self, T: int) -> list[bool]:
+        w = self.weight
+        return [s == 0 or (T - 1 - s) % max(round(self.interval / (1 + w - 2 * w * (T - 1 - s) / T)), 1) == 0
+                for s in range(T)]
+
+
 class Mask(StaticSchedule):
     """An explicit schedule: ``full_steps`` (step indices) or ``mask`` (one bool per step,
     its length must equal the number of steps) says which steps are full."""

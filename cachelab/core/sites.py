@@ -30,6 +30,13 @@ class SitePattern:
     member's inputs to the last member's outputs; on a forecast step every member passes its
     inputs through and the last adds the forecast. Members must return their ``residual``
     arguments, in that order (the blocks of one transformer stack do).
+    ``tokens`` says how the site computes a subset of its tokens exactly (token selection,
+    :mod:`cachelab.core.tokens`): ``"tokenwise"`` (its callable on the selected tokens of its
+    first tensor argument), or the name of an owner method taking the site's arguments and
+    ``index`` (B, k) (self-attention: the selected queries against every key and value); None:
+    it cannot. ``scores`` pairs score names with owner methods giving that score of every token
+    (B, N) from the site's arguments (``("attention", "attention_received")``: ToCa's s1); each
+    is computed at full steps only when a policy needs it.
     """
 
     regex: str
@@ -38,6 +45,8 @@ class SitePattern:
     label: str | None = None
     skip: str | None = None
     span: bool = False
+    tokens: str | None = None
+    scores: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.span and (not self.residual or (isinstance(self.residual, tuple) and None in self.residual)):
@@ -63,7 +72,8 @@ class SitePatterns(list):
 @dataclass(frozen=True)
 class Site:
     """One cached callable: ``getattr(owner, method)``; a span site (``members``: the modules
-    of a stack, ``owner`` the first) is cached across all of their ``method`` calls."""
+    of a stack, ``owner`` the first) is cached across all of their ``method`` calls. ``tokens``
+    and ``scores``: its pattern's (token selection)."""
 
     name: str
     owner: nn.Module
@@ -71,6 +81,8 @@ class Site:
     residual: bool | str | tuple[str | None, ...] = False
     skip: str | None = None
     members: tuple[nn.Module, ...] = ()
+    tokens: str | None = None
+    scores: tuple[tuple[str, str], ...] = ()
 
     def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
         """A span member's output when it is skipped: its residual inputs, as it returns them."""
@@ -157,7 +169,8 @@ def _matches(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
                     spans.setdefault(p, []).append(module)
                     continue
                 parts = [part for part in (module_name, p.label) if part]
-                sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip))
+                sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip,
+                                  tokens=p.tokens, scores=p.scores))
     for p, members in spans.items():
         sites.append(Site(p.label or "stack", members[0], p.method, p.residual, members=tuple(members)))
     return sites

@@ -1,4 +1,4 @@
-"""A strategy: predictor x schedule x granularity, attached to a model's sites of that granularity."""
+"""A strategy: predictor x schedule x granularity (x token selection), attached to a model's sites of that granularity."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from cachelab.core.distributed import GroupReduce
 from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Schedule
 from cachelab.core.sites import SitePattern, select_sites
+from cachelab.core.tokens import TokenPolicy
 
 
 class SiteSource(Protocol):
@@ -24,14 +25,16 @@ class SiteSource(Protocol):
 
 @dataclass
 class Strategy:
-    """predictor x schedule x granularity; ``predictor`` None means no caching. ``guard``: what
-    a forecast holding NaN or Inf does (``fallback | raise | off``, see :class:`CacheHandle`)."""
+    """predictor x schedule x granularity (x token selection); ``predictor`` None means no caching.
+    ``guard``: what a forecast holding NaN or Inf does (``fallback | raise | off``, see
+    :class:`CacheHandle`); ``tokens``: the tokens a site recomputes on forecast steps (None: none)."""
 
     name: str
     predictor: Predictor | None
     schedule: Schedule
     granularity: str
     guard: str = "fallback"
+    tokens: TokenPolicy | None = None
 
     def attach(self, adapter: SiteSource, guard: str | None = None, group: GroupReduce | None = None
                ) -> CacheHandle | None:
@@ -41,4 +44,5 @@ class Strategy:
         if self.predictor is None:
             return None
         sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
-        return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group)
+        return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group,
+                      tokens=self.tokens)

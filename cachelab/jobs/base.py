@@ -12,11 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from cachelab.core.controller import CacheHandle, guard_policy
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
+from cachelab.jobs.checks import TOKEN_POLICIES
 from cachelab.models.adapter import Inputs, ModelAdapter
 
 
-def build(cfg: DictConfig, key: str):
-    """``instantiate(cfg[key])`` with a constructor's complaint turned into a ConfigError."""
+def build(cfg: DictConfig, key: str, name: str | None = None):
+    """``instantiate(cfg[key])`` with a constructor's complaint turned into a ConfigError naming
+    ``name`` (default: ``key``)."""
     node = cfg[key]
     if node is None:
         return None
@@ -24,12 +26,20 @@ def build(cfg: DictConfig, key: str):
         return instantiate(node)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        raise ConfigError(f"{key}: {cause}") from err
+        raise ConfigError(f"{name or key}: {cause}") from err
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
+    """The strategy of a checked config (``check_strategy``); ``strategy.tokens`` given by name is that
+    policy with its own defaults."""
+    tokens = cfg.strategy.get("tokens")
+    if isinstance(tokens, str):
+        tokens = OmegaConf.create({"tokens": {"_target_": TOKEN_POLICIES[tokens]}})
+    elif tokens is not None:
+        tokens = cfg.strategy
+    tokens = None if tokens is None else build(tokens, "tokens", "strategy.tokens")
     return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor"), build(cfg, "schedule"),
-                    cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")))
+                    cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")), tokens=tokens)
 
 
 def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,
@@ -56,6 +66,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "model_weights": adapter.description,
         "strategy": strategy.name,
         "granularity": strategy.granularity,
+        "tokens": None if strategy.tokens is None else type(strategy.tokens).__name__,  # token selection policy
         "order": cfg.order,
         "interval": cfg.interval,
         "first_enhance": cfg.first_enhance,

@@ -128,6 +128,7 @@ def check_strategy(cfg: DictConfig) -> None:
     if beyond:
         raise ConfigError(f"schedule.full_steps {beyond} are beyond the last step of num_steps={T}; "
                           f"allowed: step indices 0..{T - 1}")
+    check_tokens(cfg.strategy)
     if cfg.strategy.predictor is None:  # no caching: the schedule is never asked
         return
     needed = cfg.strategy.get("needs_schedule")
@@ -135,6 +136,27 @@ def check_strategy(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy={cfg.strategy.name!r} needs schedule._target_={needed}, got "
                           f"schedule._target_={cfg.schedule._target_}; allowed: the paired override in "
                           f"conf/strategy/{cfg.strategy.name}.yaml (schedule={cfg.strategy.name})")
+
+
+# strategy.tokens=<name>: the token selection policies with their own defaults (conf/strategy/<name>.yaml
+# presets set the papers' values as a node with _target_)
+TOKEN_POLICIES = {"random": "strategies.tokens.random_tokens.RandomTokens", "toca": "strategies.tokens.toca.ToCa",
+                  "duca": "strategies.tokens.duca.DuCa", "clusca": "strategies.tokens.clusca.ClusCa"}
+
+
+def check_tokens(strategy: DictConfig) -> None:
+    """``strategy.tokens``: null, a policy name of :data:`TOKEN_POLICIES` (that policy with its own
+    defaults), or a node with ``_target_`` (the presets; ``strategy.tokens.<key>=`` tunes it)."""
+    tokens = strategy.get("tokens")
+    allowed = f"null, {', '.join(TOKEN_POLICIES)}, or a node with _target_"
+    if tokens is None:
+        return
+    if isinstance(tokens, str):
+        if tokens not in TOKEN_POLICIES:
+            raise ConfigError(f"strategy.tokens={tokens!r} is not allowed; allowed: {allowed}")
+    elif not isinstance(tokens, DictConfig) or "_target_" not in tokens:
+        raise ConfigError(f"strategy.tokens={OmegaConf.to_container(tokens) if isinstance(tokens, DictConfig) else tokens!r}"
+                          f" is not allowed; allowed: {allowed}")
 
 
 def check_model_fit(cfg: DictConfig) -> None:

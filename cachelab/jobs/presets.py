@@ -3,7 +3,7 @@ composition of ``conf/`` as ``python run.py strategy=<name> <key>=<value>``, so 
 means the same in Python as on the command line."""
 from __future__ import annotations
 
-from omegaconf import OmegaConf, ValidationError, open_dict
+from omegaconf import DictConfig, OmegaConf, ValidationError, open_dict
 
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
@@ -16,9 +16,9 @@ SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top
 
 def preset(name: str, **overrides) -> Strategy:
     """``conf/strategy/<name>.yaml`` with ``overrides``: ``order``, ``interval``, ``first_enhance``,
-    ``granularity``, ``schedule`` (a ``conf/schedule/`` name), ``guard`` (``fallback | raise |
-    off``), and the schedule's or the predictor's own keys (``threshold``, ``calibration``,
-    ``factor_dtype``, ...)."""
+    ``granularity``, ``tokens`` (a token selection policy name or None), ``schedule`` (a
+    ``conf/schedule/`` name), ``guard`` (``fallback | raise | off``), and the schedule's, the predictor's or the token policy's own keys (``threshold``,
+    ``calibration``, ``factor_dtype``, ``fresh_ratio``, ...)."""
     if not CONFIG_DIR.is_dir():
         raise ConfigError(f"strategy={name!r}: preset names are read from the conf/ folder of a cachelab checkout "
                           f"({CONFIG_DIR} is missing); pass a Strategy object instead")
@@ -41,14 +41,18 @@ def where(cfg, key: str) -> str:
     """The config path that ``key`` sets; an unknown key is a ConfigError naming the allowed ones."""
     if key in SHORTHANDS:
         return key
-    if key == "granularity":
-        return "strategy.granularity"
+    if key in ("granularity", "tokens"):
+        return f"strategy.{key}"
     if key in cfg.schedule and key != "_target_":
         return f"schedule.{key}"
     predictor = cfg.strategy.predictor
     if predictor is not None and key in predictor and key != "_target_":
         return f"strategy.predictor.{key}"
-    allowed = [*SHORTHANDS, "granularity", "schedule", *(k for k in cfg.schedule if k != "_target_"),
-               *(k for k in (predictor or {}) if k != "_target_")]
+    tokens = cfg.strategy.get("tokens")
+    tokens = tokens if isinstance(tokens, DictConfig) else {}
+    if key in tokens and key != "_target_":
+        return f"strategy.tokens.{key}"
+    allowed = [*SHORTHANDS, "granularity", "tokens", "schedule", *(k for k in cfg.schedule if k != "_target_"),
+               *(k for k in (predictor or {}) if k != "_target_"), *(k for k in tokens if k != "_target_")]
     raise ConfigError(f"{key}= is not a key of strategy={cfg.strategy.name!r} with schedule "
                       f"{cfg.schedule._target_.rsplit('.', 1)[-1]}; allowed: {', '.join(dict.fromkeys(allowed))}")

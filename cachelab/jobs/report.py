@@ -64,7 +64,7 @@ def summary_table(m: dict) -> str:
     rows = [
         ("model", f"{m['model']} ({m['model_weights']})"),
         ("strategy", f"{m['strategy']} / {m['granularity']}  {order} N={m['interval']} "
-                     f"first_enhance={m['first_enhance']}"),
+                     f"first_enhance={m['first_enhance']}" + (f"  tokens={m['tokens']}" if m.get("tokens") else "")),
         ("full steps", f"{m['num_full']}/{m['num_steps']}  {m['full_steps']}"),
         ("FLOPs", f"{fmt(m['flops']['baseline'], '.3e')} -> {fmt(m['flops']['cached'], '.3e')}  "
                   f"speedup {fmt(m['flops']['speedup'], '.2f')}x"),

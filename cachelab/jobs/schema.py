@@ -147,12 +147,14 @@ class CalibrateJobSchema(Target):
 
 @dataclass
 class StrategySchema:
-    """``strategy.*``; ``predictor`` is untyped (each predictor class has its own keys)."""
+    """``strategy.*``; ``predictor`` is untyped (each predictor class has its own keys), and so is
+    ``tokens`` (null, a policy name, or a node with ``_target_``: checked by ``checks.check_tokens``)."""
 
     name: str = MISSING
     granularity: str = MISSING
     predictor: Any = MISSING
     needs_schedule: Optional[str] = None
+    tokens: Any = None
 
 
 @dataclass
@@ -162,6 +164,14 @@ class IntervalSchema(Target):
     interval: int = MISSING
     first_enhance: int = MISSING
     final_full: int = MISSING
+
+
+@dataclass
+class ToCaIntervalSchema(Target):
+    """``schedule=toca``: ToCa's full steps, an interval that shrinks over the run."""
+
+    interval: int = MISSING
+    weight: float = MISSING
 
 
 @dataclass
@@ -255,7 +265,7 @@ SCHEMAS = {  # ConfigStore group -> name -> schema; conf/ files name theirs in t
     "schema/job": {"compare": CompareJobSchema, "sample": SampleJobSchema, "trajectory": TrajectoryJobSchema,
                    "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema, "tune": TuneJobSchema},
     "schema/strategy": {"strategy": StrategySchema},
-    "schema/schedule": {"always": Target, "interval": IntervalSchema, "mask": MaskSchema,
+    "schema/schedule": {"always": Target, "interval": IntervalSchema, "toca": ToCaIntervalSchema, "mask": MaskSchema,
                         "pab": PerKindIntervalSchema, "per_site": PerSiteIntervalSchema, "teacache": TeaCacheSchema,
                         "fbcache": FirstBlockCacheSchema,
                         "error_controlled": ErrorControlledSchema, "magcache": MagCacheSchema},

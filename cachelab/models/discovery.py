@@ -14,7 +14,8 @@
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
   and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,
-  would hold two values: no site).
+  would hold two values: no site). Feed-forwards and cross-attention of diffusers' own classes
+  can recompute a subset of their tokens (token selection, :func:`token_mode`).
 - **Probes** for adaptive schedules: ``first_block_residual`` (the first block's image-stream
   residual) everywhere; ``modulated_input`` where the first block's ``norm1`` is an adaptive
   norm (``Ada*``: diffusers' adaLN returns the modulated input first), else not offered.
@@ -34,6 +35,7 @@ from torch import nn
 
 from cachelab.core.outputs import split
 from cachelab.core.sites import GRANULARITIES, SitePattern, SitePatterns
+from cachelab.core.tokens import TOKENWISE
 from cachelab.errors import ConfigError
 
 ATTENTION = ("Attention",)
@@ -106,7 +108,7 @@ class DiscoveredSites:
             if not self.module_sites:
                 raise ConfigError(f"{type(self.model).__name__} has no attention or feed-forward modules in its "
                                   f"blocks; allowed: strategy.granularity in block, stack, output")
-            return SitePatterns([SitePattern("|".join(re.escape(name) for name in self.module_sites))], self.probes)
+            return SitePatterns(module_patterns(self.model, self.module_sites), self.probes)
         if granularity == "block":
             return SitePatterns([SitePattern(s.regex, residual=s.residual) for s in self.stacks], self.probes)
         return SitePatterns([self.span()], self.probes)
@@ -148,6 +150,35 @@ def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
                 and any(True for _ in child[0].children()):
             found.setdefault(name.count("."), {})[name] = child
     return found[min(found)] if found else {}
+
+
+def module_patterns(model: nn.Module, names: list[str]) -> list[SitePattern]:
+    """The module sites ``names`` as patterns grouped by :func:`token_mode` (module order is kept:
+    sites are matched in the model's module order)."""
+    modules = dict(model.named_modules())
+    groups: dict[str | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(token_mode(modules[name]), []).append(name)
+    return [SitePattern("|".join(re.escape(name) for name in group), tokens=mode) for mode, group in groups.items()]
+
+
+def token_mode(module: nn.Module) -> str | None:
+    """How a discovered module site computes a subset of its tokens exactly (token selection):
+    ``"tokenwise"`` for diffusers' ``FeedForward``, timm's ``Mlp`` (exactly that class) and
+    diffusers' classic ``Attention`` used as cross-attention without a group or spatial norm (the
+    queries are the tokens; keys and values come from the text); None (refused) for everything
+    else: self- and joint attention, and feed-forwards of other classes, which may mix tokens
+    (convolutions)."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
+    from timm.layers import Mlp
+
+    if isinstance(module, FeedForward) or type(module) is Mlp:
+        return TOKENWISE
+    if (isinstance(module, Attention) and getattr(module, "is_cross_attention", False)  # subclasses may lack them
+            and getattr(module, "group_norm", None) is None and getattr(module, "spatial_norm", None) is None):
+        return TOKENWISE
+    return None
 
 
 def block_children(block: nn.Module, depth: int = 2) -> list[tuple[str, nn.Module]]:

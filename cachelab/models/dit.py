@@ -5,7 +5,9 @@ Built on timm's PatchEmbed, Attention and Mlp as the reference code is, so the o
 is that each block's two residual branches are methods (``attn_branch``, ``mlp_branch``):
 they return the pre-gate attention / MLP outputs, which cachelab's module granularity
 caches (skipping the norm and modulation too); the attention branch's modulated input is a
-method too (``modulated_input``: TeaCache's signal). Parameters and numerics are unchanged.
+method too (``modulated_input``: TeaCache's signal), and so are the attention at a subset of
+query tokens, the attention each token receives and its value vector's norm (``attn_tokens``,
+``attention_received``, ``value_norms``: token selection). Parameters and numerics are unchanged.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
+from cachelab.core.tokens import gather_tokens
 from cachelab.errors import CheckpointMismatch
 
 
@@ -98,6 +102,42 @@ class DiTBlock(nn.Module):
         """Attention output after its projection, before the gate. (B, N, D) -> (B, N, D)."""
         return self.attn(self.modulated_input(x, shift, scale))
 
+    def attn_tokens(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, index: torch.Tensor
+                    ) -> torch.Tensor:
+        """``attn_branch`` at the query tokens ``index`` (B, k) only, against every key and value
+        (token selection): the same values, with the query projection, the attention and the
+        output projection run on the k tokens. (B, N, D) -> (B, k, D)."""
+        attn = self.attn
+        h = self.modulated_input(x, shift, scale)
+        B, N, _ = h.shape
+        width = attn.num_heads * attn.head_dim
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(gather_tokens(h, index), weight[:width], None if bias is None else bias[:width])
+        kv = F.linear(h, weight[width:], None if bias is None else bias[width:])
+        kv = kv.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q = attn.q_norm(q.reshape(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2))
+        out = attend(attn, q, attn.k_norm(kv[0]), kv[1]).transpose(1, 2).reshape(B, -1, width)
+        return attn.proj(attn.norm(out))
+
+    def attention_received(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """How much attention each token receives: the softmax attention map of ``attn_branch``'s
+        input, averaged over heads and summed over queries (ToCa's self-attention score before
+        its normalisation; an extra computation of the map, done only when asked). (B, N)."""
+        attn = self.attn
+        h = self.modulated_input(x, shift, scale)
+        B, N, _ = h.shape
+        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        weights = (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+        return weights.mean(dim=1).sum(dim=1)
+
+    def value_norms(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of every token's value vector (all heads) in ``attn_branch`` (DuCa's V-caching
+        score; the value projection run again, only when asked). (B, N)."""
+        attn, width = self.attn, self.attn.num_heads * self.attn.head_dim
+        weight, bias = attn.qkv.weight[2 * width:], None if attn.qkv.bias is None else attn.qkv.bias[2 * width:]
+        return F.linear(self.modulated_input(x, shift, scale), weight, bias).norm(dim=-1)
+
     def mlp_branch(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """MLP output, before the gate. (B, N, D) -> (B, N, D)."""
         return self.mlp(modulate(self.norm2(x), shift, scale))
@@ -107,6 +147,14 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn_branch(x, shift_msa, scale_msa)
         x = x + gate_mlp.unsqueeze(1) * self.mlp_branch(x, shift_mlp, scale_mlp)
         return x
+
+
+def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention``'s own attention of (B, heads, n, head_dim) queries against keys and values,
+    by the same path its ``forward`` takes (fused or explicit softmax)."""
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v)
+    return (q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
 
 class FinalLayer(nn.Module):

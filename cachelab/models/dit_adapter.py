@@ -14,6 +14,7 @@ from cachelab.assets import load_asset
 from cachelab.models.loading import load_vae
 from cachelab.models.samplers import Callback, ddim
 from cachelab.core.sites import SitePattern, SitePatterns
+from cachelab.core.tokens import TOKENWISE
 
 _BLOCK = r"blocks\.\d+"
 # Signals of adaptive schedules, read inside block 0 (which then always computes); not at
@@ -22,8 +23,12 @@ PROBES = {"first_block_residual": SitePattern(r"blocks\.0", residual=True),
           "modulated_input": SitePattern(r"blocks\.0", "modulated_input")}
 SITE_PATTERNS = {
     # TaylorSeer's choice: attention and MLP outputs per block, before the adaLN gate.
-    "module": SitePatterns([SitePattern(_BLOCK, "attn_branch", label="attn"),
-                            SitePattern(_BLOCK, "mlp_branch", label="mlp")], PROBES),
+    # Token selection: the MLP is token-wise; the attention recomputes the selected queries against
+    # every key and value; on request it gives each token's attention received (ToCa's score) and
+    # the norm of its value vector (DuCa's V-caching score).
+    "module": SitePatterns([SitePattern(_BLOCK, "attn_branch", label="attn", tokens="attn_tokens",
+                                        scores=(("attention", "attention_received"), ("value_norm", "value_norms"))),
+                            SitePattern(_BLOCK, "mlp_branch", label="mlp", tokens=TOKENWISE)], PROBES),
     "block": SitePatterns([SitePattern(_BLOCK, residual=True)], PROBES),
     # FBCache / TeaCache / MagCache: the blocks after the probe's as one residual
     "stack": SitePatterns([SitePattern(_BLOCK, residual=True, span=True)], PROBES),

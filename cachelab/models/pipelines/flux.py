@@ -12,12 +12,16 @@ from pathlib import Path
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
 from cachelab.core.sites import SitePattern
+from cachelab.core.tokens import TOKENWISE
 
 _DOUBLE, _SINGLE = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
 # The official TaylorSeer module sites of dual-stream models (FLUX, HunyuanVideo): per double
 # block the joint attention and both feed-forwards; per single block the fused output
-# projection, its inputs (attention, MLP projection) skipped on forecast steps.
-DUAL_STREAM_MODULE_SITES = [SitePattern(rf"{_DOUBLE}\.(attn|ff|ff_context)"), SitePattern(rf"{_SINGLE}\.proj_out"),
+# projection, its inputs (attention, MLP projection) skipped on forecast steps. Token selection:
+# the feed-forwards are token-wise; the joint attention and the single blocks' fused projection
+# (whose inputs are skipped) cannot compute a subset of their tokens.
+DUAL_STREAM_MODULE_SITES = [SitePattern(rf"{_DOUBLE}\.attn"), SitePattern(rf"{_DOUBLE}\.(ff|ff_context)", tokens=TOKENWISE),
+                            SitePattern(rf"{_SINGLE}\.proj_out"),
                             SitePattern(rf"{_SINGLE}\.(attn|proj_mlp)", skip="proj_out")]
 
 
