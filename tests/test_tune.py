@@ -68,6 +68,20 @@ def test_per_site_schedule_follows_a_hand_written_loop_in_a_cached_run():
         assert {s for name, s in recorder.forecasts if name == site.name} == {s for s in range(T) if not mask[s]}
 
 
+def test_per_site_schedule_naming_no_site_computes_every_step():
+    adapter = build(compose_config(SMALL), "model")
+    sites = select_sites(adapter.model, adapter.site_patterns("module"))
+    recorder = Recorder()
+    handle = attach(sites, Reuse(), PerSiteInterval({}))  # what schedule=per_site alone builds
+    handle.observe(recorder)
+    try:
+        adapter.generate(adapter.make_inputs(1, 0), handle)
+    finally:
+        handle.remove()
+    assert not recorder.forecasts
+    assert recorder.computed == {(site.name, s) for site in sites for s in range(adapter.num_steps)}
+
+
 def test_per_site_schedule_refuses_unknown_sites_and_bad_intervals():
     adapter = build(compose_config(SMALL), "model")
     sites = select_sites(adapter.model, adapter.site_patterns("module"))

@@ -192,13 +192,12 @@ class PerKindInterval(Schedule):
 class PerSiteInterval(Schedule):
     """One interval per cache site: site ``name`` follows ``Interval(intervals[name],
     first_enhance, final_full)``, so deeper or steadier sites can refresh less often (what
-    ``job=tune`` writes); sites not named compute on every step."""
+    ``job=tune`` writes); sites not named compute on every step (with none named, every site
+    does: ``schedule=per_site`` alone forecasts nothing)."""
 
     decides_for = "site"
 
     def __init__(self, intervals: Mapping[str, int], first_enhance: int = 1, final_full: int = 0):
-        if not intervals:
-            raise ValueError("intervals must name at least one cache site, e.g. {blocks.0.attn: 3}")
         bad = {k: n for k, n in intervals.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"intervals must be integers >= 1, got {bad}")
