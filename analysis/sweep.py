@@ -143,9 +143,11 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
 
 def point_label(m: dict) -> str:
     """``N=5`` for a fixed interval; the knob of any other schedule (``threshold=0.05``)."""
-    schedule = m.get("schedule") or "Interval"
+    schedule = m.get("schedule") or f"Interval interval={m.get('interval')}"
     knobs = schedule.split(" ")[1:]
-    return f"N={m.get('interval')}" if schedule.startswith("Interval") or not knobs else " ".join(knobs)
+    if schedule.startswith("Interval ") and knobs[0].startswith("interval="):
+        return "N=" + knobs[0].removeprefix("interval=")  # the schedule's own N (schedule.interval= may differ)
+    return " ".join(knobs) or f"N={m.get('interval')}"
 
 
 def sweep_description(rows: list[dict]) -> str:

@@ -82,7 +82,14 @@ class StaticSchedule(Schedule):
         """``mask[s]`` is True at full steps."""
 
     def decide(self, ctx: StepContext) -> Decision:
-        return Decision.FULL if self.mask(ctx.T)[ctx.s] else Decision.FORECAST
+        return Decision.FULL if self.mask_for(ctx.T)[ctx.s] else Decision.FORECAST
+
+    def mask_for(self, T: int) -> list[bool]:
+        """``mask(T)``, computed once per ``T`` (``decide`` runs every step)."""
+        cached = self.__dict__.get("_mask_for")
+        if cached is None or cached[0] != T:
+            cached = self._mask_for = (T, self.mask(T))
+        return cached[1]
 
     def full_steps(self, T: int) -> list[int]:
         return [s for s, full in enumerate(self.mask(T)) if full]
@@ -210,5 +217,4 @@ class PerSiteInterval(Schedule):
         return {name: schedule.mask(T) for name, schedule in self.schedules.items()}
 
     def decide(self, ctx: StepContext) -> dict[str, Decision]:
-        return {name: Decision.FULL if schedule.mask(ctx.T)[ctx.s] else Decision.FORECAST
-                for name, schedule in self.schedules.items()}
+        return {name: schedule.decide(ctx) for name, schedule in self.schedules.items()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from typing import Callable, TypeVar
+from unittest import mock
 
 import torch
 from torch import nn
@@ -35,32 +36,17 @@ def count_flops_per_call(fn: Callable[[], T], callables: dict[str, tuple[nn.Modu
     counts = dict.fromkeys(callables, 0)
     with FlopCounterMode(display=False) as counter, ExitStack() as restore:
         for name, (owner, method) in callables.items():
-            restore.enter_context(_counting(owner, method, name, counter, counts))
+            restore.enter_context(mock.patch.object(owner, method, _counted(getattr(owner, method), name, counter, counts)))
         result = fn()
     return result, counter.get_total_flops(), counts
 
 
-class _counting:
-    """Wraps ``owner.<method>`` to add the FLOPs of each call to ``counts[name]``; undone on exit."""
+def _counted(compute: Callable, name: str, counter: FlopCounterMode, counts: dict) -> Callable:
+    """``compute`` adding the FLOPs of each of its calls to ``counts[name]``."""
+    def counted(*args, **kwargs):
+        before = counter.get_total_flops()
+        out = compute(*args, **kwargs)
+        counts[name] += counter.get_total_flops() - before
+        return out
 
-    def __init__(self, owner: nn.Module, method: str, name: str, counter: FlopCounterMode, counts: dict):
-        self.owner, self.method, self.had = owner, method, method in vars(owner)
-        self.own = vars(owner).get(method)
-        compute = getattr(owner, method)
-
-        def counted(*args, **kwargs):
-            before = counter.get_total_flops()
-            out = compute(*args, **kwargs)
-            counts[name] += counter.get_total_flops() - before
-            return out
-
-        self.counted = counted
-
-    def __enter__(self):
-        setattr(self.owner, self.method, self.counted)
-
-    def __exit__(self, *exc):
-        if self.had:
-            setattr(self.owner, self.method, self.own)
-        else:
-            delattr(self.owner, self.method)
+    return counted

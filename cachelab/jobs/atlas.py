@@ -12,11 +12,9 @@ import numpy as np
 
 from analysis.atlas import Atlas, Candidate, ForecastAudit, nanmean
 from analysis.figures import heatmap_colormap, label_sites, log10_or_nan, png_bytes, pyplot
-from cachelab.core.controller import attach
 from cachelab.io import npz_bytes, write_bytes_atomic, write_json_atomic
-from cachelab.core.schedules import Always, Interval, StaticSchedule
-from cachelab.core.sites import select_sites
-from strategies.reuse import Reuse
+from cachelab.core.schedules import Interval, StaticSchedule
+from cachelab.jobs.base import observed_full_run
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ class AtlasJob:
         if checked:
             candidates.append(Candidate("configured", strategy.predictor, strategy.schedule))
         atlas = Atlas(candidates, T, self.derivative_orders)
-        shadow_run(adapter, strategy.granularity, atlas, inputs, "atlas: full run" if cfg.progress else None)
+        observed_full_run(adapter, strategy.granularity, atlas, inputs, "atlas: full run" if cfg.progress else None)
         metrics = {"model": cfg.model.name, "granularity": strategy.granularity, "num_steps": T,
                    "num_images": self.num_images, "sites": atlas.sites,
                    "mean_forecast_error": {c.name: nanmean(atlas.error_map(c.name)) for c in candidates}}
@@ -188,17 +186,6 @@ class AtlasJob:
             lines.append("")
         lines += [f"![{name}]({name})" for name in figures]
         return "\n".join(lines) + "\n"
-
-
-def shadow_run(adapter, granularity: str, atlas: Atlas, inputs, progress: str | None = None):
-    """One full-compute generation of ``inputs`` with ``atlas`` shadowing every candidate at the
-    sites of ``granularity``; returns the generation's latents (the full-compute result)."""
-    shadow = attach(select_sites(adapter.model, adapter.site_patterns(granularity)), Reuse(), Always())
-    shadow.observe(atlas)
-    try:
-        return adapter.generate(inputs, shadow, progress=progress)
-    finally:
-        shadow.remove()
 
 
 def site_depth(site: str) -> int | None:

@@ -9,17 +9,20 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cachelab.core.controller import CacheHandle, guard_policy
+from cachelab.core.controller import CacheHandle, attach, guard_policy
+from cachelab.core.schedules import Always
+from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.jobs.checks import TOKEN_POLICIES
 from cachelab.models.adapter import Inputs, ModelAdapter
+from strategies.reuse import Reuse
 
 
 def build(cfg: DictConfig, key: str, name: str | None = None):
     """``instantiate(cfg[key])`` with a constructor's complaint turned into a ConfigError naming
-    ``name`` (default: ``key``)."""
-    node = cfg[key]
+    ``name`` (default: ``key``); None where ``cfg`` has no ``key`` or it is null."""
+    node = cfg.get(key)
     if node is None:
         return None
     try:
@@ -32,14 +35,25 @@ def build(cfg: DictConfig, key: str, name: str | None = None):
 def build_strategy(cfg: DictConfig) -> Strategy:
     """The strategy of a checked config (``check_strategy``); ``strategy.tokens`` given by name is that
     policy with its own defaults."""
-    tokens = cfg.strategy.get("tokens")
-    if isinstance(tokens, str):
-        tokens = OmegaConf.create({"tokens": {"_target_": TOKEN_POLICIES[tokens]}})
-    elif tokens is not None:
-        tokens = cfg.strategy
-    tokens = None if tokens is None else build(tokens, "tokens", "strategy.tokens")
+    node = cfg.strategy
+    if isinstance(node.get("tokens"), str):
+        node = OmegaConf.create({"tokens": {"_target_": TOKEN_POLICIES[node.tokens]}})
+    tokens = build(node, "tokens", "strategy.tokens")
     return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor"), build(cfg, "schedule"),
                     cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")), tokens=tokens)
+
+
+def observed_full_run(adapter: ModelAdapter, granularity: str, observer, inputs: Inputs,
+                      progress: str | None = None) -> torch.Tensor:
+    """One full-compute generation of ``inputs`` with ``observer`` (what ``handle.observe`` takes:
+    the atlas, a trajectory recorder, calibration norms) seeing every site of ``granularity``;
+    returns the generation's latents, the full-compute result."""
+    handle = attach(select_sites(adapter.model, adapter.site_patterns(granularity)), Reuse(), Always())
+    handle.observe(observer)
+    try:
+        return adapter.generate(inputs, handle, progress=progress)
+    finally:
+        handle.remove()
 
 
 def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,
@@ -68,7 +82,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "granularity": strategy.granularity,
         "tokens": None if strategy.tokens is None else type(strategy.tokens).__name__,  # token selection policy
         "order": cfg.order,
-        "interval": cfg.interval,
+        "interval": OmegaConf.select(cfg, "schedule.interval", default=cfg.interval),  # schedule.interval= wins
         "first_enhance": cfg.first_enhance,
         "schedule": schedule_setting(cfg.schedule),
         "num_steps": cfg.num_steps,
@@ -79,14 +93,17 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
 
 
 SCHEDULE_KNOBS = ("interval", "intervals", "threshold", "tolerance", "full_steps")  # what tells two runs apart
+RUN_NAME_TAGS = {"schedule.interval": "N", "schedule.threshold": "th", "schedule.tolerance": "tol",
+                 "strategy.predictor.order": "o"}  # the keys a run name shows, in order, where the run has them
 
 
 def schedule_setting(schedule: DictConfig) -> str:
     """``Interval interval=5``, ``FirstBlockCache threshold=0.05``: the schedule's class and its
     knob, so that sweep tables tell apart jobs that differ only in a threshold."""
-    knobs = [f"{key}={OmegaConf.to_container(schedule, resolve=True)[key]}" for key in SCHEDULE_KNOBS if key in schedule]
-    calibrated = " (calibrated)" if schedule.get("calibration") else ""
-    return " ".join([schedule._target_.rsplit(".", 1)[-1], *knobs]) + calibrated
+    values = OmegaConf.to_container(schedule, resolve=True)
+    knobs = [f"{key}={values[key]}" for key in SCHEDULE_KNOBS if key in values]
+    calibrated = " (calibrated)" if values.get("calibration") else ""
+    return " ".join([values["_target_"].rsplit(".", 1)[-1], *knobs]) + calibrated
 
 
 def flatten(metrics: dict, prefix: str = "") -> dict:

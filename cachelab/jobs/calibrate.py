@@ -27,10 +27,11 @@ from analysis.sink import Sink
 from cachelab.core.adaptive import relative_l1
 from cachelab.core.controller import attach
 from cachelab.core.outputs import Parts
-from cachelab.core.schedules import Always, Decision, Schedule, StepContext
+from cachelab.core.schedules import Decision, Schedule, StepContext
 from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
+from cachelab.jobs.base import observed_full_run
 from cachelab.models.adapter import Inputs, ModelAdapter
 from strategies.reuse import Reuse
 
@@ -88,12 +89,7 @@ class StackResidualNorms:
 def magnitude_ratios(adapter: ModelAdapter, inputs: Inputs) -> list[float]:
     """MagCache's ratio curve of ``adapter``'s model, from one full generation of ``inputs``."""
     recorder = StackResidualNorms()
-    handle = attach(select_sites(adapter.model, adapter.site_patterns("stack")), Reuse(), Always())
-    handle.observe(recorder)
-    try:
-        adapter.generate(inputs, handle)
-    finally:
-        handle.remove()
+    observed_full_run(adapter, "stack", recorder, inputs)
     return recorder.ratios(adapter.num_steps)
 
 

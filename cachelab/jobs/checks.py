@@ -11,7 +11,6 @@ from cachelab.core.controller import guard_policy
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
 from cachelab.errors import ConfigError
-from cachelab.jobs import CONFIG_DIR  # noqa: F401 -- where the presets and the peers benchmark read it
 from strategies.taylor import MAX_ORDER
 
 
@@ -20,7 +19,8 @@ from strategies.taylor import MAX_ORDER
 INTEGER_RANGES = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
                   "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
                   "job.num_images": (1, None), "job.grid_rows": (0, None),
-                  "job.calibration_runs": (2, None), "job.max_tries": (1, None)}
+                  "job.calibration_runs": (2, None), "job.max_tries": (1, None),
+                  "parallel.ulysses": (1, None), "parallel.ring": (1, None)}
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -37,15 +37,11 @@ TIMEOUT = timedelta(minutes=10)  # a collective waiting longer than this fails i
 
 def degree(cfg: DictConfig) -> int:
     """How many processes share each generation (1: no parallelism)."""
-    parallel = cfg.get("parallel") or {}
-    return parallel.get("ulysses", 1) * parallel.get("ring", 1)
+    return cfg.parallel.ulysses * cfg.parallel.ring
 
 
 def check_parallel(cfg: DictConfig) -> None:
     """One line naming the key for what ``parallel.*`` cannot do."""
-    for key in ("ulysses", "ring"):
-        if cfg.parallel[key] < 1:
-            raise ConfigError(f"parallel.{key}={cfg.parallel[key]} is out of range; allowed: integers >= 1")
     if degree(cfg) > 1 and cfg.job.get("_target_") != f"{CompareJob.__module__}.{CompareJob.__qualname__}":
         raise ConfigError(f"parallel.ulysses={cfg.parallel.ulysses} parallel.ring={cfg.parallel.ring}: context "
                           f"parallelism runs job=compare only; allowed: job=compare, or parallel.ulysses=1 parallel.ring=1")

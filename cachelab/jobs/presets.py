@@ -8,7 +8,8 @@ from omegaconf import DictConfig, OmegaConf, ValidationError, open_dict
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.jobs.base import build_strategy
-from cachelab.jobs.checks import CONFIG_DIR, check_group_choices, check_ranges, check_strategy
+from cachelab.jobs import CONFIG_DIR
+from cachelab.jobs.checks import check_group_choices, check_ranges, check_strategy
 from cachelab.jobs.schema import compose_config, type_error
 
 SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top-level keys of conf/config.yaml

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.sink import Sink
-from cachelab.jobs.base import build, build_strategy
+from cachelab.jobs.base import RUN_NAME_TAGS, build, build_strategy
 from cachelab.jobs.checks import check_config
 from cachelab.jobs.lifecycle import PROGRESS, FolderLock, track_generations
 from cachelab.jobs.parallel import check_parallel, degree, is_rank, join, launch, rank_folder, writes
@@ -53,6 +53,5 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
 def run_name(cfg: DictConfig, strategy: str) -> str:
     """``tiny_dit-taylor-N5-o2``, ``tiny_dit-fbcache-th0.08``: the interval, threshold, tolerance
     and order only where the schedule and the predictor have them (reuse has no order)."""
-    used = (("N", OmegaConf.select(cfg, "schedule.interval")), ("th", OmegaConf.select(cfg, "schedule.threshold")),
-            ("tol", OmegaConf.select(cfg, "schedule.tolerance")), ("o", OmegaConf.select(cfg, "strategy.predictor.order")))
+    used = ((tag, OmegaConf.select(cfg, key)) for key, tag in RUN_NAME_TAGS.items())
     return "-".join([cfg.model.name, strategy] + [f"{tag}{value}" for tag, value in used if value is not None])

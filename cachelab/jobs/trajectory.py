@@ -7,11 +7,8 @@ from pathlib import Path
 from analysis.atlas import nanmean
 from analysis.figures import png_bytes
 from analysis.trajectory import STATISTICS, TrajectoryRecorder, pca_figure, statistics_figure
-from cachelab.core.controller import attach
-from cachelab.core.schedules import Always
-from cachelab.core.sites import select_sites
 from cachelab.io import npz_bytes, write_bytes_atomic, write_json_atomic
-from strategies.reuse import Reuse
+from cachelab.jobs.base import observed_full_run
 
 
 class TrajectoryJob:
@@ -22,13 +19,8 @@ class TrajectoryJob:
 
     def run(self, cfg, adapter, strategy, sink, out_dir: Path) -> dict:
         recorder = TrajectoryRecorder(adapter.num_steps, self.sketch_dim, seed=cfg.seed)
-        handle = attach(select_sites(adapter.model, adapter.site_patterns(strategy.granularity)), Reuse(), Always())
-        handle.observe(recorder)
-        try:
-            adapter.generate(adapter.make_inputs(self.num_images, cfg.seed), handle,
-                             progress="trajectory: full run" if cfg.progress else None)
-        finally:
-            handle.remove()
+        observed_full_run(adapter, strategy.granularity, recorder, adapter.make_inputs(self.num_images, cfg.seed),
+                          "trajectory: full run" if cfg.progress else None)
         arrays = recorder.arrays()
         write_bytes_atomic(out_dir / "trajectory.npz", npz_bytes(arrays))
         title = (f"{cfg.model.name}, {strategy.granularity} sites, full compute, {adapter.num_steps} steps, "

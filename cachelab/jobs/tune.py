@@ -3,7 +3,7 @@ the fastest strategy predicted to meet a quality budget (or the best quality at 
 with one interval per cache site, verified by a real cached run.
 
 1. One full-compute generation shadowed by every candidate (predictor family x order x
-   interval, the atlas: :func:`cachelab.jobs.atlas.shadow_run`) gives each site's forecast
+   interval, the atlas: :func:`cachelab.jobs.base.observed_full_run`) gives each site's forecast
    error under each interval; one FLOP-counted full generation gives each site's FLOPs.
 2. Cost: a site forecast at ``f`` of ``T`` steps saves ``f / T`` of its FLOPs
    (:class:`CostModel`), so a configuration's FLOPs speedup is a closed form.
@@ -44,8 +44,8 @@ from cachelab.errors import ConfigError
 from cachelab.evaluation.flops import count_flops_per_call
 from cachelab.evaluation.metrics import psnr, relative_l2
 from cachelab.io import write_bytes_atomic, write_json_atomic
-from cachelab.jobs.atlas import AtlasJob, shadow_run, site_depth
-from cachelab.jobs.base import build_strategy
+from cachelab.jobs.atlas import AtlasJob, site_depth
+from cachelab.jobs.base import build_strategy, observed_full_run
 from cachelab.jobs.checks import check_target
 from cachelab.jobs.compare import measure
 
@@ -157,7 +157,7 @@ class TuneJob:
         T, granularity, first_enhance = adapter.num_steps, strategy.granularity, self.atlas.first_enhance
         inputs = adapter.make_inputs(self.num_images, cfg.seed)
         atlas = Atlas(self.atlas.candidates(), T)
-        baseline = shadow_run(adapter, granularity, atlas, inputs, "tune: shadowed full run" if cfg.progress else None)
+        baseline = observed_full_run(adapter, granularity, atlas, inputs, "tune: shadowed full run" if cfg.progress else None)
         base_images = adapter.decode(baseline)
         counted = min(cfg.measure.flops_images or self.num_images, self.num_images)
         cost = CostModel.measure(adapter, granularity, counted, cfg.seed, first_enhance)

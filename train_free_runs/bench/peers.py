@@ -31,7 +31,7 @@ from cachelab.core.schedules import Mask, PerKindInterval
 from cachelab.core.sites import SitePattern, select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
-from cachelab.jobs.checks import CONFIG_DIR
+from cachelab.jobs import CONFIG_DIR
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
 from strategies.reuse import Reuse
 from strategies.taylor import TaylorSeer
