@@ -21,6 +21,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_digest(path: Path, digest: str | None, expected: str, manifest: str) -> None:
+    """Refuse a shipped file that is missing (``digest`` None) or whose sha256 is not its manifest's."""
+    if digest is None:
+        raise AssetCorrupt(f"{path} is missing (listed in {manifest}.json); reinstall or re-export it")
+    if digest != expected:
+        raise AssetCorrupt(f"{path} has sha256 {digest[:12]}..., its manifest says {expected[:12]}...: "
+                           f"the file is corrupt or was replaced (git lfs pointer?); restore it from the repository")
+
+
 def read_manifest(name: str) -> dict:
     path = ASSETS_DIR / f"{name}.json"
     if not path.is_file():
@@ -33,13 +42,8 @@ def load_asset(name: str) -> tuple[dict, dict]:
     """The state dict and manifest of a shipped asset, after checking its sha256."""
     manifest = read_manifest(name)
     path = ASSETS_DIR / manifest["file"]
-    if not path.is_file():
-        raise AssetCorrupt(f"{path} is missing (its manifest {name}.json is there); reinstall or re-export it")
-    data = path.read_bytes()
-    digest = sha256(data)
-    if digest != manifest["sha256"]:
-        raise AssetCorrupt(f"{path} has sha256 {digest[:12]}..., its manifest says {manifest['sha256'][:12]}...: "
-                           f"the file is corrupt or was replaced (git lfs pointer?); restore it from the repository")
+    data = path.read_bytes() if path.is_file() else None
+    check_digest(path, None if data is None else sha256(data), manifest["sha256"], name)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), manifest
 
 

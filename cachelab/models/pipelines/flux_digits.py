@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cachelab.assets import ASSETS_DIR, read_manifest, sha256
-from cachelab.errors import AssetCorrupt
+from cachelab.assets import ASSETS_DIR, check_digest, read_manifest, sha256
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PromptInputs
 from cachelab.models.pipelines.flux import FluxAdapter
@@ -89,11 +88,7 @@ def verified_folder(name: str = ASSET) -> Path:
     folder = ASSETS_DIR / manifest["folder"]
     found = folder_digests(folder) if folder.is_dir() else {}
     for path, digest in manifest["files"].items():
-        if path not in found:
-            raise AssetCorrupt(f"{folder / path} is missing (listed in {name}.json); reinstall or re-export it")
-        if found[path] != digest:
-            raise AssetCorrupt(f"{folder / path} has sha256 {found[path][:12]}..., its manifest says {digest[:12]}...: "
-                               f"the file is corrupt or was replaced; restore it from the repository")
+        check_digest(folder / path, found.get(path), digest, name)
     return folder
 
 
