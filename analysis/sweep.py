@@ -56,12 +56,17 @@ def lookup(metrics: dict, path: tuple[str, ...]):
     return float(flagged) if flagged else value
 
 
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders of a sweep (sorted), less the jobs skipped as the same run as another."""
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()
+                  and not (p / SKIPPED).is_file())
+
+
 def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     """Metrics of every finished job (sorted) and the names of jobs that did not finish (a job
     skipped as the same run as another is neither)."""
     rows, failed = [], []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()
-                      and not (p / SKIPPED).is_file()):
+    for job in job_dirs(sweep_dir):
         path = job / "metrics.json"
         if path.is_file():
             rows.append({"job": job.name, **json.loads(path.read_text())})

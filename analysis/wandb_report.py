@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from analysis.sweep import job_dirs
 from analysis.wandb_log import history, read_records, summary
 from cachelab.io import write_bytes_atomic
 
@@ -67,7 +68,7 @@ def number(value) -> bool:
 def logged_runs(sweep_dir: Path) -> list[LoggedRun]:
     """The latest W&B run of every finished job (a ``metrics.json``) of the sweep folder."""
     runs = []
-    for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir() and (p / "metrics.json").is_file()):
+    for job in (p for p in job_dirs(sweep_dir) if (p / "metrics.json").is_file()):
         files = sorted(job.glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.parent.name.split("run-", 1)[1])
         if files:
             runs.append(read_run(files[-1], job.name))
