@@ -47,7 +47,12 @@ def observed_full_run(adapter: ModelAdapter, granularity: str, observer, inputs:
                       progress: str | None = None) -> torch.Tensor:
     """One full-compute generation of ``inputs`` with ``observer`` (what ``handle.observe`` takes:
     the atlas, a trajectory recorder, calibration norms) seeing every site of ``granularity``;
-    returns the generation's latents, the full-compute result."""
+    returns the generation's latents, the full-compute result. The observers read one
+    transformer's sites over the global steps: a model with several experts (Wan 2.2) is refused."""
+    experts = getattr(adapter, "experts", None)
+    if experts:
+        raise ConfigError(f"this job observes one transformer's sites, and model {adapter.name} has the experts "
+                          f"{', '.join(experts)} (Wan 2.2); allowed: job=compare or job=sample for this model")
     handle = attach(select_sites(adapter.model, adapter.site_patterns(granularity)), Reuse(), Always())
     handle.observe(observer)
     try:

@@ -3,6 +3,7 @@ seeds, compared on FLOPs, wall-clock and quality; everything written into the ru
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -52,7 +53,10 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
             base_flops, cached_flops = (round(f * cfg.num_images / flops_images) for f in (base_flops, cached_flops))
         base_path, cached_path = [], []
         # compiled (if asked) after the eager FLOPs count; one untimed generation per side compiles
-        with compiled_if_asked(cfg.get("compile"), adapter.model, adapter.site_patterns("block"), handle):
+        with ExitStack() as compiled:
+            for source, each in regions(adapter, handle):
+                compiled.enter_context(compiled_if_asked(cfg.get("compile"), source.model,
+                                                         source.site_patterns("block"), each))
             if cfg.get("compile"):
                 adapter.generate(inputs)
                 adapter.generate(inputs, handle)
@@ -107,3 +111,12 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     sink.summary(flatten(metrics))
     log.info(summary_table(metrics))
     return metrics
+
+
+def regions(adapter: ModelAdapter, handle) -> list[tuple]:
+    """(site source, its handle) for every transformer to compile: each expert of a model with
+    several (Wan 2.2) with its own handle, else the adapter with ``handle``."""
+    experts = getattr(adapter, "experts", None)
+    if not experts:
+        return [(adapter, handle)]
+    return [(source, None if handle is None else handle.handles[name]) for name, source in experts.items()]
