@@ -291,3 +291,24 @@ def test_run_py_runs_both_experts_end_to_end(tmp_path):
     assert metrics["full_steps"] == sorted(experts["transformer"]["full_steps"] + experts["transformer_2"]["full_steps"])
     assert metrics["flops"]["speedup"] > 1 and metrics["fallbacks"] == 0
     assert "transformer_2" in (run_dir / "run.log").read_text()
+
+
+def test_compile_covers_both_experts_blocks_and_sites(adapter):
+    """``compile=...`` in compare and sample: every expert's blocks are compiled, and its sites through its own handle."""
+    from cachelab.jobs.base import compiled_regions
+
+    handle = taylor().attach(adapter)
+    compiled = []
+    for expert, each in handle.handles.items():
+        each.compile = lambda expert=expert, compile=each.compile, **options: compiled.append(expert) or \
+            compile(**options)
+    try:
+        with compiled_regions({"backend": "aot_eager"}, adapter, handle):
+            assert compiled == ["transformer", "transformer_2"]  # each expert's sites through its own handle
+            for expert in ("transformer", "transformer_2"):
+                blocks = getattr(adapter.pipe, expert).blocks
+                assert all(block._compiled_call_impl is not None for block in blocks), expert
+        assert all(block._compiled_call_impl is None for expert in ("transformer", "transformer_2")
+                   for block in getattr(adapter.pipe, expert).blocks)
+    finally:
+        handle.remove()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 from statistics import median
 
 import torch
@@ -9,6 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cachelab.core.compiling import compiled_if_asked
 from cachelab.core.controller import CacheHandle, attach, guard_policy
 from cachelab.core.schedules import Always
 from cachelab.core.sites import select_sites
@@ -59,6 +61,20 @@ def observed_full_run(adapter: ModelAdapter, granularity: str, observer, inputs:
         return adapter.generate(inputs, handle, progress=progress)
     finally:
         handle.remove()
+
+
+@contextmanager
+def compiled_regions(options, adapter: ModelAdapter, handle):
+    """``compiled_if_asked`` (the run's ``compile`` options; none: eager) for every transformer:
+    each expert of a model with several (Wan 2.2) with its own handle, else the adapter's model
+    with ``handle``."""
+    experts = getattr(adapter, "experts", None)
+    regions = ([(source, None if handle is None else handle.handles[name]) for name, source in experts.items()]
+               if experts else [(adapter, handle)])
+    with ExitStack() as compiled:
+        for source, each in regions:
+            compiled.enter_context(compiled_if_asked(options, source.model, source.site_patterns("block"), each))
+        yield
 
 
 def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,
