@@ -312,3 +312,23 @@ def test_compile_covers_both_experts_blocks_and_sites(adapter):
                    for block in getattr(adapter.pipe, expert).blocks)
     finally:
         handle.remove()
+
+
+def test_a_call_of_the_other_expert_is_refused(adapter, monkeypatch):
+    """Should diffusers' rule and the plan ever disagree, the run stops instead of mixing caches."""
+    monkeypatch.setattr("cachelab.models.pipelines.driver.expert_plan",
+                        lambda pipe, timesteps: ["transformer"] * len(timesteps))
+    handle = taylor().attach(adapter)
+    try:
+        with pytest.raises(RuntimeError, match="ran transformer_2 at step"):
+            adapter.generate(adapter.make_inputs(1, seed=0), handle)
+    finally:
+        handle.remove()
+
+
+def test_jobs_that_observe_one_transformer_refuse_two_experts(adapter):
+    from cachelab.errors import ConfigError
+    from cachelab.jobs.base import observed_full_run
+
+    with pytest.raises(ConfigError, match="transformer, transformer_2.*allowed: job=compare or job=sample"):
+        observed_full_run(adapter, "module", None, adapter.make_inputs(1, seed=0))
