@@ -8,6 +8,7 @@ generation (one extra forward, once), unless ``sites`` gives them.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -15,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 from torch import nn
 
 from cachelab.core.controller import CacheHandle, CacheStats, Generations
+from cachelab.core.experts import ExpertHandles
 from cachelab.core.schedules import Decision
 from cachelab.core.sites import SitePattern
 from cachelab.core.strategy import SiteSource, Strategy
@@ -101,7 +103,10 @@ class Handle(Generations):
 
     def summary(self) -> str:
         """Full and forecast steps, fallbacks, cache bytes (in all and per context) of the last generation."""
-        stats = self.stats()
+        return "\n".join(self.summary_lines(self.stats()))
+
+    def summary_lines(self, stats: CacheStats) -> list[str]:
+        """The lines of :meth:`summary` for ``stats``."""
         lines = [f"cachelab {self.strategy.name} ({self.strategy.granularity}) on {type(self.model).__name__}",
                  f"  sites: {len(self.inner.sites) if self.inner else 'not hooked yet (no generation ran)'}",
                  f"  full steps: {len(stats.full_steps)} {stats.full_steps}",
@@ -111,7 +116,7 @@ class Handle(Generations):
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
         if hasattr(self.sites, "describe"):  # discovered: what was found
             lines += ["  discovered:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
-        return "\n".join(lines)
+        return lines
 
     # -- removing -----------------------------------------------------------------------------
     def remove(self) -> None:
@@ -184,14 +189,51 @@ class Handle(Generations):
             raise RuntimeError("this cachelab handle was removed; apply the strategy again")
 
 
+class ExpertsHandle(ExpertHandles):
+    """A strategy applied to a pipeline with several experts (Wan 2.2's ``transformer`` and
+    ``transformer_2``): one :class:`Handle` per expert, each with its own copy of the strategy
+    (caches, step counter, schedule state), driven by the pipeline's calls; steps are counted per
+    expert (:class:`~cachelab.core.experts.ExpertHandles`). ``summary()`` shows both experts in
+    global steps; ``remove()`` restores both transformers."""
+
+    driver = None  # the PipelineDriver of the pipeline
+
+    def summary(self) -> str:
+        stats = self.stats()
+        lines = [f"cachelab on {len(self.handles)} experts: {', '.join(self.handles)}",
+                 f"  full steps: {len(stats.full_steps)} {stats.full_steps}",
+                 f"  forecast steps: {len(stats.forecast_steps)}",
+                 f"  cache: {stats.cache_bytes / 2**20:.2f} MiB at most at once "
+                 f"(an expert's caches are freed after its last step)"]
+        for name, handle in self.handles.items():
+            lines += [f"  expert {name}:"] + [f"    {line}" for line in handle.summary_lines(stats.experts[name])]
+        return "\n".join(lines)
+
+    def remove(self) -> None:
+        """Detach everything: both transformers are bit for bit as before ``apply``."""
+        if self.driver is not None:
+            self.driver.uninstall()
+            self.driver = None
+        for handle in self.handles.values():
+            handle.driver = None
+        super().remove()
+
+    def __enter__(self) -> ExpertsHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[SitePattern]] | None = None,
           on_undriven: str = "warn", **overrides) -> Handle:
     """Apply ``strategy`` (a ``conf/strategy/`` preset name, with the command line's keys as
     ``overrides``: ``order``, ``interval``, ``first_enhance``, ``granularity``, ``schedule``,
     the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
-    transformer, driven by the pipeline's own calls), a diffusers transformer or any
-    ``nn.Module`` (driven by the caller: ``with handle.generation(T): handle.step(s, t)``).
-    ``sites``: granularity -> site patterns, instead of discovering them."""
+    transformer, driven by the pipeline's own calls; both experts of a Wan 2.2 pipeline, each
+    with its own state: an :class:`ExpertsHandle`), a diffusers transformer or any ``nn.Module``
+    (driven by the caller: ``with handle.generation(T): handle.step(s, t)``). ``sites``:
+    granularity -> site patterns, instead of discovering them (for every expert)."""
     pipe = target if _is_pipeline(target) else None
     model = target.transformer if pipe is not None else target
     if not isinstance(model, nn.Module):
@@ -205,12 +247,19 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
-    handle = Handle(model, strategy, GivenSites(model, sites) if sites is not None else None, on_undriven)
-    if pipe is not None:
-        from cachelab.models.pipelines.driver import PipelineDriver
+    if pipe is None:
+        return Handle(model, strategy, GivenSites(model, sites) if sites is not None else None, on_undriven)
+    from cachelab.models.pipelines.driver import PipelineDriver, experts
 
-        handle.driver = PipelineDriver(pipe, handle)
-        handle.driver.install()
+    models = experts(pipe)
+    handles = {name: Handle(expert, copy.deepcopy(strategy) if len(models) > 1 else strategy,
+                            GivenSites(expert, sites) if sites is not None else None, on_undriven)
+               for name, expert in models.items()}
+    handle = handles["transformer"] if len(handles) == 1 else ExpertsHandle(handles)
+    handle.driver = PipelineDriver(pipe, handle)
+    for each in handles.values():
+        each.driver = handle.driver
+    handle.driver.install()
     return handle
 
 

@@ -68,7 +68,8 @@ class CacheStats:
     computing instead), bytes held by caches (the sites' predictor states, token selection's
     ages, clusters and scores, and the schedule's reference signals), and the order the
     predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
-    without orders)."""
+    without orders). Several experts (:class:`~cachelab.core.experts.ExpertHandles`): each one's
+    own statistics in ``experts``, the fields above merged."""
 
     full_steps: list[int] = field(default_factory=list)
     forecast_steps: list[int] = field(default_factory=list)
@@ -77,8 +78,10 @@ class CacheStats:
     cache_bytes: int = 0
     context_bytes: dict[str, int] = field(default_factory=dict)  # the sites' states per context
     order_reached: dict[str, int] | None = None
+    experts: dict[str, CacheStats] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        experts = {"experts": {name: stats.as_dict() for name, stats in self.experts.items()}} if self.experts else {}
         return {
             "full_steps": self.full_steps,
             "num_full": len(self.full_steps),
@@ -88,6 +91,7 @@ class CacheStats:
             "cache_bytes": self.cache_bytes,
             "context_bytes": self.context_bytes,
             "order_reached": self.order_reached,
+            **experts,
         }
 
 

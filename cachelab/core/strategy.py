@@ -1,6 +1,7 @@
 """A strategy: predictor x schedule x granularity (x token selection), attached to a model's sites of that granularity."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from cachelab.core.controller import CacheHandle, attach
 from cachelab.core.distributed import GroupReduce
+from cachelab.core.experts import ExpertHandles
 from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Schedule
 from cachelab.core.sites import SitePattern, select_sites
@@ -15,7 +17,9 @@ from cachelab.core.tokens import TokenPolicy
 
 
 class SiteSource(Protocol):
-    """What a strategy attaches to: a model and its site patterns per granularity (a model adapter)."""
+    """What a strategy attaches to: a model and its site patterns per granularity (a model adapter).
+    A source whose ``experts`` attribute is a mapping (name -> source: Wan 2.2's two
+    transformers) gets one handle per expert."""
 
     model: nn.Module
 
@@ -37,12 +41,18 @@ class Strategy:
     tokens: TokenPolicy | None = None
 
     def attach(self, adapter: SiteSource, guard: str | None = None, group: GroupReduce | None = None
-               ) -> CacheHandle | None:
+               ) -> CacheHandle | ExpertHandles | None:
         """The handle on ``adapter``'s sites of this granularity (None without caching);
         ``guard`` overrides the strategy's own; ``group``: the ranks sharing each generation
-        under context parallelism (see :class:`CacheHandle`)."""
+        under context parallelism (see :class:`CacheHandle`). Several experts: an
+        :class:`ExpertHandles` whose experts each hold a copy of this strategy (their own
+        schedule and predictor state)."""
         if self.predictor is None:
             return None
+        experts = getattr(adapter, "experts", None)
+        if experts:
+            return ExpertHandles({name: copy.deepcopy(self).attach(source, guard, group)
+                                  for name, source in experts.items()})
         sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
         return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group,
                       tokens=self.tokens)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 from statistics import median
 
 import torch
@@ -9,6 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cachelab.core.compiling import compiled_if_asked
 from cachelab.core.controller import CacheHandle, attach, guard_policy
 from cachelab.core.schedules import Always
 from cachelab.core.sites import select_sites
@@ -47,13 +49,32 @@ def observed_full_run(adapter: ModelAdapter, granularity: str, observer, inputs:
                       progress: str | None = None) -> torch.Tensor:
     """One full-compute generation of ``inputs`` with ``observer`` (what ``handle.observe`` takes:
     the atlas, a trajectory recorder, calibration norms) seeing every site of ``granularity``;
-    returns the generation's latents, the full-compute result."""
+    returns the generation's latents, the full-compute result. The observers read one
+    transformer's sites over the global steps: a model with several experts (Wan 2.2) is refused."""
+    experts = getattr(adapter, "experts", None)
+    if experts:
+        raise ConfigError(f"this job observes one transformer's sites, and model {adapter.name} has the experts "
+                          f"{', '.join(experts)} (Wan 2.2); allowed: job=compare or job=sample for this model")
     handle = attach(select_sites(adapter.model, adapter.site_patterns(granularity)), Reuse(), Always())
     handle.observe(observer)
     try:
         return adapter.generate(inputs, handle, progress=progress)
     finally:
         handle.remove()
+
+
+@contextmanager
+def compiled_regions(options, adapter: ModelAdapter, handle):
+    """``compiled_if_asked`` (the run's ``compile`` options; none: eager) for every transformer:
+    each expert of a model with several (Wan 2.2) with its own handle, else the adapter's model
+    with ``handle``."""
+    experts = getattr(adapter, "experts", None)
+    regions = ([(source, None if handle is None else handle.handles[name]) for name, source in experts.items()]
+               if experts else [(adapter, handle)])
+    with ExitStack() as compiled:
+        for source, each in regions:
+            compiled.enter_context(compiled_if_asked(options, source.model, source.site_patterns("block"), each))
+        yield
 
 
 def timed_generation(adapter: ModelAdapter, inputs: Inputs, handle: CacheHandle | None, repeats: int,

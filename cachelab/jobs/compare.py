@@ -9,14 +9,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.sink import Sink
-from cachelab.core.compiling import compiled_if_asked
 from cachelab.core.controller import CacheStats
 from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops
 from cachelab.evaluation.metrics import psnr, relative_l2, ssim
 from cachelab.evaluation.paper_metrics import evaluate_all
 from cachelab.io import finite_json, write_bytes_atomic, write_json_atomic
-from cachelab.jobs.base import build, describe, flatten, timed_generation
+from cachelab.jobs.base import build, compiled_regions, describe, flatten, timed_generation
 from analysis.figures import png_bytes
 from cachelab.jobs.report import comparison_grid, per_step_plot, run_report, run_title, summary_table
 from cachelab.models.adapter import ModelAdapter
@@ -52,7 +51,7 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
             base_flops, cached_flops = (round(f * cfg.num_images / flops_images) for f in (base_flops, cached_flops))
         base_path, cached_path = [], []
         # compiled (if asked) after the eager FLOPs count; one untimed generation per side compiles
-        with compiled_if_asked(cfg.get("compile"), adapter.model, adapter.site_patterns("block"), handle):
+        with compiled_regions(cfg.get("compile"), adapter, handle):
             if cfg.get("compile"):
                 adapter.generate(inputs)
                 adapter.generate(inputs, handle)
@@ -107,3 +106,4 @@ def measure(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Si
     sink.summary(flatten(metrics))
     log.info(summary_table(metrics))
     return metrics
+

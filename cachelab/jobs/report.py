@@ -66,12 +66,14 @@ def summary_table(m: dict) -> str:
         ("strategy", f"{m['strategy']} / {m['granularity']}  {order} N={m['interval']} "
                      f"first_enhance={m['first_enhance']}" + (f"  tokens={m['tokens']}" if m.get("tokens") else "")),
         ("full steps", f"{m['num_full']}/{m['num_steps']}  {m['full_steps']}"),
+        *((f"  {name}", f"{e['num_full']}/{e['num_full'] + e['num_forecast']} of its steps full  {e['full_steps']}  "
+                        f"cache {e['cache_bytes'] / 2**20:.2f} MiB") for name, e in m.get("experts", {}).items()),
         ("FLOPs", f"{fmt(m['flops']['baseline'], '.3e')} -> {fmt(m['flops']['cached'], '.3e')}  "
                   f"speedup {fmt(m['flops']['speedup'], '.2f')}x"),
         ("wall", f"{fmt(m['wall_s']['baseline'], '.2f')}s -> {fmt(m['wall_s']['cached'], '.2f')}s  "
                  f"speedup {fmt(m['wall_s']['speedup'], '.2f')}x"),
         ("efficiency", fmt(m["efficiency"], ".2f") + "  (wall speedup / FLOPs speedup)"),
-        ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB"),
+        ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB" + ("  (the most held at once)" if m.get("experts") else "")),
         ("rel-L2", f"{fmt(m['quality']['rel_l2'], '.4g')}  (model output vs full compute)"),
         ("PSNR / SSIM", f"{fmt(m['quality']['psnr_db'], '.2f')} dB / {fmt(m['quality']['ssim'], '.4f')}  "
                         f"(images vs full compute)"),

@@ -31,13 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from cachelab.errors import ConfigError
 from analysis.sink import Sink
-from cachelab.core.compiling import compiled_if_asked
 from cachelab.core.controller import CacheHandle, CacheStats
 from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops
 from cachelab.evaluation.paper_metrics import PaperMetricStream
 from cachelab.io import ArrayParts, finite_json, from_uint8_hwc, to_uint8_hwc, write_json_atomic, write_npz_atomic
-from cachelab.jobs.base import build, describe, flatten, timed_generation
+from cachelab.jobs.base import build, compiled_regions, describe, flatten, timed_generation
 from cachelab.models.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,8 @@ def sample(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sin
     generated = 0
     handle = strategy.attach(adapter)
     try:
-        compiled = compiled_if_asked(cfg.get("compile"), adapter.model, adapter.site_patterns("block"), handle)
-        with compiled:  # the first chunk of each side includes the compilation
+        # the first chunk of each side includes the compilation
+        with compiled_regions(cfg.get("compile"), adapter, handle):
             for chunk in chunks:
                 metas = {side: finished(chunk.path(folder, side), chunk) for side in sides}
                 missing = [side for side in sides if metas[side] is None]

@@ -2,7 +2,9 @@
 pipeline built and saved locally), generate through the real pipeline call, driven by
 :class:`PipelineDriver`. The transformer's sites are discovered from its first call
 (:mod:`cachelab.models.discovery`); a family subclass says which pipeline class, how to build
-its tiny components, and any sites it chooses itself (the papers' module sites)."""
+its tiny components, and any sites it chooses itself (the papers' module sites). A pipeline with
+a second expert (Wan 2.2's ``transformer_2``) offers both as ``experts``: a strategy attached to
+the adapter caches each with its own state (:class:`~cachelab.core.experts.ExpertHandles`)."""
 from __future__ import annotations
 
 import importlib
@@ -21,7 +23,7 @@ from cachelab.core.controller import CacheHandle
 from cachelab.models.adapter import DTYPES, ModelAdapter
 from cachelab.models.discovery import DiscoveredSites, discover
 from cachelab.models.loading import load_pretrained
-from cachelab.models.pipelines.driver import PipelineDriver
+from cachelab.models.pipelines.driver import PipelineDriver, experts
 from cachelab.models.samplers import Callback
 from cachelab.core.sites import SitePattern, SitePatterns
 
@@ -120,15 +122,36 @@ class PipelineAdapter(ModelAdapter):
 
     @cached_property
     def discovered(self) -> DiscoveredSites:
-        """The transformer's sites, read from its first call in a one-image generation."""
-        inputs = self.make_inputs(1, seed=0)
-        return discover(self.model, lambda: self.generate(inputs))
+        """The transformer's sites, read from its first call in a one-image generation (whose
+        ``(args, kwargs)`` are kept in ``first_call``)."""
+        inputs, calls = self.make_inputs(1, seed=0), []
+        hook = self.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
+                                                    with_kwargs=True)
+        try:
+            found = discover(self.model, lambda: self.generate(inputs))
+        finally:
+            hook.remove()
+        self.first_call = calls[0]
+        return found
+
+    @cached_property
+    def experts(self) -> dict[str, ExpertSites] | None:
+        """Name -> sites of each expert where the pipeline has several (Wan 2.2: ``transformer``,
+        ``transformer_2``), else None. The second expert's sites are read from one call with the
+        first one's discovery inputs (no generation runs to its first step)."""
+        models = experts(self.pipe)
+        if len(models) < 2:
+            return None
+        first = self.discovered  # the first expert's sites, keeping the call they were read from
+        args, kwargs = self.first_call
+        found = {}
+        for name, model in models.items():
+            model.eval().requires_grad_(False)
+            found[name] = first if model is self.model else discover(model, lambda m=model: m(*args, **kwargs))
+        return {name: ExpertSites(models[name], sites, self.sites) for name, sites in found.items()}
 
     def site_patterns(self, granularity: str) -> list[SitePattern]:
-        own = self.sites.get(granularity)
-        if own is None:
-            return self.discovered.site_patterns(granularity)
-        return SitePatterns(own, self.discovered.probes)
+        return own_or_discovered(self.sites, self.discovered, granularity)
 
     def make_inputs(self, num_images: int, seed: int, start: int = 0) -> PromptInputs:
         return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(start, start + num_images)], seed)
@@ -148,6 +171,25 @@ class PipelineAdapter(ModelAdapter):
         """The pipeline already decoded: images (B, C, H, W), or video frames (B, F, C, H, W)
         laid out as images."""
         return latents.flatten(0, 1) if latents.dim() == 5 else latents
+
+
+class ExpertSites:
+    """One expert's sites (a ``SiteSource``): the family's own patterns where it has them, else discovered."""
+
+    def __init__(self, model: nn.Module, discovered: DiscoveredSites, sites: dict[str, list[SitePattern]]):
+        self.model, self.discovered, self.sites = model, discovered, sites
+
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        return own_or_discovered(self.sites, self.discovered, granularity)
+
+
+def own_or_discovered(sites: dict[str, list[SitePattern]], discovered: DiscoveredSites,
+                      granularity: str) -> list[SitePattern]:
+    """A family's own site patterns of ``granularity`` (with the discovered probes), else the discovered ones."""
+    own = sites.get(granularity)
+    if own is None:
+        return discovered.site_patterns(granularity)
+    return SitePatterns(own, discovered.probes)
 
 
 def plain(value):

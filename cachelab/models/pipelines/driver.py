@@ -12,12 +12,18 @@ transformer call of each step. The pipeline's own ``transformer.cache_context(na
 select the handle's context, so cond and uncond calls keep separate caches.
 ``scheduler.step`` reports each new sample to the sampler callback
 (``s, t, x, model_output, full``).
+
+Wan 2.2 A14B has two experts, ``transformer`` and ``transformer_2`` (:func:`experts`): both are
+hooked, and a handle with ``experts`` (:class:`~cachelab.core.experts.ExpertHandles`) begins
+each generation with the plan of which expert runs each step (:func:`expert_plan`, diffusers'
+own rule); a call of the other expert at a step is an error.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from cachelab.core.controller import CacheHandle
 from cachelab.core.schedules import Decision
@@ -26,6 +32,26 @@ from cachelab.models.samplers import Callback
 _MISSING = object()
 # how pipelines hand the scheduler's timestep t to their transformer
 TRANSFORMS = {"t": lambda t: t, "t / 1000": lambda t: t / 1000, "1 - t / 1000": lambda t: 1 - t / 1000}
+
+
+EXPERTS = ("transformer", "transformer_2")  # a pipeline's denoisers, by attribute name
+
+
+def experts(pipe) -> dict[str, nn.Module]:
+    """The pipeline's denoisers by attribute: ``transformer`` and, for Wan 2.2 A14B, ``transformer_2``."""
+    return {name: getattr(pipe, name) for name in EXPERTS if isinstance(getattr(pipe, name, None), nn.Module)}
+
+
+def expert_plan(pipe, timesteps: torch.Tensor) -> list[str]:
+    """The expert of each step, by diffusers' Wan 2.2 rule: ``transformer`` while
+    ``t >= boundary_ratio * scheduler.config.num_train_timesteps``, ``transformer_2`` after
+    (the comparison made as the pipeline makes it, on the scheduler's timestep tensors); without
+    ``boundary_ratio`` or ``transformer_2``, ``transformer`` throughout."""
+    ratio = getattr(pipe.config, "boundary_ratio", None)
+    if ratio is None or "transformer_2" not in experts(pipe):
+        return ["transformer"] * len(timesteps)
+    boundary = ratio * pipe.scheduler.config.num_train_timesteps
+    return ["transformer" if t >= boundary else "transformer_2" for t in timesteps]
 
 
 class TimestepMap:
@@ -68,6 +94,7 @@ class PipelineDriver:
         self._patched: list[tuple[object, str, object]] = []
         self._map: TimestepMap | None = None
         self._source: torch.Tensor | None = None  # the scheduler's timesteps the map was made for
+        self._plan: list[str] | None = None  # the expert of each step, for a handle with experts
 
     def __enter__(self) -> PipelineDriver:
         self.install()
@@ -77,10 +104,11 @@ class PipelineDriver:
         self.uninstall()
 
     def install(self) -> None:
-        transformer, scheduler = self.pipe.transformer, self.pipe.scheduler
-        self._patch(transformer, "forward", self._forward(transformer.forward))
-        if self.handle is not None and hasattr(transformer, "cache_context"):
-            self._patch(transformer, "cache_context", self._cache_context(transformer.cache_context))
+        for name, transformer in experts(self.pipe).items():
+            self._patch(transformer, "forward", self._forward(name, transformer.forward))
+            if self.handle is not None and hasattr(transformer, "cache_context"):
+                self._patch(transformer, "cache_context", self._cache_context(transformer.cache_context))
+        scheduler = self.pipe.scheduler
         self._patch(scheduler, "step", self._scheduler_step(scheduler.step))
 
     def uninstall(self) -> None:
@@ -110,25 +138,37 @@ class PipelineDriver:
     def _end(self) -> None:
         if self.s is not None and self.handle is not None:
             self.handle.end()
-        self.s = None
+        self.s = self._plan = None
 
     def _patch(self, owner, name: str, replacement) -> None:
         """Set ``owner.name``, remembering what the instance had (e.g. a cache site's wrapper)."""
         self._patched.append((owner, name, vars(owner).get(name, _MISSING)))
         setattr(owner, name, replacement)
 
-    def _forward(self, forward):
+    def _forward(self, name: str, forward):
         def driven_forward(*args, **kwargs):
             s = self.step_of(kwargs["timestep"])
             if s != self.s:
                 if self.handle is not None:
                     if self.s is None or s < self.s:  # the first call of a pipeline call: T is known now
-                        self.handle.begin(len(self._map.timesteps))
+                        self._begin()
                     self.handle.step(s, float(self._map.timesteps[s]))
                 self.s = s
+            if self._plan is not None and self._plan[s] != name:
+                raise RuntimeError(f"the pipeline ran {name} at step {s}, but its boundary_ratio gives {self._plan[s]}"
+                                   f" (diffusers' rule, expert_plan); the experts' caches would mix")
             return forward(*args, **kwargs)
 
         return driven_forward
+
+    def _begin(self) -> None:
+        """Begin the handle's generation (with the experts' plan when it caches several)."""
+        T = len(self._map.timesteps)
+        if hasattr(self.handle, "experts"):
+            self._plan = expert_plan(self.pipe, self.pipe.scheduler.timesteps)
+            self.handle.begin(T, self._plan)
+        else:
+            self.handle.begin(T)
 
     def _cache_context(self, cache_context):
         @contextmanager
