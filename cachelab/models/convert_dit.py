@@ -110,15 +110,18 @@ class DiffusersDiT(nn.Module):
     """A ``DiTTransformer2DModel`` called like the original DiT: ``(x, t, y) -> output`` and
     ``forward_with_cfg``. Each call runs in the transformer's ``cache_context("cond")`` (the
     batched CFG call is one call, as in diffusers' ``DiTPipeline``), where diffusers' caching
-    hooks keep their state (``transformer``: :func:`dit_to_diffusers`'s)."""
+    hooks keep their state (``transformer``: :func:`dit_to_diffusers`'s); ``current_timestep`` is
+    the last call's timestep, as a diffusers pipeline exposes it (PAB's callback reads it)."""
 
     def __init__(self, transformer, num_classes: int, input_size: int):
         super().__init__()
         self.transformer = transformer
         self.in_channels = transformer.config.in_channels
         self.out_channels, self.num_classes, self.input_size = transformer.out_channels, num_classes, input_size
+        self.current_timestep: int | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.current_timestep = int(t[0])
         with self.transformer.cache_context("cond"):
             return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
 
