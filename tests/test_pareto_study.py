@@ -39,7 +39,11 @@ def test_dominance_and_ratio():
     table = rows(("cachelab", 36.0, 3.0), ("cachelab", 31.0, 4.0), ("peer A", 35.5, 2.0), ("peer A", 30.0, 4.5),
                  ("peer B", 40.0, 1.2))
     lines = dominance(table)
-    assert lines[0].startswith("1 of 3 peer points")
+    assert lines[0].startswith("1 of 3 peer points")  # full compute (1.00×) matches none of them
     assert any("peer A" in line and "4.50×" in line for line in lines) and any("peer B" in line for line in lines)
     ratio = level_table(table, "flops_speedup")[-1]
     assert ratio == "| cachelab / best peer | **0.89** | **1.50** | — |"  # 4.0/4.5, 3.0/2.0; nobody-ours at 40
+
+
+def test_a_peer_point_that_skips_nothing_is_matched_by_full_compute():
+    assert dominance(rows(("cachelab", 36.0, 3.0), ("peer", math.inf, 1.0)))[0].startswith("1 of 1 peer points")
