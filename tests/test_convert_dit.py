@@ -81,3 +81,25 @@ def test_sampled_images_match_shipped_model():
         handle.remove()
     assert len(stats.forecast_steps) > 0 and not torch.equal(cached, theirs)
     assert torch.equal(converted.generate(inputs), theirs)
+
+
+def test_diffusers_hooks_run_on_the_converted_model():
+    """diffusers' own caching hooks enable on the converted transformer (its CacheMixin), keep their
+    state in the adapter's cache context, skip steps, and are reset between generations."""
+    from diffusers import FirstBlockCacheConfig
+
+    adapter = ConvertedDiTAdapter(name="converted", weights="tiny_dit_mnist", num_steps=20, guidance_scale=1.5)
+    inputs = adapter.make_inputs(2, seed=0)
+    full = adapter.generate(inputs)
+    ran = []
+    hook = adapter.transformer.transformer_blocks[-1].ff.register_forward_hook(lambda *_: ran.append(1))  # runs when computed
+    adapter.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    try:
+        first, calls = adapter.generate(inputs), len(ran)
+        second = adapter.generate(inputs)
+    finally:
+        adapter.transformer.disable_cache()
+        hook.remove()
+    assert calls < 20 and not torch.equal(first, full)
+    assert torch.equal(first, second)  # the hook's state was reset after the first generation
+    assert torch.equal(adapter.generate(inputs), full)

@@ -29,6 +29,7 @@ import csv
 import io
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -439,9 +440,9 @@ def plot(rows: list[dict], title: str):
                 continue
             colour = colours[i % len(colours)]
             ax.scatter([q for q, _ in pts], [s for _, s in pts], s=10, alpha=0.3, color=colour)
-            front = frontier(pts, higher)
+            front = sorted(frontier(pts, higher))  # by quality ascending: the line is the best speed at quality x
             ax.plot([q for q, _ in front], [s for _, s in front], marker="o", ms=4, color=colour, label=tool,
-                    drawstyle="steps-post" if not higher else "steps-pre", lw=2 if tool == "cachelab" else 1.3)
+                    drawstyle="steps-pre" if higher else "steps-post", lw=2 if tool == "cachelab" else 1.3)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -449,7 +450,7 @@ def plot(rows: list[dict], title: str):
             for level in LEVELS:
                 ax.axvline(level, color="0.6", ls=":", lw=0.8)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 200), fontsize=9)
     return fig
 
 
