@@ -13,7 +13,8 @@ different tools interleaved, and full compute again before every ``BASE_EVERY``-
 the machine's drift hits every tool alike; the wall speedup is the median full-compute time
 over the median time of the point. With ``--only`` only those families run; their rows replace
 the same families' rows in ``results_<model>.csv`` and the report is rebuilt from the whole file
-(each row keeps the full-compute time of its own run).
+(each row keeps the full-compute time of its own run). ``--repeats 0`` measures no wall time;
+``--report`` measures nothing and rebuilds the Markdown and the figure from the CSV.
 
 Models: ``tiny_flux_digits`` (the shipped trained ``FluxPipeline``), ``tiny_dit`` (the shipped
 trained DiT converted to diffusers' ``DiTTransformer2DModel`` by
