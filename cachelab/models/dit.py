@@ -262,15 +262,22 @@ class DiT(nn.Module):
         ``guided_channels`` (default: all) reproduces the reference code, which guides only
         the first 3 of 4 latent channels "for exact reproducibility" of the paper's FIDs.
         """
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
-        guided = guided_channels or self.in_channels
-        eps, rest = model_out[:, :guided], model_out[:, guided:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        return guided_forward(self.forward, x, t, y, cfg_scale, self.in_channels, guided_channels)
+
+
+def guided_forward(forward, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, in_channels: int,
+                   guided_channels: int | None = None) -> torch.Tensor:
+    """The reference ``forward_with_cfg`` around ``forward(x, t, y)``: the batch is [cond; uncond],
+    the first half is run twice, the first ``guided_channels`` (default ``in_channels``) are guided."""
+    half = x[: len(x) // 2]
+    combined = torch.cat([half, half], dim=0)
+    model_out = forward(combined, t, y)
+    guided = guided_channels or in_channels
+    eps, rest = model_out[:, :guided], model_out[:, guided:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = torch.cat([half_eps, half_eps], dim=0)
+    return torch.cat([eps, rest], dim=1)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

@@ -201,16 +201,18 @@ def fbcache(adapter: PipelineAdapter, threshold: float) -> Pair:
 
 
 # -- MagCache -----------------------------------------------------------------------------
-def diffusers_mag_ratios(adapter: PipelineAdapter, inputs: PromptInputs) -> list[float]:
-    """MagCache's magnitude ratios of ``adapter``'s transformer for ``inputs`` by diffusers'
-    calibration mode (``MagCacheConfig(calibrate=True)``): per step, the mean over tokens of
+def diffusers_mag_ratios(adapter: PipelineAdapter, inputs: PromptInputs,
+                         model: torch.nn.Module | None = None) -> list[float]:
+    """MagCache's magnitude ratios of ``adapter``'s transformer (or ``model``, the diffusers
+    transformer inside ``adapter.model``) for ``inputs`` by diffusers' calibration mode
+    (``MagCacheConfig(calibrate=True)``): per step, the mean over tokens of
     ``||R_s|| / ||R_{s-1}||``, ``R`` the image stream's residual over the whole block stack.
     The hook only prints them (and logs them at INFO level), so they are read from its output."""
     from diffusers import MagCacheConfig
 
     printed = io.StringIO()
     config = MagCacheConfig(calibrate=True, num_inference_steps=adapter.num_steps)
-    with diffusers_hook(adapter.model, config), contextlib.redirect_stdout(printed):
+    with diffusers_hook(adapter.model if model is None else model, config), contextlib.redirect_stdout(printed):
         adapter.generate(inputs)
     lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
     if not lists:
