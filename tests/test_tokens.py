@@ -321,23 +321,47 @@ class All(Fixed):
 
 def test_pipelines_partial_steps_are_exact(pipeline):
     """PixArt: cross-attention (attn2) and feed-forward recompute tokens, self-attention (attn1) is
-    forecast whole; FLUX: the double blocks' feed-forwards, the joint attention and the single
-    blocks forecast whole. All tokens selected = those kinds computing at every step."""
+    forecast whole; FLUX: the double blocks' feed-forwards and the single blocks' fused projection
+    (from the skipped attention and MLP inputs) recompute tokens, the joint attention is forecast
+    whole. All tokens selected = those kinds computing at every step."""
     from cachelab.core.schedules import PerKindInterval
 
-    partial, whole = (("attn2", "ff"), ("attn1",)) if "attn1" in kinds_of(pipeline) else (("ff", "ff_context"),
-                                                                                        ("attn", "proj_out"))
+    partial, whole = (("attn2", "ff"), ("attn1",)) if "attn1" in kinds_of(pipeline) else (("ff", "ff_context", "proj_out"),
+                                                                                        ("attn",))
     inputs = pipeline.make_inputs(2, seed=3)
     reference = generate(pipeline, inputs, Reuse(), None, PerKindInterval({kind: 3 for kind in whole}))
     every = PerKindInterval({kind: 3 for kind in whole + partial})
     assert torch.equal(generate(pipeline, inputs, Reuse(), All([], partial), every), reference)
     assert torch.equal(generate(pipeline, inputs, Reuse(), Fixed([], partial)), generate(pipeline, inputs, Reuse(), None))
-    toca = ToCa(score="norm", attention_kinds=("attn", "attn1", "proj_out"), bonus_ratio=0.0)
+    toca = ToCa(score="norm", bonus_ratio=0.0)
     assert torch.isfinite(generate(pipeline, inputs, Reuse(), toca)).all()
     with pytest.raises(ConfigError, match="cannot compute a subset of their tokens exactly"):
         generate(pipeline, inputs, Reuse(), RandomTokens())
     with pytest.raises(ConfigError, match="scores tokens by attention"):
         generate(pipeline, inputs, Reuse(), ToCa(attention_kinds=("attn", "attn1", "proj_out")))
+
+
+def test_flux_single_block_tokens_are_its_fused_projection_at_those_tokens(tmp_path):
+    """FLUX's single block at the selected tokens (per sample, rotary at their own positions) from
+    the skipped calls' arguments = the block's own proj_out output at those tokens."""
+    from cachelab.core.tokens import gather_tokens
+    from cachelab.models.pipelines.flux import single_block_tokens
+    from tests.test_pipelines import tiny
+
+    block = tiny("tiny_flux", tmp_path / "pipe").pipe.transformer.single_transformer_blocks[0]
+    torch.manual_seed(0)
+    B, N, D = 2, 12, block.proj_out.out_features
+    hidden, text, temb = torch.randn(B, N - 4, D), torch.randn(B, 4, D), torch.randn(B, D)
+    angles = torch.randn(N, block.attn.head_dim // 2).repeat_interleave(2, dim=1)
+    rotary = (angles.cos(), angles.sin())
+    seen = {}
+    block.attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(attn=(args, kwargs)), with_kwargs=True)
+    block.proj_out.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    with torch.no_grad():
+        block(hidden, text, temb, image_rotary_emb=rotary)
+        index = torch.tensor([[0, 3, 4, 11], [2, 5, 7, 9]])
+        fresh = single_block_tokens(block, {"attn": seen["attn"]}, index)
+    torch.testing.assert_close(fresh, gather_tokens(seen["out"], index), rtol=1e-5, atol=1e-6)
 
 
 def kinds_of(adapter) -> set[str]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cachelab.core.tokens import FromSkipped
+
 GRANULARITIES = ("module", "block", "stack", "output")
 
 
@@ -32,9 +34,9 @@ class SitePattern:
     arguments, in that order (the blocks of one transformer stack do).
     ``tokens`` says how the site computes a subset of its tokens exactly (token selection,
     :mod:`cachelab.core.tokens`): ``"tokenwise"`` (its callable on the selected tokens of its
-    first tensor argument), or the name of an owner method taking the site's arguments and
-    ``index`` (B, k) (self-attention: the selected queries against every key and value); None:
-    it cannot. ``scores`` pairs score names with owner methods giving that score of every token
+    first tensor argument), the name of an owner method taking the site's arguments and
+    ``index`` (B, k) (self-attention: the selected queries against every key and value), or a
+    :class:`~cachelab.core.tokens.FromSkipped` (a site fed by skip sites); None: it cannot. ``scores`` pairs score names with owner methods giving that score of every token
     (B, N) from the site's arguments (``("attention", "attention_received")``: ToCa's s1); each
     is computed at full steps only when a policy needs it.
     """
@@ -45,7 +47,7 @@ class SitePattern:
     label: str | None = None
     skip: str | None = None
     span: bool = False
-    tokens: str | None = None
+    tokens: str | FromSkipped | None = None
     scores: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
@@ -73,7 +75,8 @@ class SitePatterns(list):
 class Site:
     """One cached callable: ``getattr(owner, method)``; a span site (``members``: the modules
     of a stack, ``owner`` the first) is cached across all of their ``method`` calls. ``tokens``
-    and ``scores``: its pattern's (token selection)."""
+    and ``scores``: its pattern's (token selection); ``parent``: the module holding the owner
+    (a :class:`~cachelab.core.tokens.FromSkipped` site's computation runs on it)."""
 
     name: str
     owner: nn.Module
@@ -81,8 +84,9 @@ class Site:
     residual: bool | str | tuple[str | None, ...] = False
     skip: str | None = None
     members: tuple[nn.Module, ...] = ()
-    tokens: str | None = None
+    tokens: str | FromSkipped | None = None
     scores: tuple[tuple[str, str], ...] = ()
+    parent: nn.Module | None = None
 
     def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
         """A span member's output when it is skipped: its residual inputs, as it returns them."""
@@ -169,8 +173,9 @@ def _matches(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
                     spans.setdefault(p, []).append(module)
                     continue
                 parts = [part for part in (module_name, p.label) if part]
+                parent = model.get_submodule(module_name.rpartition(".")[0]) if isinstance(p.tokens, FromSkipped) else None
                 sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip,
-                                  tokens=p.tokens, scores=p.scores))
+                                  tokens=p.tokens, scores=p.scores, parent=parent))
     for p, members in spans.items():
         sites.append(Site(p.label or "stack", members[0], p.method, p.residual, members=tuple(members)))
     return sites
