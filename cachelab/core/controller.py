@@ -189,7 +189,8 @@ class CacheHandle(Generations):
         self.schedule = schedule
         self.tokens = tokens
         self._token_sites = token_sites(self.sites, tokens)
-        self._scores: dict[tuple[str, int, str], torch.Tensor] = {}  # (context, owner, score) -> (B, N)
+        # (context, block, score, site kind or None for every kind) -> (B, N)
+        self._scores: dict[tuple[str, str, str, str | None], torch.Tensor] = {}
         # token sites fed by skip sites (FromSkipped): the skip sites' arguments of this forecast step
         self._fed = {site.name for site in self.sites
                      if site.name in self._token_sites and isinstance(site.tokens, FromSkipped)}
@@ -418,7 +419,10 @@ class CacheHandle(Generations):
         x = first_tensor(args, kwargs)
         for score, method in site.scores:
             if score in self.tokens.needs:
-                self._scores[self._context, id(site.owner), score] = getattr(site.owner, method)(*args, **kwargs)
+                given = getattr(site.owner, method)(*args, **kwargs) if isinstance(method, str) else \
+                    method(site.owner, *args, **kwargs)
+                for kind, value in (given.items() if isinstance(given, dict) else [(None, given)]):
+                    self._scores[self._context, site.block, score, kind] = value
         if site.name in self._token_sites:  # a policy's own data (ClusCa's centroids) carries over
             previous = None if cache.tokens is None else cache.tokens.extra
             cache.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device), extra=previous)
@@ -437,7 +441,9 @@ class CacheHandle(Generations):
         else:
             x = first_tensor(args, kwargs)
         state.forecasts += 1
-        scores = {score: self._scores[self._context, id(site.owner), score] for score in self.tokens.needs}
+        scores = {score: self._scores.get((self._context, site.block, score, site.kind),
+                                          self._scores.get((self._context, site.block, score, None)))
+                  for score in self.tokens.needs}
         view = TokenView(self._s, self._T, site.kind, spec.depth, spec.depths, x, state, scores)
         index = self.tokens.select(view)
         if index is None:
@@ -667,8 +673,8 @@ def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, Site
                           f"granularity, or a policy that only forecasts site kind(s) {', '.join(kinds)} (ToCa, DuCa, "
                           f"ClusCa: strategy.tokens.attention_kinds=[attn,attn1,{','.join(kinds)}])")
     for score in tokens.needs:
-        given = {id(site.owner) for site in sites if score in dict(site.scores)}
-        blind = [site.name for site in chosen if id(site.owner) not in given]
+        given = {site.block for site in sites if score in dict(site.scores)}
+        blind = [site.name for site in chosen if site.block not in given]
         if blind:
             raise ConfigError(f"strategy.tokens ({policy}) scores tokens by {score}, which the module of "
                               f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} cannot give (attention maps "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,12 @@ class SitePattern:
     :mod:`cachelab.core.tokens`): ``"tokenwise"`` (its callable on the selected tokens of its
     first tensor argument), the name of an owner method taking the site's arguments and
     ``index`` (B, k) (self-attention: the selected queries against every key and value), or a
-    :class:`~cachelab.core.tokens.FromSkipped` (a site fed by skip sites); None: it cannot. ``scores`` pairs score names with owner methods giving that score of every token
-    (B, N) from the site's arguments (``("attention", "attention_received")``: ToCa's s1); each
-    is computed at full steps only when a policy needs it.
+    :class:`~cachelab.core.tokens.FromSkipped` (a site fed by skip sites); None: it cannot.
+    ``scores`` pairs score names with owner methods (or functions of the owner) giving that score
+    of every token (B, N) from the site's arguments (``("attention", "attention_received")``:
+    ToCa's s1), or a dict of them per site kind (joint attention: one per stream); each is
+    computed at full steps only when a policy needs it, and serves the sites of its block
+    (:attr:`Site.block`).
     """
 
     regex: str
@@ -48,7 +52,7 @@ class SitePattern:
     skip: str | None = None
     span: bool = False
     tokens: str | FromSkipped | None = None
-    scores: tuple[tuple[str, str], ...] = ()
+    scores: tuple[tuple[str, str | Callable], ...] = ()
 
     def __post_init__(self):
         if self.span and (not self.residual or (isinstance(self.residual, tuple) and None in self.residual)):
@@ -85,7 +89,7 @@ class Site:
     skip: str | None = None
     members: tuple[nn.Module, ...] = ()
     tokens: str | FromSkipped | None = None
-    scores: tuple[tuple[str, str], ...] = ()
+    scores: tuple[tuple[str, str | Callable], ...] = ()
     parent: nn.Module | None = None
 
     def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
@@ -110,6 +114,12 @@ class Site:
         if self.skip:
             return self.skip
         return next((part for part in reversed(self.name.split(".")) if not part.isdigit()), self.name)
+
+    @property
+    def block(self) -> str:
+        """The block the site lies in, its name without the last part (``blocks.3.mlp`` ->
+        ``blocks.3``): a score one site of a block gives serves the others."""
+        return self.name.rpartition(".")[0]
 
     @property
     def decision_name(self) -> str:

@@ -80,9 +80,47 @@ def attention_at(attn: torch.nn.Module, h: torch.Tensor, index: torch.Tensor, ro
     return out.flatten(2, 3).to(query.dtype)
 
 
-# FLUX's: the single blocks' fused projection recomputes its tokens from the skipped inputs
-FLUX_MODULE_SITES = [SitePattern(_SINGLE_OUT, tokens=FromSkipped(single_block_tokens)) if p.regex == _SINGLE_OUT else p
-                     for p in DUAL_STREAM_MODULE_SITES]
+def attention_received(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                       attention_mask=None, image_rotary_emb=None, chunk: int = 1024):
+    """ToCa's attention score of a ``FluxAttention`` call, computed again on request (its fused
+    attention gives no map): the softmax map of ``FluxAttnProcessor``'s queries and keys (norms and
+    rotation included), averaged over heads and summed over queries, ``chunk`` queries at a time.
+    (B, N) over the sequence attended (single blocks: text then image, as ``proj_out`` sees it);
+    for joint attention a dict per stream: ``ff_context`` the text tokens, ``ff`` the image."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    if attention_mask is not None:
+        raise ConfigError("strategy.tokens.score=attention: FLUX's attention was called with a mask, which the "
+                          "attention score does not apply; allowed: strategy.tokens.score=norm or random")
+    query, key, _, encoder_query, encoder_key, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    if joint:
+        query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+        key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, heads, N, head_dim)
+    received = sum(((q * attn.head_dim ** -0.5) @ key.transpose(-2, -1)).softmax(dim=-1).sum(dim=2)
+                   for q in query.split(chunk, dim=2)).mean(dim=1)
+    if not joint:
+        return received
+    text = encoder_hidden_states.shape[1]
+    return {"ff_context": received[:, :text], "ff": received[:, text:]}
+
+
+# FLUX's: the double blocks' joint attention gives ToCa's attention score to their feed-forwards,
+# the single blocks' attention to their fused projection, which recomputes its tokens from the
+# skipped inputs
+_SCORES = (("attention", attention_received),)
+FLUX_MODULE_SITES = [SitePattern(rf"{_DOUBLE}\.attn", scores=_SCORES),
+                     SitePattern(rf"{_DOUBLE}\.(ff|ff_context)", tokens=TOKENWISE),
+                     SitePattern(_SINGLE_OUT, tokens=FromSkipped(single_block_tokens)),
+                     SitePattern(rf"{_SINGLE}\.attn", skip="proj_out", scores=_SCORES),
+                     SitePattern(rf"{_SINGLE}\.proj_mlp", skip="proj_out")]
 
 
 class FluxAdapter(PipelineAdapter):
