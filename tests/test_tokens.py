@@ -288,6 +288,8 @@ def test_presets(name, predictor, schedule, policy):
     assert (type(strategy.predictor), type(strategy.schedule), type(strategy.tokens)) == (predictor, schedule, policy)
     assert preset("taylor", tokens="random").tokens.fresh_ratio == 0.07
     assert preset("toca", score="norm", fresh_ratio=0.1).tokens.score == "norm"  # keys as cachelab.apply takes them
+    if policy is ClusCa:  # its own Taylor order (its DiT code's max_order), not the top-level one
+        assert strategy.predictor.order == 4 and preset(name, order=1).predictor.order == 4
     if policy is ToCa:
         toca = strategy.tokens
         assert (toca.fresh_ratio, toca.score, toca.soft_fresh_weight, toca.bonus_ratio, toca.grid) == (
