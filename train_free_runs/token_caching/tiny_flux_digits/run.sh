@@ -18,4 +18,6 @@ $PY run.py -m $COMMON strategy=toca $NOBONUS strategy.tokens.fresh_ratio=0.01 st
 $PY run.py -m $COMMON strategy=clusca strategy.tokens.clusters=4 strategy.name=clusca_k4 interval=6 hydra.sweep.dir=$OUT/sweep_clusca_k4
 $PY run.py -m $COMMON strategy=taylor_toca $NOBONUS strategy.tokens.fresh_ratio=0.01 strategy.name=taylor_toca_fr0.01 interval=12 hydra.sweep.dir=$OUT/sweep_taylor_toca_fr0.01
 $PY run.py -m $COMMON strategy=clusca strategy.tokens.clusters=2 strategy.name=clusca_k2 interval=12 hydra.sweep.dir=$OUT/sweep_clusca_k2
+# control: FORA on ToCa's schedule (its full steps, no token recomputation)
+$PY run.py -m $COMMON strategy=reuse schedule=toca strategy.name=reuse_toca_schedule schedule.interval=4,8 hydra.sweep.dir=$OUT/sweep_reuse_toca_schedule
 $PY -m analysis.sweep $OUT/sweep_* --out $OUT
