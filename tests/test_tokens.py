@@ -288,6 +288,8 @@ def test_presets(name, predictor, schedule, policy):
     assert (type(strategy.predictor), type(strategy.schedule), type(strategy.tokens)) == (predictor, schedule, policy)
     assert preset("taylor", tokens="random").tokens.fresh_ratio == 0.07
     assert preset("toca", score="norm", fresh_ratio=0.1).tokens.score == "norm"  # keys as cachelab.apply takes them
+    if policy is ClusCa:  # its own Taylor order (its DiT code's max_order), not the top-level one
+        assert strategy.predictor.order == 4 and preset(name, order=1).predictor.order == 4
     if policy is ToCa:
         toca = strategy.tokens
         assert (toca.fresh_ratio, toca.score, toca.soft_fresh_weight, toca.bonus_ratio, toca.grid) == (
@@ -321,23 +323,97 @@ class All(Fixed):
 
 def test_pipelines_partial_steps_are_exact(pipeline):
     """PixArt: cross-attention (attn2) and feed-forward recompute tokens, self-attention (attn1) is
-    forecast whole; FLUX: the double blocks' feed-forwards, the joint attention and the single
-    blocks forecast whole. All tokens selected = those kinds computing at every step."""
+    forecast whole; FLUX: the double blocks' feed-forwards and the single blocks' fused projection
+    (from the skipped attention and MLP inputs) recompute tokens, the joint attention is forecast
+    whole. All tokens selected = those kinds computing at every step."""
     from cachelab.core.schedules import PerKindInterval
 
-    partial, whole = (("attn2", "ff"), ("attn1",)) if "attn1" in kinds_of(pipeline) else (("ff", "ff_context"),
-                                                                                        ("attn", "proj_out"))
+    partial, whole = (("attn2", "ff"), ("attn1",)) if "attn1" in kinds_of(pipeline) else (("ff", "ff_context", "proj_out"),
+                                                                                        ("attn",))
     inputs = pipeline.make_inputs(2, seed=3)
     reference = generate(pipeline, inputs, Reuse(), None, PerKindInterval({kind: 3 for kind in whole}))
     every = PerKindInterval({kind: 3 for kind in whole + partial})
     assert torch.equal(generate(pipeline, inputs, Reuse(), All([], partial), every), reference)
     assert torch.equal(generate(pipeline, inputs, Reuse(), Fixed([], partial)), generate(pipeline, inputs, Reuse(), None))
-    toca = ToCa(score="norm", attention_kinds=("attn", "attn1", "proj_out"), bonus_ratio=0.0)
+    toca = ToCa(score="norm", bonus_ratio=0.0)
     assert torch.isfinite(generate(pipeline, inputs, Reuse(), toca)).all()
     with pytest.raises(ConfigError, match="cannot compute a subset of their tokens exactly"):
         generate(pipeline, inputs, Reuse(), RandomTokens())
-    with pytest.raises(ConfigError, match="scores tokens by attention"):
-        generate(pipeline, inputs, Reuse(), ToCa(attention_kinds=("attn", "attn1", "proj_out")))
+    if "attn1" in kinds_of(pipeline):  # PixArt's attention gives no map; FLUX's does (attention_received)
+        with pytest.raises(ConfigError, match="scores tokens by attention"):
+            generate(pipeline, inputs, Reuse(), ToCa())
+    else:
+        assert torch.isfinite(generate(pipeline, inputs, Reuse(), ToCa(bonus_ratio=0.0))).all()
+
+
+def test_flux_single_block_tokens_are_its_fused_projection_at_those_tokens(tmp_path):
+    """FLUX's single block at the selected tokens (per sample, rotary at their own positions) from
+    the skipped calls' arguments = the block's own proj_out output at those tokens."""
+    from cachelab.core.tokens import gather_tokens
+    from cachelab.models.pipelines.flux import single_block_tokens
+    from tests.test_pipelines import tiny
+
+    block = tiny("tiny_flux", tmp_path / "pipe").pipe.transformer.single_transformer_blocks[0]
+    torch.manual_seed(0)
+    B, N, D = 2, 12, block.proj_out.out_features
+    hidden, text, temb = torch.randn(B, N - 4, D), torch.randn(B, 4, D), torch.randn(B, D)
+    angles = torch.randn(N, block.attn.head_dim // 2).repeat_interleave(2, dim=1)
+    rotary = (angles.cos(), angles.sin())
+    seen = {}
+    block.attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(attn=(args, kwargs)), with_kwargs=True)
+    block.proj_out.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    with torch.no_grad():
+        block(hidden, text, temb, image_rotary_emb=rotary)
+        index = torch.tensor([[0, 3, 4, 11], [2, 5, 7, 9]])
+        fresh = single_block_tokens(block, {"attn": seen["attn"]}, index)
+    torch.testing.assert_close(fresh, gather_tokens(seen["out"], index), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["single", "joint"])
+def test_flux_attention_received_against_a_hand_written_loop(joint):
+    """ToCa's score from a FluxAttention call = softmax(q.k / sqrt(d)) of its RMS-normed projections
+    (text first when joint), averaged over heads and summed over queries, in float64 loops; with
+    zero keys every token receives exactly 1 (uniform rows)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from cachelab.models.pipelines.flux import attention_received
+
+    torch.manual_seed(1)
+    heads, d, width, T, N, B = 2, 4, 8, 2, 5, 2
+    attn = FluxAttention(query_dim=width, heads=heads, dim_head=d, bias=True, out_dim=width, eps=1e-6,
+                         added_kv_proj_dim=width if joint else None, context_pre_only=False if joint else None,
+                         pre_only=not joint).double().requires_grad_(False)
+    for norm in (attn.norm_q, attn.norm_k, *((attn.norm_added_q, attn.norm_added_k) if joint else ())):
+        norm.weight.data.uniform_(0.5, 1.5)
+    h, text = torch.randn(B, N, width, dtype=torch.float64), torch.randn(B, T, width, dtype=torch.float64)
+    got = attention_received(attn, h, text if joint else None, chunk=2)
+
+    def rms(x, weight):
+        return x / math.sqrt(sum(float(v) ** 2 for v in x) / len(x) + 1e-6) * weight
+
+    def rows(x, proj, norm, head):
+        return [rms(proj(t)[head * d:(head + 1) * d], norm.weight) for t in x]
+
+    want = torch.zeros(B, (T if joint else 0) + N, dtype=torch.float64)
+    for b in range(B):
+        for head in range(heads):
+            q = (rows(text[b], attn.add_q_proj, attn.norm_added_q, head) if joint else []) + rows(h[b], attn.to_q, attn.norm_q, head)
+            k = (rows(text[b], attn.add_k_proj, attn.norm_added_k, head) if joint else []) + rows(h[b], attn.to_k, attn.norm_k, head)
+            for qi in q:
+                logits = [float(qi @ kj) / math.sqrt(d) for kj in k]
+                total = sum(math.exp(v) for v in logits)
+                for j, v in enumerate(logits):
+                    want[b, j] += math.exp(v) / total / heads
+    if joint:
+        assert set(got) == {"ff", "ff_context"}
+        torch.testing.assert_close(got["ff_context"], want[:, :T])
+        got = torch.cat([got["ff_context"], got["ff"]], dim=1)
+    torch.testing.assert_close(got, want)
+    for proj in (attn.to_k, *((attn.add_k_proj,) if joint else ())):
+        proj.weight.data.zero_(), proj.bias.data.zero_()
+    uniform = attention_received(attn, h, text if joint else None)
+    uniform = torch.cat([uniform["ff_context"], uniform["ff"]], dim=1) if joint else uniform
+    torch.testing.assert_close(uniform, torch.ones_like(uniform))
 
 
 def kinds_of(adapter) -> set[str]:

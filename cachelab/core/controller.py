@@ -17,8 +17,8 @@ from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
 from cachelab.core.sites import Site, first_tensor
-from cachelab.core.tokens import (TOKENWISE, SiteTokens, TokenPolicy, TokenState, TokenView, gather_tokens,
-                                  scatter_tokens, with_first_tensor)
+from cachelab.core.tokens import (TOKENWISE, FromSkipped, SiteTokens, TokenPolicy, TokenState, TokenView,
+                                  gather_tokens, scatter_tokens, with_first_tensor)
 
 _MISSING = object()
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
@@ -193,7 +193,12 @@ class CacheHandle(Generations):
         self.schedule = schedule
         self.tokens = tokens
         self._token_sites = token_sites(self.sites, tokens)
-        self._scores: dict[tuple[str, int, str], torch.Tensor] = {}  # (context, owner, score) -> (B, N)
+        # (context, block, score, site kind or None for every kind) -> (B, N)
+        self._scores: dict[tuple[str, str, str, str | None], torch.Tensor] = {}
+        # token sites fed by skip sites (FromSkipped): the skip sites' arguments of this forecast step
+        self._fed = {site.name for site in self.sites
+                     if site.name in self._token_sites and isinstance(site.tokens, FromSkipped)}
+        self._skipped: dict[tuple[str, str], dict[str, tuple[tuple, dict]]] = {}  # (context, consumer) -> inputs
         self._originals: list[tuple[Site, object]] = []
         self._installed: list[tuple[Site, Callable, Callable]] = []  # site, its computation, its wrapper maker
         self._copy_values = False
@@ -221,7 +226,7 @@ class CacheHandle(Generations):
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
         self.stats()
-        self._caches, self._signals, self._scores = {}, {}, {}
+        self._caches, self._signals, self._scores, self._skipped = {}, {}, {}, {}
         self._s = self._t = self._decision = self._T = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
@@ -274,7 +279,7 @@ class CacheHandle(Generations):
         self._signals: dict = {}
         self._guard_warned = False
         self.schedule.reset()
-        self._scores = {}
+        self._scores, self._skipped = {}, {}
         if self.tokens is not None:
             self.tokens.reset()
 
@@ -389,6 +394,9 @@ class CacheHandle(Generations):
                         if not self._guard_passes(site, forecast):  # computed for real, not recorded
                             return compute(*args, **kwargs)
                         bases = site.residual_bases(signature, args, kwargs, len(forecast))
+                        if site.skip and site.decision_name in self._fed:  # its consumer computes tokens from them
+                            consumer = self._skipped.setdefault((self._context, site.decision_name), {})
+                            consumer[site.name.rpartition(".")[2]] = (args, kwargs)
                         if site.name in self._token_sites:
                             forecast = self._refresh_tokens(site, cache, forecast, compute, args, kwargs)
                         if self._observers:
@@ -415,7 +423,10 @@ class CacheHandle(Generations):
         x = first_tensor(args, kwargs)
         for score, method in site.scores:
             if score in self.tokens.needs:
-                self._scores[self._context, id(site.owner), score] = getattr(site.owner, method)(*args, **kwargs)
+                given = getattr(site.owner, method)(*args, **kwargs) if isinstance(method, str) else \
+                    method(site.owner, *args, **kwargs)
+                for kind, value in (given.items() if isinstance(given, dict) else [(None, given)]):
+                    self._scores[self._context, site.block, score, kind] = value
         if site.name in self._token_sites:  # a policy's own data (ClusCa's centroids) carries over
             previous = None if cache.tokens is None else cache.tokens.extra
             cache.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device), extra=previous)
@@ -425,9 +436,18 @@ class CacheHandle(Generations):
                         args: tuple, kwargs: dict) -> Parts:
         """The forecast with the tokens the policy selects computed for real (sorted by index), and
         those tokens handed to the predictor (``refresh``); the others' cache ages grow by one."""
-        spec, state, x = self._token_sites[site.name], cache.tokens, first_tensor(args, kwargs)
+        spec, state = self._token_sites[site.name], cache.tokens
+        if site.name in self._fed:
+            inputs = self._skipped.pop((self._context, site.name), None)
+            if inputs is None:
+                raise RuntimeError(f"token selection at {site.name}: the skip sites that feed it did not run first")
+            x = first_tensor(*next(iter(inputs.values())))
+        else:
+            x = first_tensor(args, kwargs)
         state.forecasts += 1
-        scores = {score: self._scores[self._context, id(site.owner), score] for score in self.tokens.needs}
+        scores = {score: self._scores.get((self._context, site.block, score, site.kind),
+                                          self._scores.get((self._context, site.block, score, None)))
+                  for score in self.tokens.needs}
         view = TokenView(self._s, self._T, site.kind, spec.depth, spec.depths, x, state, scores)
         index = self.tokens.select(view)
         if index is None:
@@ -440,6 +460,8 @@ class CacheHandle(Generations):
         if site.tokens == TOKENWISE:
             selected_args, selected_kwargs = with_first_tensor(args, kwargs, gather_tokens(x, index))
             fresh = compute(*selected_args, **selected_kwargs)
+        elif site.name in self._fed:
+            fresh = site.tokens.compute(site.parent, inputs, index)
         else:
             fresh = getattr(site.owner, site.tokens)(*args, index=index, **kwargs)
         parts = split(fresh)[0]
@@ -638,14 +660,15 @@ def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) ->
 
 
 def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, SiteTokens]:
-    """The sites where ``tokens`` selects (those of a kind it ``computes``), with their depth among
-    their kind; a ConfigError for such a site that cannot compute a subset of its tokens exactly,
-    or when the policy needs a score that no site of the same module gives."""
+    """The sites where ``tokens`` selects (those of a kind it ``computes``; skip sites follow their
+    consumer), with their depth among their kind; a ConfigError for such a site that cannot compute
+    a subset of its tokens exactly, or when the policy needs a score that no site of the same
+    module gives."""
     if tokens is None:
         return {}
-    chosen = [site for site in sites if tokens.computes(site.kind)]
+    chosen = [site for site in sites if not site.skip and tokens.computes(site.kind)]
     policy = type(tokens).__name__
-    unable = [site for site in chosen if not site.tokens or site.residual or site.members or site.skip]
+    unable = [site for site in chosen if not site.tokens or site.residual or site.members]
     if unable:
         kinds = sorted({site.kind for site in unable})
         raise ConfigError(f"strategy.tokens ({policy}) recomputes tokens at site(s) "
@@ -654,8 +677,8 @@ def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, Site
                           f"granularity, or a policy that only forecasts site kind(s) {', '.join(kinds)} (ToCa, DuCa, "
                           f"ClusCa: strategy.tokens.attention_kinds=[attn,attn1,{','.join(kinds)}])")
     for score in tokens.needs:
-        given = {id(site.owner) for site in sites if score in dict(site.scores)}
-        blind = [site.name for site in chosen if id(site.owner) not in given]
+        given = {site.block for site in sites if score in dict(site.scores)}
+        blind = [site.name for site in chosen if site.block not in given]
         if blind:
             raise ConfigError(f"strategy.tokens ({policy}) scores tokens by {score}, which the module of "
                               f"{', '.join(blind[:3])}{' ...' if len(blind) > 3 else ''} cannot give (attention maps "

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from cachelab.core.tokens import FromSkipped
 
 GRANULARITIES = ("module", "block", "stack", "output")
 
@@ -32,11 +35,14 @@ class SitePattern:
     arguments, in that order (the blocks of one transformer stack do).
     ``tokens`` says how the site computes a subset of its tokens exactly (token selection,
     :mod:`cachelab.core.tokens`): ``"tokenwise"`` (its callable on the selected tokens of its
-    first tensor argument), or the name of an owner method taking the site's arguments and
-    ``index`` (B, k) (self-attention: the selected queries against every key and value); None:
-    it cannot. ``scores`` pairs score names with owner methods giving that score of every token
-    (B, N) from the site's arguments (``("attention", "attention_received")``: ToCa's s1); each
-    is computed at full steps only when a policy needs it.
+    first tensor argument), the name of an owner method taking the site's arguments and
+    ``index`` (B, k) (self-attention: the selected queries against every key and value), or a
+    :class:`~cachelab.core.tokens.FromSkipped` (a site fed by skip sites); None: it cannot.
+    ``scores`` pairs score names with owner methods (or functions of the owner) giving that score
+    of every token (B, N) from the site's arguments (``("attention", "attention_received")``:
+    ToCa's s1), or a dict of them per site kind (joint attention: one per stream); each is
+    computed at full steps only when a policy needs it, and serves the sites of its block
+    (:attr:`Site.block`).
     """
 
     regex: str
@@ -45,8 +51,8 @@ class SitePattern:
     label: str | None = None
     skip: str | None = None
     span: bool = False
-    tokens: str | None = None
-    scores: tuple[tuple[str, str], ...] = ()
+    tokens: str | FromSkipped | None = None
+    scores: tuple[tuple[str, str | Callable], ...] = ()
 
     def __post_init__(self):
         if self.span and (not self.residual or (isinstance(self.residual, tuple) and None in self.residual)):
@@ -73,7 +79,8 @@ class SitePatterns(list):
 class Site:
     """One cached callable: ``getattr(owner, method)``; a span site (``members``: the modules
     of a stack, ``owner`` the first) is cached across all of their ``method`` calls. ``tokens``
-    and ``scores``: its pattern's (token selection)."""
+    and ``scores``: its pattern's (token selection); ``parent``: the module holding the owner
+    (a :class:`~cachelab.core.tokens.FromSkipped` site's computation runs on it)."""
 
     name: str
     owner: nn.Module
@@ -81,8 +88,9 @@ class Site:
     residual: bool | str | tuple[str | None, ...] = False
     skip: str | None = None
     members: tuple[nn.Module, ...] = ()
-    tokens: str | None = None
-    scores: tuple[tuple[str, str], ...] = ()
+    tokens: str | FromSkipped | None = None
+    scores: tuple[tuple[str, str | Callable], ...] = ()
+    parent: nn.Module | None = None
 
     def passthrough(self, signature: inspect.Signature, args: tuple, kwargs: dict):
         """A span member's output when it is skipped: its residual inputs, as it returns them."""
@@ -106,6 +114,12 @@ class Site:
         if self.skip:
             return self.skip
         return next((part for part in reversed(self.name.split(".")) if not part.isdigit()), self.name)
+
+    @property
+    def block(self) -> str:
+        """The block the site lies in, its name without the last part (``blocks.3.mlp`` ->
+        ``blocks.3``): a score one site of a block gives serves the others."""
+        return self.name.rpartition(".")[0]
 
     @property
     def decision_name(self) -> str:
@@ -169,8 +183,9 @@ def _matches(model: nn.Module, patterns: list[SitePattern]) -> list[Site]:
                     spans.setdefault(p, []).append(module)
                     continue
                 parts = [part for part in (module_name, p.label) if part]
+                parent = model.get_submodule(module_name.rpartition(".")[0]) if isinstance(p.tokens, FromSkipped) else None
                 sites.append(Site(".".join(parts) or "output", module, p.method, p.residual, p.skip,
-                                  tokens=p.tokens, scores=p.scores))
+                                  tokens=p.tokens, scores=p.scores, parent=parent))
     for p, members in spans.items():
         sites.append(Site(p.label or "stack", members[0], p.method, p.residual, members=tuple(members)))
     return sites

@@ -10,6 +10,7 @@ owner); a site without it is refused when the policy would select tokens there.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,19 @@ import torch
 # argument (token axis 1), returns exactly those tokens' outputs (MLP, per-token projections, and
 # cross-attention, whose queries are the tokens and whose keys and values come from the text).
 TOKENWISE = "tokenwise"
+
+
+@dataclass(frozen=True)
+class FromSkipped:
+    """A site pattern's ``tokens`` for a site whose inputs come from skip sites (FLUX's single
+    blocks: ``proj_out`` of attention and MLP, both skipped on forecast steps, so its own input is
+    zeros). Under token selection the skip sites keep their call's arguments on forecast steps,
+    and ``compute(parent, inputs, index)`` gives the selected tokens' outputs (B, k, D) from them:
+    ``parent`` is the module holding the site, ``inputs`` maps each skip site's last name part
+    (``attn``, ``proj_mlp``) to its ``(args, kwargs)``. The policy sees the first skip site's
+    first tensor argument as the tokens."""
+
+    compute: Callable[[Any, dict[str, tuple[tuple, dict]], torch.Tensor], torch.Tensor]
 
 
 @dataclass

@@ -102,7 +102,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "strategy": strategy.name,
         "granularity": strategy.granularity,
         "tokens": None if strategy.tokens is None else type(strategy.tokens).__name__,  # token selection policy
-        "order": cfg.order,
+        "order": OmegaConf.select(cfg, "strategy.predictor.order", default=cfg.order),  # a preset's own (ClusCa) wins
         "interval": OmegaConf.select(cfg, "schedule.interval", default=cfg.interval),  # schedule.interval= wins
         "first_enhance": cfg.first_enhance,
         "schedule": schedule_setting(cfg.schedule),
