@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 from analysis.figures import png_bytes, pyplot
+from cachelab.core.variables import VARIABLES
 from cachelab.io import write_bytes_atomic
 
 SKIPPED = "skipped.txt"  # in a job folder: the job was the same run as another (cachelab.jobs.sweep.claim)
@@ -30,6 +31,7 @@ COLUMNS = [  # (header, path into metrics.json, format)
     ("strategy", ("strategy",), "s"),
     ("granularity", ("granularity",), "s"),
     ("order", ("order",), "d"),
+    ("variable", ("variable",), "s"),
     ("N", ("interval",), "d"),
     ("schedule", ("schedule",), "s"),
     ("full", ("num_full",), "d"),
@@ -42,6 +44,10 @@ COLUMNS = [  # (header, path into metrics.json, format)
     ("class acc.", ("model_quality", "cached", "class_accuracy"), ".3f"),
     ("feature FD", ("model_quality", "cached", "feature_fd"), ".2f"),
 ]
+
+
+ORDERED = ("taylor", "taylorseer", "taylor_newton")  # strategies whose rows and lines are told apart by order
+VARIABLE_ORDER = {name: i for i, name in enumerate(VARIABLES)}  # strategy.predictor.variable
 
 
 def lookup(metrics: dict, path: tuple[str, ...]):
@@ -81,9 +87,10 @@ def failure_reason(job: Path) -> str:
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    """No caching first, then by strategy, Taylor order and N."""
+    """No caching first, then by strategy, Taylor order, expansion variable and N."""
     return sorted(rows, key=lambda m: (m["strategy"] != "none", m["strategy"],
-                                       m["order"] if m["strategy"] == "taylor" else 0, m["interval"]))
+                                       m["order"] if m["strategy"] in ORDERED else 0,
+                                       VARIABLE_ORDER.get(m.get("variable"), -1), m["interval"]))
 
 
 def fmt(value, spec: str) -> str:
@@ -121,7 +128,9 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
         x, y = lookup(m, ("flops", "speedup")), lookup(m, quality)
         if x is None or y is None or (isinstance(y, float) and math.isinf(y)):
             continue
-        name = f"{m['strategy']} order {m['order']}" if m["strategy"] in ("taylor", "taylorseer") else m["strategy"]
+        name = f"{m['strategy']} order {m['order']}" if m["strategy"] in ORDERED else m["strategy"]
+        if m.get("variable") not in (None, "step"):
+            name += f" in {m['variable']}"
         series.setdefault(name, []).append((x, y, point_label(m)))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
     for name, points in sorted(series.items()):

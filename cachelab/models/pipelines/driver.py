@@ -11,7 +11,8 @@ timesteps) and ends after the scheduler's last step. The schedule decides at the
 transformer call of each step. The pipeline's own ``transformer.cache_context(name)`` blocks
 select the handle's context, so cond and uncond calls keep separate caches.
 ``scheduler.step`` reports each new sample to the sampler callback
-(``s, t, x, model_output, full``).
+(``s, t, x, model_output, full``). Each generation begins with the scheduler's per-step
+timestep, sigma and log-SNR (:func:`scheduler_grid`), for a predictor expanding in one of them.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from cachelab.core.controller import CacheHandle
 from cachelab.core.schedules import Decision
+from cachelab.core.variables import StepGrid
 from cachelab.models.samplers import Callback
 
 _MISSING = object()
@@ -55,6 +57,31 @@ class TimestepMap:
             raise RuntimeError(f"timestep {value:g} is step {steps} depending on how the pipeline maps timesteps; "
                                f"cannot tell the step index")
         return next(iter(steps.values()))
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` samples a flow (``x = (1 - sigma) x0 + sigma noise``): diffusers'
+    FlowMatch schedulers, and multistep ones configured with flow sigmas."""
+    config = getattr(scheduler, "config", {})
+    return (type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+            or config.get("prediction_type") == "flow_prediction")
+
+
+def scheduler_grid(scheduler) -> StepGrid:
+    """The timestep, sigma and log-SNR of every step of ``scheduler`` (its timesteps set): flow
+    matching from ``scheduler.sigmas``; a variance-preserving scheduler from ``alphas_cumprod`` at its
+    (integer) timesteps; any other gives its timesteps alone."""
+    timesteps = scheduler.timesteps.double().cpu()
+    name = type(scheduler).__name__
+    if is_flow_matching(scheduler):
+        return StepGrid.from_flow_sigmas(timesteps.tolist(), scheduler.sigmas.double().cpu()[: len(timesteps)].tolist(),
+                                         source=name)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    integral = bool((timesteps == timesteps.round()).all())
+    if alphas is not None and integral and 0 <= timesteps.min() and timesteps.max() < len(alphas):
+        return StepGrid.from_alpha_bar(timesteps.tolist(), alphas.double().cpu()[timesteps.long()].tolist(),
+                                       source=name)
+    return StepGrid(timestep=tuple(timesteps.tolist()), source=name)
 
 
 class PipelineDriver:
@@ -123,7 +150,7 @@ class PipelineDriver:
             if s != self.s:
                 if self.handle is not None:
                     if self.s is None or s < self.s:  # the first call of a pipeline call: T is known now
-                        self.handle.begin(len(self._map.timesteps))
+                        self.handle.begin(len(self._map.timesteps), scheduler_grid(self.pipe.scheduler))
                     self.handle.step(s, float(self._map.timesteps[s]))
                 self.s = s
             return forward(*args, **kwargs)
