@@ -31,7 +31,6 @@ COLUMNS = [  # (header, path into metrics.json, format)
     ("strategy", ("strategy",), "s"),
     ("granularity", ("granularity",), "s"),
     ("order", ("order",), "d"),
-    ("variable", ("variable",), "s"),
     ("N", ("interval",), "d"),
     ("schedule", ("schedule",), "s"),
     ("full", ("num_full",), "d"),
@@ -46,8 +45,17 @@ COLUMNS = [  # (header, path into metrics.json, format)
 ]
 
 
+VARIABLE_COLUMN = ("variable", ("variable",), "s")  # shown after the order where a job expands in another than step
 ORDERED = ("taylor", "taylorseer", "taylor_newton")  # strategies whose rows and lines are told apart by order
 VARIABLE_ORDER = {name: i for i, name in enumerate(VARIABLES)}  # strategy.predictor.variable
+
+
+def columns(rows: list[dict]) -> list[tuple]:
+    """:data:`COLUMNS`, with the expansion variable after the order where some job has one other than step."""
+    if all(m.get("variable") in (None, "step") for m in rows):
+        return COLUMNS
+    at = next(i for i, (header, _, _) in enumerate(COLUMNS) if header == "order") + 1
+    return [*COLUMNS[:at], VARIABLE_COLUMN, *COLUMNS[at:]]
 
 
 def lookup(metrics: dict, path: tuple[str, ...]):
@@ -102,9 +110,10 @@ def fmt(value, spec: str) -> str:
 
 
 def markdown(rows: list[dict], failed: list[str]) -> str:
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    shown = columns(rows)
+    lines = ["| " + " | ".join(h for h, _, _ in shown) + " |", "|" + "---|" * len(shown)]
     for m in rows:
-        lines.append("| " + " | ".join(fmt(lookup(m, p), f) for _, p, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(lookup(m, p), f) for _, p, f in shown) + " |")
     if failed:
         lines += ["", "Jobs that did not finish:", *[f"- {line}" for line in failed]]
     return "\n".join(lines) + "\n"
@@ -113,9 +122,10 @@ def markdown(rows: list[dict], failed: list[str]) -> str:
 def to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["job"] + [h for h, _, _ in COLUMNS])
+    shown = columns(rows)
+    writer.writerow(["job"] + [h for h, _, _ in shown])
     for m in rows:
-        writer.writerow([m["job"]] + [lookup(m, p) for _, p, _ in COLUMNS])
+        writer.writerow([m["job"]] + [lookup(m, p) for _, p, _ in shown])
     return buffer.getvalue()
 
 
