@@ -180,6 +180,23 @@ def test_diffusers_ddim_scheduler_grid_against_its_alphas_cumprod():
     np.testing.assert_allclose(grid.logsnr, torch.log(a) - torch.log1p(-a), rtol=1e-9)
 
 
+def test_euler_scheduler_grid_from_its_own_sigmas_and_a_bare_scheduler_gives_timesteps_alone():
+    """Euler (non-integer timesteps): sigma is the scheduler's own, logsnr = -2 log sigma."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(7)
+    grid = scheduler_grid(scheduler)
+    sigma = scheduler.sigmas.double()[:7]
+    np.testing.assert_allclose(grid.sigma, sigma.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(grid.logsnr, (-2 * sigma.log()).numpy(), rtol=1e-9)
+
+    class Bare:
+        timesteps = torch.tensor([30.0, 20.0, 10.0])
+
+    assert scheduler_grid(Bare()).supplied() == ["step", "timestep"]
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_matching_grid_against_its_sigmas_with_the_infinite_end_clamped(shift):
     """FlowMatchEuler: sigma is the scheduler's, logsnr = 2 log((1 - sigma) / sigma); sigma = 1 at step 0

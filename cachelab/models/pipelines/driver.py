@@ -69,18 +69,22 @@ def is_flow_matching(scheduler) -> bool:
 
 def scheduler_grid(scheduler) -> StepGrid:
     """The timestep, sigma and log-SNR of every step of ``scheduler`` (its timesteps set): flow
-    matching from ``scheduler.sigmas``; a variance-preserving scheduler from ``alphas_cumprod`` at its
-    (integer) timesteps; any other gives its timesteps alone."""
+    matching from ``scheduler.sigmas``; a variance-preserving scheduler from ``alphas_cumprod`` at
+    integer timesteps (DDIM, DPM-Solver), else from its own sigmas ``sqrt((1 - a) / a)`` (Euler,
+    Karras sigmas); any other gives its timesteps alone."""
     timesteps = scheduler.timesteps.double().cpu()
-    name = type(scheduler).__name__
-    if is_flow_matching(scheduler):
-        return StepGrid.from_flow_sigmas(timesteps.tolist(), scheduler.sigmas.double().cpu()[: len(timesteps)].tolist(),
-                                         source=name)
+    T, name = len(timesteps), type(scheduler).__name__
+    sigmas = getattr(scheduler, "sigmas", None)
+    sigmas = None if sigmas is None or len(sigmas) < T else torch.as_tensor(sigmas).double().cpu()[:T]
+    if is_flow_matching(scheduler) and sigmas is not None:
+        return StepGrid.from_flow_sigmas(timesteps.tolist(), sigmas.tolist(), source=name)
     alphas = getattr(scheduler, "alphas_cumprod", None)
-    integral = bool((timesteps == timesteps.round()).all())
-    if alphas is not None and integral and 0 <= timesteps.min() and timesteps.max() < len(alphas):
-        return StepGrid.from_alpha_bar(timesteps.tolist(), alphas.double().cpu()[timesteps.long()].tolist(),
-                                       source=name)
+    if alphas is not None and not is_flow_matching(scheduler):
+        if bool((timesteps == timesteps.round()).all()) and 0 <= timesteps.min() and timesteps.max() < len(alphas):
+            return StepGrid.from_alpha_bar(timesteps.tolist(), alphas.double().cpu()[timesteps.long()].tolist(),
+                                           source=name)
+        if sigmas is not None:
+            return StepGrid.from_alpha_bar(timesteps.tolist(), (1 / (1 + sigmas.square())).tolist(), source=name)
     return StepGrid(timestep=tuple(timesteps.tolist()), source=name)
 
 
