@@ -125,8 +125,8 @@ class CacheHandle(Generations):
     The sampler drives it inside ``with handle.generation(T, grid):`` (or ``begin(T, grid)`` ...
     ``end()``), calling ``step(s, t)`` before the model call(s) of step ``s``; ``grid`` (a
     :class:`~cachelab.core.variables.StepGrid`, optional) gives the timestep, sigma and log-SNR
-    of every step, which a predictor expanding in one of them (``predictor.variable``) needs; outside a generation the
-    model runs untouched. The schedule decides once per step; every site then either
+    of every step, which a predictor expanding in one of them (``predictor.variable``) needs;
+    outside a generation the model runs untouched. The schedule decides once per step; every site then either
     runs and records its value, or returns the predictor's forecast. Separate model calls in
     one step (e.g. CFG cond/uncond) keep separate caches via ``with handle.context(name)``.
     A site whose input shape changed (batch size, resolution) starts a fresh history.
