@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 from analysis.figures import png_bytes, pyplot
+from cachelab.core.variables import VARIABLES
 from cachelab.io import write_bytes_atomic
 
 SKIPPED = "skipped.txt"  # in a job folder: the job was the same run as another (cachelab.jobs.sweep.claim)
@@ -42,6 +43,19 @@ COLUMNS = [  # (header, path into metrics.json, format)
     ("class acc.", ("model_quality", "cached", "class_accuracy"), ".3f"),
     ("feature FD", ("model_quality", "cached", "feature_fd"), ".2f"),
 ]
+
+
+VARIABLE_COLUMN = ("variable", ("variable",), "s")  # shown after the order where a job expands in another than step
+ORDERED = ("taylor", "taylorseer", "taylor_newton")  # strategies whose rows and lines are told apart by order
+VARIABLE_ORDER = {name: i for i, name in enumerate(VARIABLES)}  # strategy.predictor.variable
+
+
+def columns(rows: list[dict]) -> list[tuple]:
+    """:data:`COLUMNS`, with the expansion variable after the order where some job has one other than step."""
+    if all(m.get("variable") in (None, "step") for m in rows):
+        return COLUMNS
+    at = next(i for i, (header, _, _) in enumerate(COLUMNS) if header == "order") + 1
+    return [*COLUMNS[:at], VARIABLE_COLUMN, *COLUMNS[at:]]
 
 
 def lookup(metrics: dict, path: tuple[str, ...]):
@@ -86,9 +100,10 @@ def failure_reason(job: Path) -> str:
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    """No caching first, then by strategy, Taylor order and N."""
+    """No caching first, then by strategy, Taylor order, expansion variable and N."""
     return sorted(rows, key=lambda m: (m["strategy"] != "none", m["strategy"],
-                                       m["order"] if m["strategy"] == "taylor" else 0, m["interval"]))
+                                       m["order"] if m["strategy"] in ORDERED else 0,
+                                       VARIABLE_ORDER.get(m.get("variable"), -1), m["interval"]))
 
 
 def fmt(value, spec: str) -> str:
@@ -100,9 +115,10 @@ def fmt(value, spec: str) -> str:
 
 
 def markdown(rows: list[dict], failed: list[str]) -> str:
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    shown = columns(rows)
+    lines = ["| " + " | ".join(h for h, _, _ in shown) + " |", "|" + "---|" * len(shown)]
     for m in rows:
-        lines.append("| " + " | ".join(fmt(lookup(m, p), f) for _, p, f in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(lookup(m, p), f) for _, p, f in shown) + " |")
     if failed:
         lines += ["", "Jobs that did not finish:", *[f"- {line}" for line in failed]]
     return "\n".join(lines) + "\n"
@@ -111,9 +127,10 @@ def markdown(rows: list[dict], failed: list[str]) -> str:
 def to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["job"] + [h for h, _, _ in COLUMNS])
+    shown = columns(rows)
+    writer.writerow(["job"] + [h for h, _, _ in shown])
     for m in rows:
-        writer.writerow([m["job"]] + [lookup(m, p) for _, p, _ in COLUMNS])
+        writer.writerow([m["job"]] + [lookup(m, p) for _, p, _ in shown])
     return buffer.getvalue()
 
 
@@ -126,7 +143,9 @@ def pareto_plot(rows: list[dict], quality: tuple[str, ...], label: str):
         x, y = lookup(m, ("flops", "speedup")), lookup(m, quality)
         if x is None or y is None or (isinstance(y, float) and math.isinf(y)):
             continue
-        name = f"{m['strategy']} order {m['order']}" if m["strategy"] in ("taylor", "taylorseer") else m["strategy"]
+        name = f"{m['strategy']} order {m['order']}" if m["strategy"] in ORDERED else m["strategy"]
+        if m.get("variable") not in (None, "step"):
+            name += f" in {m['variable']}"
         series.setdefault(name, []).append((x, y, point_label(m)))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
     for name, points in sorted(series.items()):

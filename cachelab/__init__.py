@@ -23,6 +23,7 @@ _EXPORTS = {"Handle": "cachelab.api", "apply": "cachelab.api", "CacheHandle": "c
             "Decision": "cachelab.core.schedules", "Schedule": "cachelab.core.schedules",
             "StepContext": "cachelab.core.schedules", "SitePattern": "cachelab.core.sites",
             "select_sites": "cachelab.core.sites", "Strategy": "cachelab.core.strategy",
+            "StepGrid": "cachelab.core.variables",
             "ConfigError": "cachelab.errors", "UserError": "cachelab.errors"}
 __all__ = sorted(_EXPORTS)
 

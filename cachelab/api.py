@@ -20,6 +20,7 @@ from cachelab.core.experts import ExpertHandles
 from cachelab.core.schedules import Decision
 from cachelab.core.sites import SitePattern
 from cachelab.core.strategy import SiteSource, Strategy
+from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
 
 UNDRIVEN = ("warn", "raise", "ignore")
@@ -52,6 +53,7 @@ class Handle(Generations):
         self.inner: CacheHandle | None = None
         self.driver = None  # a PipelineDriver when applied to a pipeline
         self._T: int | None = None
+        self._grid: StepGrid | None = None
         self._step: tuple[int, float | None] | None = None
         self._contexts: list[tuple[str, ExitStack]] = []  # the context blocks open now
         self._warned = self._removed = False
@@ -61,17 +63,17 @@ class Handle(Generations):
         model.forward = self._guarded_forward
 
     # -- driving (the same calls as CacheHandle) --------------------------------------------
-    def begin(self, T: int) -> None:
+    def begin(self, T: int, grid: StepGrid | None = None) -> None:
         self._check_live()
-        self._T, self._step = T, None
+        self._T, self._grid, self._step = T, grid, None
         if self.inner is not None:
-            self.inner.begin(T)
+            self.inner.begin(T, grid)
 
     def end(self) -> None:
         if self.inner is not None and self._T is not None:
             self.inner.end()
             self._stats = self.inner.stats()
-        self._T, self._step = None, None
+        self._T, self._grid, self._step = None, None, None
 
     def step(self, s: int, t: float | None = None) -> Decision | None:
         self._check_live()
@@ -167,7 +169,7 @@ class Handle(Generations):
             raise ConfigError(f"{type(self.model).__name__}: {err}") from None
         if self.driver is not None:
             self.driver.install()
-        self.inner.begin(self._T)
+        self.inner.begin(self._T, self._grid)
         if self._step is not None:
             self.inner.step(*self._step)
         for name, routed in self._contexts:  # the context blocks open right now

@@ -1,17 +1,20 @@
 """TaylorSeer (Liu et al., ICCV 2025): Taylor forecast on recursive finite differences.
 
-Two ablations share its update and its Horner evaluation: ``difference="newton"`` (divided
-differences on the actual step grid: exact polynomial extrapolation) and ``damping`` of the
-orders above one.
+Three ablations share its update and its Horner evaluation: ``difference="newton"`` (divided
+differences on the actual step grid: exact polynomial extrapolation), ``damping`` of the
+orders above one, and ``variable``: distances measured in the timestep, sigma or log-SNR
+instead of the step index (:mod:`cachelab.core.variables`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.tokens import scatter_tokens
+from cachelab.core.variables import check_variable
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _DIFFERENCES = ("official", "newton")
@@ -27,6 +30,7 @@ class TaylorState(PredictorState):
     factors: list[torch.Tensor] = field(default_factory=list)
     last_step: int | None = None
     out_dtype: torch.dtype | None = None
+    positions: Sequence[float] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return self.factors
@@ -39,10 +43,11 @@ class TaylorState(PredictorState):
 
 @dataclass
 class NewtonState(TaylorState):
-    """Factors ``D_i = i! f[s_0..s_i]`` (divided differences, newest step first: derivative
-    estimates on the actual grid) and the steps ``s_0, s_1, ...`` they were taken at."""
+    """Factors ``D_i = i! f[x_0..x_i]`` (divided differences, newest step first: derivative
+    estimates on the actual grid) and the positions ``x_0, x_1, ...`` they were taken at (the
+    steps ``s_0, s_1, ...`` themselves for ``variable="step"``)."""
 
-    steps: list[int] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
 
 
 class TaylorSeer(Predictor):
@@ -61,10 +66,17 @@ class TaylorSeer(Predictor):
     polynomial of degree <= m through those values.
     ``damping`` multiplies the i-th order term of either forecast by ``damping**(i-1)`` for
     ``i >= 2`` (1.0 leaves it unchanged).
+
+    ``variable`` (``step`` | ``timestep`` | ``sigma`` | ``logsnr``): every distance above is
+    measured in ``x(s)``, the variable's value at step ``s`` (``state.position(s)``), instead of
+    ``s``: the official rule divides by ``x(s) - x(s_last)`` and forecasts
+    ``sum_i D_i (x(s) - x(s_last))^i / i!``; Newton takes its divided differences on the grid
+    ``x(s_0), x(s_1), ...`` (exact for polynomials in ``x``). The warm-up (``first_enhance``)
+    stays counted in steps. ``step`` computes exactly as without the knob.
     """
 
     def __init__(self, order: int, first_enhance: int = 1, factor_dtype: str | None = None,
-                 difference: str = "official", damping: float = 1.0):
+                 difference: str = "official", damping: float = 1.0, variable: str = "step"):
         if not 0 <= order <= MAX_ORDER:
             raise ValueError(f"order must be in 0..{MAX_ORDER}, got {order}")
         if factor_dtype is not None and factor_dtype not in _DTYPES:
@@ -73,11 +85,13 @@ class TaylorSeer(Predictor):
             raise ValueError(f"difference must be one of {list(_DIFFERENCES)}, got {difference!r}")
         if not 0.0 <= damping <= 1.0:
             raise ValueError(f"damping must be a number in [0, 1], got {damping!r}")
+        check_variable(variable)
         self.order = order
         self.first_enhance = first_enhance
         self.factor_dtype = _DTYPES[factor_dtype] if factor_dtype else None
         self.newton = difference == "newton"
         self.damping = damping
+        self.variable = variable
 
     def new_state(self) -> TaylorState:
         return NewtonState() if self.newton else TaylorState()
@@ -87,13 +101,14 @@ class TaylorSeer(Predictor):
 
     def update(self, state: TaylorState, s: int, value: torch.Tensor) -> None:
         new = [value if self.factor_dtype is None else value.to(self.factor_dtype)]
+        x = self.position(state, s)
         if state.has_history:
-            gap = self.gap(state, s)
+            self.gap(state, s)
             if self.derivatives_allowed(s):
                 if self.newton:
-                    spans = [(s - t) / (i + 1) for i, t in enumerate(state.steps)]
+                    spans = [(x - t) / (i + 1) for i, t in enumerate(state.steps)]
                 else:
-                    spans = [gap] * self.order
+                    spans = [x - state.position(state.last_step)] * self.order
                 old = state.factors
                 count = min(len(old), self.order)
                 # No allocation once the order is reached: D_1 goes into the dropped top factor's
@@ -106,24 +121,34 @@ class TaylorSeer(Predictor):
         state.last_step = s
         state.out_dtype = value.dtype
         if self.newton:
-            state.steps = [s, *state.steps][: len(new)]
+            state.steps = [x, *state.steps][: len(new)]
+
+    def position(self, state: TaylorState, s: int) -> float:
+        """``x(s)``; a variable other than ``step`` needs the positions the controller sets."""
+        if self.variable != "step" and state.positions is None:
+            raise ValueError(f"TaylorSeer(variable={self.variable!r}) has no {self.variable} values for its steps: "
+                             f"the sampler gave none (handle.begin(T, grid) with a StepGrid)")
+        return state.position(s)
 
     def refresh(self, state: TaylorState, index: torch.Tensor, values: torch.Tensor) -> None:
         """ToCa's and ClusCa's cache update: ``D_0`` takes the fresh tokens, the derivative factors
         and the last full step stay (a new tensor: ``D_0`` may be shown to observers)."""
         state.factors[0] = scatter_tokens(state.factors[0], index, values)
 
-    def multipliers(self, state: TaylorState, s: int, k: int, top: int) -> list[float]:
-        """``a_1..a_top`` of the nested form ``D_0 + a_1 (D_1 + a_2 (D_2 + ...))``:
-        ``k / i`` (official) or ``(s - s_{i-1}) / i`` (newton), times ``damping`` for ``i >= 2``."""
+    def multipliers(self, state: TaylorState, s: int, k: float, top: int) -> list[float]:
+        """``a_1..a_top`` of the nested form ``D_0 + a_1 (D_1 + a_2 (D_2 + ...))``: ``k / i``
+        (official; ``k = x(s) - x(s_last)``) or ``(x(s) - x_{i-1}) / i`` (newton), times
+        ``damping`` for ``i >= 2``."""
         if self.newton:
-            a = [(s - t) / i for i, t in enumerate(state.steps[:top], start=1)]
+            x = self.position(state, s)
+            a = [(x - t) / i for i, t in enumerate(state.steps[:top], start=1)]
         else:
             a = [k / i for i in range(1, top + 1)]
         return [a[0]] + [x * self.damping for x in a[1:]]
 
     def predict(self, state: TaylorState, s: int) -> torch.Tensor:
-        k = self.gap(state, s)
+        self.gap(state, s)
+        k = self.position(state, s) - state.position(state.last_step)
         factors = state.factors
         if len(factors) == 1:
             return factors[0].to(state.out_dtype)

@@ -258,7 +258,7 @@ def test_expert_handles_count_steps_per_expert_and_free_finished_experts():
     experts = ExpertHandles(handles)
     plan = ["a"] * 4 + ["b"] * 5
     x = torch.randn(2, 4)
-    with experts.generation(len(plan), plan):
+    with experts.generation(len(plan), plan=plan):
         for s, name in enumerate(plan):
             experts.step(s)
             assert experts.expert == name
@@ -272,7 +272,7 @@ def test_expert_handles_count_steps_per_expert_and_free_finished_experts():
     assert stats.full_steps == local(4) + [4 + s for s in local(5)]
     assert stats.cache_bytes == max(stats.experts["a"].cache_bytes, stats.experts["b"].cache_bytes) > 0
     with pytest.raises(ValueError, match="plan"):
-        experts.begin(3, ["a", "c", "a"])
+        experts.begin(3, plan=["a", "c", "a"])
 
 
 def test_run_py_runs_both_experts_end_to_end(tmp_path):
@@ -332,3 +332,24 @@ def test_jobs_that_observe_one_transformer_refuse_two_experts(adapter):
 
     with pytest.raises(ConfigError, match="transformer, transformer_2.*allowed: job=compare or job=sample"):
         observed_full_run(adapter, "module", None, adapter.make_inputs(1, seed=0))
+
+
+def test_each_expert_expands_in_its_own_steps_of_the_grid():
+    """A predictor expanding in sigma: each expert's handle gets the sigmas of its own steps, in
+    its local order (the grid's slice), never the other expert's."""
+    from cachelab.core.variables import StepGrid
+
+    models = {"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}
+    handles = {name: attach(select_sites(model, [SitePattern("")]), TaylorSeer(order=1, variable="sigma"),
+                            Interval(2, 1)) for name, model in models.items()}
+    experts = ExpertHandles(handles)
+    plan = ["a"] * 3 + ["b"] * 4
+    sigmas = [1.0 - s / 8 for s in range(len(plan))]
+    grid = StepGrid.from_flow_sigmas(range(len(plan)), sigmas)
+    seen = {}
+    with torch.no_grad(), experts.generation(len(plan), grid, plan):
+        for s, name in enumerate(plan):
+            experts.step(s)
+            seen[name] = handles[name]._positions
+            models[name](torch.randn(2, 4))
+    assert seen["a"] == tuple(sigmas[:3]) and seen["b"] == tuple(sigmas[3:])

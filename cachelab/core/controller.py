@@ -19,6 +19,7 @@ from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecisio
 from cachelab.core.sites import Site, first_tensor
 from cachelab.core.tokens import (TOKENWISE, FromSkipped, SiteTokens, TokenPolicy, TokenState, TokenView,
                                   gather_tokens, scatter_tokens, with_first_tensor)
+from cachelab.core.variables import StepGrid, positions
 
 _MISSING = object()
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
@@ -110,12 +111,12 @@ def decision_code(decision: StepDecision) -> int:
 
 
 class Generations:
-    """``with handle.generation(T):`` for whatever has ``begin(T)`` and ``end()``."""
+    """``with handle.generation(T, grid):`` for whatever has ``begin(T, grid)`` and ``end()``."""
 
     @contextmanager
-    def generation(self, T: int):
-        """``begin(T)`` on entry, ``end()`` on exit, even when sampling fails."""
-        self.begin(T)
+    def generation(self, T: int, grid: StepGrid | None = None):
+        """``begin(T, grid)`` on entry, ``end()`` on exit, even when sampling fails."""
+        self.begin(T, grid)
         try:
             yield self
         finally:
@@ -125,9 +126,11 @@ class Generations:
 class CacheHandle(Generations):
     """A strategy attached to a model; created by :func:`attach`.
 
-    The sampler drives it inside ``with handle.generation(T):`` (or ``begin(T)`` ... ``end()``),
-    calling ``step(s, t)`` before the model call(s) of step ``s``; outside a generation the
-    model runs untouched. The schedule decides once per step; every site then either
+    The sampler drives it inside ``with handle.generation(T, grid):`` (or ``begin(T, grid)`` ...
+    ``end()``), calling ``step(s, t)`` before the model call(s) of step ``s``; ``grid`` (a
+    :class:`~cachelab.core.variables.StepGrid`, optional) gives the timestep, sigma and log-SNR
+    of every step, which a predictor expanding in one of them (``predictor.variable``) needs;
+    outside a generation the model runs untouched. The schedule decides once per step; every site then either
     runs and records its value, or returns the predictor's forecast. Separate model calls in
     one step (e.g. CFG cond/uncond) keep separate caches via ``with handle.context(name)``.
     A site whose input shape changed (batch size, resolution) starts a fresh history.
@@ -206,6 +209,8 @@ class CacheHandle(Generations):
         self._audit = False
         self._context = "default"
         self._T: int | None = None
+        self._grid: StepGrid | None = None
+        self._positions: tuple[float, ...] | None = None  # x(s) of the predictor's variable
         self.reset()
         with self._lifted():
             for site in self.sites:
@@ -217,17 +222,19 @@ class CacheHandle(Generations):
                 self._install_probe(signal, probe)
 
     # -- driving -------------------------------------------------------------------
-    def begin(self, T: int) -> None:
-        """Start a generation of ``T`` steps: every cache is cleared."""
+    def begin(self, T: int, grid: StepGrid | None = None) -> None:
+        """Start a generation of ``T`` steps: every cache is cleared. ``grid``: the sampler's
+        per-step variables; a ConfigError if the predictor's ``variable`` is not among them."""
+        self._positions = positions(getattr(self.predictor, "variable", "step"), T, grid)
         self.reset()
-        self._T = T
+        self._T, self._grid = T, grid
 
     def end(self) -> None:
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
         self.stats()
         self._caches, self._signals, self._scores, self._skipped = {}, {}, {}, {}
-        self._s = self._t = self._decision = self._T = None
+        self._s = self._t = self._decision = self._T = self._grid = self._positions = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
         """Enter step ``s`` (counted up); the schedule decides once for every site and context,
@@ -236,7 +243,7 @@ class CacheHandle(Generations):
         if self._T is None:
             raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
         if self._s is not None and s <= self._s:  # the step went back: a new generation, no leak
-            self.begin(self._T)
+            self.begin(self._T, self._grid)
         if self._s is not None and self._decision is None:
             raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
@@ -524,7 +531,7 @@ class CacheHandle(Generations):
             cache.specs = [None if p is None else (p.shape, p.dtype, p.device) for p in parts]
             return
         if len(cache.states) != len(parts):
-            cache.states = [None if p is None else self.predictor.new_state() for p in parts]
+            cache.states = [None if p is None else self._new_state() for p in parts]
         values = cached_values(parts, bases)
         if self._copy_values:  # a CUDA graph's outputs are overwritten at its next replay
             values = [None if value is None else value.clone() for value in values]
@@ -536,6 +543,13 @@ class CacheHandle(Generations):
                 self.predictor.update(state, self._s, value)
         for observer in self._observers:
             observer.full(site.name, self._context, self._s, values)
+
+    def _new_state(self) -> PredictorState:
+        """An empty history that knows the generation's positions of the predictor's variable."""
+        state = self.predictor.new_state()
+        if self._positions is not None:
+            state.positions = self._positions
+        return state
 
     def _rebuild(self, cache: SiteCache, forecast: Parts, bases: list[torch.Tensor | None]):
         """The site's output on a forecast step: each forecast plus its residual base, in the

@@ -8,11 +8,12 @@ from dataclasses import replace
 
 from cachelab.core.controller import CacheStats, Generations
 from cachelab.core.schedules import Decision
+from cachelab.core.variables import StepGrid
 
 
 class ExpertHandles(Generations):
     """One handle per expert (name -> a :class:`~cachelab.core.controller.CacheHandle` or anything
-    driven alike), driven as one: ``begin(T, plan)`` with ``plan[s]`` the expert that runs step
+    driven alike), driven as one: ``begin(T, grid, plan)`` with ``plan[s]`` the expert that runs step
     ``s``, then ``step(s, t)`` with the global step index.
 
     Steps are counted per expert: an expert sees only its own steps, as a generation of
@@ -31,6 +32,7 @@ class ExpertHandles(Generations):
             raise ValueError("ExpertHandles needs at least one expert")
         self.handles = dict(handles)
         self._plan: list[str] | None = None
+        self._grid: StepGrid | None = None
         self._steps: dict[str, list[int]] = {}  # expert -> its global steps, in order
         self._local: list[int] = []  # global step -> the expert's local index
         self._ran: set[str] = set()  # experts begun in this (or the last) generation
@@ -43,24 +45,25 @@ class ExpertHandles(Generations):
         return tuple(self.handles)
 
     @contextmanager
-    def generation(self, T: int, plan: Sequence[str] | None = None):
-        """``begin(T, plan)`` on entry, ``end()`` on exit, even when sampling fails."""
-        self.begin(T, plan)
+    def generation(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None):
+        """``begin(T, grid, plan)`` on entry, ``end()`` on exit, even when sampling fails."""
+        self.begin(T, grid, plan)
         try:
             yield self
         finally:
             self.end()
 
-    def begin(self, T: int, plan: Sequence[str] | None = None) -> None:
-        """Start a generation of ``T`` steps; ``plan[s]`` names the expert of step ``s`` (None:
-        the first expert runs every step)."""
+    def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
+        """Start a generation of ``T`` steps; ``grid``: the sampler's per-step variables (each
+        expert gets its own steps' part); ``plan[s]`` names the expert of step ``s`` (None: the
+        first expert runs every step)."""
         plan = [next(iter(self.handles))] * T if plan is None else list(plan)
         unknown = sorted(set(plan) - set(self.handles))
         if len(plan) != T or unknown:
             raise ValueError(f"the plan must name one of {', '.join(self.handles)} for each of the {T} steps, got "
                              f"{len(plan)} entries" + (f" naming {', '.join(unknown)}" if unknown else ""))
         self.end()
-        self._plan, self._ran = plan, set()
+        self._plan, self._grid, self._ran = plan, grid, set()
         self._steps = {name: [s for s, expert in enumerate(plan) if expert == name] for name in self.handles}
         self._local = [self._steps[expert].index(s) for s, expert in enumerate(plan)]
 
@@ -74,16 +77,17 @@ class ExpertHandles(Generations):
         """Enter global step ``s``: the planned expert's handle enters its local step (begun at the
         expert's first step); experts past their last step free their caches."""
         if self._plan is None:
-            raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T, plan):`")
+            raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T, grid, plan):`")
         if self._s is not None and s <= self._s:  # the step went back: a new generation
-            self.begin(len(self._plan), self._plan)
+            self.begin(len(self._plan), self._grid, self._plan)
         expert = self._plan[s]
         for name in sorted(self._open):
             if self._steps[name][-1] < s:
                 self.handles[name].end()
                 self._open.discard(name)
         if expert not in self._ran:
-            self.handles[expert].begin(len(self._steps[expert]))
+            steps = self._steps[expert]
+            self.handles[expert].begin(len(steps), None if self._grid is None else self._grid.subset(steps))
             self._ran.add(expert)
             self._open.add(expert)
         self._s, self._current = s, expert

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 
@@ -10,6 +11,13 @@ class PredictorState(ABC):
     """Per-site, per-context history of full-step values. Owned by the controller."""
 
     last_step: int | None = None
+    # x(s) of the predictor's expansion variable at every step of the generation, set by the
+    # controller (cachelab.core.variables); None: the variable is the step itself, x(s) = s
+    positions: Sequence[float] | None = None
+
+    def position(self, s: int) -> float:
+        """``x(s)``, the expansion variable at step ``s`` (``s`` itself without positions)."""
+        return s if self.positions is None else self.positions[s]
 
     @abstractmethod
     def tensors(self) -> list[torch.Tensor]:
@@ -35,8 +43,13 @@ class Predictor(ABC):
 
     A predictor is stateless: one instance serves every site and every context, and
     all history lives in the state object returned by :meth:`new_state`. Steps are the
-    integer denoising-step indices, always counted up from 0.
+    integer denoising-step indices, always counted up from 0. ``variable`` names the
+    quantity it measures distances in (:data:`~cachelab.core.variables.VARIABLES`); for any
+    other than ``step`` the controller sets each new state's ``positions`` from the sampler's
+    per-step grid, and the predictor reads ``state.position(s)``.
     """
+
+    variable: str = "step"
 
     @abstractmethod
     def new_state(self) -> PredictorState:

@@ -103,6 +103,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "granularity": strategy.granularity,
         "tokens": None if strategy.tokens is None else type(strategy.tokens).__name__,  # token selection policy
         "order": OmegaConf.select(cfg, "strategy.predictor.order", default=cfg.order),  # a preset's own (ClusCa) wins
+        "variable": getattr(strategy.predictor, "variable", None),  # what the forecast expands in
         "interval": OmegaConf.select(cfg, "schedule.interval", default=cfg.interval),  # schedule.interval= wins
         "first_enhance": cfg.first_enhance,
         "schedule": schedule_setting(cfg.schedule),

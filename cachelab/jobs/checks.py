@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from cachelab.core.controller import guard_policy
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
+from cachelab.core.variables import check_variable
 from cachelab.errors import ConfigError
 from strategies.taylor import MAX_ORDER
 
@@ -131,6 +132,7 @@ def check_strategy(cfg: DictConfig) -> None:
     check_tokens(cfg.strategy)
     if cfg.strategy.predictor is None:  # no caching: the schedule is never asked
         return
+    check_variable(cfg.strategy.predictor.get("variable", "step"))
     needed = cfg.strategy.get("needs_schedule")
     if needed is not None and cfg.schedule._target_ != needed:
         raise ConfigError(f"strategy={cfg.strategy.name!r} needs schedule._target_={needed}, got "

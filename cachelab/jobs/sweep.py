@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from analysis.sweep import COLUMNS, SKIPPED, collect, lookup, report
+from analysis.sweep import SKIPPED, collect, columns, lookup, report
 from analysis.wandb_report import share
 from cachelab.errors import FolderLocked
 from cachelab.jobs.lifecycle import SWEEP, SWEEP_LOCK, FolderLock, probe_writable, write_failure
@@ -101,8 +101,9 @@ def log_table(logger_cfg, sweep_dir: Path) -> None:
     sink = instantiate(logger_cfg, **extra)
     sink.start(f"sweep-{group}", {"sweep_dir": str(sweep_dir), "jobs": len(rows)}, sweep_dir)
     try:
-        sink.table("sweep/summary", [header for header, _, _ in COLUMNS],
-                   [[lookup(m, path) for _, path, _ in COLUMNS] for m in rows])
+        shown = columns(rows)
+        sink.table("sweep/summary", [header for header, _, _ in shown],
+                   [[lookup(m, path) for _, path, _ in shown] for m in rows])
     finally:
         sink.finish()
 

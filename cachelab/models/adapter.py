@@ -15,6 +15,7 @@ from cachelab.models.parallel import context_parallel_group
 from cachelab.models.samplers import Callback
 from cachelab.core.schedules import Decision
 from cachelab.core.sites import SitePattern
+from cachelab.core.variables import StepGrid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,9 +77,9 @@ class ModelAdapter(ABC):
 
     @staticmethod
     @contextmanager
-    def driving(handle: CacheHandle | None, num_steps: int):
+    def driving(handle: CacheHandle | None, num_steps: int, grid: StepGrid | None = None):
         """One generation driven by ``handle``: yields the sampler's ``before_step`` hook
-        (None without caching)."""
+        (None without caching). ``grid``: the sampler's per-step timestep, sigma and log-SNR."""
         if handle is None:
             yield None
             return
@@ -86,5 +87,5 @@ class ModelAdapter(ABC):
             handle.step(s, t)
             return lambda: handle.decision is Decision.FULL  # read after the model call
 
-        with handle.generation(num_steps):
+        with handle.generation(num_steps, grid):
             yield before_step

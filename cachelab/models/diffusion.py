@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cachelab.core.variables import StepGrid
+
 
 def linear_betas(num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """The DDPM linear schedule, scaled to ``num_train_steps`` as in ADM/DiT (float64)."""
@@ -39,6 +41,10 @@ class DDIMSchedule:
         alpha_bar = alphas_cumprod(num_train_steps)[kept]  # ascending in t
         alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
         return cls(kept[::-1].copy(), alpha_bar[::-1].copy(), alpha_bar_prev[::-1].copy())
+
+    def grid(self) -> StepGrid:
+        """The timestep, sigma and log-SNR of every sampling step (for ``predictor.variable``)."""
+        return StepGrid.from_alpha_bar(self.timesteps.tolist(), self.alpha_bar.tolist(), source="DDIM")
 
     def __len__(self) -> int:
         return len(self.timesteps)

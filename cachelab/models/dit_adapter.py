@@ -134,7 +134,7 @@ class DiTAdapter(ModelAdapter):
                 out = model.forward_with_cfg(x, t, y, self.guidance_scale, self.guided_channels)
                 return out[:, :channels]
 
-        with self.driving(handle, self.num_steps) as before_step:
+        with self.driving(handle, self.num_steps, schedule.grid()) as before_step:
             x = ddim(denoise, x, schedule, before_step=before_step, callback=callback, progress=progress)
         return x[: len(inputs.noise)]
 

@@ -11,7 +11,8 @@ timesteps) and ends after the scheduler's last step. The schedule decides at the
 transformer call of each step. The pipeline's own ``transformer.cache_context(name)`` blocks
 select the handle's context, so cond and uncond calls keep separate caches.
 ``scheduler.step`` reports each new sample to the sampler callback
-(``s, t, x, model_output, full``).
+(``s, t, x, model_output, full``). Each generation begins with the scheduler's per-step
+timestep, sigma and log-SNR (:func:`scheduler_grid`), for a predictor expanding in one of them.
 
 Wan 2.2 A14B has two experts, ``transformer`` and ``transformer_2`` (:func:`experts`): both are
 hooked, and a handle with ``experts`` (:class:`~cachelab.core.experts.ExpertHandles`) begins
@@ -27,6 +28,7 @@ from torch import nn
 
 from cachelab.core.controller import CacheHandle
 from cachelab.core.schedules import Decision
+from cachelab.core.variables import StepGrid
 from cachelab.models.samplers import Callback
 
 _MISSING = object()
@@ -81,6 +83,35 @@ class TimestepMap:
             raise RuntimeError(f"timestep {value:g} is step {steps} depending on how the pipeline maps timesteps; "
                                f"cannot tell the step index")
         return next(iter(steps.values()))
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` samples a flow (``x = (1 - sigma) x0 + sigma noise``): diffusers'
+    FlowMatch schedulers, and multistep ones configured with flow sigmas."""
+    config = getattr(scheduler, "config", {})
+    return (type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+            or config.get("prediction_type") == "flow_prediction")
+
+
+def scheduler_grid(scheduler) -> StepGrid:
+    """The timestep, sigma and log-SNR of every step of ``scheduler`` (its timesteps set): flow
+    matching from ``scheduler.sigmas``; a variance-preserving scheduler from ``alphas_cumprod`` at
+    integer timesteps (DDIM, DPM-Solver), else from its own sigmas ``sqrt((1 - a) / a)`` (Euler,
+    Karras sigmas); any other gives its timesteps alone."""
+    timesteps = scheduler.timesteps.double().cpu()
+    T, name = len(timesteps), type(scheduler).__name__
+    sigmas = getattr(scheduler, "sigmas", None)
+    sigmas = None if sigmas is None or len(sigmas) < T else torch.as_tensor(sigmas).double().cpu()[:T]
+    if is_flow_matching(scheduler) and sigmas is not None:
+        return StepGrid.from_flow_sigmas(timesteps.tolist(), sigmas.tolist(), source=name)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is not None and not is_flow_matching(scheduler):
+        if bool((timesteps == timesteps.round()).all()) and 0 <= timesteps.min() and timesteps.max() < len(alphas):
+            return StepGrid.from_alpha_bar(timesteps.tolist(), alphas.double().cpu()[timesteps.long()].tolist(),
+                                           source=name)
+        if sigmas is not None:
+            return StepGrid.from_alpha_bar(timesteps.tolist(), (1 / (1 + sigmas.square())).tolist(), source=name)
+    return StepGrid(timestep=tuple(timesteps.tolist()), source=name)
 
 
 class PipelineDriver:
@@ -163,12 +194,12 @@ class PipelineDriver:
 
     def _begin(self) -> None:
         """Begin the handle's generation (with the experts' plan when it caches several)."""
-        T = len(self._map.timesteps)
+        T, grid = len(self._map.timesteps), scheduler_grid(self.pipe.scheduler)
         if hasattr(self.handle, "experts"):
             self._plan = expert_plan(self.pipe, self.pipe.scheduler.timesteps)
-            self.handle.begin(T, self._plan)
+            self.handle.begin(T, grid, self._plan)
         else:
-            self.handle.begin(T)
+            self.handle.begin(T, grid)
 
     def _cache_context(self, cache_context):
         @contextmanager
