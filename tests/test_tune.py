@@ -137,8 +137,8 @@ def test_bad_targets_stop_the_run_before_any_model():
 
 def test_tune_meets_its_target_and_the_written_config_reproduces_the_verified_run(tmp_path):
     target = 25.0
-    cfg = compose_config(SMALL + ["job=tune", f"job.target.psnr={target}", "job.orders=[0,1]", "job.intervals=[2,3]",
-                                  "job.num_images=2", "job.calibration_runs=3"])
+    cfg = compose_config(SMALL + ["job=tune", f"job.target.psnr={target}", "job.orders=[1,2]", "job.intervals=[2,3]",
+                                  "job.sensitivity_images=1", "job.calibration_runs=2"])
     result = run(cfg, tmp_path / "tune")
     verified = result["tries"][-1]
     assert result["met"] and verified["met"] and verified["measured"]["psnr_db"] >= target
