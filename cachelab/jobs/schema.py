@@ -134,6 +134,7 @@ class TuneJobSchema(Target):
     first_enhance: int = MISSING
     group: str = MISSING
     sensitivity_images: int = MISSING
+    sensitivity_file: Optional[str] = None
     calibration_runs: int = MISSING
     max_tries: int = MISSING
     grid_rows: int = MISSING

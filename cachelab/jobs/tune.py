@@ -194,11 +194,12 @@ class TuneJob:
     rel_l2, speedup), verified by ``job=compare``'s measurement (see the module docstring)."""
 
     def __init__(self, target, predictors: dict, orders: list[int], intervals: list[int], first_enhance: int,
-                 group: str = "site", sensitivity_images: int = 2, calibration_runs: int = 2, max_tries: int = 3,
-                 grid_rows: int = 16):
+                 group: str = "site", sensitivity_images: int = 2, sensitivity_file: str | None = None,
+                 calibration_runs: int = 2, max_tries: int = 3, grid_rows: int = 16):
         self.target = check_target(target)
         self.families, self.orders, self.intervals = list(predictors), list(orders), sorted(set(intervals) - {1})
         self.first_enhance, self.group, self.sensitivity_images = first_enhance, group, sensitivity_images
+        self.sensitivity_file = sensitivity_file
         self.calibration_runs, self.max_tries, self.grid_rows = calibration_runs, max_tries, grid_rows
 
     def run(self, cfg: DictConfig, adapter, strategy, sink: Sink, out_dir: Path) -> dict:
@@ -210,9 +211,10 @@ class TuneJob:
         groups = self.groups(list(cost.site_flops))
         small = Reference.generate(adapter, self.sensitivity_images, cfg.seed)
         clock.add("full-compute references and FLOPs count", start, 2)
-        tables = self.sensitivities(cfg, adapter, granularity, groups, small, clock)
+        tables, reused = self.sensitivity_tables(cfg, adapter, granularity, groups, small, clock)
         settings = self.settings(tables, groups, cost)
-        log.info(f"tune: {len(settings)} candidates from {clock.phases['sensitivity']['runs']} sensitivity runs "
+        log.info(f"tune: {len(settings)} candidates from {reused['runs']} sensitivity runs "
+                 f"({'reused from ' + str(self.sensitivity_file) if reused['file'] else 'measured'}) "
                  f"at {len(groups)} groups of {len(cost.site_flops)} sites")
         start = time.perf_counter()
         full = Reference.generate(adapter, cfg.num_images, cfg.seed)
@@ -263,7 +265,7 @@ class TuneJob:
                   "num_uniform_candidates": sum(s.uniform for s in settings), "groups": groups,
                   "site_flops_share": {s: f / cost.total for s, f in cost.site_flops.items()},
                   "flops_full": cost.total, "sensitivity_images": self.sensitivity_images,
-                  "sensitivity": {f"{f}_o{o}": t for (f, o), t in tables.items()},
+                  "sensitivity": {f"{f}_o{o}": t for (f, o), t in tables.items()}, "sensitivity_measured": reused,
                   "error_model": model.as_dict(), "tries": tries, "cost": clock.as_dict(),
                   "best_uniform_candidate": None if uniform is None else
                   {"setting": uniform.label(), "predicted": model.predict(uniform)},
@@ -291,6 +293,31 @@ class TuneJob:
         for site in sites:
             out.setdefault(f"block {site_depth(site)}", []).append(site)
         return out
+
+    def sensitivity_tables(self, cfg, adapter, granularity, groups: dict[str, list[str]], small: Reference,
+                           clock: Clock) -> tuple[dict, dict]:
+        """The sensitivity tables, read from ``sensitivity_file`` when it was written for the
+        same model, steps, seed, images, sites and candidates (then no run is repeated), else
+        measured (:meth:`sensitivities`) and written there; and how they were measured (runs,
+        seconds, the file they were reused from)."""
+        key = {"model": cfg.model.name, "num_steps": cfg.num_steps, "seed": cfg.seed, "granularity": granularity,
+               "sensitivity_images": self.sensitivity_images, "first_enhance": self.first_enhance,
+               "groups": groups, "families": self.families, "orders": self.orders, "intervals": self.intervals}
+        path = None if self.sensitivity_file is None else Path(self.sensitivity_file)
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["key"] == key:
+                tables = {(f, o): {kind: {g: {int(n): v for n, v in row.items()} for g, row in table.items()}
+                                   for kind, table in saved["tables"][f"{f}_o{o}"].items()}
+                          for f in self.families for o in self.orders}
+                return tables, {**saved["cost"], "file": str(path)}
+            log.info(f"tune: {path} was measured for another setup; measuring the sensitivities again")
+        tables = self.sensitivities(cfg, adapter, granularity, groups, small, clock)
+        measured = {**clock.phases["sensitivity"], "file": None}
+        if path is not None:
+            write_json_atomic(path, {"key": key, "cost": {k: measured[k] for k in ("runs", "seconds")},
+                                     "tables": {f"{f}_o{o}": t for (f, o), t in tables.items()}})
+        return tables, measured
 
     def sensitivities(self, cfg, adapter, granularity, groups: dict[str, list[str]], small: Reference,
                       clock: Clock) -> dict[tuple[str, int], dict]:
