@@ -4,8 +4,11 @@ Every group ``g`` of cache sites (a site, or the sites of one block) is measured
 interval ``n``: one real cached run forecasting only ``g`` (every other site computes) gives the
 output's squared error ``q[g][n]`` (the latents' rel-L2 squared, or the images' mean squared
 error). A configuration ``{g: n_g}`` is predicted at :func:`additive` ``sum_g q[g][n_g]``
-(independent errors add in squares; interval 1, always computed, adds nothing), and
-:class:`Calibration` maps that sum to the value measured on a few full-configuration runs.
+(independent errors add in squares; interval 1, always computed, adds nothing). Forecasting every
+group at once with one shared interval is measured too (the groups' errors there are not
+independent: their full steps coincide), and a configuration reached from a uniform one is
+predicted by :func:`anchored`: the uniform one's measured error plus the groups' changes.
+:class:`Calibration` maps that to the value measured on a few full-configuration runs.
 :func:`greedy_path` searches the per-group intervals: from a start, it lengthens the interval of
 the group whose added error per FLOP saved is lowest."""
 from __future__ import annotations
@@ -22,6 +25,16 @@ def additive(table: Table, choice: dict[str, int]) -> float:
     """The predicted squared error of ``choice`` (group -> interval): the sum of its groups'
     measured squared errors; a group at interval 1 (or absent) adds nothing."""
     return sum(table[g][n] for g, n in choice.items() if n != 1)
+
+
+def anchored(table: Table, uniform: dict[int, float], base: int, choice: dict[str, int]) -> float:
+    """The predicted squared error of ``choice`` reached from the uniform interval ``base``:
+    the measured squared error of the uniform configuration (``uniform[base]``; 0 at 1, all
+    computed), plus the change of the groups' own errors from ``base`` to their intervals
+    (at base 1 this is :func:`additive`); at least 0."""
+    own = lambda g, n: 0.0 if n == 1 else table[g][n]  # noqa: E731
+    start = 0.0 if base == 1 else uniform[base]
+    return max(start + sum(own(g, n) - own(g, base) for g, n in choice.items()), 0.0)
 
 
 def greedy_path(errors: Table, savings: Table, start: dict[str, int]) -> list[dict[str, int]]:

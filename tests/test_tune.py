@@ -20,7 +20,7 @@ from cachelab.jobs.checks import check_config, check_target
 from cachelab.jobs.presets import preset
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
-from analysis.sensitivity import Calibration, additive, greedy_path, mse_from_psnr, psnr_from_mse
+from analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
 from cachelab.jobs.tune import Clock, CostModel, Reference, Setting, TuneJob
 from strategies.reuse import Reuse
 
@@ -171,6 +171,10 @@ def test_additive_error_is_the_hand_sum_of_the_groups_squared_errors():
     # rel-L2 of independent errors: the root of the summed squares
     assert math.sqrt(additive(table, {"a": 2, "b": 2})) == pytest.approx(math.hypot(0.1, 0.2), rel=1e-15)
     assert additive(table, {"a": 1, "b": 1, "c": 1}) == 0
+    # from the uniform interval 2 (measured 0.03 with every group at 2): plus a's change 2 -> 4
+    assert anchored(table, {2: 0.03, 4: 0.5}, 2, {"a": 4, "b": 2, "c": 2}) == pytest.approx(0.03 + 0.09 - 0.01)
+    assert anchored(table, {2: 0.03}, 2, {"a": 2, "b": 2, "c": 2}) == 0.03
+    assert anchored(table, {}, 1, {"a": 4, "b": 2, "c": 1}) == additive(table, {"a": 4, "b": 2, "c": 1})
 
 
 def test_calibration_recovers_a_power_law_and_psnr_converts_mse_back():
@@ -232,21 +236,25 @@ def test_candidates_include_every_uniform_interval_of_every_order():
     tables = {}
     for order in (1, 2, 3):
         table = {s: {n: (i + 1) * n ** order * 1e-4 for n in intervals} for i, s in enumerate(sites)}
-        tables["taylor", order] = {"sq": table, "mse": table}
+        tables["taylor", order] = {"sq": table, "mse": table, "uniform": {k: {n: 0.5 * n ** order * 1e-3
+                                                                                for n in intervals} for k in ("sq", "mse")}}
     for group, count in [("site", 4), ("block", 2)]:
         job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2, group=group)
         groups = job.groups(sites)
         assert len(groups) == count
         # a group's error: its sites' summed (as if measured)
         grouped = {k: {m: {g: {n: sum(t[s][n] for s in members) for n in intervals} for g, members in groups.items()}
-                       for m, t in v.items()} for k, v in tables.items()}
+                       if m != "uniform" else t for m, t in v.items()} for k, v in tables.items()}
         settings = job.settings(grouped, groups, cost)
         uniform = {(s.order, s.intervals[sites[0]]) for s in settings if s.uniform}
         assert uniform == {(o, n) for o in (1, 2, 3) for n in intervals}
         assert all(a.speedup >= b.speedup for a, b in zip(settings, settings[1:]))  # fastest first
         for s in settings:
             assert s.speedup == pytest.approx(cost.speedup(s.intervals))
-            assert s.mse == pytest.approx(additive(tables["taylor", s.order]["mse"], s.intervals))
+            table = tables["taylor", s.order]
+            assert s.mse == pytest.approx(anchored(table["mse"], table["uniform"]["mse"], s.base, s.intervals))
+            if s.uniform:  # exactly the measured uniform run
+                assert s.base == s.intervals[sites[0]] and s.mse == table["uniform"]["mse"][s.base]
         assert any(not s.uniform for s in settings)
 
 
@@ -259,7 +267,7 @@ def test_sensitivities_are_measured_once_and_reused_from_the_file(tmp_path, monk
     sites = list(CostModel.measure(adapter, "module", 1, 0, 1).site_flops)
     groups, small = job.groups(sites), Reference.generate(adapter, 1, 0)
     tables, measured = job.sensitivity_tables(cfg, adapter, "module", groups, small, Clock())
-    assert measured["runs"] == len(groups) * 2 and measured["file"] is None and path.is_file()
+    assert measured["runs"] == (len(groups) + 1) * 2 and measured["file"] is None and path.is_file()
     # each entry: the squared errors of a real run forecasting that group alone
     one = Setting("taylor", 1, {}, {s: 3 for s in groups["block 1"]}, 1.0, 0.0, 0.0)
     alone = job.cached_quality(cfg, adapter, one, "module", small, None)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from analysis.sensitivity import Calibration, additive, greedy_path, mse_from_psnr, psnr_from_mse
+from analysis.sensitivity import Calibration, anchored, greedy_path, mse_from_psnr, psnr_from_mse
 from analysis.sink import Sink
 from cachelab.core.schedules import Interval, PerSiteInterval
 from cachelab.core.sites import select_sites
@@ -64,8 +64,8 @@ NEAR = 0.05  # decades: candidates this close to a calibration aim count as equa
 @dataclass
 class Setting:
     """A candidate: predictor family and order, one interval per site (``choice``: per group);
-    its predicted FLOPs speedup and additive squared errors (rel-L2 squared ``sq``, image MSE
-    ``mse``: the sums of its groups' measured ones)."""
+    its predicted FLOPs speedup and squared errors before calibration (rel-L2 squared ``sq``,
+    image MSE ``mse``: :func:`analysis.sensitivity.anchored` from its uniform start ``base``)."""
 
     family: str
     order: int
@@ -74,6 +74,7 @@ class Setting:
     speedup: float
     sq: float
     mse: float
+    base: int = 1  # the uniform interval its search started from (1: all computed)
 
     @property
     def uniform(self) -> bool:
@@ -304,40 +305,48 @@ class TuneJob:
                "sensitivity_images": self.sensitivity_images, "first_enhance": self.first_enhance,
                "groups": groups, "families": self.families, "orders": self.orders, "intervals": self.intervals}
         path = None if self.sensitivity_file is None else Path(self.sensitivity_file)
-        if path is not None and path.is_file():
-            saved = json.loads(path.read_text())
-            if saved["key"] == key:
-                tables = {(f, o): {kind: {g: {int(n): v for n, v in row.items()} for g, row in table.items()}
-                                   for kind, table in saved["tables"][f"{f}_o{o}"].items()}
-                          for f in self.families for o in self.orders}
-                return tables, {**saved["cost"], "file": str(path)}
+        saved = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        if saved is not None and saved["key"] != key:
             log.info(f"tune: {path} was measured for another setup; measuring the sensitivities again")
-        tables = self.sensitivities(cfg, adapter, granularity, groups, small, clock)
-        measured = {**clock.phases["sensitivity"], "file": None}
-        if path is not None:
-            write_json_atomic(path, {"key": key, "cost": {k: measured[k] for k in ("runs", "seconds")},
+            saved = None
+        tables = {} if saved is None else {
+            (f, o): {kind: {g: {int(n): v for n, v in row.items()} for g, row in table.items()}
+                     for kind, table in saved["tables"][f"{f}_o{o}"].items()}
+            for f in self.families for o in self.orders}
+        cost = {"runs": 0, "seconds": 0.0} if saved is None else saved["cost"]
+        start = dict(clock.phases.get("sensitivity", {"runs": 0, "seconds": 0.0}))
+        self.sensitivities(cfg, adapter, granularity, groups, small, clock, tables)
+        new = {k: clock.phases.get("sensitivity", start)[k] - start[k] for k in ("runs", "seconds")}
+        cost = {k: cost[k] + new[k] for k in ("runs", "seconds")}
+        if path is not None and new["runs"]:
+            write_json_atomic(path, {"key": key, "cost": cost,
                                      "tables": {f"{f}_o{o}": t for (f, o), t in tables.items()}})
-        return tables, measured
+        return tables, {**cost, "file": str(path) if saved is not None else None, "runs_now": new["runs"]}
 
     def sensitivities(self, cfg, adapter, granularity, groups: dict[str, list[str]], small: Reference,
-                      clock: Clock) -> dict[tuple[str, int], dict]:
-        """(family, order) -> {"sq": group -> interval -> rel-L2 squared, "mse": ... image MSE}: one
-        real cached run of the small reference per family, order, group and interval, in which
-        only that group forecasts."""
-        tables = {}
+                      clock: Clock, tables: dict) -> None:
+        """Fills in what ``tables`` lacks: (family, order) -> {"sq": group -> interval -> rel-L2
+        squared, "mse": ... image MSE, "uniform": {"sq": interval -> ..., "mse": ...}}, one real
+        cached run of the small reference per family, order, group and interval in which only
+        that group forecasts, and one per family, order and interval in which every group does."""
         for family in self.families:
             for order in self.orders:
-                sq, mse = {}, {}
-                for g, members in groups.items():
-                    sq[g], mse[g] = {}, {}
+                table = tables.setdefault((family, order), {})
+                wanted = [] if "sq" in table else [(g, members) for g, members in groups.items()]
+                if "uniform" not in table:
+                    wanted.append(("uniform", [s for members in groups.values() for s in members]))
+                for g, members in wanted:
+                    sq, mse = {}, {}
                     for n in self.intervals:
                         start = time.perf_counter()
                         setting = Setting(family, order, {g: n}, {s: n for s in members}, 1.0, 0.0, 0.0)
                         quality = self.cached_quality(cfg, adapter, setting, granularity, small, None)
                         clock.add("sensitivity", start)
-                        sq[g][n], mse[g][n] = quality["rel_l2"] ** 2, mse_from_psnr(quality["psnr_db"])
-                tables[family, order] = {"sq": sq, "mse": mse}
-        return tables
+                        sq[n], mse[n] = quality["rel_l2"] ** 2, mse_from_psnr(quality["psnr_db"])
+                    if g == "uniform":
+                        table["uniform"] = {"sq": sq, "mse": mse}
+                    else:
+                        table.setdefault("sq", {})[g], table.setdefault("mse", {})[g] = sq, mse
 
     def settings(self, tables: dict, groups: dict[str, list[str]], cost: CostModel) -> list[Setting]:
         """The candidates, fastest first: per family and order every uniform interval and the
@@ -348,14 +357,14 @@ class TuneJob:
         out: dict = {}
         for (family, order), table in tables.items():
             errors = table["sq" if key == "rel_l2" else "mse"]
-            for n in [1, *self.intervals]:
+            for n in [1, *self.intervals]:  # increasing: a configuration keeps its nearest uniform start
                 for choice in greedy_path(errors, savings, {g: n for g in groups}):
                     intervals = {s: choice[g] for g, members in groups.items() for s in members}
                     speedup = cost.speedup(intervals)
                     if speedup > 1:
+                        sq, mse = (anchored(table[kind], table["uniform"][kind], n, choice) for kind in ("sq", "mse"))
                         out[family, order, tuple(intervals.values())] = Setting(
-                            family, order, choice, intervals, speedup, additive(table["sq"], choice),
-                            additive(table["mse"], choice))
+                            family, order, choice, intervals, speedup, sq, mse, n)
         return sorted(out.values(), key=lambda s: (-s.speedup, s.sq))
 
     def calibration_picks(self, settings: list[Setting]) -> list[Setting]:
@@ -388,8 +397,8 @@ class TuneJob:
         alone = self.cached_quality(cfg, adapter, setting, granularity, small, None)
         clock.add("additivity check", start)
         return {"setting": setting.label(), "sq": setting.sq, "mse": setting.mse, "speedup": setting.speedup,
-                **measured, "additivity": {"additive_rel_l2": math.sqrt(setting.sq),
-                                           "additive_psnr_db": psnr_from_mse(setting.mse), **alone}}
+                **measured, "additivity": {"predicted_rel_l2": math.sqrt(setting.sq),
+                                           "predicted_psnr_db": psnr_from_mse(setting.mse), **alone}}
 
     def ladder(self, settings: list[Setting], predicted: list[dict], tries: list[dict]) -> list[int]:
         """The candidates predicted to meet the target, best first (the fastest for a quality
@@ -472,16 +481,16 @@ def report(result: dict) -> str:
                   f"({uniform['predicted']['speedup']:.2f}x, {uniform['predicted']['psnr_db']:.1f} dB predicted)."]
     fit, n = result["error_model"], result["sensitivity_images"]
     lines += ["", f"{result['num_candidates']} candidates ({result['num_uniform_candidates']} uniform). Error model: "
-              f"the additive squared errors (sums of the groups' own, measured on {n} images) calibrated on the "
-              f"calibration runs: log10 MSE = {fit['image_mse']['intercept']:.3f} + {fit['image_mse']['slope']:.3f} "
-              f"log10 MSE_additive, log10 rel-L2^2 = {fit['rel_l2_squared']['intercept']:.3f} + "
-              f"{fit['rel_l2_squared']['slope']:.3f} log10 rel-L2^2_additive", "",
-              f"| calibration run | FLOPs (predicted) | additive PSNR ({n} images) | measured PSNR ({n} images) "
-              f"| additive rel-L2 ({n} images) | measured rel-L2 ({n} images) | measured PSNR | measured rel-L2 |",
+              f"the squared errors of the uniform start plus the groups' own changes (measured on {n} images), "
+              f"calibrated on the calibration runs: log10 MSE = {fit['image_mse']['intercept']:.3f} + "
+              f"{fit['image_mse']['slope']:.3f} log10 MSE_predicted, log10 rel-L2^2 = "
+              f"{fit['rel_l2_squared']['intercept']:.3f} + {fit['rel_l2_squared']['slope']:.3f} log10 rel-L2^2_predicted", "",
+              f"| calibration run | FLOPs (predicted) | uncalibrated PSNR ({n} images) | measured PSNR ({n} images) "
+              f"| uncalibrated rel-L2 ({n} images) | measured rel-L2 ({n} images) | measured PSNR | measured rel-L2 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in fit["points"]:
         a = p.get("additivity")
-        check = (f"{a['additive_psnr_db']:.1f} dB | {a['psnr_db']:.1f} dB | {a['additive_rel_l2']:.3g} | "
+        check = (f"{a['predicted_psnr_db']:.1f} dB | {a['psnr_db']:.1f} dB | {a['predicted_rel_l2']:.3g} | "
                  f"{a['rel_l2']:.3g}" if a else "- | - | - | -")  # a missed try: measured on the full images only
         lines.append(f"| {p['setting']} | {p['speedup']:.2f}x | {check} | {p['psnr_db']:.1f} dB | {p['rel_l2']:.3g} |")
     lines += ["", "| tuning cost | real generations | seconds |", "| --- | --- | --- |"]
