@@ -21,7 +21,7 @@ from cachelab.jobs.presets import preset
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
 from analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
-from cachelab.jobs.tune import Clock, CostModel, Reference, Setting, TuneJob
+from cachelab.jobs.tune import Clock, CostModel, ErrorModel, Reference, Setting, TuneJob
 from strategies.reuse import Reuse
 
 SMALL = ["model=tiny_dit_random", "num_steps=8", "num_images=2", "logger=none", "progress=false", "threads=1",
@@ -256,6 +256,19 @@ def test_candidates_include_every_uniform_interval_of_every_order():
             if s.uniform:  # exactly the measured uniform run
                 assert s.base == s.intervals[sites[0]] and s.mse == table["uniform"]["mse"][s.base]
         assert any(not s.uniform for s in settings)
+    # uniform runs measured on the tuning's images: those candidates carry (and predict) them
+    for order in (1, 2, 3):
+        tables["taylor", order]["uniform_4_images"] = {"sq": {n: 1e-4 * n for n in intervals},
+                                                       "mse": {n: mse_from_psnr(40 - n) for n in intervals}}
+    job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2)
+    settings = job.settings(tables, job.groups(sites), cost, "uniform_4_images")
+    model = ErrorModel([])
+    for s in settings:
+        assert (s.measured is not None) == s.uniform
+        if s.uniform:
+            n = s.base
+            assert model.predict(s) == pytest.approx({"speedup": s.speedup, "rel_l2": math.sqrt(1e-4 * n),
+                                                      "psnr_db": 40 - n})
 
 
 def test_sensitivities_are_measured_once_and_reused_from_the_file(tmp_path, monkeypatch):
@@ -265,19 +278,20 @@ def test_sensitivities_are_measured_once_and_reused_from_the_file(tmp_path, monk
     job = TuneJob({"psnr": 30}, {"taylor": None}, [1], [2, 3], first_enhance=1, group="block",
                   sensitivity_images=1, sensitivity_file=str(path))
     sites = list(CostModel.measure(adapter, "module", 1, 0, 1).site_flops)
-    groups, small = job.groups(sites), Reference.generate(adapter, 1, 0)
-    tables, measured = job.sensitivity_tables(cfg, adapter, "module", groups, small, Clock())
-    assert measured["runs"] == (len(groups) + 1) * 2 and measured["file"] is None and path.is_file()
+    groups, small, full = job.groups(sites), Reference.generate(adapter, 1, 0), Reference.generate(adapter, 2, 0)
+    tables, measured = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
+    assert measured["runs"] == (len(groups) + 2) * 2 and measured["file"] is None and path.is_file()
+    assert set(tables["taylor", 1]) == {"sq", "mse", "uniform", "uniform_2_images"}
     # each entry: the squared errors of a real run forecasting that group alone
     one = Setting("taylor", 1, {}, {s: 3 for s in groups["block 1"]}, 1.0, 0.0, 0.0)
     alone = job.cached_quality(cfg, adapter, one, "module", small, None)
     assert tables["taylor", 1]["sq"]["block 1"][3] == pytest.approx(alone["rel_l2"] ** 2, rel=1e-12)
     assert tables["taylor", 1]["mse"]["block 1"][3] == pytest.approx(mse_from_psnr(alone["psnr_db"]), rel=1e-9)
     monkeypatch.setattr(TuneJob, "sensitivities", lambda *a: pytest.fail("measured again"))
-    again, reused = job.sensitivity_tables(cfg, adapter, "module", groups, small, Clock())
+    again, reused = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
     assert again == tables and reused["file"] == str(path) and reused["runs"] == measured["runs"]
     # another setup (other intervals) is measured anew
     monkeypatch.undo()
     other = TuneJob({"psnr": 30}, {"taylor": None}, [1], [2], first_enhance=1, group="block", sensitivity_images=1,
                     sensitivity_file=str(path))
-    assert other.sensitivity_tables(cfg, adapter, "module", groups, small, Clock())[1]["file"] is None
+    assert other.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())[1]["file"] is None

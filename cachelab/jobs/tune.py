@@ -75,6 +75,7 @@ class Setting:
     sq: float
     mse: float
     base: int = 1  # the uniform interval its search started from (1: all computed)
+    measured: dict | None = None  # a uniform one: rel_l2 and psnr_db measured on the tuning's images
 
     @property
     def uniform(self) -> bool:
@@ -155,7 +156,10 @@ class ErrorModel:
         self.mse = Calibration([(p["mse"], mse_from_psnr(p["psnr_db"])) for p in points])
 
     def predict(self, setting: Setting) -> dict:
-        """The predicted ``speedup``, ``rel_l2`` and ``psnr_db`` of ``setting``."""
+        """The predicted ``speedup``, ``rel_l2`` and ``psnr_db`` of ``setting`` (a measured
+        uniform one: its measurement)."""
+        if setting.measured is not None:
+            return {"speedup": setting.speedup, **setting.measured}
         return {"speedup": setting.speedup, "rel_l2": math.sqrt(self.sq(setting.sq)),
                 "psnr_db": psnr_from_mse(self.mse(setting.mse))}
 
@@ -211,15 +215,13 @@ class TuneJob:
         cost = CostModel.measure(adapter, granularity, counted, cfg.seed, self.first_enhance)
         groups = self.groups(list(cost.site_flops))
         small = Reference.generate(adapter, self.sensitivity_images, cfg.seed)
-        clock.add("full-compute references and FLOPs count", start, 2)
-        tables, reused = self.sensitivity_tables(cfg, adapter, granularity, groups, small, clock)
-        settings = self.settings(tables, groups, cost)
+        full = Reference.generate(adapter, cfg.num_images, cfg.seed)
+        clock.add("full-compute references and FLOPs count", start, 3)
+        tables, reused = self.sensitivity_tables(cfg, adapter, granularity, groups, small, full, clock)
+        settings = self.settings(tables, groups, cost, uniform_key(full))
         log.info(f"tune: {len(settings)} candidates from {reused['runs']} sensitivity runs "
                  f"({'reused from ' + str(self.sensitivity_file) if reused['file'] else 'measured'}) "
                  f"at {len(groups)} groups of {len(cost.site_flops)} sites")
-        start = time.perf_counter()
-        full = Reference.generate(adapter, cfg.num_images, cfg.seed)
-        clock.add("full-compute references and FLOPs count", start)
         points = []
         for i, setting in enumerate(self.calibration_picks(settings)):
             points.append(self.point(cfg, adapter, setting, granularity, full, small, clock,
@@ -296,7 +298,7 @@ class TuneJob:
         return out
 
     def sensitivity_tables(self, cfg, adapter, granularity, groups: dict[str, list[str]], small: Reference,
-                           clock: Clock) -> tuple[dict, dict]:
+                           full: Reference, clock: Clock) -> tuple[dict, dict]:
         """The sensitivity tables, read from ``sensitivity_file`` when it was written for the
         same model, steps, seed, images, sites and candidates (then no run is repeated), else
         measured (:meth:`sensitivities`) and written there; and how they were measured (runs,
@@ -315,7 +317,7 @@ class TuneJob:
             for f in self.families for o in self.orders}
         cost = {"runs": 0, "seconds": 0.0} if saved is None else saved["cost"]
         start = dict(clock.phases.get("sensitivity", {"runs": 0, "seconds": 0.0}))
-        self.sensitivities(cfg, adapter, granularity, groups, small, clock, tables)
+        self.sensitivities(cfg, adapter, granularity, groups, small, full, clock, tables)
         new = {k: clock.phases.get("sensitivity", start)[k] - start[k] for k in ("runs", "seconds")}
         cost = {k: cost[k] + new[k] for k in ("runs", "seconds")}
         if path is not None and new["runs"]:
@@ -324,33 +326,38 @@ class TuneJob:
         return tables, {**cost, "file": str(path) if saved is not None else None, "runs_now": new["runs"]}
 
     def sensitivities(self, cfg, adapter, granularity, groups: dict[str, list[str]], small: Reference,
-                      clock: Clock, tables: dict) -> None:
+                      full: Reference, clock: Clock, tables: dict) -> None:
         """Fills in what ``tables`` lacks: (family, order) -> {"sq": group -> interval -> rel-L2
         squared, "mse": ... image MSE, "uniform": {"sq": interval -> ..., "mse": ...}}, one real
         cached run of the small reference per family, order, group and interval in which only
-        that group forecasts, and one per family, order and interval in which every group does."""
+        that group forecasts, and one per family, order and interval in which every group does,
+        on the small reference ("uniform") and on the full one ("uniform_<num_images>"): the
+        uniform candidates are measured, not predicted."""
         for family in self.families:
             for order in self.orders:
                 table = tables.setdefault((family, order), {})
-                wanted = [] if "sq" in table else [(g, members) for g, members in groups.items()]
-                if "uniform" not in table:
-                    wanted.append(("uniform", [s for members in groups.values() for s in members]))
-                for g, members in wanted:
+                every = [s for members in groups.values() for s in members]
+                wanted = [] if "sq" in table else [(g, members, small) for g, members in groups.items()]
+                wanted += [(name, every, reference) for name, reference in
+                           [("uniform", small), (uniform_key(full), full)] if name not in table]
+                for g, members, reference in wanted:
                     sq, mse = {}, {}
                     for n in self.intervals:
                         start = time.perf_counter()
                         setting = Setting(family, order, {g: n}, {s: n for s in members}, 1.0, 0.0, 0.0)
-                        quality = self.cached_quality(cfg, adapter, setting, granularity, small, None)
+                        quality = self.cached_quality(cfg, adapter, setting, granularity, reference, None)
                         clock.add("sensitivity", start)
                         sq[n], mse[n] = quality["rel_l2"] ** 2, mse_from_psnr(quality["psnr_db"])
-                    if g == "uniform":
-                        table["uniform"] = {"sq": sq, "mse": mse}
+                    if g.startswith("uniform"):
+                        table[g] = {"sq": sq, "mse": mse}
                     else:
                         table.setdefault("sq", {})[g], table.setdefault("mse", {})[g] = sq, mse
 
-    def settings(self, tables: dict, groups: dict[str, list[str]], cost: CostModel) -> list[Setting]:
+    def settings(self, tables: dict, groups: dict[str, list[str]], cost: CostModel,
+                 full_key: str | None = None) -> list[Setting]:
         """The candidates, fastest first: per family and order every uniform interval and the
-        greedy paths (on the target's additive error) from every uniform interval, 1 included."""
+        greedy paths (on the target's additive error) from every uniform interval, 1 included;
+        the uniform ones carry their measurement on ``full_key``'s images where it is there."""
         key = self.target[0]
         savings = {g: {n: sum(cost.saving(s, n) for s in members) for n in self.intervals}
                    for g, members in groups.items()}
@@ -363,8 +370,12 @@ class TuneJob:
                     speedup = cost.speedup(intervals)
                     if speedup > 1:
                         sq, mse = (anchored(table[kind], table["uniform"][kind], n, choice) for kind in ("sq", "mse"))
-                        out[family, order, tuple(intervals.values())] = Setting(
-                            family, order, choice, intervals, speedup, sq, mse, n)
+                        setting = Setting(family, order, choice, intervals, speedup, sq, mse, n)
+                        if full_key in table and len(set(choice.values())) == 1 and choice == {g: n for g in groups}:
+                            measured = table[full_key]
+                            setting.measured = {"rel_l2": math.sqrt(measured["sq"][n]),
+                                                "psnr_db": psnr_from_mse(measured["mse"][n])}
+                        out[family, order, tuple(intervals.values())] = setting
         return sorted(out.values(), key=lambda s: (-s.speedup, s.sq))
 
     def calibration_picks(self, settings: list[Setting]) -> list[Setting]:
@@ -372,6 +383,9 @@ class TuneJob:
         target) or the best one's at the target speed, ``CALIBRATION_SPAN`` decades either side;
         at each aim the fastest candidate within ``NEAR`` decades, else the nearest."""
         key, value = self.target
+        settings = [s for s in settings if s.measured is None]  # the measured ones need no calibration
+        if not settings:
+            return []
         if key == "speedup":
             fast = [s for s in settings if s.speedup >= value] or settings[:1]
             centre = min(s.raw(key) for s in fast)
@@ -402,12 +416,16 @@ class TuneJob:
 
     def ladder(self, settings: list[Setting], predicted: list[dict], tries: list[dict]) -> list[int]:
         """The candidates predicted to meet the target, best first (the fastest for a quality
-        target, the best quality for a speed target), each safer than every missed try."""
+        target, the best quality for a speed target), each measured or safer than every missed
+        try; after misses the last try is a measured (uniform) one where one meets the target."""
         key, value = self.target
         missed = [t["sq" if key == "rel_l2" else "mse"] if key != "speedup" else -t["predicted"]["speedup"]
                   for t in tries]
         ladder = [i for i in range(len(settings)) if slack(key, value, predicted[i]) >= 0
-                  and all((settings[i].raw(key) if key != "speedup" else -settings[i].speedup) < m for m in missed)]
+                  and (settings[i].measured is not None or
+                       all((settings[i].raw(key) if key != "speedup" else -settings[i].speedup) < m for m in missed))]
+        if tries and len(tries) == self.max_tries - 1 and any(settings[i].measured is not None for i in ladder):
+            ladder = [i for i in ladder if settings[i].measured is not None]  # the last try: a measured one
         if key == "speedup":
             return sorted(ladder, key=lambda i: settings[i].raw(key))
         return sorted(ladder, key=lambda i: (-settings[i].speedup, settings[i].raw(key)))
@@ -455,6 +473,11 @@ class TuneJob:
         apply = {"strategy": setting.family, "order": setting.order, "granularity": granularity,
                  "first_enhance": self.first_enhance, "schedule": "per_site", "intervals": setting.intervals}
         write_bytes_atomic(out_dir / "tuned_apply.json", (json.dumps(apply, indent=1) + "\n").encode())
+
+
+def uniform_key(reference: Reference) -> str:
+    """The sensitivity table entry of the uniform runs on ``reference``'s images."""
+    return f"uniform_{len(reference.latents)}_images"
 
 
 def folder(path: Path) -> Path:
