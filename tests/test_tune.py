@@ -287,7 +287,7 @@ def test_sensitivities_are_measured_once_and_reused_from_the_file(tmp_path, monk
     alone = job.cached_quality(cfg, adapter, one, "module", small, None)
     assert tables["taylor", 1]["sq"]["block 1"][3] == pytest.approx(alone["rel_l2"] ** 2, rel=1e-12)
     assert tables["taylor", 1]["mse"]["block 1"][3] == pytest.approx(mse_from_psnr(alone["psnr_db"]), rel=1e-9)
-    monkeypatch.setattr(TuneJob, "sensitivities", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(TuneJob, "cached_quality", lambda *a: pytest.fail("measured again"))
     again, reused = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
     assert again == tables and reused["file"] == str(path) and reused["runs"] == measured["runs"]
     # another setup (other intervals) is measured anew
