@@ -416,7 +416,7 @@ class TuneJob:
 
     def ladder(self, settings: list[Setting], predicted: list[dict], tries: list[dict]) -> list[int]:
         """The candidates predicted to meet the target, best first (the fastest for a quality
-        target, the best quality for a speed target), each measured or safer than every missed
+        target, then the best predicted quality; the best predicted PSNR for a speed target), each measured or safer than every missed
         try; after misses the last try is a measured (uniform) one where one meets the target."""
         key, value = self.target
         missed = [t["sq" if key == "rel_l2" else "mse"] if key != "speedup" else -t["predicted"]["speedup"]
@@ -427,8 +427,8 @@ class TuneJob:
         if tries and len(tries) == self.max_tries - 1 and any(settings[i].measured is not None for i in ladder):
             ladder = [i for i in ladder if settings[i].measured is not None]  # the last try: a measured one
         if key == "speedup":
-            return sorted(ladder, key=lambda i: settings[i].raw(key))
-        return sorted(ladder, key=lambda i: (-settings[i].speedup, settings[i].raw(key)))
+            return sorted(ladder, key=lambda i: -predicted[i]["psnr_db"])
+        return sorted(ladder, key=lambda i: (-settings[i].speedup, -slack(key, value, predicted[i])))
 
     def strategy_nodes(self, cfg: DictConfig, setting: Setting, granularity: str) -> tuple[dict, dict]:
         """The ``strategy`` and ``schedule`` config nodes of ``setting`` (plain values)."""
