@@ -236,8 +236,8 @@ def test_candidates_include_every_uniform_interval_of_every_order():
     tables = {}
     for order in (1, 2, 3):
         table = {s: {n: (i + 1) * n ** order * 1e-4 for n in intervals} for i, s in enumerate(sites)}
-        tables["taylor", order] = {"sq": table, "mse": table, "uniform": {k: {n: 0.5 * n ** order * 1e-3
-                                                                                for n in intervals} for k in ("sq", "mse")}}
+        uniform = {n: 0.5 * n ** order * 1e-3 for n in intervals}
+        tables["taylor", order] = {"sq": table, "mse": table, "uniform": {"sq": uniform, "mse": uniform}}
     for group, count in [("site", 4), ("block", 2)]:
         job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2, group=group)
         groups = job.groups(sites)

@@ -416,8 +416,9 @@ class TuneJob:
 
     def ladder(self, settings: list[Setting], predicted: list[dict], tries: list[dict]) -> list[int]:
         """The candidates predicted to meet the target, best first (the fastest for a quality
-        target, then the best predicted quality; the best predicted PSNR for a speed target), each measured or safer than every missed
-        try; after misses the last try is a measured (uniform) one where one meets the target."""
+        target, then the best predicted quality; the best predicted PSNR for a speed target),
+        each measured or safer than every missed try; after misses the last try is a measured
+        (uniform) one where one meets the target."""
         key, value = self.target
         missed = [t["sq" if key == "rel_l2" else "mse"] if key != "speedup" else -t["predicted"]["speedup"]
                   for t in tries]
@@ -507,7 +508,8 @@ def report(result: dict) -> str:
               f"the squared errors of the uniform start plus the groups' own changes (measured on {n} images), "
               f"calibrated on the calibration runs: log10 MSE = {fit['image_mse']['intercept']:.3f} + "
               f"{fit['image_mse']['slope']:.3f} log10 MSE_predicted, log10 rel-L2^2 = "
-              f"{fit['rel_l2_squared']['intercept']:.3f} + {fit['rel_l2_squared']['slope']:.3f} log10 rel-L2^2_predicted", "",
+              f"{fit['rel_l2_squared']['intercept']:.3f} + {fit['rel_l2_squared']['slope']:.3f} "
+              f"log10 rel-L2^2_predicted", "",
               f"| calibration run | FLOPs (predicted) | uncalibrated PSNR ({n} images) | measured PSNR ({n} images) "
               f"| uncalibrated rel-L2 ({n} images) | measured rel-L2 ({n} images) | measured PSNR | measured rel-L2 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
