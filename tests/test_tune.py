@@ -1,7 +1,10 @@
 """job=tune (cachelab/jobs/tune.py) and the per-site schedule it writes (PerSiteInterval)."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 
 import pytest
 import torch
@@ -17,7 +20,8 @@ from cachelab.jobs.checks import check_config, check_target
 from cachelab.jobs.presets import preset
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
-from cachelab.jobs.tune import CostModel
+from analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
+from cachelab.jobs.tune import Clock, CostModel, ErrorModel, Reference, Setting, TuneJob
 from strategies.reuse import Reuse
 
 SMALL = ["model=tiny_dit_random", "num_steps=8", "num_images=2", "logger=none", "progress=false", "threads=1",
@@ -137,8 +141,8 @@ def test_bad_targets_stop_the_run_before_any_model():
 
 def test_tune_meets_its_target_and_the_written_config_reproduces_the_verified_run(tmp_path):
     target = 25.0
-    cfg = compose_config(SMALL + ["job=tune", f"job.target.psnr={target}", "job.orders=[0,1]", "job.intervals=[2,3]",
-                                  "job.num_images=2", "job.calibration_runs=3"])
+    cfg = compose_config(SMALL + ["job=tune", f"job.target.psnr={target}", "job.orders=[1,2]", "job.intervals=[2,3]",
+                                  "job.sensitivity_images=1", "job.calibration_runs=2"])
     result = run(cfg, tmp_path / "tune")
     verified = result["tries"][-1]
     assert result["met"] and verified["met"] and verified["measured"]["psnr_db"] >= target
@@ -157,3 +161,137 @@ def test_tune_meets_its_target_and_the_written_config_reproduces_the_verified_ru
     assert isinstance(strategy.schedule, PerSiteInterval)
     assert strategy.schedule.site_masks(8) == schedule.site_masks(8)
     assert strategy.predictor.order == verified["order"]
+
+
+# -- the error model and the search (analysis/sensitivity.py) ---------------------------------
+def test_additive_error_is_the_hand_sum_of_the_groups_squared_errors():
+    table = {"a": {2: 0.01, 4: 0.09}, "b": {2: 0.04, 4: 0.25}, "c": {2: 1.0, 4: 4.0}}
+    # by hand: a at 4 (0.09) + b at 2 (0.04) + c always computed (0)
+    assert additive(table, {"a": 4, "b": 2, "c": 1}) == pytest.approx(0.13, rel=1e-15)
+    # rel-L2 of independent errors: the root of the summed squares
+    assert math.sqrt(additive(table, {"a": 2, "b": 2})) == pytest.approx(math.hypot(0.1, 0.2), rel=1e-15)
+    assert additive(table, {"a": 1, "b": 1, "c": 1}) == 0
+    # from the uniform interval 2 (measured 0.03 with every group at 2): plus a's change 2 -> 4
+    assert anchored(table, {2: 0.03, 4: 0.5}, 2, {"a": 4, "b": 2, "c": 2}) == pytest.approx(0.03 + 0.09 - 0.01)
+    assert anchored(table, {2: 0.03}, 2, {"a": 2, "b": 2, "c": 2}) == 0.03
+    assert anchored(table, {}, 1, {"a": 4, "b": 2, "c": 1}) == additive(table, {"a": 4, "b": 2, "c": 1})
+
+
+def test_calibration_recovers_a_power_law_and_psnr_converts_mse_back():
+    points = [(p, 3 * p ** 1.25) for p in (1e-4, 1e-3, 2e-2)]
+    fit = Calibration(points)
+    assert (fit.slope, fit.intercept) == (pytest.approx(1.25), pytest.approx(math.log10(3)))
+    assert fit(5e-3) == pytest.approx(3 * 5e-3 ** 1.25, rel=1e-9)
+    assert Calibration([(1e-3, 4e-3)])(1e-2) == pytest.approx(4e-2)  # one point: the ratio
+    assert Calibration([])(0.5) == pytest.approx(0.5)
+    assert psnr_from_mse(mse_from_psnr(31.7)) == pytest.approx(31.7, rel=1e-12)
+
+
+def brute_force(errors, savings, intervals):
+    """Every configuration of the toy: (saving, error, choice)."""
+    groups = list(errors)
+    out = []
+    for combo in itertools.product([1, *intervals], repeat=len(groups)):
+        choice = dict(zip(groups, combo))
+        out.append((sum(savings[g][n] for g, n in choice.items() if n != 1), additive(errors, choice), choice))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_search_walks_the_brute_force_lower_hull(seed):
+    rng = random.Random(seed)
+    intervals = [2, 3, 4, 6]
+    errors, savings = {}, {}
+    for g in "abcd":
+        # savings grow with the interval; errors grow, not always convexly
+        s = sorted(rng.uniform(0.01, 0.2) for _ in intervals)
+        e = sorted(rng.uniform(1e-4, 1e-1) for _ in intervals)
+        savings[g], errors[g] = dict(zip(intervals, s)), dict(zip(intervals, e))
+    everything = brute_force(errors, savings, intervals)
+    path = greedy_path(errors, savings, {g: 1 for g in errors})
+    assert path[0] == {g: 1 for g in errors} and path[-1] == {g: 6 for g in errors}
+    on_path = [(sum(savings[g][n] for g, n in c.items() if n != 1), additive(errors, c)) for c in path]
+    assert all(s1 > s0 for (s0, _), (s1, _) in zip(on_path, on_path[1:]))
+    # for every trade-off weight, the best configuration of all is on the greedy path
+    for lam in [0.0, 0.01, 0.05, 0.1, 0.3, 1.0, 3.0, 100.0]:
+        best = min(e - lam * s for s, e, _ in everything)
+        assert min(e - lam * s for s, e in on_path) == pytest.approx(best, abs=1e-12)
+    # and nothing in the brute force dominates a point of the path
+    for s, e in on_path:
+        assert not [c for s2, e2, c in everything if s2 >= s and e2 <= e and (s2 > s + 1e-15 or e2 < e - 1e-15)]
+
+
+def test_greedy_from_uniform_lengthens_the_cheapest_error_per_flop_first():
+    errors = {"a": {2: 0.010, 3: 0.020}, "b": {2: 0.002, 3: 0.100}}
+    savings = {"a": {2: 0.10, 3: 0.15}, "b": {2: 0.10, 3: 0.15}}
+    path = greedy_path(errors, savings, {"a": 2, "b": 2})
+    # by hand: a 2->3 adds 0.010 for 0.05 (0.2 per share), b 2->3 adds 0.098 for 0.05 (1.96)
+    assert path == [{"a": 2, "b": 2}, {"a": 3, "b": 2}, {"a": 3, "b": 3}]
+
+
+def test_candidates_include_every_uniform_interval_of_every_order():
+    sites = ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    cost = CostModel(total=100, site_flops={s: 20 for s in sites}, T=20, first_enhance=2)
+    intervals = [2, 3, 5]
+    tables = {}
+    for order in (1, 2, 3):
+        table = {s: {n: (i + 1) * n ** order * 1e-4 for n in intervals} for i, s in enumerate(sites)}
+        uniform = {n: 0.5 * n ** order * 1e-3 for n in intervals}
+        tables["taylor", order] = {"sq": table, "mse": table, "uniform": {"sq": uniform, "mse": uniform}}
+    for group, count in [("site", 4), ("block", 2)]:
+        job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2, group=group)
+        groups = job.groups(sites)
+        assert len(groups) == count
+        # a group's error: its sites' summed (as if measured)
+        grouped = {k: {m: {g: {n: sum(t[s][n] for s in members) for n in intervals} for g, members in groups.items()}
+                       if m != "uniform" else t for m, t in v.items()} for k, v in tables.items()}
+        settings = job.settings(grouped, groups, cost)
+        uniform = {(s.order, s.intervals[sites[0]]) for s in settings if s.uniform}
+        assert uniform == {(o, n) for o in (1, 2, 3) for n in intervals}
+        assert all(a.speedup >= b.speedup for a, b in zip(settings, settings[1:]))  # fastest first
+        for s in settings:
+            assert s.speedup == pytest.approx(cost.speedup(s.intervals))
+            table = tables["taylor", s.order]
+            assert s.mse == pytest.approx(anchored(table["mse"], table["uniform"]["mse"], s.base, s.intervals))
+            if s.uniform:  # exactly the measured uniform run
+                assert s.base == s.intervals[sites[0]] and s.mse == table["uniform"]["mse"][s.base]
+        assert any(not s.uniform for s in settings)
+    # uniform runs measured on the tuning's images: those candidates carry (and predict) them
+    for order in (1, 2, 3):
+        tables["taylor", order]["uniform_4_images"] = {"sq": {n: 1e-4 * n for n in intervals},
+                                                       "mse": {n: mse_from_psnr(40 - n) for n in intervals}}
+    job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2)
+    settings = job.settings(tables, job.groups(sites), cost, "uniform_4_images")
+    model = ErrorModel([])
+    for s in settings:
+        assert (s.measured is not None) == s.uniform
+        if s.uniform:
+            n = s.base
+            assert model.predict(s) == pytest.approx({"speedup": s.speedup, "rel_l2": math.sqrt(1e-4 * n),
+                                                      "psnr_db": 40 - n})
+
+
+def test_sensitivities_are_measured_once_and_reused_from_the_file(tmp_path, monkeypatch):
+    cfg = compose_config(SMALL + ["job=tune", "job.target.psnr=30"])
+    adapter = build(cfg, "model")
+    path = tmp_path / "sensitivity.json"
+    job = TuneJob({"psnr": 30}, {"taylor": None}, [1], [2, 3], first_enhance=1, group="block",
+                  sensitivity_images=1, sensitivity_file=str(path))
+    sites = list(CostModel.measure(adapter, "module", 1, 0, 1).site_flops)
+    groups, small, full = job.groups(sites), Reference.generate(adapter, 1, 0), Reference.generate(adapter, 2, 0)
+    tables, measured = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
+    assert measured["runs"] == (len(groups) + 2) * 2 and measured["file"] is None and path.is_file()
+    assert set(tables["taylor", 1]) == {"sq", "mse", "uniform", "uniform_2_images"}
+    # each entry: the squared errors of a real run forecasting that group alone
+    one = Setting("taylor", 1, {}, {s: 3 for s in groups["block 1"]}, 1.0, 0.0, 0.0)
+    alone = job.cached_quality(cfg, adapter, one, "module", small, None)
+    assert tables["taylor", 1]["sq"]["block 1"][3] == pytest.approx(alone["rel_l2"] ** 2, rel=1e-12)
+    assert tables["taylor", 1]["mse"]["block 1"][3] == pytest.approx(mse_from_psnr(alone["psnr_db"]), rel=1e-9)
+    monkeypatch.setattr(TuneJob, "cached_quality", lambda *a: pytest.fail("measured again"))
+    again, reused = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
+    assert again == tables and reused["file"] == str(path) and reused["runs"] == measured["runs"]
+    # another setup (other intervals) is measured anew
+    monkeypatch.undo()
+    other = TuneJob({"psnr": 30}, {"taylor": None}, [1], [2], first_enhance=1, group="block", sensitivity_images=1,
+                    sensitivity_file=str(path))
+    assert other.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())[1]["file"] is None

@@ -20,7 +20,7 @@ from strategies.taylor import MAX_ORDER
 INTEGER_RANGES = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
                   "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
                   "job.num_images": (1, None), "job.grid_rows": (0, None),
-                  "job.calibration_runs": (2, None), "job.max_tries": (1, None),
+                  "job.calibration_runs": (1, None), "job.sensitivity_images": (1, None), "job.max_tries": (1, None),
                   "parallel.ulysses": (1, None), "parallel.ring": (1, None)}
 
 

@@ -101,21 +101,15 @@ class TrajectoryJobSchema(Target):
 
 
 @dataclass
-class ShadowRunSchema(Target):
-    """What ``job=atlas`` and ``job=tune`` share: one full run shadowed by every candidate
-    (predictor family x ``orders`` x ``intervals``, warm-up ``first_enhance``)."""
+class AtlasJobSchema(Target):
+    """``job=atlas``: per-site error of each predictor, order and interval (one full run
+    shadowed by every candidate: predictor family x ``orders`` x ``intervals``)."""
 
     predictors: Dict[str, Any] = MISSING
     orders: List[int] = MISSING
     intervals: List[int] = MISSING
     first_enhance: int = MISSING
     num_images: int = MISSING
-
-
-@dataclass
-class AtlasJobSchema(ShadowRunSchema):
-    """``job=atlas``: per-site error of each predictor, order and interval."""
-
     derivative_orders: int = MISSING
     audit: bool = MISSING
 
@@ -130,11 +124,17 @@ class TuneTargetSchema:
 
 
 @dataclass
-class TuneJobSchema(ShadowRunSchema):
+class TuneJobSchema(Target):
     """``job=tune``: the fastest per-site interval configuration predicted to meet ``target``."""
 
     target: TuneTargetSchema = field(default_factory=TuneTargetSchema)
+    predictors: Dict[str, Any] = MISSING
+    orders: List[int] = MISSING
+    intervals: List[int] = MISSING
+    first_enhance: int = MISSING
     group: str = MISSING
+    sensitivity_images: int = MISSING
+    sensitivity_file: Optional[str] = None
     calibration_runs: int = MISSING
     max_tries: int = MISSING
     grid_rows: int = MISSING
