@@ -159,12 +159,12 @@ def attention_only(study: Study, order: int, full_steps: list[int]) -> Iterator:
 def cachelab_points(study: Study, calibration: Path, full: bool) -> list[Point]:
     """TaylorSeer orders 1-3 x N 2..10 at module granularity, at block and stack granularity
     (orders 1-3 with ``full``, else order 2 at a few N), warm-up variants; the error-controlled,
-    FirstBlockCache and MagCache schedules with TaylorSeer; HiCache, Adams-Bashforth and least
-    squares at a few N; the non-uniform ``mask`` schedule. ``full``: the whole grid, else a smaller one."""
+    FirstBlockCache and MagCache schedules with TaylorSeer; TaylorSeer's Newton form and
+    Adams-Bashforth at N 3-8, HiCache and least squares at N 5 (``full``: N 3-8); the non-uniform ``mask`` schedule. ``full``: the whole grid, else a smaller one."""
     points = []
     for granularity in ("module", "block", "stack"):
         for order in (1, 2, 3) if full or granularity == "module" else (2,):
-            for n in (2, 3, 4, 5, 6, 8, 10) if full or granularity == "module" else (3, 5, 8):
+            for n in range(2, 11) if full or granularity == "module" else (3, 5, 8):
                 points.append(ours(study, "cachelab-taylor", f"taylor o{order} N={n} {granularity}", "taylor",
                                    order=order, interval=n, granularity=granularity))
     for fe in (3, 5) if full else (3,):
@@ -199,8 +199,8 @@ def cachelab_points(study: Study, calibration: Path, full: bool) -> list[Point]:
     for order in (1, 2) if full else (2,):
         points.append(ours(study, "cachelab-adaptive", f"taylor o{order} mask (conf default) module", "taylor",
                            order=order, schedule="mask"))
-    for name, order in (("hicache", 2), ("adams_bashforth", 2), ("least_squares", 2)):
-        for n in (3, 5, 8) if full else (5,):
+    for name, order in (("taylor_newton", 2), ("adams_bashforth", 2), ("hicache", 2), ("least_squares", 2)):
+        for n in (3, 5, 6, 7, 8) if full or name in ("taylor_newton", "adams_bashforth") else (5,):
             points.append(ours(study, "cachelab-predictors", f"{name} o{order} N={n} module", name,
                                order=order, interval=n))
     return points
