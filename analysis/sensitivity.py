@@ -21,10 +21,15 @@ TINY = 1e-30  # a zero squared error, for the logarithms
 Table = dict[str, dict[int, float]]  # group -> interval -> value (squared error, or FLOPs share saved)
 
 
+def own_error(table: Table, group: str, interval: int) -> float:
+    """``group``'s measured squared error at ``interval``: 0 at interval 1 (always computed)."""
+    return 0.0 if interval == 1 else table[group][interval]
+
+
 def additive(table: Table, choice: dict[str, int]) -> float:
     """The predicted squared error of ``choice`` (group -> interval): the sum of its groups'
     measured squared errors; a group at interval 1 (or absent) adds nothing."""
-    return sum(table[g][n] for g, n in choice.items() if n != 1)
+    return sum(own_error(table, g, n) for g, n in choice.items())
 
 
 def anchored(table: Table, uniform: dict[int, float], base: int, choice: dict[str, int]) -> float:
@@ -32,9 +37,8 @@ def anchored(table: Table, uniform: dict[int, float], base: int, choice: dict[st
     the measured squared error of the uniform configuration (``uniform[base]``; 0 at 1, all
     computed), plus the change of the groups' own errors from ``base`` to their intervals
     (at base 1 this is :func:`additive`); at least 0."""
-    own = lambda g, n: 0.0 if n == 1 else table[g][n]  # noqa: E731
     start = 0.0 if base == 1 else uniform[base]
-    return max(start + sum(own(g, n) - own(g, base) for g, n in choice.items()), 0.0)
+    return max(start + sum(own_error(table, g, n) - own_error(table, g, base) for g, n in choice.items()), 0.0)
 
 
 def greedy_path(errors: Table, savings: Table, start: dict[str, int]) -> list[dict[str, int]]:
@@ -46,7 +50,7 @@ def greedy_path(errors: Table, savings: Table, start: dict[str, int]) -> list[di
     choice, path = dict(start), [dict(start)]
 
     def cost(g: str, n: int) -> tuple[float, float]:
-        return (0.0, 0.0) if n == 1 else (errors[g][n], savings[g][n])
+        return own_error(errors, g, n), own_error(savings, g, n)
 
     while True:
         best = None

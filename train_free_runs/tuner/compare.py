@@ -12,18 +12,14 @@ import math
 import sys
 from pathlib import Path
 
-
-def psnr(mse: float) -> float:
-    return -10 * math.log10(mse)
+from analysis.sensitivity import psnr_from_mse as psnr
+from analysis.sweep import collect
 
 
 def frontier(sweep: Path) -> list[dict]:
     """Every uniform run of the sweep: order, N, FLOPs speedup, PSNR, rel-L2."""
-    runs = []
-    for path in sorted(sweep.glob("*/metrics.json")):
-        m = json.loads(path.read_text())
-        runs.append({"order": m["order"], "N": m["interval"], "speedup": m["flops"]["speedup"],
-                     "psnr": m["quality"]["psnr_db"], "rel_l2": m["quality"]["rel_l2"]})
+    runs = [{"order": m["order"], "N": m["interval"], "speedup": m["flops"]["speedup"],
+             "psnr": m["quality"]["psnr_db"], "rel_l2": m["quality"]["rel_l2"]} for m in collect(sweep)[0]]
     return sorted(runs, key=lambda r: (r["order"], r["N"]))
 
 
