@@ -29,3 +29,16 @@ class NonFiniteError(UserError, FloatingPointError):
 
 class FolderLocked(UserError, RuntimeError):
     """Another run holds the folder's lock file; the message names the file and its pid."""
+
+
+class ArgumentError(ConfigError):
+    """A constructor argument outside what it allows: ``key`` is the argument's name, and the
+    config layer names the config key that gave it (:meth:`renamed`)."""
+
+    def __init__(self, key: str, value, allowed: str, problem: str = "is out of range"):
+        self.key, self.value, self.allowed, self.problem = key, value, allowed, problem
+        super().__init__(f"{key}={value!r} {problem}; allowed: {allowed}")
+
+    def renamed(self, key: str) -> ArgumentError:
+        """The same refusal for the config key ``key``."""
+        return ArgumentError(key, self.value, self.allowed, self.problem)

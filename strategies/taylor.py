@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 import torch
 
+from cachelab.core.arguments import between, checked, in_range
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.tokens import scatter_tokens
+from cachelab.core.schedules import WarmUp
 from cachelab.core.variables import check_variable
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -75,16 +78,14 @@ class TaylorSeer(Predictor):
     stays counted in steps. ``step`` computes exactly as without the knob.
     """
 
-    def __init__(self, order: int, first_enhance: int = 1, factor_dtype: str | None = None,
-                 difference: str = "official", damping: float = 1.0, variable: str = "step"):
-        if not 0 <= order <= MAX_ORDER:
-            raise ValueError(f"order must be in 0..{MAX_ORDER}, got {order}")
+    @checked
+    def __init__(self, order: Annotated[int, between(0, MAX_ORDER)], first_enhance: WarmUp = 1,
+                 factor_dtype: str | None = None, difference: str = "official",
+                 damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step"):
         if factor_dtype is not None and factor_dtype not in _DTYPES:
             raise ValueError(f"factor_dtype must be one of {sorted(_DTYPES)} or null, got {factor_dtype!r}")
         if difference not in _DIFFERENCES:
             raise ValueError(f"difference must be one of {list(_DIFFERENCES)}, got {difference!r}")
-        if not 0.0 <= damping <= 1.0:
-            raise ValueError(f"damping must be a number in [0, 1], got {damping!r}")
         check_variable(variable)
         self.order = order
         self.first_enhance = first_enhance

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
 from cachelab.assets import load_calibration
+from cachelab.core.arguments import above, at_least, checked, in_range
 from cachelab.core.distributed import Reduce, local
-from cachelab.core.schedules import Decision, Schedule, StaticSchedule, StepContext
+from cachelab.core.schedules import Decision, FinalFull, Schedule, StaticSchedule, StepContext, WarmUp
+
+Threshold = Annotated[float, above(0)]  # what a signal is compared with
+Cap = Annotated[int, at_least(0)]  # forecasts in a row at most (null: no cap)
 
 
 class AdaptiveSchedule(Schedule):
@@ -19,13 +24,9 @@ class AdaptiveSchedule(Schedule):
     give the rule (``allows_forecast``, asked on the other steps only) and see every
     decision (``record``) to update their per-generation state."""
 
-    def __init__(self, first_enhance: int = 1, final_full: int = 0, max_consecutive_forecasts: int | None = None):
-        if first_enhance < 1:
-            raise ValueError(f"first_enhance must be >= 1, got {first_enhance}")
-        if final_full < 0:
-            raise ValueError(f"final_full must be >= 0, got {final_full}")
-        if max_consecutive_forecasts is not None and max_consecutive_forecasts < 0:
-            raise ValueError(f"max_consecutive_forecasts must be >= 0 or null, got {max_consecutive_forecasts}")
+    @checked
+    def __init__(self, first_enhance: WarmUp = 1, final_full: FinalFull = 0,
+                 max_consecutive_forecasts: Cap | None = None):
         self.first_enhance = first_enhance
         self.final_full = final_full
         self.max_consecutive_forecasts = max_consecutive_forecasts
@@ -83,10 +84,9 @@ class TeaCache(AdaptiveSchedule):
 
     signals = ("modulated_input",)
 
-    def __init__(self, threshold: float, coefficients: Sequence[float] = (1.0, 0.0), first_enhance: int = 1,
-                 final_full: int = 1, max_consecutive_forecasts: int | None = None, calibration: str | None = None):
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
+    @checked
+    def __init__(self, threshold: Threshold, coefficients: Sequence[float] = (1.0, 0.0), first_enhance: WarmUp = 1,
+                 final_full: FinalFull = 1, max_consecutive_forecasts: Cap | None = None, calibration: str | None = None):
         if calibration is not None:
             coefficients = load_calibration(calibration).get("teacache_coefficients")
             if coefficients is None:
@@ -126,10 +126,9 @@ class FirstBlockCache(AdaptiveSchedule):
 
     signals = ("first_block_residual",)
 
-    def __init__(self, threshold: float, first_enhance: int = 1, final_full: int = 0,
-                 max_consecutive_forecasts: int | None = None):
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
+    @checked
+    def __init__(self, threshold: Threshold, first_enhance: WarmUp = 1, final_full: FinalFull = 0,
+                 max_consecutive_forecasts: Cap | None = None):
         self.threshold = threshold
         super().__init__(first_enhance, final_full, max_consecutive_forecasts)
 
@@ -158,10 +157,9 @@ class ErrorControlled(AdaptiveSchedule):
 
     signals = ("error_estimate",)
 
-    def __init__(self, tolerance: float, first_enhance: int = 1, final_full: int = 0,
-                 max_consecutive_forecasts: int | None = 5):
-        if not tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    @checked
+    def __init__(self, tolerance: Threshold, first_enhance: WarmUp = 1, final_full: FinalFull = 0,
+                 max_consecutive_forecasts: Cap | None = 5):
         self.tolerance = tolerance
         super().__init__(first_enhance, final_full, max_consecutive_forecasts)
 
@@ -178,13 +176,9 @@ class MagCache(StaticSchedule):
     ``n <= max_skip``, else full and ``(G, E, n) = (1, 0, 0)``. Step 0 is full. The rule
     reads no runtime signal, so the whole mask is known up front."""
 
-    def __init__(self, calibration: str, threshold: float = 0.24, max_skip: int = 5, retention: float = 0.1):
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
-        if max_skip < 0:
-            raise ValueError(f"max_skip must be >= 0, got {max_skip}")
-        if not 0 <= retention <= 1:
-            raise ValueError(f"retention must be in [0, 1], got {retention}")
+    @checked
+    def __init__(self, calibration: str, threshold: Threshold = 0.24, max_skip: Cap = 5,
+                 retention: Annotated[float, in_range(0, 1)] = 0.1):
         self.ratios = load_calibration(calibration)["ratios"]
         self.threshold, self.max_skip, self.retention = threshold, max_skip, retention
 

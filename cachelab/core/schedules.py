@@ -5,9 +5,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
+from cachelab.core.arguments import at_least, checked, in_range
 from cachelab.core.distributed import Reduce, local
+
+# the arguments schedules share, with what they allow (checked when a schedule is built)
+StepInterval = Annotated[int, at_least(1)]  # an interval in steps (1: every step full)
+WarmUp = Annotated[int, at_least(1)]  # full steps at the start (step 0 at least)
+FinalFull = Annotated[int, at_least(0)]  # full steps at the end
 
 
 class Decision(Enum):
@@ -107,13 +113,8 @@ class Interval(StaticSchedule):
     forecast steps and one full step, repeated; optionally the last ``final_full`` steps
     are full too (0 in the paper, so the last steps may be forecast)."""
 
-    def __init__(self, interval: int, first_enhance: int = 1, final_full: int = 0):
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        if first_enhance < 1:
-            raise ValueError(f"first_enhance must be >= 1, got {first_enhance}")
-        if final_full < 0:
-            raise ValueError(f"final_full must be >= 0, got {final_full}")
+    @checked
+    def __init__(self, interval: StepInterval, first_enhance: WarmUp = 1, final_full: FinalFull = 0):
         self.interval = interval
         self.first_enhance = first_enhance
         self.final_full = final_full
@@ -133,11 +134,8 @@ class ToCaInterval(StaticSchedule):
     ``round(interval / (1 + w - 2 w d / T))`` are full (``w = weight``, 0.4 in ToCa): the interval
     grows from about ``interval / (1 - w)`` early to ``interval / (1 + w)`` late; the last step is full."""
 
-    def __init__(self, interval: int, weight: float = 0.4):
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        if not 0.0 <= weight < 1.0:
-            raise ValueError(f"weight must be a number in [0, 1), got {weight!r}")
+    @checked
+    def __init__(self, interval: StepInterval, weight: Annotated[float, in_range(0, 1, closed=False)] = 0.4):
         self.interval, self.weight = interval, weight
 
     def mask(self, T: int) -> list[bool]:
@@ -204,7 +202,7 @@ class PerSiteInterval(Schedule):
 
     decides_for = "site"
 
-    def __init__(self, intervals: Mapping[str, int], first_enhance: int = 1, final_full: int = 0):
+    def __init__(self, intervals: Mapping[str, int], first_enhance: WarmUp = 1, final_full: FinalFull = 0):
         bad = {k: n for k, n in intervals.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"intervals must be integers >= 1, got {bad}")

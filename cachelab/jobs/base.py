@@ -16,22 +16,28 @@ from cachelab.core.schedules import Always
 from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
-from cachelab.jobs.checks import TOKEN_POLICIES
+from cachelab.jobs.components import refusal
 from cachelab.models.adapter import Inputs, ModelAdapter
 from strategies.reuse import Reuse
 
 
+# strategy.tokens=<name>: the token selection policies with their own defaults (conf/strategy/<name>.yaml
+# presets set the papers' values as a node with _target_)
+TOKEN_POLICIES = {"random": "strategies.tokens.random_tokens.RandomTokens", "toca": "strategies.tokens.toca.ToCa",
+                  "duca": "strategies.tokens.duca.DuCa", "clusca": "strategies.tokens.clusca.ClusCa"}
+
+
 def build(cfg: DictConfig, key: str, name: str | None = None):
-    """``instantiate(cfg[key])`` with a constructor's complaint turned into a ConfigError naming
-    ``name`` (default: ``key``); None where ``cfg`` has no ``key`` or it is null."""
+    """``instantiate(cfg[key])`` with a constructor's refusal turned into a ConfigError naming the
+    config key (:func:`~cachelab.jobs.components.refusal`; ``name``, default ``key``, is the node's
+    config path); None where ``cfg`` has no ``key`` or it is null."""
     node = cfg.get(key)
     if node is None:
         return None
     try:
         return instantiate(node)
     except InstantiationException as err:
-        cause = err.__cause__ or err
-        raise ConfigError(f"{name or key}: {cause}") from err
+        raise refusal(err.__cause__ or err, node, name or key) from err
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
@@ -41,7 +47,7 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     if isinstance(node.get("tokens"), str):
         node = OmegaConf.create({"tokens": {"_target_": TOKEN_POLICIES[node.tokens]}})
     tokens = build(node, "tokens", "strategy.tokens")
-    return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor"), build(cfg, "schedule"),
+    return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor", "strategy.predictor"), build(cfg, "schedule"),
                     cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")), tokens=tokens)
 
 

@@ -10,15 +10,16 @@ from omegaconf import DictConfig, OmegaConf
 from cachelab.core.controller import guard_policy
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
-from cachelab.core.variables import check_variable
 from cachelab.errors import ConfigError
-from strategies.taylor import MAX_ORDER
+from cachelab.jobs.base import TOKEN_POLICIES, build_strategy
+from cachelab.jobs.components import check_types
 
 
 # integer keys -> (smallest, largest allowed value or None); their type is the schema's
-# (cachelab/jobs/schema.py), their range is checked here; job.* where the job has the key
-INTEGER_RANGES = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance": (1, None), "num_steps": (1, None),
-                  "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
+# (cachelab/jobs/schema.py), their range is checked here; job.* where the job has the key. The
+# schedule's, the predictor's and the token policy's keys (and the shorthands order, interval,
+# first_enhance that they read) are checked by their class's constructor (build_strategy).
+INTEGER_RANGES = {"num_steps": (1, None), "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
                   "job.num_images": (1, None), "job.grid_rows": (0, None),
                   "job.calibration_runs": (1, None), "job.sensitivity_images": (1, None), "job.max_tries": (1, None),
                   "parallel.ulysses": (1, None), "parallel.ring": (1, None)}
@@ -26,12 +27,15 @@ INTEGER_RANGES = {"order": (0, MAX_ORDER), "interval": (1, None), "first_enhance
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value; builds nothing. The types were
-    checked when the config was composed (the schemas); these are the ranges and the rules
-    that tie keys together."""
+    checked when the config was composed (the schemas; the schedule, predictor and token policy
+    again, for a config Hydra composed); these are the ranges, which the schedule, predictor and
+    token policy check when they are built, and the rules that tie keys together."""
     check_device(cfg.device)
     guard_policy(cfg.get("guard", "fallback"))  # fallback | raise | off
+    check_types(cfg)
     check_ranges(cfg)
     check_strategy(cfg)
+    build_strategy(cfg)  # the constructors' own checks, each refusal named by its config key
     for key in missing_values(cfg):
         if key != "model.checkpoint":
             raise ConfigError(f"{key} is required (it is ??? in the config); allowed: {key}=<value>")
@@ -118,10 +122,6 @@ def check_strategy(cfg: DictConfig) -> None:
     if granularity not in GRANULARITIES:
         raise ConfigError(f"strategy.granularity={granularity!r} is not allowed; allowed: {', '.join(GRANULARITIES)}")
     schedule, T = cfg.schedule, cfg.num_steps
-    for key in ("threshold", "tolerance"):
-        value = schedule.get(key)
-        if key in schedule and not value > 0:
-            raise ConfigError(f"schedule.{key}={value!r} is out of range; allowed: numbers > 0")
     if schedule.get("mask") is not None and len(schedule.mask) != T:
         raise ConfigError(f"schedule.mask has {len(schedule.mask)} entries but num_steps={T}; allowed: a mask of "
                           f"exactly num_steps entries, or schedule.full_steps")
@@ -132,18 +132,11 @@ def check_strategy(cfg: DictConfig) -> None:
     check_tokens(cfg.strategy)
     if cfg.strategy.predictor is None:  # no caching: the schedule is never asked
         return
-    check_variable(cfg.strategy.predictor.get("variable", "step"))
     needed = cfg.strategy.get("needs_schedule")
     if needed is not None and cfg.schedule._target_ != needed:
         raise ConfigError(f"strategy={cfg.strategy.name!r} needs schedule._target_={needed}, got "
                           f"schedule._target_={cfg.schedule._target_}; allowed: the paired override in "
                           f"conf/strategy/{cfg.strategy.name}.yaml (schedule={cfg.strategy.name})")
-
-
-# strategy.tokens=<name>: the token selection policies with their own defaults (conf/strategy/<name>.yaml
-# presets set the papers' values as a node with _target_)
-TOKEN_POLICIES = {"random": "strategies.tokens.random_tokens.RandomTokens", "toca": "strategies.tokens.toca.ToCa",
-                  "duca": "strategies.tokens.duca.DuCa", "clusca": "strategies.tokens.clusca.ClusCa"}
 
 
 def check_tokens(strategy: DictConfig) -> None:

@@ -10,7 +10,8 @@ from cachelab.errors import ConfigError
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs import CONFIG_DIR
 from cachelab.jobs.checks import check_group_choices, check_ranges, check_strategy
-from cachelab.jobs.schema import compose_config, type_error
+from cachelab.jobs.components import check_types, type_error
+from cachelab.jobs.schema import compose_config
 
 SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top-level keys of conf/config.yaml
 
@@ -33,6 +34,7 @@ def preset(name: str, **overrides) -> Strategy:
                 OmegaConf.update(cfg, path, value, merge=False)
         except ValidationError as err:  # the schema's type for the key
             raise type_error(err) from None
+    check_types(cfg)
     check_ranges(cfg)
     check_strategy(cfg)
     return build_strategy(cfg)

@@ -1,16 +1,17 @@
 """Structured config schemas: the type of every key of ``conf/config.yaml`` and of the job,
-strategy, schedule, logger and compile groups, registered in Hydra's ConfigStore on import
+strategy, logger and compile groups, registered in Hydra's ConfigStore on import
 (``cachelab/jobs/__init__.py`` imports this module, so any composition after importing the
 jobs layer sees them). A config file uses its schema as the first entry of its defaults
 list (``- /schema/job/sample@_here_``); the YAML gives the values, the schema the types, and
 Hydra refuses a value of the wrong type while composing. :func:`compose_config` turns that
 refusal into a one-line :class:`ConfigError` naming the key and the expected type.
 
-The model group has no schema: each model config is the keyword arguments of its own
-adapter class (``_target_``), different per family, and the class checks them when it is
-built. The strategy's ``predictor`` node is untyped for the same reason (one class per
-predictor). The registration lives in memory, not in ``conf/``: wherever the YAML files are
-read from, the schemas are the same."""
+The schedule, the strategy's predictor and its token policy have no schema here: their keys are
+their class's constructor arguments, typed from its signature (:mod:`cachelab.jobs.components`).
+The model group has none either: each model config is the keyword arguments of its own adapter
+class (``_target_``), different per family, and the class checks them when it is built. The
+registration lives in memory, not in ``conf/``: wherever the YAML files are read from, the
+schemas are the same."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,10 +22,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, ValidationError
-from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
-from cachelab.errors import ConfigError
 from cachelab.jobs import CONFIG_DIR
+from cachelab.jobs.components import check_types, type_error
 
 
 @dataclass
@@ -54,9 +54,9 @@ class ConfigSchema:
     logger: Any = MISSING
     job: Any = MISSING
     compile: Any = None
-    order: int = MISSING
-    interval: int = MISSING
-    first_enhance: int = MISSING
+    order: Any = MISSING  # shorthands: typed and checked where they are used (strategy.predictor.order, ...)
+    interval: Any = MISSING
+    first_enhance: Any = MISSING
     num_steps: int = MISSING
     num_images: int = MISSING
     seed: int = MISSING
@@ -149,98 +149,14 @@ class CalibrateJobSchema(Target):
 
 @dataclass
 class StrategySchema:
-    """``strategy.*``; ``predictor`` is untyped (each predictor class has its own keys), and so is
-    ``tokens`` (null, a policy name, or a node with ``_target_``: checked by ``checks.check_tokens``)."""
+    """``strategy.*``; ``predictor`` and ``tokens`` are typed by their class's signature
+    (:mod:`cachelab.jobs.components`); ``tokens`` may also be null or a policy name (``checks.check_tokens``)."""
 
     name: str = MISSING
     granularity: str = MISSING
     predictor: Any = MISSING
     needs_schedule: Optional[str] = None
     tokens: Any = None
-
-
-@dataclass
-class IntervalSchema(Target):
-    """``schedule=interval``: full every ``interval`` steps after ``first_enhance``."""
-
-    interval: int = MISSING
-    first_enhance: int = MISSING
-    final_full: int = MISSING
-
-
-@dataclass
-class ToCaIntervalSchema(Target):
-    """``schedule=toca``: ToCa's full steps, an interval that shrinks over the run."""
-
-    interval: int = MISSING
-    weight: float = MISSING
-
-
-@dataclass
-class MaskSchema(Target):
-    """``schedule=mask``: the full steps given as a list of steps or a boolean mask."""
-
-    full_steps: Optional[List[int]] = MISSING
-    mask: Optional[List[bool]] = MISSING
-
-
-@dataclass
-class PerKindIntervalSchema(Target):
-    """``schedule=pab``: one interval per site kind, inside a timestep window."""
-
-    intervals: Dict[str, int] = MISSING
-    window: Optional[List[float]] = MISSING
-
-
-@dataclass
-class PerSiteIntervalSchema(Target):
-    """``schedule=per_site``: one interval per cache site (what ``job=tune`` writes)."""
-
-    intervals: Dict[str, int] = MISSING
-    first_enhance: int = MISSING
-    final_full: int = MISSING
-
-
-@dataclass
-class AdaptiveSchema(Target):
-    """What the signal-driven schedules share."""
-
-    first_enhance: int = MISSING
-    final_full: int = MISSING
-    max_consecutive_forecasts: Optional[int] = MISSING
-
-
-@dataclass
-class TeaCacheSchema(AdaptiveSchema):
-    """``schedule=teacache``: the rescaled accumulated input change against ``threshold``."""
-
-    threshold: float = MISSING
-    coefficients: List[float] = MISSING
-    calibration: Optional[str] = MISSING
-
-
-@dataclass
-class FirstBlockCacheSchema(AdaptiveSchema):
-    """``schedule=fbcache``: the first block residual's change against ``threshold``."""
-
-    threshold: float = MISSING
-
-
-@dataclass
-class ErrorControlledSchema(AdaptiveSchema):
-    """``schedule=error_controlled``: the predictor's error estimate against ``tolerance``."""
-
-    tolerance: float = MISSING
-
-
-@dataclass
-class MagCacheSchema(Target):
-    """``schedule=magcache``: the calibrated magnitude ratios' accumulated error against ``threshold``."""
-
-    calibration: Optional[str] = MISSING
-    threshold: float = MISSING
-    max_skip: int = MISSING
-    retention: float = MISSING
 
 
 @dataclass
@@ -267,10 +183,6 @@ SCHEMAS = {  # ConfigStore group -> name -> schema; conf/ files name theirs in t
     "schema/job": {"compare": CompareJobSchema, "sample": SampleJobSchema, "trajectory": TrajectoryJobSchema,
                    "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema, "tune": TuneJobSchema},
     "schema/strategy": {"strategy": StrategySchema},
-    "schema/schedule": {"always": Target, "interval": IntervalSchema, "toca": ToCaIntervalSchema, "mask": MaskSchema,
-                        "pab": PerKindIntervalSchema, "per_site": PerSiteIntervalSchema, "teacache": TeaCacheSchema,
-                        "fbcache": FirstBlockCacheSchema,
-                        "error_controlled": ErrorControlledSchema, "magcache": MagCacheSchema},
     "schema/logger": {"none": Target, "wandb": WandbSchema},
     "schema/compile": {"compile": CompileSchema},
 }
@@ -285,20 +197,19 @@ def register() -> None:
 
 register()
 
-TYPE_NAMES = {IntegerNode: "an integer", FloatNode: "a number", BooleanNode: "a boolean"}
-MESSAGE_TYPES = {"to Integer": "an integer", "to Float": "a number", "valid bool": "a boolean"}  # list elements
-
-
 def compose_config(overrides: list[str] = (), config_dir: Path | None = None) -> DictConfig:
     """``config.yaml`` of ``config_dir`` (default: the project's ``conf/``) composed with
-    ``overrides``, as ``run.py`` composes it; a value of the wrong type is a ConfigError."""
+    ``overrides``, as ``run.py`` composes it; a value of the wrong type is a ConfigError (the
+    schedule, predictor and token policy: :func:`~cachelab.jobs.components.check_types`)."""
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=list(overrides))
     except ConfigCompositionException as err:
         if isinstance(err.__cause__, ValidationError):
             raise type_error(err.__cause__) from None
         raise
+    check_types(cfg)
+    return cfg
 
 
 def check_override_types(overrides: list[str], config_dir: Path, searched: list[str] = ()) -> None:
@@ -321,18 +232,3 @@ def check_override_types(overrides: list[str], config_dir: Path, searched: list[
             compose_config(search + trial, config_dir)
         except ConfigCompositionException:
             return
-
-
-def type_error(err: ValidationError):
-    """One line for OmegaConf's refusal of a value: the key, the value, the expected type."""
-    from cachelab.jobs.checks import allowed_values  # checks.py imports torch: only when needed
-
-    key, value = err.full_key, err.value
-    expected = next((name for kind, name in TYPE_NAMES.items() if isinstance(err.child_node, kind)),
-                    next((name for words, name in MESSAGE_TYPES.items() if words in err.msg), None))
-    if expected is None:  # a list, a dict or a string node refused the value
-        return ConfigError(f"{key}={value!r} is not allowed; {err.msg.splitlines()[0]}")
-    if expected == "a boolean":
-        return ConfigError(f"{key}={value!r} is not allowed; allowed: true, false")
-    optional = " or null" if err.child_node is not None and err.child_node._is_optional() else ""
-    return ConfigError(f"{key}={value!r} is not {expected}; allowed: {allowed_values(key, expected)}{optional}")
