@@ -1,6 +1,7 @@
 """job=tune (cachelab/jobs/tune.py) and the per-site schedule it writes (PerSiteInterval)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -21,8 +22,17 @@ from cachelab.jobs.presets import preset
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
 from analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
-from cachelab.jobs.tune import Clock, CostModel, ErrorModel, Reference, Setting, TuneJob
+from cachelab.jobs.tuning.records import (Clock, CostModel, ErrorCurves, ErrorModel, Reference, SensitivityTable,
+                                          Setting)
+from cachelab.jobs.tuning.targets import PsnrTarget
+from cachelab.jobs.tuning.tuner import Bench, Tuner, TuneOptions
 from strategies.reuse import Reuse
+from strategies.taylor import TaylorSeer
+
+
+def record(table: dict) -> SensitivityTable:
+    """The typed table of a dict in the sensitivity file's form."""
+    return SensitivityTable.from_dict(table)
 
 SMALL = ["model=tiny_dit_random", "num_steps=8", "num_images=2", "logger=none", "progress=false", "threads=1",
          "measure.flops_images=2", "first_enhance=1"]
@@ -239,13 +249,13 @@ def test_candidates_include_every_uniform_interval_of_every_order():
         uniform = {n: 0.5 * n ** order * 1e-3 for n in intervals}
         tables["taylor", order] = {"sq": table, "mse": table, "uniform": {"sq": uniform, "mse": uniform}}
     for group, count in [("site", 4), ("block", 2)]:
-        job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2, group=group)
+        job = Tuner(PsnrTarget(30), {"taylor": None}, TuneOptions([1, 2, 3], intervals, first_enhance=2, group=group))
         groups = job.groups(sites)
         assert len(groups) == count
         # a group's error: its sites' summed (as if measured)
         grouped = {k: {m: {g: {n: sum(t[s][n] for s in members) for n in intervals} for g, members in groups.items()}
                        if m != "uniform" else t for m, t in v.items()} for k, v in tables.items()}
-        settings = job.settings(grouped, groups, cost)
+        settings = job.settings({k: record(v) for k, v in grouped.items()}, groups, cost)
         uniform = {(s.order, s.intervals[sites[0]]) for s in settings if s.uniform}
         assert uniform == {(o, n) for o in (1, 2, 3) for n in intervals}
         assert all(a.speedup >= b.speedup for a, b in zip(settings, settings[1:]))  # fastest first
@@ -260,8 +270,8 @@ def test_candidates_include_every_uniform_interval_of_every_order():
     for order in (1, 2, 3):
         tables["taylor", order]["uniform_4_images"] = {"sq": {n: 1e-4 * n for n in intervals},
                                                        "mse": {n: mse_from_psnr(40 - n) for n in intervals}}
-    job = TuneJob({"psnr": 30}, {"taylor": None}, [1, 2, 3], intervals, first_enhance=2)
-    settings = job.settings(tables, job.groups(sites), cost, "uniform_4_images")
+    job = Tuner(PsnrTarget(30), {"taylor": None}, TuneOptions([1, 2, 3], intervals, first_enhance=2))
+    settings = job.settings({k: record(v) for k, v in tables.items()}, job.groups(sites), cost, 4)
     model = ErrorModel([])
     for s in settings:
         assert (s.measured is not None) == s.uniform
@@ -275,23 +285,25 @@ def test_sensitivities_are_measured_once_and_reused_from_the_file(tmp_path, monk
     cfg = compose_config(SMALL + ["job=tune", "job.target.psnr=30"])
     adapter = build(cfg, "model")
     path = tmp_path / "sensitivity.json"
-    job = TuneJob({"psnr": 30}, {"taylor": None}, [1], [2, 3], first_enhance=1, group="block",
-                  sensitivity_images=1, sensitivity_file=str(path))
+    families = {"taylor": functools.partial(TaylorSeer, first_enhance=1)}  # what job.predictors instantiates
+    job = Tuner(PsnrTarget(30), families, TuneOptions([1], [2, 3], first_enhance=1, group="block",
+                                                      sensitivity_images=1, sensitivity_file=str(path)))
+    bench = Bench(adapter, "module", seed=0, num_images=2, flops_images=2)  # plain values: no config
     sites = list(CostModel.measure(adapter, "module", 1, 0, 1).site_flops)
     groups, small, full = job.groups(sites), Reference.generate(adapter, 1, 0), Reference.generate(adapter, 2, 0)
-    tables, measured = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
+    tables, measured = job.sensitivity_tables(bench, groups, small, full, Clock())
     assert measured["runs"] == (len(groups) + 2) * 2 and measured["file"] is None and path.is_file()
-    assert set(tables["taylor", 1]) == {"sq", "mse", "uniform", "uniform_2_images"}
+    assert set(tables["taylor", 1].as_dict()) == {"sq", "mse", "uniform", "uniform_2_images"}
     # each entry: the squared errors of a real run forecasting that group alone
     one = Setting("taylor", 1, {}, {s: 3 for s in groups["block 1"]}, 1.0, 0.0, 0.0)
-    alone = job.cached_quality(cfg, adapter, one, "module", small, None)
-    assert tables["taylor", 1]["sq"]["block 1"][3] == pytest.approx(alone["rel_l2"] ** 2, rel=1e-12)
-    assert tables["taylor", 1]["mse"]["block 1"][3] == pytest.approx(mse_from_psnr(alone["psnr_db"]), rel=1e-9)
-    monkeypatch.setattr(TuneJob, "cached_quality", lambda *a: pytest.fail("measured again"))
-    again, reused = job.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())
+    alone = job.cached_quality(bench, one, small, None)
+    assert tables["taylor", 1].groups["block 1"].sq[3] == pytest.approx(alone["rel_l2"] ** 2, rel=1e-12)
+    assert tables["taylor", 1].groups["block 1"].mse[3] == pytest.approx(mse_from_psnr(alone["psnr_db"]), rel=1e-9)
+    monkeypatch.setattr(Tuner, "cached_quality", lambda *a: pytest.fail("measured again"))
+    again, reused = job.sensitivity_tables(bench, groups, small, full, Clock())
     assert again == tables and reused["file"] == str(path) and reused["runs"] == measured["runs"]
     # another setup (other intervals) is measured anew
     monkeypatch.undo()
-    other = TuneJob({"psnr": 30}, {"taylor": None}, [1], [2], first_enhance=1, group="block", sensitivity_images=1,
-                    sensitivity_file=str(path))
-    assert other.sensitivity_tables(cfg, adapter, "module", groups, small, full, Clock())[1]["file"] is None
+    other = Tuner(PsnrTarget(30), families, TuneOptions([1], [2], first_enhance=1, group="block", sensitivity_images=1,
+                                                        sensitivity_file=str(path)))
+    assert other.sensitivity_tables(bench, groups, small, full, Clock())[1]["file"] is None

@@ -10,9 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 from cachelab.core.controller import guard_policy
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
-from cachelab.errors import ConfigError
-from cachelab.jobs.base import TOKEN_POLICIES, build_strategy
+from cachelab.errors import ArgumentError, ConfigError
+from cachelab.jobs.base import TOKEN_POLICIES, build, build_strategy
 from cachelab.jobs.components import check_types
+from cachelab.jobs.tuning.targets import TARGETS, Target
 
 
 # integer keys -> (smallest, largest allowed value or None); their type is the schema's
@@ -49,25 +50,18 @@ def check_config(cfg: DictConfig) -> None:
     check_model_fit(cfg)
     check_forecasts(cfg)
     check_compile(cfg)
-    if "target" in cfg.job:  # job=tune
-        check_target(cfg.job.target)
-        if cfg.job.group not in TUNE_GROUPS:
-            raise ConfigError(f"job.group={cfg.job.group!r} is not allowed; allowed: {', '.join(TUNE_GROUPS)}")
+    if "target" in cfg.job:  # job=tune: its constructor checks the target and the options
+        build(cfg, "job")
         if cfg.strategy.granularity not in TUNE_GRANULARITIES:
             raise ConfigError(f"job=tune sets one interval per site: strategy.granularity={cfg.strategy.granularity!r} "
                               f"is not allowed; allowed: {', '.join(TUNE_GRANULARITIES)}")
 
 
-TUNE_GROUPS = ("site", "block")  # job.group: one interval per site, or per block (its sites share one)
 TUNE_GRANULARITIES = ("module", "block", "output")  # a stack site spans blocks: no per-site FLOPs
-# job=tune's quality or speed budget: key -> (is the value allowed, what is allowed)
-TARGETS = {"psnr": (lambda v: v > 0, "numbers > 0 (dB, PSNR of the cached images against the full-compute ones)"),
-           "rel_l2": (lambda v: 0 < v < 1, "numbers between 0 and 1 (relative L2 against the full-compute result)"),
-           "speedup": (lambda v: v > 1, "numbers > 1 (FLOPs speedup)")}
 
 
-def check_target(target) -> tuple[str, float]:
-    """``job.target``: exactly one of psnr, rel_l2, speedup, in its range; returns (key, value)."""
+def check_target(target) -> Target:
+    """``job.target``: exactly one of psnr, rel_l2, speedup, in its range (the Target's own check)."""
     given = {key: target.get(key) for key in TARGETS if target.get(key) is not None}
     keys = ", ".join(f"job.target.{key}" for key in TARGETS)
     if len(given) != 1:
@@ -75,10 +69,10 @@ def check_target(target) -> tuple[str, float]:
         raise ConfigError(f"job.target: give exactly one of {keys} (python -m cachelab.tune target.psnr=35), "
                           f"got {got}; allowed: one of {keys}")
     (key, value), = given.items()
-    allowed, what = TARGETS[key]
-    if not allowed(value):
-        raise ConfigError(f"job.target.{key}={value:g} is out of range; allowed: {what}")
-    return key, float(value)
+    try:
+        return TARGETS[key](value)
+    except ArgumentError as err:
+        raise err.renamed(f"job.target.{key}") from None
 
 
 def check_compile(cfg: DictConfig) -> None:
