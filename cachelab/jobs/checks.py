@@ -13,33 +13,24 @@ from cachelab.core.sites import GRANULARITIES
 from cachelab.errors import ArgumentError, ConfigError
 from cachelab.jobs.base import TOKEN_POLICIES, build, build_strategy
 from cachelab.jobs.components import check_types
+from cachelab.jobs.refusals import INTEGER_RANGES, allowed_values
 from cachelab.jobs.tuning.targets import TARGETS, Target
 
 
-# integer keys -> (smallest, largest allowed value or None); their type is the schema's
-# (cachelab/jobs/schema.py), their range is checked here; job.* where the job has the key. The
-# schedule's, the predictor's and the token policy's keys (and the shorthands order, interval,
-# first_enhance that they read) are checked by their class's constructor (build_strategy).
-INTEGER_RANGES = {"num_steps": (1, None), "num_images": (1, None), "seed": (0, None), "job.batch_size": (1, None),
-                  "job.num_images": (1, None), "job.grid_rows": (0, None),
-                  "job.calibration_runs": (1, None), "job.sensitivity_images": (1, None), "job.max_tries": (1, None),
-                  "parallel.ulysses": (1, None), "parallel.ring": (1, None)}
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first bad value; builds nothing. The types were
-    checked when the config was composed (the schemas; the schedule, predictor and token policy
-    again, for a config Hydra composed); these are the ranges, which the schedule, predictor and
-    token policy check when they are built, and the rules that tie keys together."""
+    """Raise :class:`ConfigError` for the first bad value; builds the strategy (and job=tune's job)
+    to let their constructors check their ranges, never the model. The types were checked when
+    the config was composed (the schemas; the schedule, predictor and token policy again, for a
+    config Hydra composed); here are the ranges and the rules that tie keys together."""
     check_device(cfg.device)
     guard_policy(cfg.get("guard", "fallback"))  # fallback | raise | off
     check_types(cfg)
     check_ranges(cfg)
     check_strategy(cfg)
-    build_strategy(cfg)  # the constructors' own checks, each refusal named by its config key
     for key in missing_values(cfg):
         if key != "model.checkpoint":
             raise ConfigError(f"{key} is required (it is ??? in the config); allowed: {key}=<value>")
+    build_strategy(cfg)  # the constructors' own checks, each refusal named by its config key
     if "checkpoint" in cfg.model.keys():  # `in cfg.model` is False while the value is ??? (missing)
         if OmegaConf.is_missing(cfg.model, "checkpoint"):
             raise ConfigError(f"model.checkpoint is required for model {cfg.model.name!r}; "
@@ -97,16 +88,6 @@ def check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         if value is not None and (value < minimum or (maximum is not None and value > maximum)):
             raise ConfigError(f"{key}={value} is out of range; allowed: {allowed_values(key, 'an integer')}")
-
-
-def allowed_values(key: str, expected: str) -> str:
-    """What a key of type ``expected`` (``an integer``, ``a number``) allows, for messages."""
-    if expected != "an integer":
-        return "numbers"
-    minimum, maximum = INTEGER_RANGES.get(key, (None, None))
-    if minimum is None:
-        return "integers"
-    return f"integers >= {minimum}" if maximum is None else f"integers {minimum}..{maximum}"
 
 
 def check_strategy(cfg: DictConfig) -> None:

@@ -18,14 +18,12 @@ from typing import Any, Dict, List, Optional
 
 from hydra.utils import get_class
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
-from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 from cachelab.core.arguments import Allowed, rules
 from cachelab.errors import ArgumentError, ConfigError
+from cachelab.jobs.refusals import type_error
 
 COMPONENTS = ("schedule", "strategy.predictor", "strategy.tokens")  # config paths of nodes typed by their class
-TYPE_NAMES = {IntegerNode: "an integer", FloatNode: "a number", BooleanNode: "a boolean"}
-MESSAGE_TYPES = {"to Integer": "an integer", "to Float": "a number", "valid bool": "a boolean"}  # list elements
 INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")  # ${key}: a plain reference to another key
 
 
@@ -125,21 +123,3 @@ def refusal(err: Exception, node: DictConfig, path: str) -> ConfigError:
     if isinstance(err, ConfigError):
         return err
     return ConfigError(f"{path}: {err}")
-
-
-def type_error(err: ValidationError, key: str | None = None, allowed: str | None = None) -> ConfigError:
-    """One line for OmegaConf's refusal of a value: the key (default: the one OmegaConf names), the
-    value, the expected type, what is allowed (default: ``checks.allowed_values``)."""
-    from cachelab.jobs.checks import allowed_values  # checks.py imports torch: only when needed
-
-    key, value = key or err.full_key, err.value
-    expected = next((name for kind, name in TYPE_NAMES.items() if isinstance(err.child_node, kind)),
-                    next((name for words, name in MESSAGE_TYPES.items() if words in err.msg), None))
-    if expected is None:  # a list, a dict or a string node refused the value
-        return ConfigError(f"{key}={value!r} is not allowed; {err.msg.splitlines()[0]}")
-    if expected == "a boolean":
-        return ConfigError(f"{key}={value!r} is not allowed; allowed: true, false")
-    if allowed is None:
-        optional = " or null" if err.child_node is not None and err.child_node._is_optional() else ""
-        allowed = allowed_values(key, expected) + optional
-    return ConfigError(f"{key}={value!r} is not {expected}; allowed: {allowed}")

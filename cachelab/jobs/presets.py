@@ -10,7 +10,8 @@ from cachelab.errors import ConfigError
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs import CONFIG_DIR
 from cachelab.jobs.checks import check_group_choices, check_ranges, check_strategy
-from cachelab.jobs.components import check_types, type_error
+from cachelab.jobs.components import check_types
+from cachelab.jobs.refusals import type_error
 from cachelab.jobs.schema import compose_config
 
 SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top-level keys of conf/config.yaml

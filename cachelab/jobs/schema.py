@@ -24,7 +24,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import MISSING, DictConfig, ValidationError
 
 from cachelab.jobs import CONFIG_DIR
-from cachelab.jobs.components import check_types, type_error
+from cachelab.jobs.components import check_types
+from cachelab.jobs.refusals import type_error
 
 
 @dataclass
