@@ -22,8 +22,7 @@ from cachelab.jobs.presets import preset
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
 from analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
-from cachelab.jobs.tuning.records import (Clock, CostModel, ErrorCurves, ErrorModel, Reference, SensitivityTable,
-                                          Setting)
+from cachelab.jobs.tuning.records import Clock, CostModel, ErrorModel, Reference, SensitivityTable, Setting
 from cachelab.jobs.tuning.targets import PsnrTarget
 from cachelab.jobs.tuning.tuner import Bench, Tuner, TuneOptions
 from strategies.reuse import Reuse

@@ -86,7 +86,8 @@ class TeaCache(AdaptiveSchedule):
 
     @checked
     def __init__(self, threshold: Threshold, coefficients: Sequence[float] = (1.0, 0.0), first_enhance: WarmUp = 1,
-                 final_full: FinalFull = 1, max_consecutive_forecasts: Cap | None = None, calibration: str | None = None):
+                 final_full: FinalFull = 1, max_consecutive_forecasts: Cap | None = None,
+                 calibration: str | None = None):
         if calibration is not None:
             coefficients = load_calibration(calibration).get("teacache_coefficients")
             if coefficients is None:

@@ -13,7 +13,7 @@ import inspect
 import re
 import types
 import typing
-from dataclasses import field, fields, make_dataclass
+from dataclasses import field, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.utils import get_class

@@ -3,8 +3,8 @@ the fastest strategy predicted to meet a quality budget (or the best quality at 
 with one interval per cache site, verified by a real cached run.
 
 1. Cost: one FLOP-counted full generation gives each site's FLOPs; a site forecast at ``f`` of
-   ``T`` steps saves ``f / T`` of them (:class:`CostModel`), so a configuration's FLOPs speedup
-   is a closed form.
+   ``T`` steps saves ``f / T`` of them (:class:`~cachelab.jobs.tuning.records.CostModel`), so a
+   configuration's FLOPs speedup is a closed form.
 2. Sensitivity: per predictor family, order, group of sites (a site, or a block with
    ``group=block``) and interval, one real cached run of ``sensitivity_images`` images that
    forecasts only that group gives the output's squared errors (latents' rel-L2 squared,
@@ -44,7 +44,7 @@ from cachelab.io import write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs.checks import check_target
 from cachelab.jobs.compare import measure
-from cachelab.jobs.tuning.records import Clock, CostModel, ErrorModel, Reference, Setting  # noqa: F401 -- the job's API
+from cachelab.jobs.tuning.records import Setting
 from cachelab.jobs.tuning.tuner import Bench, Tuner, TuneOptions, Verification
 
 log = logging.getLogger(__name__)

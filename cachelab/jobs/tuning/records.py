@@ -4,6 +4,7 @@ and error models, the tries and the tuning's own cost."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from cachelab.core.schedules import Interval
 from cachelab.core.sites import select_sites
 from cachelab.evaluation.flops import count_flops_per_call
 from cachelab.evaluation.metrics import psnr, relative_l2
+
+UNIFORM_ON = re.compile(r"uniform_(\d+)_images")  # the file's key of the uniform runs on n images
 
 
 @dataclass
@@ -95,8 +98,8 @@ class SensitivityTable:
     def from_dict(cls, data: dict) -> SensitivityTable:
         """From :meth:`as_dict`'s JSON."""
         groups = {g: ErrorCurves.from_dict({"sq": data["sq"][g], "mse": data["mse"][g]}) for g in data.get("sq", {})}
-        uniform_on = {int(k.split("_")[1]): ErrorCurves.from_dict(v) for k, v in data.items()
-                      if k.startswith("uniform_")}
+        uniform_on = {int(m.group(1)): ErrorCurves.from_dict(data[m.string]) for m in map(UNIFORM_ON.fullmatch, data)
+                      if m}
         uniform = ErrorCurves.from_dict(data["uniform"]) if "uniform" in data else None
         return cls(groups, uniform, uniform_on)
 
