@@ -15,8 +15,8 @@ import torch
 
 from cachelab.core.arguments import between, checked, in_range
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
-from cachelab.core.tokens import scatter_tokens
 from cachelab.core.schedules import WarmUp
+from cachelab.core.tokens import scatter_tokens
 from cachelab.core.variables import check_variable
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
