@@ -2,9 +2,11 @@
 ``torch.nn.Module``, in one line, undone by ``handle.remove()``.
 
 Importing this module imports no Hydra and no diffusers. A preset name is read from ``conf/``
-through the jobs layer (the command line's own composition), the model's sites are found by
-:mod:`cachelab.models.discovery` from one traced call of the model at its first call inside a
-generation (one extra forward, once), unless ``sites`` gives them.
+through the jobs layer (the command line's own composition). The model's sites are those of its
+family where the project describes it (:mod:`cachelab.models.families`: the same sites as
+``python run.py model=<family>``), found by :mod:`cachelab.models.discovery` from one traced
+call of the model at its first call inside a generation (one extra forward, once) for what no
+family chooses, unless ``sites`` gives them.
 """
 from __future__ import annotations
 
@@ -116,8 +118,8 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
-        if hasattr(self.sites, "describe"):  # discovered: what was found
-            lines += ["  discovered:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
+        if hasattr(self.sites, "describe"):  # the family's and discovered: what was found
+            lines += ["  found:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
         return lines
 
     # -- removing -----------------------------------------------------------------------------
@@ -158,9 +160,9 @@ class Handle(Generations):
         from cachelab.models.parallel import context_parallel_group
 
         if self.sites is None:
-            from cachelab.models.discovery import discover
+            from cachelab.models.families import model_sites
 
-            self.sites = discover(self.model, call)
+            self.sites = model_sites(self.model, self.strategy.granularity, call)
         if self.driver is not None:  # the driver stays the outermost forward wrapper
             self.driver.uninstall_hooks()
         try:

@@ -1,0 +1,89 @@
+"""The model families the project describes, found from a model's class: one definition of a
+family's cache sites for every entry point (``cachelab.apply`` and ``python run.py``).
+
+A family adapter names the class of the model it drives (``model_class``: the package and the
+class name, e.g. ``("diffusers", "FluxTransformer2DModel")``) and the granularities whose sites
+it chooses itself (``sites``: the papers' module sites for FLUX and HunyuanVideo, every
+granularity for cachelab's DiT). :func:`family_sites` finds them for any model by ``isinstance``
+(a subclass of a family's class is that family); the other granularities, and the probes of a
+family's plain site lists, are discovered (:mod:`cachelab.models.discovery`). Importing this
+module imports no Hydra; the adapters are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+from torch import nn
+
+from cachelab.core.sites import SitePattern, SitePatterns
+from cachelab.models.discovery import DiscoveredSites, discover
+
+# the adapters that describe a family (module:class), each naming its model_class
+FAMILY_ADAPTERS = ("cachelab.models.dit_adapter:DiTAdapter",
+                   "cachelab.models.pipelines.dit:DiffusersDiTAdapter",
+                   "cachelab.models.pipelines.pixart:PixArtAdapter",
+                   "cachelab.models.pipelines.sd3:SD3Adapter",
+                   "cachelab.models.pipelines.flux:FluxAdapter",
+                   "cachelab.models.pipelines.wan:WanAdapter",
+                   "cachelab.models.pipelines.hunyuan_video:HunyuanVideoAdapter")
+
+
+def family_adapter(model: nn.Module) -> type | None:
+    """The adapter class of ``model``'s family (its ``model_class`` is a class of ``model``), else None."""
+    for path in FAMILY_ADAPTERS:
+        module, _, name = path.partition(":")
+        adapter = getattr(importlib.import_module(module), name)
+        if is_instance(model, adapter.model_class):
+            return adapter
+    return None
+
+
+def is_instance(model: nn.Module, model_class: tuple[str, str] | None) -> bool:
+    """Whether ``model`` is an instance of ``model_class`` (package, class name); a package that
+    is not imported yet holds no class of ``model`` (and is not imported for the question)."""
+    if model_class is None:
+        return False
+    package = sys.modules.get(model_class[0])
+    return package is not None and isinstance(model, getattr(package, model_class[1]))
+
+
+def family_sites(model: nn.Module) -> dict[str, list[SitePattern]]:
+    """Granularity -> the site patterns ``model``'s family chooses itself ({} for a model no family describes)."""
+    adapter = family_adapter(model)
+    return dict(adapter.sites) if adapter is not None else {}
+
+
+def needs_discovery(own: dict[str, list[SitePattern]], granularity: str) -> bool:
+    """Whether sites of ``granularity`` need a traced call: the family does not choose them, or
+    gives a plain list, whose probes are discovered (a :class:`SitePatterns` carries its own)."""
+    return not isinstance(own.get(granularity), SitePatterns)
+
+
+class FamilySites:
+    """A model's sites (a ``SiteSource``): its family's own patterns where the family chooses
+    them, the discovered ones for the other granularities (``discovered`` None: not needed)."""
+
+    def __init__(self, model: nn.Module, own: dict[str, list[SitePattern]], discovered: DiscoveredSites | None):
+        self.model, self.own, self.discovered = model, own, discovered
+
+    def site_patterns(self, granularity: str) -> list[SitePattern]:
+        own = self.own.get(granularity)
+        if isinstance(own, SitePatterns):
+            return own
+        if own is not None:
+            return SitePatterns(own, self.discovered.probes)
+        return self.discovered.site_patterns(granularity)
+
+    def describe(self) -> str:
+        """Which granularities are the family's own, and what was discovered."""
+        lines = [f"family sites: {', '.join(self.own)}"] if self.own else []
+        return "\n".join(lines + ([self.discovered.describe()] if self.discovered is not None else []))
+
+
+def model_sites(model: nn.Module, granularity: str, call: Callable[[], object]) -> FamilySites:
+    """The sites ``cachelab.apply`` hooks on ``model`` at ``granularity``: its family's, with
+    whatever they leave open discovered from ``call`` (one forward of ``model``)."""
+    own = family_sites(model)
+    return FamilySites(model, own, discover(model, call) if needs_discovery(own, granularity) else None)
