@@ -59,6 +59,7 @@ class Handle(Generations):
         self._step: tuple[int, float | None] | None = None
         self._contexts: list[tuple[str, ExitStack]] = []  # the context blocks open now
         self._warned = self._removed = False
+        self.coverage: list = []  # per stack, the share of its blocks' FLOPs the sites hold (StackCoverage)
         self._stats = CacheStats()
         self._original = vars(model).get("forward", _MISSING)
         self._forward = model.forward
@@ -118,6 +119,10 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
+        if self.coverage:
+            lines += ["  coverage (FLOPs of one call, torch.utils.flop_counter):"]
+            lines += [f"    {c.line()}" for c in self.coverage]
+            lines += [f"    warning: {c.warning()}" for c in self.coverage if c.warning()]
         if hasattr(self.sites, "describe"):  # the family's and discovered: what was found
             lines += ["  found:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
         return lines
@@ -155,13 +160,14 @@ class Handle(Generations):
         return self._forward(*args, **kwargs)
 
     def _hook_sites(self, call: Callable[[], object]) -> None:
-        """Find the sites (one traced call) and hook them, then replay the generation state; under
-        diffusers context parallelism the signals are reduced over the model's group."""
+        """Find the sites (the family's, or one traced call), hook them and count the share of each
+        stack's FLOPs they hold (one more call; a warning when forecast steps would still run more than
+        a tenth of a stack's FLOPs), then replay the generation state; under diffusers context
+        parallelism the signals are reduced over the model's group."""
+        from cachelab.models.families import model_sites, site_coverage
         from cachelab.models.parallel import context_parallel_group
 
         if self.sites is None:
-            from cachelab.models.families import model_sites
-
             self.sites = model_sites(self.model, self.strategy.granularity, call)
         if self.driver is not None:  # the driver stays the outermost forward wrapper
             self.driver.uninstall_hooks()
@@ -169,6 +175,12 @@ class Handle(Generations):
             self.inner = self.strategy.attach(self.sites, group=context_parallel_group(self.model))
         except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model
             raise ConfigError(f"{type(self.model).__name__}: {err}") from None
+        discovered = getattr(self.sites, "discovered", None)
+        stacks = [stack.name for stack in discovered.stacks] if discovered is not None else None
+        self.coverage = site_coverage(self.model, self.inner.sites, call, stacks)  # sites pass calls through until begin
+        for line in filter(None, (c.warning() for c in self.coverage)):
+            warnings.warn(f"cachelab: {type(self.model).__name__} at granularity={self.strategy.granularity}: {line}",
+                          stacklevel=2)
         if self.driver is not None:
             self.driver.install()
         self.inner.begin(self._T, self._grid)

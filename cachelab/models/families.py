@@ -15,10 +15,12 @@ import importlib
 import sys
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-from cachelab.core.sites import SitePattern, SitePatterns
-from cachelab.models.discovery import DiscoveredSites, discover
+from cachelab.core.sites import Site, SitePattern, SitePatterns
+from cachelab.models.coverage import FlopTally, StackCoverage, stack_coverage, watch_blocks
+from cachelab.models.discovery import DiscoveredSites, candidate_stacks, discover
 
 # the adapters that describe a family (module:class), each naming its model_class
 FAMILY_ADAPTERS = ("cachelab.models.dit_adapter:DiTAdapter",
@@ -65,8 +67,9 @@ class FamilySites:
     """A model's sites (a ``SiteSource``): its family's own patterns where the family chooses
     them, the discovered ones for the other granularities (``discovered`` None: not needed)."""
 
-    def __init__(self, model: nn.Module, own: dict[str, list[SitePattern]], discovered: DiscoveredSites | None):
-        self.model, self.own, self.discovered = model, own, discovered
+    def __init__(self, model: nn.Module, own: dict[str, list[SitePattern]], discovered: DiscoveredSites | None,
+                 family: str = "the family"):
+        self.model, self.own, self.discovered, self.family = model, own, discovered, family
 
     def site_patterns(self, granularity: str) -> list[SitePattern]:
         own = self.own.get(granularity)
@@ -78,12 +81,37 @@ class FamilySites:
 
     def describe(self) -> str:
         """Which granularities are the family's own, and what was discovered."""
-        lines = [f"family sites: {', '.join(self.own)}"] if self.own else []
-        return "\n".join(lines + ([self.discovered.describe()] if self.discovered is not None else []))
+        lines = [f"{self.family}'s own sites at: {', '.join(self.own)}"] if self.own else []
+        if self.discovered is not None:
+            lines += [f"discovered{' (the other granularities, the probes)' if self.own else ''}:"]
+            lines += [f"  {line}" for line in self.discovered.describe().splitlines()]
+        return "\n".join(lines)
 
 
 def model_sites(model: nn.Module, granularity: str, call: Callable[[], object]) -> FamilySites:
     """The sites ``cachelab.apply`` hooks on ``model`` at ``granularity``: its family's, with
     whatever they leave open discovered from ``call`` (one forward of ``model``)."""
-    own = family_sites(model)
-    return FamilySites(model, own, discover(model, call) if needs_discovery(own, granularity) else None)
+    adapter = family_adapter(model)
+    own = dict(adapter.sites) if adapter is not None else {}
+    discovered = discover(model, call) if needs_discovery(own, granularity) else None
+    return FamilySites(model, own, discovered, adapter.__name__ if adapter is not None else "the family")
+
+
+def site_coverage(model: nn.Module, sites: list[Site], call: Callable[[], object],
+                  stack_names: list[str] | None = None) -> list[StackCoverage]:
+    """Per stack of ``model`` (``stack_names``, default: every candidate list of blocks), the share
+    of its blocks' FLOPs that ``sites`` hold (what a forecast step skips), counted over ``call``
+    (one forward of ``model``, run for it); a site on the model itself (``output``) holds them all."""
+    stacks = {name: blocks for name, blocks in candidate_stacks(model).items()
+              if stack_names is None or name in stack_names}
+    with FlopTally() as tally:
+        watch_blocks(tally, stacks)
+        for site in sites:
+            for owner in site.members or (site.owner,):
+                tally.site(site.name, owner, site.method)
+        with torch.no_grad():
+            call()
+    found = stack_coverage(tally, stacks)
+    if any(site.owner is model for site in sites):
+        return [StackCoverage(c.name, c.flops, c.flops) for c in found]
+    return found
