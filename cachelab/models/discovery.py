@@ -151,7 +151,7 @@ class DiscoveredSites:
                     f"{s.module_share:.0%} of its FLOPs)" if s.whole_blocks else "") for s in self.stacks]
         kinds = sorted({name.rsplit(".", 1)[-1] for name in self.module_sites})
         return "\n".join(lines + [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})",
-                                  f"probes: {', '.join(sorted(self.probes))}"])
+                                  f"probes: {', '.join(sorted(self.probes)) or 'none'}"])
 
 
 def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
