@@ -59,7 +59,8 @@ class Handle(Generations):
         self._step: tuple[int, float | None] | None = None
         self._contexts: list[tuple[str, ExitStack]] = []  # the context blocks open now
         self._warned = self._removed = False
-        self.coverage: list = []  # per stack, the share of its blocks' FLOPs the sites hold (StackCoverage)
+        # per stack, the share of its blocks' FLOPs the sites hold (StackCoverage); None: not countable
+        self.coverage: list | None = []
         self._stats = CacheStats()
         self._original = vars(model).get("forward", _MISSING)
         self._forward = model.forward
@@ -119,6 +120,8 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
+        if self.coverage is None:
+            lines += ["  coverage: the FLOPs of this model cannot be counted (torch.utils.flop_counter)"]
         if self.coverage:
             lines += ["  coverage (FLOPs of one call, torch.utils.flop_counter):"]
             lines += [f"    {c.line()}" for c in self.coverage]
@@ -178,7 +181,7 @@ class Handle(Generations):
         discovered = getattr(self.sites, "discovered", None)
         stacks = [stack.name for stack in discovered.stacks] if discovered is not None else None
         self.coverage = site_coverage(self.model, self.inner.sites, call, stacks)  # sites pass calls through until begin
-        for line in filter(None, (c.warning() for c in self.coverage)):
+        for line in filter(None, (c.warning() for c in self.coverage or [])):
             warnings.warn(f"cachelab: {type(self.model).__name__} at granularity={self.strategy.granularity}: {line}",
                           stacklevel=2)
         if self.driver is not None:

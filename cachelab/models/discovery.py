@@ -9,8 +9,8 @@
   of the same stack receives as argument ``X`` (never by position or shape). A list whose blocks
   do not hand their outputs on (the model changes them in between) or a one-block list takes the
   streams of its block class from a chained stack, else from diffusers' own block metadata
-  (``TransformerBlockRegistry``); a one-block list with none of these has its outputs cached as
-  they are (no residual), a longer one is no stack. An output received as two arguments is
+  (``TransformerBlockRegistry``); a one-block list with none of these whose block holds attention
+  or feed-forward modules has its outputs cached as they are (no residual), any other is no stack. An output received as two arguments is
   an error naming the block class; one no next block receives unchanged is cached as it is.
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
@@ -31,6 +31,7 @@ traced, and the call is stopped right after it.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Callable
@@ -64,12 +65,12 @@ class Stack:
     returns_tuple: bool = True
     chained: bool = True         # each block hands an output on to the next (else: diffusers' metadata)
     hands_on_next: bool = False  # its last block hands an output on to the next stack's first block
-    module_share: float = 1.0    # the share of its blocks' FLOPs that their module sites hold
+    module_share: float | None = None  # the share of its blocks' FLOPs their module sites hold (None: not counted)
 
     @property
     def whole_blocks(self) -> bool:
         """Whether module granularity caches its blocks whole (module sites hold too little of them)."""
-        return self.module_share < MODULE_COVERAGE
+        return self.module_share is not None and self.module_share < MODULE_COVERAGE
 
     @property
     def regex(self) -> str:
@@ -148,7 +149,8 @@ class DiscoveredSites:
         lines = [f"{s.name}: {s.size} x {s.block_class}, outputs replace "
                  f"{', '.join(name or '(cached as is)' for name in s.streams)}"
                  + (f"; cached whole at module granularity (attention and feed-forward modules hold "
-                    f"{s.module_share:.0%} of its FLOPs)" if s.whole_blocks else "") for s in self.stacks]
+                    f"{s.module_share:.0%} of its FLOPs)" if s.whole_blocks else "")
+                 + ("; FLOPs not countable (module sites kept)" if s.module_share is None else "") for s in self.stacks]
         kinds = sorted({name.rsplit(".", 1)[-1] for name in self.module_sites})
         return "\n".join(lines + [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})",
                                   f"probes: {', '.join(sorted(self.probes)) or 'none'}"])
@@ -226,19 +228,32 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
         return lambda *_: runs.__setitem__(path, runs.get(path, 0) + 1)
 
     hooks = [model.register_forward_hook(stop)]
-    tally = FlopTally()
     for stack_name, blocks in stacks.items():
         for index, block in enumerate(blocks):
             hooks += _block_hooks(block, (stack_name, index), calls, order)
-            tally.watch(f"{stack_name}.{index}", block)
-            for child_name, child in block_children(block):
-                hooks.append(child.register_forward_hook(count(f"{stack_name}.{index}.{child_name}")))
-                tally.watch(f"{stack_name}.{index}.{child_name}", child)
+            hooks += [child.register_forward_hook(count(f"{stack_name}.{index}.{child_name}"))
+                      for child_name, child in block_children(block)]
+
+    def trace(tally: FlopTally | None) -> FlopTally | None:
+        calls.clear(), order.clear(), runs.clear()
+        if tally is not None:
+            for stack_name, blocks in stacks.items():
+                for index, block in enumerate(blocks):
+                    tally.watch(f"{stack_name}.{index}", block)
+                    for child_name, child in block_children(block):
+                        tally.watch(f"{stack_name}.{index}.{child_name}", child)
+        try:
+            with torch.no_grad(), tally if tally is not None else contextlib.nullcontext():
+                call()
+        except _Traced:
+            pass
+        return tally
+
     try:
-        with torch.no_grad(), tally:
-            call()
-    except _Traced:
-        pass
+        try:
+            tally = trace(FlopTally())
+        except Exception:  # noqa: BLE001 -- FLOPs not countable here (flex_attention under a dispatch mode): traced again
+            tally = trace(None)
     finally:
         for hook in hooks:
             hook.remove()
@@ -257,8 +272,11 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
     return DiscoveredSites(model, found, module_sites, norm1)
 
 
-def _share(tally: FlopTally, blocks: list[str], parts: list[str]) -> float:
-    """The share of the FLOPs of ``blocks`` that the modules ``parts`` ran (1 for blocks that ran none)."""
+def _share(tally: FlopTally | None, blocks: list[str], parts: list[str]) -> float | None:
+    """The share of the FLOPs of ``blocks`` that the modules ``parts`` ran (1 for blocks that ran
+    none; None where the FLOPs could not be counted)."""
+    if tally is None:
+        return None
     total = sum(tally.flops.get(name, 0) for name in blocks)
     return sum(tally.flops.get(name, 0) for name in parts) / total if total else 1.0
 
@@ -269,7 +287,8 @@ def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[
     its streams from the tensors handed on; any other list takes its class's streams from such
     a chain or from diffusers' metadata, else it is left out (a list of text projections, ...).
     An output no next block receives unchanged has no stream (None): it is cached as it is; so
-    are all outputs of a one-block list whose class has no known streams."""
+    are all outputs of a one-block list whose class has no known streams and whose block holds
+    attention or feed-forward modules (a transformer block, not a lone adapter)."""
     ran = []
     for stack_name, _ in order:
         blocks = stacks[stack_name]
@@ -285,7 +304,7 @@ def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[
     for name in ran:
         block_class, first = type(stacks[name][0]), chains[name][0]
         streams = known.get(block_class) or _registry_streams(block_class, len(first.outputs))
-        if streams is None and len(stacks[name]) == 1:
+        if streams is None and len(stacks[name]) == 1 and block_children(stacks[name][0]):
             streams = (None,) * len(first.outputs)
         if streams is not None:
             found.append(Stack(name, block_class.__name__, len(stacks[name]), streams, _image_stream(block_class, streams),

@@ -98,19 +98,23 @@ def model_sites(model: nn.Module, granularity: str, call: Callable[[], object]) 
 
 
 def site_coverage(model: nn.Module, sites: list[Site], call: Callable[[], object],
-                  stack_names: list[str] | None = None) -> list[StackCoverage]:
+                  stack_names: list[str] | None = None) -> list[StackCoverage] | None:
     """Per stack of ``model`` (``stack_names``, default: every candidate list of blocks), the share
     of its blocks' FLOPs that ``sites`` hold (what a forecast step skips), counted over ``call``
-    (one forward of ``model``, run for it); a site on the model itself (``output``) holds them all."""
+    (one forward of ``model``, run for it); a site on the model itself (``output``) holds them all.
+    None where the FLOPs cannot be counted (e.g. flex_attention under torch's dispatch modes)."""
     stacks = {name: blocks for name, blocks in candidate_stacks(model).items()
               if stack_names is None or name in stack_names}
-    with FlopTally() as tally:
-        watch_blocks(tally, stacks)
-        for site in sites:
-            for owner in site.members or (site.owner,):
-                tally.site(site.name, owner, site.method)
-        with torch.no_grad():
-            call()
+    try:
+        with FlopTally() as tally:
+            watch_blocks(tally, stacks)
+            for site in sites:
+                for owner in site.members or (site.owner,):
+                    tally.site(site.name, owner, site.method)
+            with torch.no_grad():
+                call()
+    except Exception:  # noqa: BLE001 -- a model FlopCounterMode cannot run: no coverage, the caching is unaffected
+        return None
     found = stack_coverage(tally, stacks)
     if any(site.owner is model for site in sites):
         return [StackCoverage(c.name, c.flops, c.flops) for c in found]

@@ -148,7 +148,8 @@ class Cell:
     skipped: int | None = None  # steps that ran fewer modules than the bare model
     forecasts: int | None = None  # cachelab's own count of forecast steps
     note: str = ""  # sites / hooked modules, fallbacks, route
-    coverage: list[tuple[str, float, bool]] = field(default_factory=list)  # cachelab: (stack, share, cached whole)
+    # cachelab: (stack, share, cached whole) per stack; None: FLOPs not countable
+    coverage: list[tuple[str, float, bool]] | None = field(default_factory=list)
 
     def text(self, width: int = 90) -> str:
         parts = [self.status if len(self.status) <= width else self.status[: width - 1] + "…"]
@@ -212,8 +213,10 @@ def cachelab_cell(spec: Specimen, T: int, granularity: str) -> Cell:
                 site_coverage(handle, granularity))
 
 
-def site_coverage(handle, granularity: str) -> list[tuple[str, float, bool]]:
+def site_coverage(handle, granularity: str) -> list[tuple[str, float, bool]] | None:
     """Per stack: the share of its blocks' FLOPs the sites hold, and whether discovery cached its blocks whole."""
+    if handle.coverage is None:
+        return None
     discovered, own = getattr(handle.sites, "discovered", None), getattr(handle.sites, "own", {})
     whole = {s.name for s in discovered.stacks if s.whole_blocks} if discovered and granularity not in own else set()
     return [(c.name, c.share, c.name in whole) for c in handle.coverage]
@@ -221,6 +224,8 @@ def site_coverage(handle, granularity: str) -> list[tuple[str, float, bool]]:
 
 def coverage_text(cell: Cell) -> str:
     """``transformer_blocks 98%; single_transformer_blocks 100% whole``; ``-`` where nothing was counted."""
+    if cell.coverage is None:
+        return "FLOPs not countable"
     return "; ".join(f"{name} {share:.0%}" + (" whole" if whole else "") for name, share, whole in cell.coverage) or "-"
 
 
