@@ -5,7 +5,6 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,9 +34,6 @@ class ModelAdapter(ABC):
 
     name: str
     description: str  # e.g. which weights: "original checkpoint", "random (untrained)"
-    # the class of the model the family drives, (package, class name), by which cachelab.apply
-    # finds the family's own sites (cachelab.models.families); None: no family
-    model_class: ClassVar[tuple[str, str] | None] = None
     num_steps: int
     guidance_scale: float
 

@@ -43,7 +43,6 @@ class DiTAdapter(ModelAdapter):
     ``init="random"`` (gates and final layer drawn too, so an untrained model still has
     moving features). An optional ``judge`` scores decoded samples (``evaluate``)."""
 
-    model_class = ("cachelab.models.dit", "DiT")
     sites = SITE_PATTERNS  # granularity -> site patterns and probes (class data, as diffusers adapters have)
 
     def __init__(

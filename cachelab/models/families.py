@@ -1,13 +1,13 @@
 """The model families the project describes, found from a model's class: one definition of a
 family's cache sites for every entry point (``cachelab.apply`` and ``python run.py``).
 
-A family adapter names the class of the model it drives (``model_class``: the package and the
-class name, e.g. ``("diffusers", "FluxTransformer2DModel")``) and the granularities whose sites
-it chooses itself (``sites``: the papers' module sites for FLUX and HunyuanVideo, every
-granularity for cachelab's DiT). :func:`family_sites` finds them for any model by ``isinstance``
-(a subclass of a family's class is that family); the other granularities, and the probes of a
-family's plain site lists, are discovered (:mod:`cachelab.models.discovery`). Importing this
-module imports no Hydra; the adapters are imported on first use.
+:data:`FAMILIES` pairs the class of the model a family drives (the package and the class name) with
+the family's adapter, whose ``sites`` are the granularities it chooses itself (the papers' module
+sites for FLUX and HunyuanVideo, every granularity for cachelab's DiT). :func:`family_sites` finds
+them for any model by ``isinstance`` (a subclass of a family's class is that family); the other
+granularities, and the probes of a family's plain site lists, are discovered
+(:mod:`cachelab.models.discovery`). Importing this module imports no Hydra; an adapter is imported
+only for a model of its class.
 """
 from __future__ import annotations
 
@@ -22,31 +22,28 @@ from cachelab.core.sites import Site, SitePattern, SitePatterns
 from cachelab.models.coverage import FlopTally, StackCoverage, stack_coverage, watch_blocks
 from cachelab.models.discovery import DiscoveredSites, candidate_stacks, discover
 
-# the adapters that describe a family (module:class), each naming its model_class
-FAMILY_ADAPTERS = ("cachelab.models.dit_adapter:DiTAdapter",
-                   "cachelab.models.pipelines.dit:DiffusersDiTAdapter",
-                   "cachelab.models.pipelines.pixart:PixArtAdapter",
-                   "cachelab.models.pipelines.sd3:SD3Adapter",
-                   "cachelab.models.pipelines.flux:FluxAdapter",
-                   "cachelab.models.pipelines.wan:WanAdapter",
-                   "cachelab.models.pipelines.hunyuan_video:HunyuanVideoAdapter")
+# (package, model class) -> the adapter of its family (module:class)
+FAMILIES = {("cachelab.models.dit", "DiT"): "cachelab.models.dit_adapter:DiTAdapter",
+            ("diffusers", "DiTTransformer2DModel"): "cachelab.models.pipelines.dit:DiffusersDiTAdapter",
+            ("diffusers", "PixArtTransformer2DModel"): "cachelab.models.pipelines.pixart:PixArtAdapter",
+            ("diffusers", "SD3Transformer2DModel"): "cachelab.models.pipelines.sd3:SD3Adapter",
+            ("diffusers", "FluxTransformer2DModel"): "cachelab.models.pipelines.flux:FluxAdapter",
+            ("diffusers", "WanTransformer3DModel"): "cachelab.models.pipelines.wan:WanAdapter",
+            ("diffusers", "HunyuanVideoTransformer3DModel"): "cachelab.models.pipelines.hunyuan_video:HunyuanVideoAdapter"}
 
 
 def family_adapter(model: nn.Module) -> type | None:
-    """The adapter class of ``model``'s family (its ``model_class`` is a class of ``model``), else None."""
-    for path in FAMILY_ADAPTERS:
-        module, _, name = path.partition(":")
-        adapter = getattr(importlib.import_module(module), name)
-        if is_instance(model, adapter.model_class):
-            return adapter
+    """The adapter class of ``model``'s family (``model`` is an instance of its class), else None."""
+    for model_class, path in FAMILIES.items():
+        if is_instance(model, model_class):
+            module, _, name = path.partition(":")
+            return getattr(importlib.import_module(module), name)
     return None
 
 
-def is_instance(model: nn.Module, model_class: tuple[str, str] | None) -> bool:
+def is_instance(model: nn.Module, model_class: tuple[str, str]) -> bool:
     """Whether ``model`` is an instance of ``model_class`` (package, class name); a package that
     is not imported yet holds no class of ``model`` (and is not imported for the question)."""
-    if model_class is None:
-        return False
     package = sys.modules.get(model_class[0])
     return package is not None and isinstance(model, getattr(package, model_class[1]))
 

@@ -15,7 +15,6 @@ class DiffusersDiTAdapter(PipelineAdapter):
     """DiT through ``DiTPipeline``; ``prompts`` are ImageNet class ids."""
 
     pipeline_class = "DiTPipeline"
-    model_class = ("diffusers", "DiTTransformer2DModel")
     prompt_key = "class_labels"
 
     @classmethod

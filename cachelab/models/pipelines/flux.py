@@ -128,7 +128,6 @@ class FluxAdapter(PipelineAdapter):
     with ``negative_prompt`` and ``call_kwargs.true_cfg_scale > 1`` two, cond and uncond)."""
 
     pipeline_class = "FluxPipeline"
-    model_class = ("diffusers", "FluxTransformer2DModel")
     # the official module sites; block, stack, output and the probes are discovered
     sites = {"module": FLUX_MODULE_SITES}
 

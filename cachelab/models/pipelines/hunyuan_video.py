@@ -20,7 +20,6 @@ class HunyuanVideoAdapter(PipelineAdapter):
     """HunyuanVideo through ``HunyuanVideoPipeline``."""
 
     pipeline_class = "HunyuanVideoPipeline"
-    model_class = ("diffusers", "HunyuanVideoTransformer3DModel")
     # the official module sites; block, stack, output and the probes are discovered
     sites = {"module": DUAL_STREAM_MODULE_SITES}
 

@@ -15,7 +15,6 @@ class PixArtAdapter(PipelineAdapter):
     """PixArt-Σ through ``PixArtSigmaPipeline`` (``call_kwargs`` e.g. ``use_resolution_binning``)."""
 
     pipeline_class = "PixArtSigmaPipeline"
-    model_class = ("diffusers", "PixArtTransformer2DModel")
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -16,7 +16,6 @@ class SD3Adapter(PipelineAdapter):
     """SD3 through ``StableDiffusion3Pipeline`` (batched CFG: one transformer call per step)."""
 
     pipeline_class = "StableDiffusion3Pipeline"
-    model_class = ("diffusers", "SD3Transformer2DModel")
 
     @classmethod
     def tiny_components(cls, tmp_dir: Path) -> dict:

@@ -23,7 +23,6 @@ class WanAdapter(PipelineAdapter):
     guidance scale (None: the pipeline's default, ``guidance_scale``)."""
 
     pipeline_class = "WanPipeline"
-    model_class = ("diffusers", "WanTransformer3DModel")
 
     def __init__(self, *args, guidance_scale_2: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
