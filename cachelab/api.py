@@ -251,8 +251,9 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
     transformer, driven by the pipeline's own calls; both experts of a Wan 2.2 pipeline, each
     with its own state: an :class:`ExpertsHandle`), a diffusers transformer or any ``nn.Module``
-    (driven by the caller: ``with handle.generation(T): handle.step(s, t)``). ``sites``:
-    granularity -> site patterns, instead of discovering them (for every expert)."""
+    (driven by the caller: ``with handle.generation(T): handle.step(s, t)``). The sites are the
+    model's family's where cachelab describes it (the same as ``run.py model=<family>``), else
+    discovered; ``sites``: granularity -> site patterns instead (for every expert)."""
     pipe = target if _is_pipeline(target) else None
     model = target.transformer if pipe is not None else target
     if not isinstance(model, nn.Module):
