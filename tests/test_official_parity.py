@@ -201,11 +201,36 @@ def test_both_entry_points_compute_the_official_taylorseer(family):
 
 @pytest.mark.parametrize("granularity", ["module", "block", "stack", "output"])
 def test_apply_and_the_command_line_hook_the_same_sites_on_the_native_dit(granularity):
-    """cachelab's own DiT: apply finds its family (``DiTAdapter``) and hooks the family's sites."""
+    """cachelab's own DiT: apply finds its family (``DiTAdapter``), hooks the family's sites with
+    the composed schedule and gives the command line's generation bit for bit."""
     adapter = tiny_adapter()
-    family = build_strategy(compose_config(["strategy=taylor", f"strategy.granularity={granularity}"])).attach(adapter)
+    inputs = adapter.make_inputs(2, seed=0)
+    keys = [*KEYS[:3], f"strategy.granularity={granularity}"]
+    family = build_strategy(compose_config(["strategy=taylor", *keys])).attach(adapter)
+    expected = adapter.generate(inputs, family)
+    names, full_steps = [site.name for site in family.sites], family.stats().full_steps
+    family.remove()
+    with cachelab.apply(adapter.model, "taylor", order=ORDER, interval=INTERVAL, first_enhance=FIRST_ENHANCE,
+                        granularity=granularity) as handle:
+        assert torch.equal(adapter.generate(inputs, handle), expected)
+        assert [site.name for site in handle.inner.sites] == names
+        assert handle.stats().full_steps == full_steps
+
+
+@pytest.mark.parametrize("name", ["tiny_dit", "tiny_flux_digits"])
+def test_the_shipped_twins_give_the_command_lines_generation_through_apply(name):
+    """The trained models shipped with cachelab (native DiT, FLUX pipeline): ``run.py``'s
+    composition and ``cachelab.apply`` hook the same sites and give the same images bit for bit."""
+    cfg = compose_config([f"model={name}", "strategy=taylor", *KEYS[:3], "num_steps=6", "device=cpu",
+                          "model.judge=null"])
+    adapter = build(cfg, "model")
+    inputs = adapter.make_inputs(1, seed=3)
+    family = build_strategy(cfg).attach(adapter)
+    expected = adapter.generate(inputs, family)
     names = [site.name for site in family.sites]
     family.remove()
-    with cachelab.apply(adapter.model, "taylor", granularity=granularity) as handle:
-        adapter.generate(adapter.make_inputs(1, seed=0), handle)
+    target = adapter.pipe if hasattr(adapter, "pipe") else adapter.model
+    with cachelab.apply(target, "taylor", order=ORDER, interval=INTERVAL, first_enhance=FIRST_ENHANCE) as handle:
+        # the DiT's sampler drives the handle; the pipeline drives apply's handle itself (the adapter's call, no handle)
+        assert torch.equal(adapter.generate(inputs, handle if target is adapter.model else None), expected)
         assert [site.name for site in handle.inner.sites] == names
