@@ -10,8 +10,9 @@
   do not hand their outputs on (the model changes them in between) or a one-block list takes the
   streams of its block class from a chained stack, else from diffusers' own block metadata
   (``TransformerBlockRegistry``); a one-block list with none of these whose block holds attention
-  or feed-forward modules has its outputs cached as they are (no residual), any other is no stack. An output received as two arguments is
-  an error naming the block class; one no next block receives unchanged is cached as it is.
+  or feed-forward modules has its outputs cached as they are (no residual), any other is no
+  stack. An output received as two arguments is an error naming the block class; one no next
+  block receives unchanged is cached as it is.
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
   and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,
@@ -235,7 +236,9 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
                       for child_name, child in block_children(block)]
 
     def trace(tally: FlopTally | None) -> FlopTally | None:
-        calls.clear(), order.clear(), runs.clear()
+        calls.clear()
+        order.clear()
+        runs.clear()
         if tally is not None:
             for stack_name, blocks in stacks.items():
                 for index, block in enumerate(blocks):
@@ -257,8 +260,8 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
     finally:
         for hook in hooks:
             hook.remove()
-    # a module called more than once per forward (one feed-forward for both streams) holds two values: no site
     found = _stacks(stacks, calls, order)
+    # a module called more than once per forward (one feed-forward for both streams) holds two values: no site
     module_sites = {s.name: [path for i in range(s.size)
                              for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i]))
                              if runs.get(path) == 1]
