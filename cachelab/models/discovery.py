@@ -145,16 +145,17 @@ class DiscoveredSites:
                               f"none can be one span; allowed: strategy.granularity in module, block, output")
         return SitePattern("|".join(s.regex for s in trunk), residual=trunk[0].residual, span=True)
 
-    def describe(self) -> str:
-        """One line per stack and the module sites: what was found."""
+    def describe(self, module: bool = True) -> str:
+        """One line per stack and the module sites (``module``: how module granularity uses them): what was found."""
         lines = [f"{s.name}: {s.size} x {s.block_class}, outputs replace "
                  f"{', '.join(name or '(cached as is)' for name in s.streams)}"
                  + (f"; cached whole at module granularity (attention and feed-forward modules hold "
-                    f"{s.module_share:.0%} of its FLOPs)" if s.whole_blocks else "")
-                 + ("; FLOPs not countable (module sites kept)" if s.module_share is None else "") for s in self.stacks]
+                    f"{s.module_share:.0%} of its FLOPs)" if module and s.whole_blocks else "")
+                 + ("; FLOPs not countable (module sites kept)" if module and s.module_share is None else "")
+                 for s in self.stacks]
         kinds = sorted({name.rsplit(".", 1)[-1] for name in self.module_sites})
-        return "\n".join(lines + [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})",
-                                  f"probes: {', '.join(sorted(self.probes)) or 'none'}"])
+        lines += [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})"] if module else []
+        return "\n".join(lines + [f"probes: {', '.join(sorted(self.probes)) or 'none'}"])
 
 
 def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:

@@ -81,7 +81,7 @@ class FamilySites:
         lines = [f"{self.family}'s own sites at: {', '.join(self.own)}"] if self.own else []
         if self.discovered is not None:
             lines += [f"discovered{' (the other granularities, the probes)' if self.own else ''}:"]
-            lines += [f"  {line}" for line in self.discovered.describe().splitlines()]
+            lines += [f"  {line}" for line in self.discovered.describe(module="module" not in self.own).splitlines()]
         return "\n".join(lines)
 
 
