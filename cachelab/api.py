@@ -2,9 +2,11 @@
 ``torch.nn.Module``, in one line, undone by ``handle.remove()``.
 
 Importing this module imports no Hydra and no diffusers. A preset name is read from ``conf/``
-through the jobs layer (the command line's own composition), the model's sites are found by
-:mod:`cachelab.models.discovery` from one traced call of the model at its first call inside a
-generation (one extra forward, once), unless ``sites`` gives them.
+through the jobs layer (the command line's own composition). The model's sites are those of its
+family where the project describes it (:mod:`cachelab.models.families`: the same sites as
+``python run.py model=<family>``), found by :mod:`cachelab.models.discovery` from one traced
+call of the model at its first call inside a generation (one extra forward, once) for what no
+family chooses, unless ``sites`` gives them.
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ class Handle(Generations):
         self._step: tuple[int, float | None] | None = None
         self._contexts: list[tuple[str, ExitStack]] = []  # the context blocks open now
         self._warned = self._removed = False
+        # per stack, the share of its blocks' FLOPs the sites hold (StackCoverage); None: not countable
+        self.coverage: list | None = []
         self._stats = CacheStats()
         self._original = vars(model).get("forward", _MISSING)
         self._forward = model.forward
@@ -116,8 +120,14 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
-        if hasattr(self.sites, "describe"):  # discovered: what was found
-            lines += ["  discovered:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
+        if self.coverage is None:
+            lines += ["  coverage: the FLOPs of this model cannot be counted (torch.utils.flop_counter)"]
+        if self.coverage:
+            lines += ["  coverage (FLOPs of one call, torch.utils.flop_counter):"]
+            lines += [f"    {c.line()}" for c in self.coverage]
+            lines += [f"    warning: {c.warning()}" for c in self.coverage if c.warning()]
+        if hasattr(self.sites, "describe"):  # the family's and discovered: what was found
+            lines += ["  found:"] + [f"    {line}" for line in self.sites.describe().splitlines()]
         return lines
 
     # -- removing -----------------------------------------------------------------------------
@@ -153,20 +163,27 @@ class Handle(Generations):
         return self._forward(*args, **kwargs)
 
     def _hook_sites(self, call: Callable[[], object]) -> None:
-        """Find the sites (one traced call) and hook them, then replay the generation state; under
-        diffusers context parallelism the signals are reduced over the model's group."""
+        """Find the sites (the family's, or one traced call), hook them and count the share of each
+        stack's FLOPs they hold (one more call; a warning when forecast steps would still run more than
+        a tenth of a stack's FLOPs), then replay the generation state; under diffusers context
+        parallelism the signals are reduced over the model's group."""
+        from cachelab.models.families import model_sites, site_coverage
         from cachelab.models.parallel import context_parallel_group
 
         if self.sites is None:
-            from cachelab.models.discovery import discover
-
-            self.sites = discover(self.model, call)
+            self.sites = model_sites(self.model, self.strategy.granularity, call)
         if self.driver is not None:  # the driver stays the outermost forward wrapper
             self.driver.uninstall_hooks()
         try:
             self.inner = self.strategy.attach(self.sites, group=context_parallel_group(self.model))
         except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model
             raise ConfigError(f"{type(self.model).__name__}: {err}") from None
+        discovered = getattr(self.sites, "discovered", None)
+        stacks = [stack.name for stack in discovered.stacks] if discovered is not None else None
+        self.coverage = site_coverage(self.model, self.inner.sites, call, stacks)  # sites pass calls through until begin
+        for line in filter(None, (c.warning() for c in self.coverage or [])):
+            warnings.warn(f"cachelab: {type(self.model).__name__} at granularity={self.strategy.granularity}: {line}",
+                          stacklevel=2)
         if self.driver is not None:
             self.driver.install()
         self.inner.begin(self._T, self._grid)
@@ -234,8 +251,9 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
     transformer, driven by the pipeline's own calls; both experts of a Wan 2.2 pipeline, each
     with its own state: an :class:`ExpertsHandle`), a diffusers transformer or any ``nn.Module``
-    (driven by the caller: ``with handle.generation(T): handle.step(s, t)``). ``sites``:
-    granularity -> site patterns, instead of discovering them (for every expert)."""
+    (driven by the caller: ``with handle.generation(T): handle.step(s, t)``). The sites are the
+    model's family's where cachelab describes it (the same as ``run.py model=<family>``), else
+    discovered; ``sites``: granularity -> site patterns instead (for every expert)."""
     pipe = target if _is_pipeline(target) else None
     model = target.transformer if pipe is not None else target
     if not isinstance(model, nn.Module):

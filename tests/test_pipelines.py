@@ -202,21 +202,21 @@ def test_hub_id_offline_fails_at_once_naming_it_and_the_fix(monkeypatch):
         FluxAdapter("flux_dev", "black-forest-labs/FLUX.1-dev").pipe  # noqa: B018
 
 
-@pytest.mark.parametrize("granularity", ["module", "block", "output"])
+@pytest.mark.parametrize("granularity", ["module", "block", "stack", "output"])
 def test_apply_on_the_pipeline_equals_the_family_adapter(adapter, granularity):
     """``cachelab.apply(pipe)`` (sites hooked at the first call, the pipeline driving itself)
-    gives the family adapter's generation bit for bit, wherever the family does not choose its
-    own sites (FLUX and HunyuanVideo keep the official module sites: different by design)."""
+    hooks the family adapter's sites (FLUX and HunyuanVideo: the official module sites), with
+    the same schedule, and gives its generation bit for bit."""
     import cachelab
 
-    if granularity in adapter.sites:
-        pytest.skip(f"{adapter.name} chooses its own {granularity} sites")
     inputs = adapter.make_inputs(2, seed=5)
     family = taylor(adapter, granularity)
     expected = adapter.generate(inputs, family)
+    names, full_steps = [site.name for site in family.sites], family.stats().full_steps
     family.remove()
     strategy = Strategy("taylor", TaylorSeer(2, first_enhance=2), Interval(3, 2), granularity)
     with cachelab.apply(adapter.pipe, strategy) as handle:
         assert torch.equal(bare_pipeline(adapter, inputs), expected)
-        assert handle.stats().full_steps == Interval(3, 2).full_steps(STEPS)
+        assert [site.name for site in handle.inner.sites] == names
+        assert handle.stats().full_steps == full_steps == Interval(3, 2).full_steps(STEPS)
     assert torch.equal(bare_pipeline(adapter, inputs), adapter.generate(inputs))

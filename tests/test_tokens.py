@@ -432,12 +432,17 @@ def test_cache_bytes_count_the_token_state(adapter):
     assert stats.cache_bytes == 2 * 2 * (4 * 16 * 32) * 4 + 2 * (4 * 16) * 4 + 2 * (4 * 16) * 4
 
 
-def test_apply_on_a_bare_dit_discovers_its_token_wise_mlps():
+def test_apply_on_a_bare_dit_takes_its_family_token_sites():
+    """cachelab's DiT through ``apply`` gets its family's sites (its attention recomputes selected
+    queries and scores tokens: ToCa's attention score works); a model no family describes gets
+    discovered sites, and ToCa on its MLPs of its own class is refused in one line."""
     import cachelab
+    from cachelab.models.discovery import discover
+    from tests.test_api import user_model
 
     adapter = tiny_adapter()
     model, x, y = adapter.model, torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
-    handle = cachelab.apply(model, "toca", score="norm", interval=3)
+    handle = cachelab.apply(model, "toca", interval=3)
     outs = []
     with torch.no_grad(), handle.generation(6):
         for s in range(6):
@@ -445,8 +450,11 @@ def test_apply_on_a_bare_dit_discovers_its_token_wise_mlps():
             outs.append(model(x, torch.full((2,), 999 - 100 * s), y))
     kinds = {site.kind: site.tokens for site in handle.inner.sites}
     handle.remove()
-    assert kinds == {"attn": None, "mlp": "tokenwise"} and all(torch.isfinite(o).all() for o in outs)
-    with pytest.raises(ConfigError, match="scores tokens by attention"):
-        with cachelab.apply(model, "toca") as refused, refused.generation(2):
+    assert kinds == {"attn": "attn_tokens", "mlp": "tokenwise"} and all(torch.isfinite(o).all() for o in outs)
+    found = discover(model, lambda: model(x, torch.full((2,), 999), y))  # discovery alone: timm's Mlp is token-wise
+    assert {p.regex.split("\\.")[-1]: p.tokens for p in found.site_patterns("module")} == {"attn": None, "mlp": "tokenwise"}
+    user = user_model()
+    with pytest.raises(ConfigError, match=r"UserDiT: strategy\.tokens .* cannot compute a subset"):
+        with cachelab.apply(user, "toca") as refused, refused.generation(2):
             refused.step(0)
-            model(x, torch.full((2,), 999), y)
+            user(torch.randn(2, 6, 16), torch.full((2,), 999.0))

@@ -9,13 +9,20 @@
   of the same stack receives as argument ``X`` (never by position or shape). A list whose blocks
   do not hand their outputs on (the model changes them in between) or a one-block list takes the
   streams of its block class from a chained stack, else from diffusers' own block metadata
-  (``TransformerBlockRegistry``), else it is no stack. An output received as two arguments is
-  an error naming the block class; one no next block receives unchanged is cached as it is.
+  (``TransformerBlockRegistry``); a one-block list with none of these whose block holds attention
+  or feed-forward modules has its outputs cached as they are (no residual), any other is no
+  stack. An output received as two arguments is an error naming the block class; one no next
+  block receives unchanged is cached as it is.
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
   and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,
-  would hold two values: no site). Feed-forwards and cross-attention of diffusers' own classes
-  can recompute a subset of their tokens (token selection, :func:`token_mode`).
+  would hold two values: no site). Where these hold less than ``MODULE_COVERAGE`` of a stack's
+  FLOPs in the traced call (``torch.utils.flop_counter``: attention and MLP in parallel merged by
+  one projection, as in FLUX's and HunyuanVideo's single-stream blocks, or compute outside the
+  attention and feed-forward children), the stack's blocks are cached whole at module
+  granularity (their block sites), so that a forecast step skips all of a block's expensive
+  compute. Feed-forwards and cross-attention of diffusers' own classes can recompute a subset of
+  their tokens (token selection, :func:`token_mode`).
 - **Probes** for adaptive schedules: ``first_block_residual`` (the first block's image-stream
   residual) everywhere; ``modulated_input`` where the first block's ``norm1`` is an adaptive
   norm (``Ada*``: diffusers' adaLN returns the modulated input first), else not offered.
@@ -25,6 +32,7 @@ traced, and the call is stopped right after it.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Callable
@@ -37,10 +45,12 @@ from cachelab.core.outputs import split
 from cachelab.core.sites import GRANULARITIES, SitePattern, SitePatterns
 from cachelab.core.tokens import TOKENWISE
 from cachelab.errors import ConfigError
+from cachelab.models.coverage import FlopTally
 
 ATTENTION = ("Attention",)
 FEED_FORWARD = ("FeedForward", "Mlp", "MLP")
 IMAGE_STREAM_NAMES = ("hidden_states", "x", "img", "visual_embed", "gen_seq")
+MODULE_COVERAGE = 0.9  # the least share of a stack's FLOPs its module sites hold; else its blocks are the sites
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,12 @@ class Stack:
     returns_tuple: bool = True
     chained: bool = True         # each block hands an output on to the next (else: diffusers' metadata)
     hands_on_next: bool = False  # its last block hands an output on to the next stack's first block
+    module_share: float | None = None  # the share of its blocks' FLOPs their module sites hold (None: not counted)
+
+    @property
+    def whole_blocks(self) -> bool:
+        """Whether module granularity caches its blocks whole (module sites hold too little of them)."""
+        return self.module_share is not None and self.module_share < MODULE_COVERAGE
 
     @property
     def regex(self) -> str:
@@ -105,10 +121,8 @@ class DiscoveredSites:
                               f"strategy.granularity=output, or site patterns: cachelab.apply(model, strategy, "
                               f"sites={{'{granularity}': [SitePattern(r'<regex>', residual='<argument>')]}})")
         if granularity == "module":
-            if not self.module_sites:
-                raise ConfigError(f"{type(self.model).__name__} has no attention or feed-forward modules in its "
-                                  f"blocks; allowed: strategy.granularity in block, stack, output")
-            return SitePatterns(module_patterns(self.model, self.module_sites), self.probes)
+            whole = [SitePattern(s.regex, residual=s.residual) for s in self.stacks if s.whole_blocks]
+            return SitePatterns(module_patterns(self.model, self.module_sites) + whole, self.probes)
         if granularity == "block":
             return SitePatterns([SitePattern(s.regex, residual=s.residual) for s in self.stacks], self.probes)
         return SitePatterns([self.span()], self.probes)
@@ -119,7 +133,7 @@ class DiscoveredSites:
         the same streams, every output one (a span passes its inputs through); the longest one."""
         runs, current = [], []
         for stack in self.stacks:
-            fits = stack.chained and None not in stack.streams
+            fits = (stack.chained or stack.size == 1) and None not in stack.streams
             if current and fits and current[-1].hands_on_next and stack.streams == current[-1].streams:
                 current.append(stack)
             else:
@@ -131,13 +145,17 @@ class DiscoveredSites:
                               f"none can be one span; allowed: strategy.granularity in module, block, output")
         return SitePattern("|".join(s.regex for s in trunk), residual=trunk[0].residual, span=True)
 
-    def describe(self) -> str:
-        """One line per stack and the module sites: what was found."""
+    def describe(self, module: bool = True) -> str:
+        """One line per stack and the module sites (``module``: how module granularity uses them): what was found."""
         lines = [f"{s.name}: {s.size} x {s.block_class}, outputs replace "
-                 f"{', '.join(name or '(cached as is)' for name in s.streams)}" for s in self.stacks]
+                 f"{', '.join(name or '(cached as is)' for name in s.streams)}"
+                 + (f"; cached whole at module granularity (attention and feed-forward modules hold "
+                    f"{s.module_share:.0%} of its FLOPs)" if module and s.whole_blocks else "")
+                 + ("; FLOPs not countable (module sites kept)" if module and s.module_share is None else "")
+                 for s in self.stacks]
         kinds = sorted({name.rsplit(".", 1)[-1] for name in self.module_sites})
-        return "\n".join(lines + [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})",
-                                  f"probes: {', '.join(sorted(self.probes))}"])
+        lines += [f"module sites: {len(self.module_sites)} ({', '.join(kinds) or 'none'})"] if module else []
+        return "\n".join(lines + [f"probes: {', '.join(sorted(self.probes)) or 'none'}"])
 
 
 def candidate_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
@@ -217,23 +235,54 @@ def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
             hooks += _block_hooks(block, (stack_name, index), calls, order)
             hooks += [child.register_forward_hook(count(f"{stack_name}.{index}.{child_name}"))
                       for child_name, child in block_children(block)]
+
+    def trace(tally: FlopTally | None) -> FlopTally | None:
+        calls.clear()
+        order.clear()
+        runs.clear()
+        if tally is not None:
+            for stack_name, blocks in stacks.items():
+                for index, block in enumerate(blocks):
+                    tally.watch(f"{stack_name}.{index}", block)
+                    for child_name, child in block_children(block):
+                        tally.watch(f"{stack_name}.{index}.{child_name}", child)
+        try:
+            with torch.no_grad(), tally if tally is not None else contextlib.nullcontext():
+                call()
+        except _Traced:
+            pass
+        return tally
+
     try:
-        with torch.no_grad():
-            call()
-    except _Traced:
-        pass
+        try:
+            tally = trace(FlopTally())
+        except Exception:  # noqa: BLE001 -- FLOPs not countable here (flex_attention under a dispatch mode): traced again
+            tally = trace(None)
     finally:
         for hook in hooks:
             hook.remove()
     found = _stacks(stacks, calls, order)
     # a module called more than once per forward (one feed-forward for both streams) holds two values: no site
-    module_sites = [path for s in found for i in range(s.size)
-                    for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i]))
-                    if runs.get(path) == 1]
+    module_sites = {s.name: [path for i in range(s.size)
+                             for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i]))
+                             if runs.get(path) == 1]
+                    for s in found}
+    found = [replace(s, module_share=_share(tally, [f"{s.name}.{i}" for i in range(s.size)], module_sites[s.name]))
+             for s in found]
+    module_sites = [path for s in found if not s.whole_blocks for path in module_sites[s.name]]
     first_block = stacks[found[0].name][0] if found else None
     adaptive = first_block is not None and "Ada" in type(getattr(first_block, "norm1", None)).__name__
     norm1 = f"{found[0].name}.0.norm1" if adaptive else None
     return DiscoveredSites(model, found, module_sites, norm1)
+
+
+def _share(tally: FlopTally | None, blocks: list[str], parts: list[str]) -> float | None:
+    """The share of the FLOPs of ``blocks`` that the modules ``parts`` ran (1 for blocks that ran
+    none; None where the FLOPs could not be counted)."""
+    if tally is None:
+        return None
+    total = sum(tally.flops.get(name, 0) for name in blocks)
+    return sum(tally.flops.get(name, 0) for name in parts) / total if total else 1.0
 
 
 def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[Stack]:
@@ -241,7 +290,9 @@ def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[
     A list of two or more blocks that hand an output on from one to the next (a chain) reads
     its streams from the tensors handed on; any other list takes its class's streams from such
     a chain or from diffusers' metadata, else it is left out (a list of text projections, ...).
-    An output no next block receives unchanged has no stream (None): it is cached as it is."""
+    An output no next block receives unchanged has no stream (None): it is cached as it is; so
+    are all outputs of a one-block list whose class has no known streams and whose block holds
+    attention or feed-forward modules (a transformer block, not a lone adapter)."""
     ran = []
     for stack_name, _ in order:
         blocks = stacks[stack_name]
@@ -257,6 +308,8 @@ def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[
     for name in ran:
         block_class, first = type(stacks[name][0]), chains[name][0]
         streams = known.get(block_class) or _registry_streams(block_class, len(first.outputs))
+        if streams is None and len(stacks[name]) == 1 and block_children(stacks[name][0]):
+            streams = (None,) * len(first.outputs)
         if streams is not None:
             found.append(Stack(name, block_class.__name__, len(stacks[name]), streams, _image_stream(block_class, streams),
                                first.returns_tuple, name in chained))

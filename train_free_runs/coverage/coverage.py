@@ -14,7 +14,10 @@ tool is removed. A cell is
 - ``fails: <error>``: it raised; ``unsupported: <why>``: the tool does not offer itself for the class.
 
 A step "skipped compute" when fewer modules were called in it than in the bare model's call (a
-global forward hook counts them): the same reading for every tool. Where FBCache or DBCache skip no
+global forward hook counts them): the same reading for every tool. The column ``module FLOPs covered``
+gives, per stack, the share of its blocks' FLOPs that cachelab's module sites hold (what a forecast
+step skips), counted with ``torch.utils.flop_counter`` (``handle.coverage``); ``whole``: a stack whose
+attention and feed-forward modules hold under 90 % of its FLOPs, cached whole at module granularity. Where FBCache or DBCache skip no
 step, the note gives what an infinite threshold skips (threshold or hooking to blame); where cache-dit
 raises with its TaylorSeer calibrator, DBCache alone is measured and the note says so.
 
@@ -49,6 +52,7 @@ DIFFUSERS_WARMUP = 1  # TaylorSeerCacheConfig.disable_cache_before_step: one ful
 CLEAN_AT_HIGH_END = {"LuminaNextDiT2DModel", "Lumina2Transformer2DModel", "ZImageTransformer2DModel",
                      "Ideogram4Transformer2DModel", "LongCatAudioDiTTransformer", "RFD4ProteinaTransformer"}
 COLUMNS = [f"cachelab {g}" for g in GRANULARITIES] + ["diffusers TaylorSeer", "diffusers FBCache", "cache-dit DBCache"]
+COVERED = "module FLOPs covered"  # the table's column after the tools'
 
 
 # --------------------------------------------------------------------------- one trajectory
@@ -144,6 +148,8 @@ class Cell:
     skipped: int | None = None  # steps that ran fewer modules than the bare model
     forecasts: int | None = None  # cachelab's own count of forecast steps
     note: str = ""  # sites / hooked modules, fallbacks, route
+    # cachelab: (stack, share, cached whole) per stack; None: FLOPs not countable
+    coverage: list[tuple[str, float, bool]] | None = field(default_factory=list)
 
     def text(self, width: int = 90) -> str:
         parts = [self.status if len(self.status) <= width else self.status[: width - 1] + "…"]
@@ -203,7 +209,24 @@ def cachelab_cell(spec: Specimen, T: int, granularity: str) -> Cell:
     if not identical(after, bare):
         problems.append("not bit-identical after remove()")
     note = f"{sites} sites" + (f", {stats.fallbacks} fallbacks" if stats.fallbacks else "")
-    return Cell(verdict(problems), rel_l2(cached, bare), skipped_steps(cached, bare), len(stats.forecast_steps), note)
+    return Cell(verdict(problems), rel_l2(cached, bare), skipped_steps(cached, bare), len(stats.forecast_steps), note,
+                site_coverage(handle, granularity))
+
+
+def site_coverage(handle, granularity: str) -> list[tuple[str, float, bool]] | None:
+    """Per stack: the share of its blocks' FLOPs the sites hold, and whether discovery cached its blocks whole."""
+    if handle.coverage is None:
+        return None
+    discovered, own = getattr(handle.sites, "discovered", None), getattr(handle.sites, "own", {})
+    whole = {s.name for s in discovered.stacks if s.whole_blocks} if discovered and granularity not in own else set()
+    return [(c.name, c.share, c.name in whole) for c in handle.coverage]
+
+
+def coverage_text(cell: Cell) -> str:
+    """``transformer_blocks 98%; single_transformer_blocks 100% whole``; ``-`` where nothing was counted."""
+    if cell.coverage is None:
+        return "FLOPs not countable"
+    return "; ".join(f"{name} {share:.0%}" + (" whole" if whole else "") for name, share, whole in cell.coverage) or "-"
 
 
 def driven(model: torch.nn.Module, spec: Specimen, ts: list[float], handle) -> Trajectory:
@@ -407,13 +430,13 @@ def abbreviate(pipelines: tuple[str, ...]) -> str:
 
 def table(rows: list[Row]) -> list[str]:
     """The markdown table: a row per specimen, then the classes the zoo leaves out."""
-    lines = ["| class | pipelines | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    lines = ["| class | pipelines | " + " | ".join(COLUMNS + [COVERED]) + " |", "|" + "---|" * (len(COLUMNS) + 3)]
     for row in rows:
-        cells = [row.cells[c].text().replace("|", "\\|") for c in COLUMNS]
+        cells = [row.cells[c].text().replace("|", "\\|") for c in COLUMNS] + [coverage_text(row.cells["cachelab module"])]
         lines.append(f"| {row.name} | {abbreviate(row.pipelines)} | " + " | ".join(cells) + " |")
     for cls, reason in UNSUPPORTED.items():
         pipes = abbreviate(pipeline_transformer_classes().get(cls, ()))
-        cells = [f"not in the zoo: {reason}"] + [""] * (len(COLUMNS) - 1)
+        cells = [f"not in the zoo: {reason}"] + [""] * len(COLUMNS)
         lines.append(f"| {cls} | {pipes} | " + " | ".join(cells) + " |")
     return lines
 
@@ -434,6 +457,13 @@ def totals(rows: list[Row]) -> list[str]:
     all_work = sum(all(kind(r.cells[f"cachelab {g}"]) == "works" for g in GRANULARITIES) for r in rows)
     lines += ["", f"cachelab works at some granularity on {any_works} of {len(rows)} specimens, "
                   f"at all four on {all_work}."]
+    counted = [r.cells["cachelab module"].coverage for r in rows if r.cells["cachelab module"].coverage]
+    covered = sum(all(share >= 0.9 for _, share, _ in stacks) for stacks in counted)
+    whole = sum(any(w for _, _, w in stacks) for stacks in counted)
+    least = min((share, name) for stacks in counted for name, share, _ in stacks) if counted else (1.0, "-")
+    lines += ["", f"Module sites hold at least 90 % of every stack's FLOPs on {covered} of the {len(counted)} "
+                  f"specimens counted; discovery caches some stack's blocks whole on {whole}; the least share "
+                  f"covered is {least[0]:.1%} ({least[1]})."]
     return lines
 
 

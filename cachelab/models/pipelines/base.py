@@ -22,10 +22,11 @@ from torch import nn
 from cachelab.core.controller import CacheHandle
 from cachelab.models.adapter import DTYPES, ModelAdapter
 from cachelab.models.discovery import DiscoveredSites, discover
+from cachelab.models.families import FamilySites, family_sites
 from cachelab.models.loading import load_pretrained
 from cachelab.models.pipelines.driver import PipelineDriver, experts
 from cachelab.models.samplers import Callback
-from cachelab.core.sites import SitePattern, SitePatterns
+from cachelab.core.sites import SitePattern
 
 
 @dataclass
@@ -135,7 +136,7 @@ class PipelineAdapter(ModelAdapter):
         return found
 
     @cached_property
-    def experts(self) -> dict[str, ExpertSites] | None:
+    def experts(self) -> dict[str, FamilySites] | None:
         """Name -> sites of each expert where the pipeline has several (Wan 2.2: ``transformer``,
         ``transformer_2``), else None. The second expert's sites are read from one call with the
         first one's discovery inputs (no generation runs to its first step)."""
@@ -148,10 +149,16 @@ class PipelineAdapter(ModelAdapter):
         for name, model in models.items():
             model.eval().requires_grad_(False)
             found[name] = first if model is self.model else discover(model, lambda m=model: m(*args, **kwargs))
-        return {name: ExpertSites(models[name], sites, self.sites) for name, sites in found.items()}
+        return {name: FamilySites(models[name], self.own_sites, sites) for name, sites in found.items()}
+
+    @property
+    def own_sites(self) -> dict[str, list[SitePattern]]:
+        """The site patterns the family chooses itself: the adapter's, else those of the
+        transformer's family (``model=diffusers`` on a FLUX folder caches FLUX's sites)."""
+        return self.sites or family_sites(self.model)
 
     def site_patterns(self, granularity: str) -> list[SitePattern]:
-        return own_or_discovered(self.sites, self.discovered, granularity)
+        return FamilySites(self.model, self.own_sites, self.discovered).site_patterns(granularity)
 
     def make_inputs(self, num_images: int, seed: int, start: int = 0) -> PromptInputs:
         return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(start, start + num_images)], seed)
@@ -171,25 +178,6 @@ class PipelineAdapter(ModelAdapter):
         """The pipeline already decoded: images (B, C, H, W), or video frames (B, F, C, H, W)
         laid out as images."""
         return latents.flatten(0, 1) if latents.dim() == 5 else latents
-
-
-class ExpertSites:
-    """One expert's sites (a ``SiteSource``): the family's own patterns where it has them, else discovered."""
-
-    def __init__(self, model: nn.Module, discovered: DiscoveredSites, sites: dict[str, list[SitePattern]]):
-        self.model, self.discovered, self.sites = model, discovered, sites
-
-    def site_patterns(self, granularity: str) -> list[SitePattern]:
-        return own_or_discovered(self.sites, self.discovered, granularity)
-
-
-def own_or_discovered(sites: dict[str, list[SitePattern]], discovered: DiscoveredSites,
-                      granularity: str) -> list[SitePattern]:
-    """A family's own site patterns of ``granularity`` (with the discovered probes), else the discovered ones."""
-    own = sites.get(granularity)
-    if own is None:
-        return discovered.site_patterns(granularity)
-    return SitePatterns(own, discovered.probes)
 
 
 def plain(value):
