@@ -251,6 +251,19 @@ def test_selection_uses_the_tuning_rows_and_never_a_flagged_point():
     assert set(itertools.chain(*chosen.values())) <= {"30+0", "30+1", "35+0", "35+1", "40+0", "40+1"}
 
 
+def test_tuning_and_held_out_inputs_share_no_prompt_and_no_seed():
+    from cachelab.jobs.benchmark import split_inputs
+    from cachelab.models.pipelines.flux_digits import digit_prompts
+
+    class Prompted:
+        prompts = [prompt for prompt, _ in digit_prompts()]
+
+    tuning, held = split_inputs(Prompted(), 8, 0, "tuning"), split_inputs(Prompted(), 64, 1000, "held_out")
+    assert not set(tuning.prompts) & set(held.prompts) and tuning.seed != held.seed
+    classes = dict(digit_prompts())
+    assert {classes[p] for p in held.prompts} == set(range(10)) and len({classes[p] for p in tuning.prompts}) >= 5
+
+
 # -- the smoke grid end to end ----------------------------------------------------------------------
 def test_the_smoke_grid_writes_the_csv(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}

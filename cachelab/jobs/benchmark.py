@@ -292,12 +292,14 @@ def needs_calibration(points: list[GridPoint]) -> bool:
 # -- measuring ----------------------------------------------------------------------------
 def split_inputs(adapter, n: int, seed: int, split: str):
     """``n`` inputs of ``split``: a prompt model's prompts are halved (tuning: the first half,
-    held-out: the second, each cycled), and ``seed`` draws the noise (and a class model's classes)."""
+    held-out: the second), shuffled by ``seed`` (a few images still mix classes and phrasings)
+    and cycled; ``seed`` draws the noise (and a class model's classes)."""
     prompts = getattr(adapter, "prompts", None)
     if prompts:
         half = len(prompts) // 2
         chosen = prompts[:half] if split == "tuning" else prompts[half:]
-        return PromptInputs([chosen[i % len(chosen)] for i in range(n)], seed)
+        order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed)).tolist()
+        return PromptInputs([chosen[order[i % len(chosen)]] for i in range(n)], seed)
     return adapter.make_inputs(n, seed)
 
 
