@@ -33,6 +33,7 @@ import io
 import itertools
 import logging
 import math
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -508,7 +509,7 @@ def plot(rows: list[dict], title: str):
         for level in (30, 35, 40):
             ax.axvline(level, color="0.6", ls=":", lw=0.8)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 190), fontsize=8)
     return fig
 
 
