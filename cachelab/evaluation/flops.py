@@ -1,4 +1,5 @@
-"""FLOP counting with ``torch.utils.flop_counter`` (no hand-written model formulas)."""
+"""FLOP counting with ``torch.utils.flop_counter`` (no hand-written model formulas), and its
+cheaper reading from module calls (:class:`CallFlops`)."""
 from __future__ import annotations
 
 from contextlib import ExitStack
@@ -50,3 +51,75 @@ def _counted(compute: Callable, name: str, counter: FlopCounterMode, counts: dic
         return out
 
     return counted
+
+
+class CallFlops:
+    """FLOPs of a generation read from the work it does, without a FLOP counter: every
+    ``F.linear`` and ``F.scaled_dot_product_attention`` call gets its FLOPs from its shapes with
+    the counter's own formulas; every other leaf module of ``model`` (convolutions...) costs
+    what it cost per call in one full-compute generation under :func:`count_flops`
+    (:meth:`calibrate`), which also measures the FLOPs outside all of these (the text encoder's
+    and the VAE's other work, constant across caching tools). A tool that skips a module's work
+    (replacing its forward, or not calling it) skips the calls. Checked against the counter in
+    tests/test_benchmark.py and, on a sample of points, by job=benchmark; elementwise arithmetic
+    (a forecast's) is free here as for the counter, which counts matrix products only."""
+
+    def __init__(self, model: nn.Module):
+        self.leaves = {name: m for name, m in model.named_modules()
+                       if not any(True for _ in m.children()) and not isinstance(m, nn.Linear)}
+        self.per_call: dict[str, float] = {}
+        self.outside = 0.0
+
+    def _watch(self, tally: dict, spans: dict | None = None, counter=None) -> ExitStack:
+        """Count into ``tally`` ("linear", "attention": FLOPs; leaf name: calls) while open; with
+        ``counter``, also each leaf call's counted FLOPs into ``spans``."""
+        stack = ExitStack()
+        for name, module in self.leaves.items():
+            def pre(_module, _args, name=name):
+                tally[name] = tally.get(name, 0) + 1
+                if counter is not None:
+                    spans.setdefault(name, []).append(-counter.get_total_flops())
+
+            stack.callback(module.register_forward_pre_hook(pre).remove)
+            if counter is not None:
+                def post(_module, _args, _out, name=name):
+                    spans[name][-1] += counter.get_total_flops()
+
+                stack.callback(module.register_forward_hook(post).remove)
+        functional = torch.nn.functional
+        linear, attention = functional.linear, functional.scaled_dot_product_attention
+
+        def counted_linear(x, weight, *args, **kwargs):
+            tally["linear"] += 2 * x.numel() * weight.shape[0]  # 2 m k n of the product; the bias is free
+            return linear(x, weight, *args, **kwargs)
+
+        def counted_attention(query, key, value, *args, **kwargs):
+            tally["attention"] += sdpa_flop_count(query.shape, key.shape, value.shape)
+            return attention(query, key, value, *args, **kwargs)
+
+        stack.enter_context(mock.patch.object(functional, "linear", counted_linear))
+        stack.enter_context(mock.patch.object(functional, "scaled_dot_product_attention", counted_attention))
+        return stack
+
+    def calibrate(self, fn: Callable[[], T]) -> tuple[T, int]:
+        """Run ``fn()`` (full compute) under the counter; learn the leaves' per-call FLOPs and the
+        FLOPs outside; returns its result and its counted FLOPs."""
+        tally, spans = {"linear": 0, "attention": 0}, {}
+        with FlopCounterMode(display=False) as counter, self._watch(tally, spans, counter):
+            result = fn()
+        total = counter.get_total_flops()
+        self.per_call = {name: sum(spans[name]) / len(spans[name]) for name in spans}
+        self.outside = total - tally["linear"] - tally["attention"] - sum(sum(s) for s in spans.values())
+        return result, total
+
+    def count(self, fn: Callable[[], T]) -> tuple[T, float]:
+        """Run ``fn()``; returns its result and its FLOPs from its calls (after :meth:`calibrate`)."""
+        tally = {"linear": 0, "attention": 0}
+        with self._watch(tally):
+            result = fn()
+        leaves = {name: calls for name, calls in tally.items() if name not in ("linear", "attention")}
+        unknown = sorted(set(leaves) - set(self.per_call))
+        if unknown:
+            raise RuntimeError(f"leaf modules not seen at calibration: {', '.join(unknown[:5])}")
+        return result, (self.outside + tally["linear"] + tally["attention"]
+                        + sum(self.per_call[name] * calls for name, calls in leaves.items()))

@@ -142,6 +142,23 @@ class TuneJobSchema(Target):
 
 
 @dataclass
+class BenchmarkJobSchema(Target):
+    """``job=benchmark``: every tool over its grid, tuned and reported on separate inputs (null
+    image counts and rounds: the grid's own, ``conf/benchmark/<grid>/grid.yaml``)."""
+
+    grid: str = MISSING
+    tuning_images: Optional[int] = None
+    held_out_images: Optional[int] = None
+    timing_images: Optional[int] = None
+    rounds: Optional[int] = None
+    tuning_seed: int = MISSING
+    held_out_seed: int = MISSING
+    levels: List[float] = MISSING
+    margins_db: List[float] = MISSING
+    bootstrap_draws: int = MISSING
+
+
+@dataclass
 class CalibrateJobSchema(Target):
     """``job=calibrate``: one full-compute run into ``calibration.json``."""
 
@@ -182,7 +199,8 @@ class CompileSchema:
 SCHEMAS = {  # ConfigStore group -> name -> schema; conf/ files name theirs in their defaults list
     "schema": {"config": ConfigSchema},
     "schema/job": {"compare": CompareJobSchema, "sample": SampleJobSchema, "trajectory": TrajectoryJobSchema,
-                   "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema, "tune": TuneJobSchema},
+                   "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema, "tune": TuneJobSchema,
+                   "benchmark": BenchmarkJobSchema},
     "schema/strategy": {"strategy": StrategySchema},
     "schema/logger": {"none": Target, "wandb": WandbSchema},
     "schema/compile": {"compile": CompileSchema},

@@ -10,15 +10,9 @@ is called during it.
 """
 from __future__ import annotations
 
-import ast
-import contextlib
-import importlib.util
-import io
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -30,7 +24,8 @@ from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Mask, PerKindInterval
 from cachelab.core.sites import SitePattern, select_sites
 from cachelab.core.strategy import Strategy
-from cachelab.io import write_json_atomic
+from cachelab.evaluation.peers import (cache_dit_available, cache_dit_enabled, diffusers_hook,  # noqa: F401 -- used as peers.*
+                                      diffusers_mag_ratios, import_cache_dit, write_mag_ratios)
 from cachelab.jobs import CONFIG_DIR
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
 from strategies.reuse import Reuse
@@ -38,7 +33,6 @@ from strategies.taylor import TaylorSeer
 
 # Every attention module of FLUX: what diffusers' TaylorSeer and PAB hooks pick by default.
 ATTENTION = [SitePattern(r"(single_)?transformer_blocks\.\d+\.attn")]
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -121,16 +115,6 @@ def diffusers_hook_bytes(model: torch.nn.Module) -> int:
     return reachable_tensor_bytes(registries, "diffusers.hooks")
 
 
-@contextlib.contextmanager
-def diffusers_hook(model: torch.nn.Module, config) -> Iterator[None]:
-    """diffusers' caching hook ``config`` (``TaylorSeerCacheConfig``, ...) on ``model`` inside the block."""
-    model.enable_cache(config)
-    try:
-        yield
-    finally:
-        model.disable_cache()
-
-
 def diffusers_pair(setting: str, adapter: PipelineAdapter, config: Callable[[], object],
                    ours: Callable[[], CacheHandle], probe: str) -> Pair:
     """A pair whose peer is diffusers' hook ``config()`` on ``adapter``'s transformer."""
@@ -201,33 +185,6 @@ def fbcache(adapter: PipelineAdapter, threshold: float) -> Pair:
 
 
 # -- MagCache -----------------------------------------------------------------------------
-def diffusers_mag_ratios(adapter: PipelineAdapter, inputs: PromptInputs,
-                         model: torch.nn.Module | None = None) -> list[float]:
-    """MagCache's magnitude ratios of ``adapter``'s transformer (or ``model``, the diffusers
-    transformer inside ``adapter.model``) for ``inputs`` by diffusers' calibration mode
-    (``MagCacheConfig(calibrate=True)``): per step, the mean over tokens of
-    ``||R_s|| / ||R_{s-1}||``, ``R`` the image stream's residual over the whole block stack.
-    The hook only prints them (and logs them at INFO level), so they are read from its output."""
-    from diffusers import MagCacheConfig
-
-    printed = io.StringIO()
-    config = MagCacheConfig(calibrate=True, num_inference_steps=adapter.num_steps)
-    with diffusers_hook(adapter.model if model is None else model, config), contextlib.redirect_stdout(printed):
-        adapter.generate(inputs)
-    lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
-    if not lists:
-        raise RuntimeError(f"diffusers' MagCache calibration printed no ratios; it printed: {printed.getvalue()!r}")
-    return [float(r) for r in ast.literal_eval(lists[-1])]
-
-
-def write_mag_ratios(path: str | Path, adapter: PipelineAdapter, ratios: list[float]) -> Path:
-    """A calibration file of ``ratios`` that both cachelab's MagCache (``calibration=path``) and
-    :func:`magcache` read."""
-    write_json_atomic(path, {"model": adapter.name, "num_steps": adapter.num_steps, "ratios": ratios,
-                             "source": "diffusers MagCacheConfig(calibrate=True)"})
-    return Path(path)
-
-
 def magcache_first_step(T: int, retention: float) -> int:
     """The first step diffusers' MagCache may skip: ``int(retention T + 0.5)`` (rounded), and
     never step 0 (no residual yet). cachelab's MagCache starts at ``int(retention T)`` (floored)."""
@@ -278,47 +235,6 @@ def pab(adapter: PipelineAdapter, interval: int, window: tuple[float, float]) ->
 
 
 # -- cache-dit ------------------------------------------------------------------------------
-def cache_dit_available() -> bool:
-    """Whether cache-dit is installed (the optional extra ``peers``)."""
-    return importlib.util.find_spec("cache_dit") is not None
-
-
-def import_cache_dit():
-    """The ``cache_dit`` module, its logging at ERROR unless ``CACHE_DIT_LOG_LEVEL`` says
-    otherwise (it reads the variable once, at import; its INFO lines would bury a run)."""
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
-    import cache_dit
-
-    return cache_dit
-
-
-@contextlib.contextmanager
-def cache_dit_enabled(pipe, **configs) -> Iterator[None]:
-    """cache-dit on ``pipe`` inside the block (``cache_dit.enable_cache(pipe, **configs)``).
-
-    On exit, besides ``cache_dit.disable_cache``, the transformer is put back as it was:
-    cache-dit 1.5.3 leaves its own copy of FLUX's forward on it, and patching the block lists
-    during each call re-registers them in a new order (``single_transformer_blocks`` first),
-    which misleads diffusers' hooks enabled afterwards (they take the first and last
-    registered blocks as head and tail)."""
-    cache_dit = import_cache_dit()
-    transformer = pipe.transformer
-    order = list(transformer._modules)
-    attributes = {name: vars(transformer).get(name, _MISSING) for name in ("forward", "_is_patched")}
-    cache_dit.enable_cache(pipe, **configs)
-    try:
-        yield
-    finally:
-        cache_dit.disable_cache(pipe)
-        for name, value in attributes.items():
-            if value is _MISSING:
-                vars(transformer).pop(name, None)
-            else:
-                setattr(transformer, name, value)
-        for name in order:
-            transformer._modules[name] = transformer._modules.pop(name)
-
-
 def dbcache(adapter: PipelineAdapter, threshold: float, warmup: int = 1, order: int | None = None) -> Pair:
     """cache-dit's DBCache as first-block cache (``Fn_compute_blocks=1, Bn_compute_blocks=0``,
     one block list: its FLUX adapter joins the double and single blocks) and cachelab's
