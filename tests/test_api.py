@@ -171,6 +171,8 @@ def test_a_removed_handle_refuses_to_be_driven():
     (lambda m: cachelab.apply(m, "taylor", granularity="layer"), "granularity='layer' is not allowed"),
     (lambda m: cachelab.apply(m, "none"), "caches nothing"),
     (lambda m: cachelab.apply(m, "taylor", on_undriven="maybe"), "on_undriven='maybe' is not allowed"),
+    # the command line's MagCache reads the model's own curve; here no model names it
+    (lambda m: cachelab.apply(m, "magcache"), "calibration= is required in cachelab.apply"),
 ])
 def test_bad_arguments_are_one_line(call, message):
     with pytest.raises(ConfigError) as err:

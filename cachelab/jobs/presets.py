@@ -35,10 +35,22 @@ def preset(name: str, **overrides) -> Strategy:
                 OmegaConf.update(cfg, path, value, merge=False)
         except ValidationError as err:  # the schema's type for the key
             raise type_error(err) from None
+    refuse_model_defaults(cfg, name)
     check_types(cfg)
     check_ranges(cfg)
     check_strategy(cfg)
     return build_strategy(cfg)
+
+
+def refuse_model_defaults(cfg, name: str) -> None:
+    """A schedule key whose default is read from the command line's model (``${model.name}``: e.g.
+    MagCache's calibration curve) has no model to read it from here; a ConfigError asks for it."""
+    raw = OmegaConf.to_container(cfg.schedule, resolve=False)
+    for key, value in raw.items():
+        if isinstance(value, str) and "${model." in value:
+            raise ConfigError(f"strategy={name!r}: {key}= is required in cachelab.apply (on the command line it "
+                              f"is the model's own, {value}); record it with `python run.py job=calibrate "
+                              f"model=<model>` and pass {key}=<model name or file.json>")
 
 
 def where(cfg, key: str) -> str:
