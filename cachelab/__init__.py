@@ -17,7 +17,8 @@ import importlib
 
 # public name -> the module defining it; imported on first use, so that ``cachelab --help``
 # and the light modules (cachelab.errors, the command line) do not wait for torch
-_EXPORTS = {"Handle": "cachelab.api", "apply": "cachelab.api", "CacheHandle": "cachelab.core.controller",
+_EXPORTS = {"Handle": "cachelab.api", "apply": "cachelab.api",
+            "plan": "cachelab.planner", "Plan": "cachelab.planner", "CacheHandle": "cachelab.core.controller",
             "CacheStats": "cachelab.core.controller", "attach": "cachelab.core.controller",
             "Predictor": "cachelab.core.predictor", "PredictorState": "cachelab.core.predictor",
             "Decision": "cachelab.core.schedules", "Schedule": "cachelab.core.schedules",
