@@ -110,7 +110,7 @@ class Plan:
                  f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites",
                  f"  weights: {size_text(self.weight_bytes)}",
                  f"  activations of a full step (estimate): {size_text(self.activation_bytes)}",
-                 f"  FLOPs: {self.flops_full_step / 1e12:.2f} TFLOP per full step, {self.full_steps} full steps, "
+                 f"  FLOPs: {self.flops_full_step:.4g} per full step, {self.full_steps} full steps, "
                  f"speedup {self.flops_speedup:.2f}x",
                  f"  planned in {self.seconds:.1f} s on the meta device"]
         if self.device_memory is not None:
@@ -171,7 +171,6 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
         plan_keys["vae_scale_factor"] = factor
     experts = max(experts, 2 if pipe is not None and getattr(pipe, "transformer_2", None) is not None else 1)
     shape = _shape(model, plan_keys)
-    preset_keys = dict(keys) if isinstance(strategy, str) else None
     strategy = _strategy(strategy, keys)
     split = _expert_steps(steps, experts, plan_keys.get("expert_steps"))
     runs = [_generation(model, copy.deepcopy(strategy) if i else strategy, shape, count)
@@ -192,44 +191,54 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
                   device_memory=None if device_memory is None else parse_size(device_memory, "device_memory"))
     result.seconds = time.perf_counter() - started
     if budget is not None:
-        check_budget(result, budget, target, strategy, preset_keys, plan_keys)
+        check_budget(result, budget, target, strategy, {**plan_keys, "num_inference_steps": steps})
     return result
 
 
-def check_budget(result: Plan, budget, target=None, strategy=None, keys: dict | None = None,
-                 plan_keys: dict | None = None) -> None:
+def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: dict | None = None) -> None:
     """Refuse ``result`` (a ConfigError in one line) when its cache exceeds ``budget``, naming the
-    planned size, the limit and the cheapest preset keys that would fit (each planned again:
-    lower orders, bf16 factors, block then output granularity) when ``keys`` are a preset's."""
+    planned size, the limit and the cheapest settings of ``strategy`` that would fit on ``target``
+    (each planned again: lower orders, bf16 factors, both, then block and output granularity)."""
     limit = parse_size(budget)
     if result.cache_bytes <= limit:
         return
     fitting = []
-    if target is not None and keys is not None:
-        for change in _alternatives(strategy, keys):
-            try:
-                other = plan(target, result.strategy, **{**keys, **change, **(plan_keys or {})})
-            except ConfigError:
-                continue
-            if other.cache_bytes <= limit:
-                fitting.append(f"{' '.join(f'{k}={v}' for k, v in change.items())} ({size_text(other.cache_bytes)})")
-            if len(fitting) == 3:
-                break
-    advice = f"; cheapest settings that fit: {', '.join(fitting)}" if fitting else "; no lower order, bf16 factors or coarser granularity fits"
+    for change, variant in _alternatives(strategy) if target is not None else []:
+        try:
+            other = plan(target, variant, **(plan_keys or {}))
+        except ConfigError:
+            continue
+        if other.cache_bytes <= limit:
+            fitting.append(f"{change} ({size_text(other.cache_bytes)})")
+        if len(fitting) == 3:
+            break
+    advice = (f"; the cheapest settings that fit: {', '.join(fitting)}" if fitting
+              else "; no lower order, bf16 factors or coarser granularity fits")
     raise ConfigError(f"cache budget exceeded: {result.strategy} on {result.model} plans "
                       f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache, over the budget of "
                       f"{size_text(limit)} ({limit} B){advice}")
 
 
-def _alternatives(strategy, keys: dict) -> list[dict]:
-    """Cheaper variants of a preset's keys, least change first: a lower order, bf16 factors,
-    both, then block and output granularity."""
-    order = getattr(strategy.predictor, "order", None)
-    changes = [{"order": o} for o in range(order - 1, -1, -1)] if isinstance(order, int) else []
-    if hasattr(strategy.predictor, "factor_dtype") and keys.get("factor_dtype") not in ("bf16", "fp16"):
-        changes += [{"factor_dtype": "bf16"}] + [{**c, "factor_dtype": "bf16"} for c in changes]
+def _alternatives(strategy) -> list[tuple[str, object]]:
+    """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant),
+    least change first: each lower order, bf16 factors, both, then block and output granularity."""
+    predictor = strategy.predictor
+    changes: list[dict] = []
+    if isinstance(getattr(predictor, "order", None), int):
+        changes += [{"order": o} for o in range(predictor.order - 1, -1, -1)]
+    if hasattr(predictor, "factor_dtype") and predictor.factor_dtype not in (torch.bfloat16, torch.float16):
+        changes = changes + [{"factor_dtype": "bf16"}] + [{**c, "factor_dtype": "bf16"} for c in changes]
     changes += [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
-    return changes
+    variants = []
+    for change in changes:
+        variant = copy.deepcopy(strategy)
+        for key, value in change.items():
+            if key == "granularity":
+                variant.granularity = value
+            else:
+                setattr(variant.predictor, key, torch.bfloat16 if value == "bf16" else value)
+        variants.append((" ".join(f"{key}={value}" for key, value in change.items()), variant))
+    return variants
 
 
 def _generation(model, strategy, shape: Shape, steps: int) -> dict:
@@ -308,7 +317,7 @@ def _strategy(strategy, keys: dict):
         raise ConfigError(f"keys {', '.join(keys)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
-    return dataclasses.replace(strategy, guard="off")
+    return dataclasses.replace(copy.deepcopy(strategy), guard="off")
 
 
 def _shape(model, keys: dict) -> Shape:

@@ -11,6 +11,7 @@ import torch
 import cachelab
 from cachelab.errors import ConfigError
 from cachelab.evaluation.flops import count_flops_per_call
+from cachelab.planner import size_text
 from tests.conftest import tiny_adapter
 
 STEPS = 10
@@ -148,3 +149,44 @@ def test_bad_targets_and_keys_are_one_line():
         cachelab.plan("flux.3", "taylor")
     with pytest.raises(ConfigError, match="budget="):
         cachelab.plan("dit-xl-2-256", "taylor", budget="four gigabytes")
+
+
+def test_apply_refuses_a_strategy_over_its_budget_before_hooking_anything():
+    adapter = tiny_adapter()
+    planned = cachelab.plan(adapter.model, "taylor", num_inference_steps=10, batch_size=3, guidance=1.5, **STRATEGY)
+    with pytest.raises(ConfigError) as refused:
+        cachelab.apply(adapter.model, "taylor", budget=planned.cache_bytes - 1, num_inference_steps=10, batch_size=3,
+                       guidance=1.5, **STRATEGY)
+    line = str(refused.value)
+    assert "\n" not in line and "budget" in line
+    assert f"({planned.cache_bytes} B)" in line and f"({planned.cache_bytes - 1} B)" in line
+    # order 1 keeps 2 of the 3 factors: 2/3 of the bytes, which fits
+    assert f"order=1 ({size_text(planned.cache_bytes * 2 // 3)})" in line
+    assert "forward" not in vars(adapter.model)  # nothing was hooked
+    with cachelab.apply(adapter.model, "taylor", budget=planned.cache_bytes, num_inference_steps=10, batch_size=3,
+                        guidance=1.5, **STRATEGY) as handle:
+        adapter.generate(adapter.make_inputs(3, seed=0), handle)
+        assert handle.stats().cache_bytes == planned.cache_bytes  # exactly the budget: allowed
+
+
+def test_the_command_line_refuses_a_budget_in_one_line_and_writes_no_metrics(tmp_path):
+    from tests.test_cli import run_app
+
+    proc = run_app(["cache.budget=1MiB", "logger=none", "num_images=4", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "budget" in line]
+    assert len(lines) == 1 and "9.00 MiB (9437184 B)" in lines[0] and "1.00 MiB (1048576 B)" in lines[0]
+    assert "granularity=output" in lines[0]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_job_plan_writes_the_plan(tmp_path):
+    import json
+
+    from tests.test_cli import run_app
+
+    proc = run_app(["job=plan", "logger=none", "num_images=4", "plan.device_memory=1GiB", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert record["cache_bytes"] == 9437184 and record["fits"] is True
+    assert not (tmp_path / "metrics.json").exists()
