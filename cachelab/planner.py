@@ -1,8 +1,9 @@
 """``cachelab.plan``: what a strategy will hold and save on a model, before any weight exists.
 
 The planner builds the transformer on the meta device (:mod:`cachelab.models.meta_inputs`:
-no weights, nothing downloaded), applies the strategy with ``cachelab.apply`` (the same sites,
-family's or discovered, as a real run) and drives one whole generation on meta tensors with
+no weights, nothing downloaded), attaches the strategy to the sites ``cachelab.apply`` finds
+(:func:`~cachelab.models.families.model_sites`: the family's, or discovered from one traced
+call) and drives one whole generation on meta tensors with
 the inputs the family's pipeline would pass at that resolution, batch and guidance. The cache
 bytes are therefore read from the controller's own predictor states (``handle.stats()``: the
 peak they held), and the FLOPs are counted with ``torch.utils.flop_counter`` on every step's
@@ -248,33 +249,31 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     at its first step and added for the others; a forecast step after the first of its decision
     changes no predictor state and its calls are not run again (without token selection, whose
     refreshes change the states: then every step runs and is counted)."""
-    from cachelab.api import apply
+    from cachelab.models.families import model_sites
 
     calls = step_calls(model, shape, next(model.parameters()).dtype)
-    handle = apply(model, strategy, on_undriven="ignore")
     counted: dict[int, int] = {}
     flops = 0
+    with torch.no_grad():  # the sites as cachelab.apply finds them (its family's, or from one traced call)
+        source = model_sites(model, strategy.granularity, lambda: model(**calls[0][1]))
+    handle = strategy.attach(source)
     try:
-        with torch.no_grad():
-            with handle.generation(1):  # the first call finds and hooks the sites (not counted)
-                handle.step(0)
-                _step(handle, model, calls)
-            with handle.generation(steps):
-                for s in range(steps):
-                    handle.step(s)
-                    code = decision_code(handle.inner._decision) if strategy.tokens is None else None
-                    if code in counted:
-                        flops += counted[code]
-                        if code != 0:
-                            continue
+        with torch.no_grad(), handle.generation(steps):
+            for s in range(steps):
+                handle.step(s)
+                code = decision_code(handle._decision) if strategy.tokens is None else None
+                if code in counted:
+                    flops += counted[code]
+                    if code != 0:
+                        continue
+                    _step(handle, model, calls)
+                else:
+                    with FlopCounterMode(display=False) as counter:
                         _step(handle, model, calls)
-                    else:
-                        with FlopCounterMode(display=False) as counter:
-                            _step(handle, model, calls)
-                        counted[code] = counter.get_total_flops()
-                        flops += counted[code]
-                sites = _site_plans(handle.inner)
-            stats = handle.stats()
+                    counted[code] = counter.get_total_flops()
+                    flops += counted[code]
+            sites = _site_plans(handle)
+        stats = handle.stats()
     except (RuntimeError, NotImplementedError) as err:
         if "meta" not in str(err).lower() and "data-dependent" not in str(err).lower():
             raise
