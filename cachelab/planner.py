@@ -12,7 +12,9 @@ no Hydra (a preset name is composed from ``conf/`` as ``apply`` does).
 
 The activation peak of a full step is an estimate: the most bytes that the tensors the step's
 operators allocate (views excluded) and its inputs hold at once, each freed when the last
-Python reference to it goes (no allocator rounding, fragmentation or kernel workspaces).
+Python reference to it goes, with ``scaled_dot_product_attention`` counted as a fused kernel
+(its output only; the attention matrix is never held); no allocator rounding, fragmentation
+or kernel workspaces.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ import re
 import time
 import weakref
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -177,7 +181,10 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
     runs = [_generation(model, copy.deepcopy(strategy) if i else strategy, shape, count)
             for i, count in enumerate(split)]
     calls = step_calls(model, shape, next(model.parameters()).dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter, \
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for _, kwargs in calls:
+            model(**kwargs)
+    with torch.no_grad(), mock.patch.object(F, "scaled_dot_product_attention", _fused_attention), \
             LiveBytes(sum(_nbytes(t) for _, kwargs in calls for t in tree_leaves(kwargs))) as live:
         for _, kwargs in calls:
             model(**kwargs)
@@ -356,6 +363,12 @@ def _name(target) -> str:
         return target
     model = target.transformer if _is_pipeline(target) else target
     return type(model).__name__
+
+
+def _fused_attention(query, key, value, *args, **kwargs):
+    """What a fused attention kernel (flash, memory-efficient) allocates: its output alone (the
+    meta device would otherwise take the math path, which materialises the attention matrix)."""
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
 
 
 def _nbytes(tensor) -> int:

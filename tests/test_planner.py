@@ -190,3 +190,16 @@ def test_job_plan_writes_the_plan(tmp_path):
     record = json.loads((tmp_path / "plan.json").read_text())
     assert record["cache_bytes"] == 9437184 and record["fits"] is True
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_activation_estimate_frees_each_tensor_with_its_last_reference():
+    from cachelab.planner import LiveBytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to("meta")
+    x = torch.empty(2, 8, device="meta")
+    with torch.no_grad(), LiveBytes(x.numel() * 4) as live:
+        y = model(x)
+    # by hand, fp32: the input (64 B), then the first linear's output (128 B) and the ReLU's (128 B) at
+    # once; the first is freed after the ReLU, so the last linear (32 B) adds less than it frees
+    assert live.peak == 64 + 128 + 128
+    assert live.live == 64 + 32 and y.shape == (2, 4)

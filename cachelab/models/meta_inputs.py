@@ -142,7 +142,8 @@ def _hunyuan_video(model, shape, batch, dtype):
     return dict(hidden_states=_meta(batch, config.in_channels, _video_frames(shape, 4), h, w, dtype=dtype),
                 timestep=_timestep(batch),
                 encoder_hidden_states=_meta(batch, shape.text_tokens, config.text_embed_dim, dtype=dtype),
-                encoder_attention_mask=None, pooled_projections=_meta(batch, config.pooled_projection_dim, dtype=dtype),
+                encoder_attention_mask=torch.ones(batch, shape.text_tokens, device="meta"),
+                pooled_projections=_meta(batch, config.pooled_projection_dim, dtype=dtype),
                 guidance=torch.full((batch,), shape.guidance * 1000, device="meta"), return_dict=False)
 
 

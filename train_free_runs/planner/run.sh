@@ -7,6 +7,7 @@ set -euo pipefail
 out=train_free_runs/planner
 plan() {  # name, then the overrides
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi  # ONLY="a b": just those
   local start=$(date +%s.%N)
   python run.py job=plan logger=none threads=1 plan.device_memory=80GiB "hydra.run.dir=$out/$name" "$@"
   python -c "print(round($(date +%s.%N) - $start, 1))" > "$out/$name/wall_s.txt"
