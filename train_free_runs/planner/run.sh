@@ -14,8 +14,8 @@ plan() {  # name, then the overrides
 }
 # the paper's FLUX.1-dev setting: 1024^2, 50 steps, guidance 3.5 (embedded), order 2, N=5, first_enhance 3
 plan flux_dev_o2 plan.target=flux.1-dev strategy=taylorseer order=2 interval=5 first_enhance=3 num_steps=50
-plan flux_dev_o2_bf16 plan.target=flux.1-dev strategy=taylorseer order=2 interval=5 first_enhance=3 num_steps=50 \
-  strategy.predictor.factor_dtype=bf16
+plan flux_dev_o2_fp32 plan.target=flux.1-dev strategy=taylorseer order=2 interval=5 first_enhance=3 num_steps=50 \
+  strategy.predictor.factor_dtype=fp32
 # HunyuanVideo 720p x 129 frames, 50 steps, embedded guidance 6: the paper's order 1, N=5, first_enhance 1; and order 2
 plan hunyuan_video_o1 plan.target=hunyuanvideo strategy=taylorseer order=1 interval=5 first_enhance=1 num_steps=50 \
   plan.height=720 plan.width=1280 plan.num_frames=129
