@@ -203,3 +203,20 @@ def test_the_activation_estimate_frees_each_tensor_with_its_last_reference():
     # once; the first is freed after the ReLU, so the last linear (32 B) adds less than it frees
     assert live.peak == 64 + 128 + 128
     assert live.live == 64 + 32 and y.shape == (2, 4)
+
+
+# published parameter counts (model cards), in billions
+PARAMETERS = {"flux.1-dev": 12, "flux.2-dev": 32, "qwen-image": 20, "sd3.5-large": 8.1, "pixart-sigma": 0.61,
+              "wan2.1-t2v-1.3b": 1.4, "wan2.1-t2v-14b": 14, "wan2.2-t2v-a14b": 14, "hunyuanvideo": 13,
+              "ltx-video": 1.9, "dit-xl-2-256": 0.675 + 0.077}  # diffusers' DiT: embedders in every block
+
+
+def test_every_shipped_config_builds_on_the_meta_device_at_its_published_size():
+    from cachelab.models.meta_inputs import meta_model, shipped_configs
+
+    assert sorted(PARAMETERS) == shipped_configs()
+    for name, billions in PARAMETERS.items():
+        model, experts = meta_model(name)
+        assert next(model.parameters()).is_meta
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(billions * 1e9, rel=0.06), name
+        assert experts == (2 if name == "wan2.2-t2v-a14b" else 1)
