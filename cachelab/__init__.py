@@ -7,6 +7,10 @@ The public Python API (importing it imports no Hydra)::
     print(handle.summary())
     handle.remove()                                        # the model as it was, bit for bit
 
+``cachelab.plan(target, strategy, **keys)`` tells before a run what the strategy will hold and
+save (cache bytes, weights, FLOPs), on the meta device, for a shipped config such as
+``"flux.1-dev"`` too; ``budget=`` in either refuses a strategy whose cache would not fit.
+
 ``apply`` takes a diffusers pipeline, a diffusers transformer or any ``torch.nn.Module`` (drive
 those with ``with handle.generation(T):`` and ``handle.step(s, t)``). Below it: a
 :class:`Strategy` (predictor x schedule x granularity) attached to sites (:func:`attach`).
