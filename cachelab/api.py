@@ -245,7 +245,7 @@ class ExpertsHandle(ExpertHandles):
 
 
 def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[SitePattern]] | None = None,
-          on_undriven: str = "warn", **overrides) -> Handle:
+          on_undriven: str = "warn", budget=None, **overrides) -> Handle:
     """Apply ``strategy`` (a ``conf/strategy/`` preset name, with the command line's keys as
     ``overrides``: ``order``, ``interval``, ``first_enhance``, ``granularity``, ``schedule``,
     the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
@@ -253,12 +253,18 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     with its own state: an :class:`ExpertsHandle`), a diffusers transformer or any ``nn.Module``
     (driven by the caller: ``with handle.generation(T): handle.step(s, t)``). The sites are the
     model's family's where cachelab describes it (the same as ``run.py model=<family>``), else
-    discovered; ``sites``: granularity -> site patterns instead (for every expert)."""
+    discovered; ``sites``: granularity -> site patterns instead (for every expert). ``budget`` (bytes
+    or a size such as ``"4GiB"``): the strategy is planned first (:func:`cachelab.plan`, with the
+    generation's keys among ``overrides``: ``num_inference_steps``, ``height``, ``width``, ...) and
+    refused, before anything is hooked, when its cache would exceed the budget."""
     pipe = target if _is_pipeline(target) else None
     model = target.transformer if pipe is not None else target
     if not isinstance(model, nn.Module):
         raise TypeError(f"cachelab.apply takes a diffusers pipeline, a diffusers transformer or a torch.nn.Module, "
                         f"got {type(target).__name__}")
+    if budget is not None:
+        from cachelab.planner import PLAN_KEYS
+        plan_keys = {key: overrides.pop(key) for key in PLAN_KEYS if key in overrides}
     if isinstance(strategy, str):
         from cachelab.jobs.presets import preset
 
@@ -267,6 +273,10 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
+    if budget is not None:
+        from cachelab.planner import plan
+
+        plan(target, strategy, budget=budget, **plan_keys)
     if pipe is None:
         return Handle(model, strategy, GivenSites(model, sites) if sites is not None else None, on_undriven)
     from cachelab.models.pipelines.driver import PipelineDriver, experts

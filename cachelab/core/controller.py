@@ -66,8 +66,9 @@ class SiteObserver(Protocol):
 class CacheStats:
     """What one generation did: full and forecast steps, fallbacks (a site without history
     computing on a forecast step), guard fallbacks (a site whose forecast held NaN or Inf
-    computing instead), bytes held by caches (the sites' predictor states, token selection's
-    ages, clusters and scores, and the schedule's reference signals), and the order the
+    computing instead), the most bytes held by caches at a step's end (the sites' predictor
+    states, token selection's ages, clusters and scores, and the schedule's reference signals;
+    ``context_bytes``: per context, at the last reading), and the order the
     predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
     without orders). Several experts (:class:`~cachelab.core.experts.ExpertHandles`): each one's
     own statistics in ``experts``, the fields above merged."""
@@ -244,6 +245,7 @@ class CacheHandle(Generations):
             raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
         if self._s is not None and s <= self._s:  # the step went back: a new generation, no leak
             self.begin(self._T, self._grid)
+        self.stats()  # the bytes the last step left held (the peak)
         if self._s is not None and self._decision is None:
             raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
@@ -296,7 +298,8 @@ class CacheHandle(Generations):
             self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
                                          for context, caches in self._caches.items()}
             scores = sum(score.numel() * score.element_size() for score in self._scores.values())
-            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + scores
+            held = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + scores
+            self._stats.cache_bytes = max(self._stats.cache_bytes, held)  # the peak: read at every step and the end
             orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
                       for state in cache.states if state is not None]
             orders = [order for order in orders if order is not None]

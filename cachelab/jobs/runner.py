@@ -15,6 +15,7 @@ from analysis.sink import Sink
 from cachelab.jobs.base import RUN_NAME_TAGS, build, build_strategy
 from cachelab.jobs.checks import check_config
 from cachelab.jobs.lifecycle import PROGRESS, FolderLock, track_generations
+from cachelab.jobs.plan import check_cache_budget
 from cachelab.jobs.parallel import check_parallel, degree, is_rank, join, launch, rank_folder, writes
 from cachelab.jobs.sample import SampleJob
 from cachelab.models.adapter import ModelAdapter
@@ -36,6 +37,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
         strategy = build_strategy(cfg)
         adapter: ModelAdapter = build(cfg, "model")
         join(cfg, adapter)  # as a rank: the process group, context parallelism on the model
+        check_cache_budget(cfg, adapter, strategy)  # cache.budget: refused before any generation
         job = build(cfg, "job")
         PROGRESS.resumable = isinstance(job, RESUMABLE_JOBS)
         track_generations(adapter)

@@ -46,6 +46,28 @@ class ParallelSchema:
 
 
 @dataclass
+class CacheSchema:
+    """``cache.*``: bounds on what the caches hold."""
+
+    budget: Optional[str] = MISSING
+
+
+@dataclass
+class PlanSchema:
+    """``plan.*``: the generation ``job=plan`` and the budget check plan (null: the model's own)."""
+
+    target: Optional[str] = MISSING
+    height: Optional[int] = MISSING
+    width: Optional[int] = MISSING
+    num_frames: Optional[int] = MISSING
+    batch_size: Optional[int] = MISSING
+    guidance: Optional[float] = MISSING
+    text_tokens: Optional[int] = MISSING
+    dtype: Optional[str] = MISSING
+    device_memory: Optional[str] = MISSING
+
+
+@dataclass
 class ConfigSchema:
     """The top level of ``conf/config.yaml``: the groups and the shorthands."""
 
@@ -69,6 +91,8 @@ class ConfigSchema:
     paper_metrics: Dict[str, Any] = field(default_factory=dict)
     measure: MeasureSchema = field(default_factory=MeasureSchema)
     parallel: ParallelSchema = field(default_factory=ParallelSchema)
+    cache: CacheSchema = field(default_factory=CacheSchema)
+    plan: PlanSchema = field(default_factory=PlanSchema)
 
 
 @dataclass
@@ -200,7 +224,7 @@ SCHEMAS = {  # ConfigStore group -> name -> schema; conf/ files name theirs in t
     "schema": {"config": ConfigSchema},
     "schema/job": {"compare": CompareJobSchema, "sample": SampleJobSchema, "trajectory": TrajectoryJobSchema,
                    "atlas": AtlasJobSchema, "calibrate": CalibrateJobSchema, "tune": TuneJobSchema,
-                   "benchmark": BenchmarkJobSchema},
+                   "benchmark": BenchmarkJobSchema, "plan": Target},
     "schema/strategy": {"strategy": StrategySchema},
     "schema/logger": {"none": Target, "wandb": WandbSchema},
     "schema/compile": {"compile": CompileSchema},

@@ -1,0 +1,222 @@
+"""The planner (cachelab.plan) against real generations: on tiny models its cache bytes equal the
+peak the controller measured and its FLOPs the FLOPs counted (torch.utils.flop_counter) exactly."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import cachelab
+from cachelab.errors import ConfigError
+from cachelab.evaluation.flops import count_flops_per_call
+from cachelab.planner import size_text
+from tests.conftest import tiny_adapter
+
+STEPS = 10
+STRATEGY = dict(order=2, interval=3, first_enhance=2)
+
+
+def transformer_flops(pipe, call) -> int:
+    """FLOPs of the transformer's calls (every expert's) inside ``call()``."""
+    owners = {name: (getattr(pipe, name), "forward") for name in ("transformer", "transformer_2")
+              if getattr(pipe, name, None) is not None}
+    _, _, per = count_flops_per_call(call, owners)
+    return sum(per.values())
+
+
+def tiny_pipeline(adapter_class, tmp_path: Path):
+    import diffusers
+
+    return getattr(diffusers, adapter_class.pipeline_class)(**adapter_class.tiny_components(tmp_path)).to(torch.float32)
+
+
+def check_pipeline(pipe, call_kwargs: dict, plan_keys: dict, strategy: str = "taylor", **keys):
+    """A cached generation of ``pipe`` (after one that hooks the sites) against the plan."""
+    keys = {**STRATEGY, **keys}
+
+    def generate(steps: int):
+        torch.manual_seed(0)
+        return pipe("a digit seven", num_inference_steps=steps, output_type="latent", **call_kwargs)
+
+    uncached = transformer_flops(pipe, lambda: generate(STEPS))
+    planned = cachelab.plan(pipe, strategy, num_inference_steps=STEPS, **plan_keys, **keys)
+    with cachelab.apply(pipe, strategy, **keys) as handle:
+        generate(2)  # finds the sites (a traced call, not counted)
+        cached = transformer_flops(pipe, lambda: generate(STEPS))
+        stats = handle.stats()
+    assert stats.cache_bytes > 0
+    assert planned.cache_bytes == stats.cache_bytes
+    assert planned.flops_total == cached
+    assert planned.flops_full_step * STEPS == uncached
+    assert planned.full_steps == len(stats.full_steps)
+    assert planned.flops_speedup == pytest.approx(uncached / cached)
+    return planned
+
+
+def test_the_plan_of_tiny_flux_digits_is_its_measured_cache_and_flops():
+    from diffusers import FluxPipeline
+
+    from cachelab.models.pipelines import flux_digits
+
+    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
+    check_pipeline(pipe, dict(flux_digits.CALL_KWARGS, guidance_scale=3.5),
+                   dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH, guidance=3.5))
+
+
+def test_bf16_factors_and_block_sites_are_planned_exactly_too():
+    from diffusers import FluxPipeline
+
+    from cachelab.models.pipelines import flux_digits
+
+    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
+    kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
+    plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
+    fp32 = check_pipeline(pipe, kwargs, plan_keys)
+    bf16 = check_pipeline(pipe, kwargs, plan_keys, factor_dtype="bf16")
+    assert bf16.cache_bytes * 2 == fp32.cache_bytes  # every factor in half the bytes
+    check_pipeline(pipe, kwargs, plan_keys, granularity="block")
+
+
+def test_the_plan_of_a_tiny_wan_with_two_cfg_calls_per_step(tmp_path):
+    from cachelab.models.pipelines.wan import WanAdapter
+
+    pipe = tiny_pipeline(WanAdapter, tmp_path)
+    planned = check_pipeline(pipe, dict(height=64, width=64, num_frames=5, guidance_scale=5.0, max_sequence_length=16),
+                             dict(height=64, width=64, num_frames=5, text_tokens=16, guidance=5.0))
+    alone = cachelab.plan(pipe, "taylor", num_inference_steps=STEPS, height=64, width=64, num_frames=5,
+                          text_tokens=16, guidance=1.0, **STRATEGY)
+    assert planned.cache_bytes == 2 * alone.cache_bytes  # cond and uncond: one cache each
+
+
+def test_the_plan_of_a_tiny_sd3_with_cfg_in_the_batch(tmp_path):
+    from cachelab.models.pipelines.sd3 import SD3Adapter
+
+    pipe = tiny_pipeline(SD3Adapter, tmp_path)
+    check_pipeline(pipe, dict(height=32, width=32, guidance_scale=4.0, max_sequence_length=16),
+                   dict(height=32, width=32, text_tokens=77 + 16, guidance=4.0))
+
+
+def test_the_plan_of_the_native_dit_is_its_measured_cache_and_flops():
+    adapter = tiny_adapter()
+    inputs = adapter.make_inputs(3, seed=0)
+    planned = cachelab.plan(adapter.model, "taylor", num_inference_steps=adapter.num_steps, batch_size=3,
+                            guidance=adapter.guidance_scale, **STRATEGY)
+    uncached = count_flops_per_call(lambda: adapter.generate(inputs), {"dit": (adapter.model, "forward")})[2]["dit"]
+    with cachelab.apply(adapter.model, "taylor", **STRATEGY) as handle:
+        adapter.generate(adapter.make_inputs(3, seed=1), handle)  # finds the sites
+        cached = count_flops_per_call(lambda: adapter.generate(inputs, handle),
+                                      {"dit": (adapter.model, "forward")})[2]["dit"]
+        stats = handle.stats()
+    assert planned.cache_bytes == stats.cache_bytes > 0
+    assert planned.flops_total == cached
+    assert planned.flops_full_step * adapter.num_steps == uncached
+    # by hand: 2 blocks x 2 module sites x order 2 (3 factors) x (6 x 16 tokens x 32 channels) fp32
+    assert planned.cache_bytes == 2 * 2 * 3 * 6 * 16 * 32 * 4
+
+
+def test_the_peak_is_kept_when_a_site_starts_over_smaller():
+    """``stats().cache_bytes`` is the most held during the generation, not what is left at its end."""
+    adapter = tiny_adapter()
+    with cachelab.apply(adapter.model, "taylor", **STRATEGY) as handle:
+        with handle.generation(6):
+            for s in range(6):
+                handle.step(s)
+                batch = 4 if s < 3 else 1  # from step 3 on every site starts a new, smaller history
+                adapter.model(torch.zeros(batch, 1, 8, 8), torch.full((batch,), 10), torch.zeros(batch, dtype=torch.long))
+            held_late = sum(handle.stats().context_bytes.values())
+        assert handle.stats().cache_bytes > held_late
+
+
+def test_a_shipped_config_plans_on_the_meta_device_without_weights():
+    planned = cachelab.plan("dit-xl-2-256", "taylor", num_inference_steps=50, batch_size=1, **STRATEGY)
+    from diffusers import DiTTransformer2DModel
+
+    from cachelab.models.meta_inputs import read_config
+
+    with torch.device("meta"):
+        model = DiTTransformer2DModel.from_config(read_config("dit-xl-2-256")["config"])
+    parameters = sum(p.numel() for p in model.parameters())
+    # DiT-XL/2 has 675 M parameters; diffusers' port repeats the timestep and label embedders in each block
+    assert 675e6 < parameters < 760e6
+    assert planned.weight_bytes == 2 * parameters + 2 * sum(b.numel() for b in model.buffers())  # bf16
+    assert "cache (peak)" in str(planned) and planned.flops_speedup > 1
+
+
+def test_bad_targets_and_keys_are_one_line():
+    with pytest.raises(ConfigError, match="allowed: .*flux.1-dev"):
+        cachelab.plan("flux.3", "taylor")
+    with pytest.raises(ConfigError, match="budget="):
+        cachelab.plan("dit-xl-2-256", "taylor", budget="four gigabytes")
+
+
+def test_apply_refuses_a_strategy_over_its_budget_before_hooking_anything():
+    adapter = tiny_adapter()
+    planned = cachelab.plan(adapter.model, "taylor", num_inference_steps=10, batch_size=3, guidance=1.5, **STRATEGY)
+    with pytest.raises(ConfigError) as refused:
+        cachelab.apply(adapter.model, "taylor", budget=planned.cache_bytes - 1, num_inference_steps=10, batch_size=3,
+                       guidance=1.5, **STRATEGY)
+    line = str(refused.value)
+    assert "\n" not in line and "budget" in line
+    assert f"({planned.cache_bytes} B)" in line and f"({planned.cache_bytes - 1} B)" in line
+    # order 1 keeps 2 of the 3 factors: 2/3 of the bytes, which fits
+    assert f"order=1 ({size_text(planned.cache_bytes * 2 // 3)})" in line
+    assert "forward" not in vars(adapter.model)  # nothing was hooked
+    with cachelab.apply(adapter.model, "taylor", budget=planned.cache_bytes, num_inference_steps=10, batch_size=3,
+                        guidance=1.5, **STRATEGY) as handle:
+        adapter.generate(adapter.make_inputs(3, seed=0), handle)
+        assert handle.stats().cache_bytes == planned.cache_bytes  # exactly the budget: allowed
+
+
+def test_the_command_line_refuses_a_budget_in_one_line_and_writes_no_metrics(tmp_path):
+    from tests.test_cli import run_app
+
+    proc = run_app(["cache.budget=1MiB", "logger=none", "num_images=4", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "budget" in line]
+    assert len(lines) == 1 and "9.00 MiB (9437184 B)" in lines[0] and "1.00 MiB (1048576 B)" in lines[0]
+    assert "granularity=output" in lines[0]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_job_plan_writes_the_plan(tmp_path):
+    import json
+
+    from tests.test_cli import run_app
+
+    proc = run_app(["job=plan", "logger=none", "num_images=4", "plan.device_memory=1GiB", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert record["cache_bytes"] == 9437184 and record["fits"] is True
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_activation_estimate_frees_each_tensor_with_its_last_reference():
+    from cachelab.planner import LiveBytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to("meta")
+    x = torch.empty(2, 8, device="meta")
+    with torch.no_grad(), LiveBytes(x.numel() * 4) as live:
+        y = model(x)
+    # by hand, fp32: the input (64 B), then the first linear's output (128 B) and the ReLU's (128 B) at
+    # once; the first is freed after the ReLU, so the last linear (32 B) adds less than it frees
+    assert live.peak == 64 + 128 + 128
+    assert live.live == 64 + 32 and y.shape == (2, 4)
+
+
+# published parameter counts (model cards), in billions
+PARAMETERS = {"flux.1-dev": 12, "flux.2-dev": 32, "qwen-image": 20, "sd3.5-large": 8.1, "pixart-sigma": 0.61,
+              "wan2.1-t2v-1.3b": 1.4, "wan2.1-t2v-14b": 14, "wan2.2-t2v-a14b": 14, "hunyuanvideo": 13,
+              "ltx-video": 1.9, "dit-xl-2-256": 0.675 + 0.077}  # diffusers' DiT: embedders in every block
+
+
+def test_every_shipped_config_builds_on_the_meta_device_at_its_published_size():
+    from cachelab.models.meta_inputs import meta_model, shipped_configs
+
+    assert sorted(PARAMETERS) == shipped_configs()
+    for name, billions in PARAMETERS.items():
+        model, experts = meta_model(name)
+        assert next(model.parameters()).is_meta
+        assert sum(p.numel() for p in model.parameters()) == pytest.approx(billions * 1e9, rel=0.06), name
+        assert experts == (2 if name == "wan2.2-t2v-a14b" else 1)
