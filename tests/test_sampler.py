@@ -163,5 +163,5 @@ def test_adapter_reference_precision_samples_as_adm_and_a_bad_value_is_one_line(
     model = adapter.model
     expected = adm_ddim(lambda x, t: model(x, t, inputs.labels)[:, : model.in_channels], inputs.noise, 21)
     assert torch.equal(adapter.generate(inputs), expected)
-    with pytest.raises(ConfigError, match=r"^model.sampler_precision must be one of exact, reference; got 'fp16'$"):
+    with pytest.raises(ConfigError, match=r"^sampler_precision='fp16' is not allowed; allowed: exact, reference$"):
         tiny_adapter(sampler_precision="fp16")
