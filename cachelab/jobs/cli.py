@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cachelab.errors import ConfigError, UserError
 from cachelab.jobs import CONFIG_DIR
-from cachelab.jobs.console import quiet_console
+from cachelab.jobs.console import close_progress_bars, quiet_console
 from cachelab.jobs.isolation import Outcome, run_isolated
 from cachelab.jobs.lifecycle import (LOCK, PROGRESS, SWEEP, Interrupted, Owner, interruptible, interrupted_line,
                                      release_if_owned, write_failure)
@@ -246,5 +246,6 @@ def console() -> None:
         except Interrupted as stop:
             if stop.message is None and "dir" in SWEEP:  # in the sweep's own code, between jobs
                 stop.message = interrupted_line("", True, "hydra.sweep.dir", SWEEP["dir"])
+            close_progress_bars()  # the line starts a line, wherever the signal stopped a bar
             print(stop.line, file=sys.stderr)
             sys.exit(stop.exit_code)

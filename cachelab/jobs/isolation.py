@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from cachelab.errors import UserError
+from cachelab.jobs.console import close_progress_bars
 from cachelab.jobs.lifecycle import PROGRESS, STOP_SIGNALS, Interrupted, install_stop_handlers, write_failure
 
 TAIL_LINES = 20       # output lines kept for error.txt
@@ -55,7 +56,10 @@ class Outcome:
 def attempt(target: Callable[[], object], folder=None) -> Outcome:
     """Run ``target`` and classify how it ended (in the process it is called in)."""
     try:
-        target()
+        try:
+            target()
+        finally:  # while a bar that a signal stopped is still held: the caller prints the next line
+            close_progress_bars()
         return Outcome("ok")
     except Interrupted as stop:
         return Outcome("interrupted", exit_code=stop.exit_code, signum=stop.signum, where=PROGRESS.where(),

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cachelab.core.controller import CacheHandle
-from cachelab.models.diffusion import DDIMSchedule
+from cachelab.models.diffusion import DDIMSchedule, check_precision
 from cachelab.models.adapter import DTYPES, Inputs, ModelAdapter
 from cachelab.models.dit import DiT, dit_from_preset, load_checkpoint
 from cachelab.assets import load_asset
@@ -41,7 +41,9 @@ class DiTAdapter(ModelAdapter):
     asset (``weights``: architecture and sha256-checked weights from ``cachelab/assets``),
     an original checkpoint, the reference initialisation (``init="reference"``), or
     ``init="random"`` (gates and final layer drawn too, so an untrained model still has
-    moving features). An optional ``judge`` scores decoded samples (``evaluate``)."""
+    moving features). An optional ``judge`` scores decoded samples (``evaluate``).
+    ``sampler_precision="reference"`` computes DDIM's coefficients as ADM/DiT's sampler does
+    (from float32-rounded alpha_bar), for bit-for-bit comparisons with it."""
 
     sites = SITE_PATTERNS  # granularity -> site patterns and probes (class data, as diffusers adapters have)
 
@@ -64,6 +66,7 @@ class DiTAdapter(ModelAdapter):
         num_steps: int = 50,
         guidance_scale: float = 1.5,
         guided_channels: int | None = None,
+        sampler_precision: str = "exact",
         dtype: str = "fp32",
         device: str = "cpu",
     ):
@@ -74,6 +77,7 @@ class DiTAdapter(ModelAdapter):
         self.weights, self.checkpoint, self.init, self.init_seed = weights, checkpoint, init, init_seed
         self.vae_path, self.judge = vae, judge
         self.num_steps, self.guidance_scale, self.guided_channels = num_steps, guidance_scale, guided_channels
+        self.sampler_precision = check_precision(sampler_precision)
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
 
     def build(self) -> DiT:
@@ -120,7 +124,7 @@ class DiTAdapter(ModelAdapter):
                  callback: Callback | None = None, progress: str | None = None) -> torch.Tensor:
         model = self.model
         channels = model.in_channels
-        schedule = DDIMSchedule.respaced(self.num_steps)
+        schedule = DDIMSchedule.respaced(self.num_steps, precision=self.sampler_precision)
         if self.guidance_scale == 1.0:
             x, y = inputs.noise, inputs.labels
 

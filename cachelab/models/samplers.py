@@ -1,7 +1,6 @@
 """Samplers: small functions with one signature and a per-step callback dict."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -39,11 +38,10 @@ def ddim(
         t = int(schedule.timesteps[s])
         was_full = before_step(s, t) if before_step is not None else None
         eps = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        a, a_prev = schedule.alpha_bar[s], schedule.alpha_bar_prev[s]
-        recip, recipm1 = math.sqrt(1.0 / a), math.sqrt(1.0 / a - 1.0)
+        recip, recipm1, sqrt_prev, sqrt_1m_prev = schedule.coefficients(s)
         pred_x0 = recip * x - recipm1 * eps
         eps = (recip * x - pred_x0) / recipm1  # ADM recomputes eps from x0; kept for parity
-        x = pred_x0 * math.sqrt(a_prev) + math.sqrt(1.0 - a_prev) * eps
+        x = pred_x0 * sqrt_prev + sqrt_1m_prev * eps
         if callback is not None:
             full = was_full() if was_full is not None else True
             callback({"s": s, "t": t, "x": x, "model_output": eps, "pred_x0": pred_x0, "full": full})

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train_free_runs.faults.faulty import STALLED
+
 REPO = Path(__file__).resolve().parents[2]
 FAULTY = ["model._target_=train_free_runs.faults.faulty.FaultyDiT", "+model.seed=${seed}"]
 FAST = ["model=tiny_dit_random", "num_steps=6", "num_images=2", "measure.flops=false", "logger=none",
@@ -84,28 +86,33 @@ def with_checkpoint(write: str):
     """)
 
 
+def stalled(args: list[str]) -> subprocess.Popen:
+    """``args`` started with FaultyDiT's ``stall`` armed, once it has stalled: its first
+    generation done, the second held after its first step until a line arrives on its stdin."""
+    proc = subprocess.Popen(args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENV, "CACHELAB_TEST_FAULTS": "0=stall"})
+    for line in proc.stdout:  # ends early only if the run ends first
+        if line.rstrip("\n") == STALLED:
+            break
+    return proc
+
+
 def concurrent(folder: Path) -> Outcome:
-    """Two ``job=sample`` runs into one folder at once: the second must refuse (exit 2)."""
-    args = [sys.executable, "run.py", *FAST, "job=sample", "num_images=6", "job.batch_size=2", "num_steps=20",
-            f"hydra.run.dir={folder}"]
-    first = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (folder / "run.lock").exists():
-        time.sleep(0.1)
+    """A second ``job=sample`` run into a folder that a first one holds: it must refuse (exit 2)."""
+    args = [sys.executable, "run.py", *FAST, *FAULTY, "job=sample", "num_images=6", "job.batch_size=2",
+            "num_steps=20", f"hydra.run.dir={folder}"]
+    first = stalled(args)
     second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
-    first.communicate(timeout=600)
+    first.communicate("\n", timeout=600)
     return Outcome(second.returncode, second.stderr, folder)
 
 
 def interrupted(sig: int, *overrides: str):
-    """``python run.py`` sent ``sig`` once it has written its first chunk (job=sample)."""
+    """``python run.py`` (job=sample) sent ``sig`` in a known state: its first chunk written, the
+    second stalled after its first step."""
     def run(folder: Path) -> Outcome:
-        args = [sys.executable, "run.py", *FAST, "job=sample", "num_images=8", "job.batch_size=2", "num_steps=30",
-                *overrides, f"hydra.run.dir={folder}"]
-        proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((folder / "samples" / "cached").glob("*.npz")):
-            time.sleep(0.2)
+        proc = stalled([sys.executable, "run.py", *FAST, *FAULTY, "job=sample", "num_images=8", "job.batch_size=2",
+                        "num_steps=30", *overrides, f"hydra.run.dir={folder}"])
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         return Outcome(proc.returncode, err, folder)
@@ -243,8 +250,8 @@ FAULTS = [
           all_of(no_traceback, no_half_files, chunks_complete)),
     Fault("SIGTERM", "kill during job=sample", interrupted(signal.SIGTERM), 143, "interrupted",
           all_of(no_traceback, no_half_files, chunks_complete)),
-    Fault("two runs into one folder", "two job=sample runs at once, one hydra.run.dir", concurrent, 2, "run.lock",
-          no_traceback),
+    Fault("two runs into one folder", "a second job=sample run into the folder a first one holds", concurrent, 2,
+          "run.lock", no_traceback),
     Fault("caller changes the output in place", "a sampler adding to the model output in place (reuse)",
           python("""
               import sys, torch, cachelab
