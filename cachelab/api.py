@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 
 from torch import nn
 
+from cachelab.core import hooks
 from cachelab.core.controller import CacheHandle, CacheStats, Generations
 from cachelab.core.experts import ExpertHandles
 from cachelab.core.schedules import Decision
@@ -26,7 +27,7 @@ from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
 
 UNDRIVEN = ("warn", "raise", "ignore")
-_MISSING = object()
+HANDLE_HOOK = "cachelab handle"  # the name of an applied handle's hook on its model's forward
 
 
 class GivenSites:
@@ -62,13 +63,14 @@ class Handle(Generations):
         # per stack, the share of its blocks' FLOPs the sites hold (StackCoverage); None: not countable
         self.coverage: list | None = []
         self._stats = CacheStats()
-        self._original = vars(model).get("forward", _MISSING)
-        self._forward = model.forward
-        model.forward = self._guarded_forward
+        hooks.install(model, "forward", HANDLE_HOOK, self._guarded_forward, hooks.HANDLE, by=self)
 
     # -- driving (the same calls as CacheHandle) --------------------------------------------
-    def begin(self, T: int, grid: StepGrid | None = None) -> None:
+    def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
+        """Start a generation of ``T`` steps (``plan``: the expert of each step, as a pipeline's driver gives it)."""
         self._check_live()
+        if plan is not None and len(plan) != T:
+            raise ValueError(f"the plan must name an expert for each of the {T} steps, got {len(plan)} entries")
         self._T, self._grid, self._step = T, grid, None
         if self.inner is not None:
             self.inner.begin(T, grid)
@@ -140,10 +142,7 @@ class Handle(Generations):
         if self.inner is not None:
             self._stats = self.inner.stats()
             self.inner.remove()
-        if self._original is _MISSING:
-            del self.model.forward
-        else:
-            self.model.forward = self._original
+        hooks.remove(self.model, "forward", HANDLE_HOOK)
         self._removed = True
 
     def __enter__(self) -> Handle:
@@ -153,14 +152,18 @@ class Handle(Generations):
         self.remove()
 
     # -- the model's forward ----------------------------------------------------------------
-    def _guarded_forward(self, *args, **kwargs):
-        if self._T is None:
-            self._undriven()
-            return self._forward(*args, **kwargs)
-        if self.inner is None:
-            self._hook_sites(lambda: self._forward(*args, **kwargs))
-            return self.model.forward(*args, **kwargs)  # through the sites hooked just now
-        return self._forward(*args, **kwargs)
+    def _guarded_forward(self, forward: Callable) -> Callable:
+        """The model's forward (``forward``: the computation beneath this hook), guarded."""
+        def guarded_forward(*args, **kwargs):
+            if self._T is None:
+                self._undriven()
+                return forward(*args, **kwargs)
+            if self.inner is None:
+                self._hook_sites(lambda: forward(*args, **kwargs))
+                return self.model.forward(*args, **kwargs)  # through the sites hooked just now
+            return forward(*args, **kwargs)
+
+        return guarded_forward
 
     def _hook_sites(self, call: Callable[[], object]) -> None:
         """Find the sites (the family's, or one traced call), hook them and count the share of each
@@ -172,8 +175,6 @@ class Handle(Generations):
 
         if self.sites is None:
             self.sites = model_sites(self.model, self.strategy.granularity, call)
-        if self.driver is not None:  # the driver stays the outermost forward wrapper
-            self.driver.uninstall_hooks()
         try:
             self.inner = self.strategy.attach(self.sites, group=context_parallel_group(self.model))
         except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model
@@ -184,8 +185,6 @@ class Handle(Generations):
         for line in filter(None, (c.warning() for c in self.coverage or [])):
             warnings.warn(f"cachelab: {type(self.model).__name__} at granularity={self.strategy.granularity}: {line}",
                           stacklevel=2)
-        if self.driver is not None:
-            self.driver.install()
         self.inner.begin(self._T, self._grid)
         if self._step is not None:
             self.inner.step(*self._step)

@@ -273,6 +273,29 @@ def test_a_pipeline_passing_one_minus_t_drives_the_cache():
     assert not torch.equal(cached, bare) and torch.equal(restored, bare)
 
 
+class PositionalLumina2StylePipeline(Lumina2StylePipeline):
+    """Passes the timestep by position."""
+
+    def __call__(self, x):
+        self.scheduler.set_timesteps()
+        for t in self.scheduler.timesteps:
+            x = self.scheduler.step(self.transformer(x, (1 - t / 1000).expand(len(x))), t, x)[0]
+        return x
+
+
+def test_a_timestep_passed_by_position_drives_the_cache_as_by_keyword():
+    results = []
+    for kind in (Lumina2StylePipeline, PositionalLumina2StylePipeline):
+        torch.manual_seed(0)
+        pipe = kind(TimestepKeyword(UserDiT()).eval())
+        x = torch.randn(2, 6, 16)
+        with torch.no_grad():
+            handle = cachelab.apply(pipe, "taylor", interval=3, first_enhance=2, granularity="block", order=1)
+            results.append((pipe(x), handle.stats().full_steps))
+            handle.remove()
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] == Interval(3, 2).full_steps(T)
+
+
 def test_the_driver_ends_each_generation_after_the_last_step():
     torch.manual_seed(0)
     pipe = Lumina2StylePipeline(TimestepKeyword(UserDiT()).eval())
@@ -307,3 +330,4 @@ def test_nested_outputs_are_taken_apart_and_rebuilt():
             [None if p is None else (p + 1).tolist() for p in parts]
     with pytest.raises(TypeError, match="returned str"):
         split((a, "x"))
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from cachelab.errors import ConfigError, NonFiniteError
+from cachelab.core import hooks
 from cachelab.core.distributed import GroupReduce, local
 from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
@@ -21,7 +22,6 @@ from cachelab.core.tokens import (TOKENWISE, FromSkipped, SiteTokens, TokenPolic
                                   gather_tokens, scatter_tokens, with_first_tensor)
 from cachelab.core.variables import StepGrid, positions
 
-_MISSING = object()
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 # what a forecast holding NaN or Inf does: the site computes for real, an error, or nothing checked
 GUARDS = ("fallback", "raise", "off")
@@ -202,8 +202,7 @@ class CacheHandle(Generations):
         self._fed = {site.name for site in self.sites
                      if site.name in self._token_sites and isinstance(site.tokens, FromSkipped)}
         self._skipped: dict[tuple[str, str], dict[str, tuple[tuple, dict]]] = {}  # (context, consumer) -> inputs
-        self._originals: list[tuple[Site, object]] = []
-        self._installed: list[tuple[Site, Callable, Callable]] = []  # site, its computation, its wrapper maker
+        self._installed: list[tuple[Site, str, Callable]] = []  # site, its hook's name, its wrapper maker
         self._copy_values = False
         self._observers: list[SiteObserver] = []
         self._audit = False
@@ -221,10 +220,18 @@ class CacheHandle(Generations):
             for signal, probe in self.probes.items():
                 self._install_probe(signal, probe)
 
+    def __repr__(self) -> str:
+        return (f"<CacheHandle {type(self.predictor).__name__} x {type(self.schedule).__name__} on "
+                f"{len(self.sites)} sites at {id(self):#x}>")
+
     # -- driving -------------------------------------------------------------------
-    def begin(self, T: int, grid: StepGrid | None = None) -> None:
+    def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
         """Start a generation of ``T`` steps: every cache is cleared. ``grid``: the sampler's
-        per-step variables; a ConfigError if the predictor's ``variable`` is not among them."""
+        per-step variables; a ConfigError if the predictor's ``variable`` is not among them.
+        ``plan``: the expert of each step (a pipeline's driver gives it); this one handle serves
+        whichever runs, so only its length is checked."""
+        if plan is not None and len(plan) != T:
+            raise ValueError(f"the plan must name an expert for each of the {T} steps, got {len(plan)} entries")
         self._positions = positions(getattr(self.predictor, "variable", "step"), T, grid)
         self.reset()
         self._T, self._grid = T, grid
@@ -306,12 +313,8 @@ class CacheHandle(Generations):
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""
         with self._lifted():
-            for site, original in reversed(self._originals):
-                if original is _MISSING:
-                    delattr(site.owner, site.method)
-                else:
-                    setattr(site.owner, site.method, original)
-        self._originals.clear()
+            for site, name, _ in reversed(self._installed):
+                hooks.remove(site.owner, site.method, name)
         self._installed.clear()
         self.reset()
 
@@ -325,8 +328,9 @@ class CacheHandle(Generations):
         the next graph replay would overwrite."""
         self._copy_values = options.get("mode") in CUDA_GRAPH_MODES
         with self._lifted():
-            for site, compute, wrap in self._installed:
-                setattr(site.owner, site.method, torch.compiler.disable(wrap(torch.compile(compute, **options))))
+            for site, name, wrap in self._installed:
+                hooks.rewrap(site.owner, site.method, name,
+                             lambda compute, wrap=wrap: torch.compiler.disable(wrap(torch.compile(compute, **options))))
 
     def _lifted(self):
         """The group's own hooks lifted while sites are (un)hooked (:meth:`GroupReduce.lifted`)."""
@@ -335,10 +339,10 @@ class CacheHandle(Generations):
     def _hook(self, site: Site, wrap: Callable) -> None:
         """Replace ``site``'s callable by ``wrap(its computation)``, excluded from tracing
         so that a compiled model graph-breaks at the site instead of guarding on our state."""
-        self._originals.append((site, vars(site.owner).get(site.method, _MISSING)))
-        compute = getattr(site.owner, site.method)
-        self._installed.append((site, compute, wrap))
-        setattr(site.owner, site.method, torch.compiler.disable(wrap(compute)))
+        name = f"cachelab site {site.name} of {self!r}"
+        hooks.install(site.owner, site.method, name, lambda compute: torch.compiler.disable(wrap(compute)),
+                      hooks.SITE, by=self)
+        self._installed.append((site, name, wrap))
 
     def _install_span(self, site: Site) -> None:
         """A span site: the first member decides (and records the span's inputs on full
