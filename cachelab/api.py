@@ -65,6 +65,10 @@ class Handle(Generations):
         self._stats = CacheStats()
         hooks.install(model, "forward", HANDLE_HOOK, self._guarded_forward, hooks.HANDLE, by=self)
 
+    def __repr__(self) -> str:
+        return (f"<cachelab handle {self.strategy.name} ({self.strategy.granularity}) on {type(self.model).__name__} "
+                f"at {id(self):#x}>")
+
     # -- driving (the same calls as CacheHandle) --------------------------------------------
     def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
         """Start a generation of ``T`` steps (``plan``: the expert of each step, as a pipeline's driver gives it)."""
@@ -266,11 +270,13 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
+    for each in (_experts(pipe) if pipe is not None else {"model": model}).values():
+        refuse_a_second_handle(each)
     if pipe is None:
         return Handle(model, strategy, GivenSites(model, sites) if sites is not None else None, on_undriven)
-    from cachelab.models.pipelines.driver import PipelineDriver, experts
+    from cachelab.models.pipelines.driver import PipelineDriver
 
-    models = experts(pipe)
+    models = _experts(pipe)
     handles = {name: Handle(expert, copy.deepcopy(strategy) if len(models) > 1 else strategy,
                             GivenSites(expert, sites) if sites is not None else None, on_undriven)
                for name, expert in models.items()}
@@ -280,6 +286,22 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         each.driver = handle.driver
     handle.driver.install()
     return handle
+
+
+def refuse_a_second_handle(model: nn.Module) -> None:
+    """A ConfigError naming the handle that ``model`` (or a submodule) already has, and its ``remove()``."""
+    held = next((hook.by for module in model.modules() for hook in hooks.hooks(module)
+                 if isinstance(hook.by, (Handle, CacheHandle))), None)
+    if held is not None:
+        raise ConfigError(f"{type(model).__name__} already has a cachelab handle, {held!r}; call its remove() before "
+                          f"applying another strategy")
+
+
+def _experts(pipe) -> dict[str, nn.Module]:
+    """The pipeline's denoisers (:func:`cachelab.models.pipelines.driver.experts`)."""
+    from cachelab.models.pipelines.driver import experts
+
+    return experts(pipe)
 
 
 def _is_pipeline(target) -> bool:

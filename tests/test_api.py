@@ -331,3 +331,25 @@ def test_nested_outputs_are_taken_apart_and_rebuilt():
     with pytest.raises(TypeError, match="returned str"):
         split((a, "x"))
 
+
+@pytest.mark.parametrize("called", [False, True])
+def test_a_second_apply_on_one_model_is_refused_naming_the_first_handle(called):
+    torch.manual_seed(0)
+    pipe = Lumina2StylePipeline(TimestepKeyword(UserDiT()).eval())
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        bare = pipe(x)
+        first = cachelab.apply(pipe, "taylor", interval=3, granularity="block")
+        if called:  # its sites are hooked by now
+            pipe(x)
+        for target in (pipe, pipe.transformer) + ((pipe.transformer.inner,) if called else ()):  # a hooked block
+            with pytest.raises(ConfigError) as refused:
+                cachelab.apply(target, "reuse")
+            message = str(refused.value)
+            held = repr(first) if target is not pipe.transformer.inner else repr(first.inner)  # its sites' handle
+            assert "\n" not in message and held in message and "remove()" in message
+        first.remove()
+        second = cachelab.apply(pipe, "reuse", interval=2, granularity="block")
+        reused = pipe(x)
+        second.remove()
+        assert torch.equal(pipe(x), bare) and not torch.equal(reused, bare)
