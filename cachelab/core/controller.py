@@ -5,7 +5,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -13,7 +13,7 @@ import torch
 
 from cachelab.errors import ConfigError, NonFiniteError
 from cachelab.core import hooks
-from cachelab.core.distributed import GroupReduce, local
+from cachelab.core.distributed import GroupReduce, LocalGroup
 from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
@@ -170,7 +170,7 @@ class CacheHandle(Generations):
                  probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
                  tokens: TokenPolicy | None = None):
         self.guard = guard_policy(guard)
-        self.group = group
+        self.group = group or LocalGroup()
         probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
         own = controller_signals(predictor)
         missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
@@ -203,7 +203,9 @@ class CacheHandle(Generations):
                      if site.name in self._token_sites and isinstance(site.tokens, FromSkipped)}
         self._skipped: dict[tuple[str, str], dict[str, tuple[tuple, dict]]] = {}  # (context, consumer) -> inputs
         self._installed: list[tuple[Site, str, Callable]] = []  # site, its hook's name, its wrapper maker
-        self._copy_values = False
+        # compiled for CUDA graphs (set by compile): an output's memory is overwritten at the graph's
+        # next replay, so every value the caches keep is a copy
+        self.graph_replays = False
         self._observers: list[SiteObserver] = []
         self._audit = False
         self._context = "default"
@@ -239,7 +241,7 @@ class CacheHandle(Generations):
     def end(self) -> None:
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
-        self.stats()
+        self._stats = self.stats()  # with the sizes held at the end
         self._caches, self._signals, self._scores, self._skipped = {}, {}, {}, {}
         self._s = self._t = self._decision = self._T = self._grid = self._positions = None
 
@@ -249,8 +251,9 @@ class CacheHandle(Generations):
         computes, FORECAST if some are forecast, None while the decision waits for a probe."""
         if self._T is None:
             raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
-        if self._s is not None and s <= self._s:  # the step went back: a new generation, no leak
-            self.begin(self._T, self._grid)
+        if self._s is not None and s <= self._s:
+            raise RuntimeError(f"step {s} after step {self._s}: steps count up within a generation; begin(T) starts "
+                               f"a new one")
         if self._s is not None and self._decision is None:
             raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
@@ -298,17 +301,17 @@ class CacheHandle(Generations):
             self.tokens.reset()
 
     def stats(self) -> CacheStats:
-        """Statistics of the current (or last) generation."""
-        if self._caches:
-            self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
-                                         for context, caches in self._caches.items()}
-            scores = sum(score.numel() * score.element_size() for score in self._scores.values())
-            self._stats.cache_bytes = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + scores
-            orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
-                      for state in cache.states if state is not None]
-            orders = [order for order in orders if order is not None]
-            self._stats.order_reached = {"min": min(orders), "max": max(orders)} if orders else None
-        return self._stats
+        """Statistics of the current (or last) generation: while caches are held, with their sizes now."""
+        if not self._caches:
+            return self._stats
+        context_bytes = {context: sum(c.nbytes for c in caches.values()) for context, caches in self._caches.items()}
+        scores = sum(score.numel() * score.element_size() for score in self._scores.values())
+        orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
+                  for state in cache.states if state is not None]
+        orders = [order for order in orders if order is not None]
+        return replace(self._stats, context_bytes=context_bytes,
+                       cache_bytes=self.schedule.held_bytes() + sum(context_bytes.values()) + scores,
+                       order_reached={"min": min(orders), "max": max(orders)} if orders else None)
 
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""
@@ -324,9 +327,9 @@ class CacheHandle(Generations):
         The decisions, forecasts and bookkeeping stay eager, outside every compiled region
         (the wrappers are excluded from tracing), so no graph depends on the schedule and
         switching between full and forecast steps never recompiles. ``mode="reduce-overhead"``
-        (CUDA graphs) also makes the caches copy what they keep of an output, whose memory
-        the next graph replay would overwrite."""
-        self._copy_values = options.get("mode") in CUDA_GRAPH_MODES
+        (CUDA graphs) also sets ``graph_replays``: the caches then copy what they keep of an
+        output, whose memory the next graph replay would overwrite."""
+        self.graph_replays = options.get("mode") in CUDA_GRAPH_MODES
         with self._lifted():
             for site, name, wrap in self._installed:
                 hooks.rewrap(site.owner, site.method, name,
@@ -334,7 +337,7 @@ class CacheHandle(Generations):
 
     def _lifted(self):
         """The group's own hooks lifted while sites are (un)hooked (:meth:`GroupReduce.lifted`)."""
-        return nullcontext() if self.group is None else self.group.lifted()
+        return self.group.lifted()
 
     def _hook(self, site: Site, wrap: Callable) -> None:
         """Replace ``site``'s callable by ``wrap(its computation)``, excluded from tracing
@@ -370,7 +373,7 @@ class CacheHandle(Generations):
                         cache.passing = cache.pending is not None
                         cache.entry = None if cache.passing or cache.guarded else hooked.residual_bases(
                             signature, args, kwargs, site.num_residuals)
-                        if cache.entry and self._copy_values:  # kept across the members' graph replays
+                        if cache.entry and self.graph_replays:  # kept across the members' graph replays
                             cache.entry = [None if base is None else base.clone() for base in cache.entry]
                     else:
                         cache = self._caches[self._context][site.name]
@@ -502,12 +505,10 @@ class CacheHandle(Generations):
         """Decide the step once every signal the schedule reads is there."""
         if self._decision is not None or any(signal not in self._signals for signal in self.schedule.signals):
             return
-        reduce = local if self.group is None else self.group
         self._decision = self.schedule.decide(StepContext(s=self._s, T=self._T, t=self._t, signals=self._signals,
-                                                          reduce=reduce))
+                                                          reduce=self.group))
         self._signals = {}
-        if self.group is not None:
-            self.group.agree(decision_code(self._decision), f"step {self._s}")
+        self.group.agree(decision_code(self._decision), f"step {self._s}")
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self._s)
 
@@ -526,7 +527,7 @@ class CacheHandle(Generations):
         if not terms:
             return None
         terms = torch.stack(terms)
-        return float(relative_norm(terms if self.group is None else self.group(terms)).mean())
+        return float(relative_norm(self.group(terms)).mean())
 
     def _record(self, site: Site, cache: SiteCache, out, bases: list[torch.Tensor | None]) -> None:
         """Record a full-step output: each part minus its residual base (``bases``)."""
@@ -537,7 +538,7 @@ class CacheHandle(Generations):
         if len(cache.states) != len(parts):
             cache.states = [None if p is None else self._new_state() for p in parts]
         values = cached_values(parts, bases)
-        if self._copy_values:  # a CUDA graph's outputs are overwritten at its next replay
+        if self.graph_replays:  # a CUDA graph's outputs are overwritten at its next replay
             values = [None if value is None else value.clone() for value in values]
         else:  # the caller gets these tensors in `out` and may change them in place: keep a copy
             values = [value.clone() if value is not None and value is part else value
@@ -570,8 +571,8 @@ class CacheHandle(Generations):
         if self.guard == "off" or site.skip:
             return True
         finite = all(f is None or all_finite(f) for f in forecast)
-        if self.group is not None:  # a site computing on one rank only would wait for the others' collectives
-            finite = not self.group(torch.tensor([float(not finite)])).item()
+        # a site computing on one rank only would wait for the others' collectives
+        finite = self.group.everywhere(finite)
         if finite:
             return True
         where = f"step {self._s}, site {site.name}, context {self._context!r}"
