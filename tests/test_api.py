@@ -353,3 +353,20 @@ def test_a_second_apply_on_one_model_is_refused_naming_the_first_handle(called):
         reused = pipe(x)
         second.remove()
         assert torch.equal(pipe(x), bare) and not torch.equal(reused, bare)
+
+
+def test_the_handle_drives_its_core_handle_and_keeps_no_copy_of_its_state():
+    model = user_model()
+    handle = cachelab.apply(model, "taylor", interval=2, granularity="block")
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad(), handle.generation(T):
+        assert handle.inner.generating  # begun in the core before any site is hooked
+        handle.step(0, 999.0)
+        with handle.context("cond"):  # open before the first call: the call's caches are cond's
+            model(x, torch.full((2,), 999.0))
+        assert handle.inner.hooked and list(handle.inner._caches) == ["cond"]
+        assert handle.stats() is not None and handle.stats().full_steps == handle.inner.stats().full_steps == [0]
+    held = {"_T", "_grid", "_step", "_contexts", "_stats"} & set(vars(handle))
+    assert not held, f"the handle keeps a copy of its core's state: {held}"
+    handle.remove()
+    assert handle.stats().full_steps == [0]  # the last generation's statistics outlive the removal

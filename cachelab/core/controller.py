@@ -166,41 +166,23 @@ class CacheHandle(Generations):
     the predictor's ``refresh``; sites that cannot compute a subset exactly are refused.
     """
 
-    def __init__(self, sites: list[Site], predictor: Predictor, schedule: Schedule,
+    def __init__(self, sites: list[Site] | None, predictor: Predictor, schedule: Schedule,
                  probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
                  tokens: TokenPolicy | None = None):
         self.guard = guard_policy(guard)
         self.group = group or LocalGroup()
-        probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
-        own = controller_signals(predictor)
-        missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
-        if missing:
-            raise ConfigError(
-                f"the schedule {type(schedule).__name__} reads the signal(s) {', '.join(missing)}, which these "
-                f"sites cannot provide (the model's probes at this granularity: {', '.join(sorted(probes)) or 'none'};"
-                f" the predictor {type(predictor).__name__}: {', '.join(sorted(own)) or 'none'}); "
-                f"choose another strategy.granularity, strategy or schedule")
-        self.probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
-        probed = {(id(probe.owner), probe.method) for probe in self.probes.values()}
-        sites = [without_probes(site, self.probes.values()) if site.members else site for site in sites]
-        self.sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
-        self._decision_keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind
-                               for site in self.sites}
-        kinds = set(self._decision_keys.values())
-        unknown = [kind for kind in schedule.kinds if kind not in kinds]
-        if unknown:
-            what = "site(s)" if schedule.decides_for == "site" else "site kind(s)"
-            raise ConfigError(f"the schedule {type(schedule).__name__} names {what} {', '.join(unknown)} that no "
-                              f"cache site has; allowed at this granularity: {', '.join(sorted(kinds))}")
         self.predictor = predictor
         self.schedule = schedule
         self.tokens = tokens
-        self._token_sites = token_sites(self.sites, tokens)
+        self.sites: list[Site] = []
+        self.probes: dict[str, Site] = {}
+        self.hooked = False
+        self._decision_keys: dict[str, str] = {}
+        self._token_sites: dict[str, SiteTokens] = {}
         # (context, block, score, site kind or None for every kind) -> (B, N)
         self._scores: dict[tuple[str, str, str, str | None], torch.Tensor] = {}
         # token sites fed by skip sites (FromSkipped): the skip sites' arguments of this forecast step
-        self._fed = {site.name for site in self.sites
-                     if site.name in self._token_sites and isinstance(site.tokens, FromSkipped)}
+        self._fed: set[str] = set()
         self._skipped: dict[tuple[str, str], dict[str, tuple[tuple, dict]]] = {}  # (context, consumer) -> inputs
         self._installed: list[tuple[Site, str, Callable]] = []  # site, its hook's name, its wrapper maker
         # compiled for CUDA graphs (set by compile): an output's memory is overwritten at the graph's
@@ -213,6 +195,40 @@ class CacheHandle(Generations):
         self._grid: StepGrid | None = None
         self._positions: tuple[float, ...] | None = None  # x(s) of the predictor's variable
         self.reset()
+        if sites is not None:
+            self.hook(sites, probes)
+
+    def hook(self, sites: list[Site], probes: dict[str, Site] | None = None, group: GroupReduce | None = None) -> None:
+        """Hook the cache sites and probes (once; a handle made without sites is driven alike
+        until then, and its model runs untouched). ``probes`` defaults to ``sites.probes``;
+        ``group``: the ranks sharing each generation, when known only now."""
+        if self.hooked:
+            raise RuntimeError(f"{self!r} is hooked already")
+        schedule, predictor = self.schedule, self.predictor
+        probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
+        own = controller_signals(predictor)
+        missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
+        if missing:
+            raise ConfigError(
+                f"the schedule {type(schedule).__name__} reads the signal(s) {', '.join(missing)}, which these "
+                f"sites cannot provide (the model's probes at this granularity: {', '.join(sorted(probes)) or 'none'};"
+                f" the predictor {type(predictor).__name__}: {', '.join(sorted(own)) or 'none'}); "
+                f"choose another strategy.granularity, strategy or schedule")
+        probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
+        probed = {(id(probe.owner), probe.method) for probe in probes.values()}
+        sites = [without_probes(site, probes.values()) if site.members else site for site in sites]
+        sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
+        keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind for site in sites}
+        unknown = [kind for kind in schedule.kinds if kind not in set(keys.values())]
+        if unknown:
+            what = "site(s)" if schedule.decides_for == "site" else "site kind(s)"
+            raise ConfigError(f"the schedule {type(schedule).__name__} names {what} {', '.join(unknown)} that no "
+                              f"cache site has; allowed at this granularity: {', '.join(sorted(set(keys.values())))}")
+        token_state = token_sites(sites, self.tokens)
+        self.sites, self.probes, self._decision_keys, self._token_sites = sites, probes, keys, token_state
+        self._fed = {site.name for site in sites if site.name in token_state and isinstance(site.tokens, FromSkipped)}
+        self.group = group or self.group
+        self.hooked = True
         with self._lifted():
             for site in self.sites:
                 if site.members:
@@ -221,6 +237,11 @@ class CacheHandle(Generations):
                     self._install(site)
             for signal, probe in self.probes.items():
                 self._install_probe(signal, probe)
+
+    @property
+    def generating(self) -> bool:
+        """Whether a generation is open (between ``begin`` and ``end``)."""
+        return self._T is not None
 
     def __repr__(self) -> str:
         return (f"<CacheHandle {type(self.predictor).__name__} x {type(self.schedule).__name__} on "
@@ -254,7 +275,7 @@ class CacheHandle(Generations):
         if self._s is not None and s <= self._s:
             raise RuntimeError(f"step {s} after step {self._s}: steps count up within a generation; begin(T) starts "
                                f"a new one")
-        if self._s is not None and self._decision is None:
+        if self._s is not None and self._decision is None and self.probes:
             raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
         self._s, self._t, self._decision, self._signals = s, t, None, dict(signals)
@@ -278,6 +299,16 @@ class CacheHandle(Generations):
             yield self
         finally:
             self._context = previous
+
+    @contextmanager
+    def bypassed(self):
+        """Every site and probe passes its calls through inside the block (a measuring call inside
+        a generation): nothing is recorded, forecast or decided."""
+        s, self._s = self._s, None
+        try:
+            yield self
+        finally:
+            self._s = s
 
     def observe(self, observer: SiteObserver, audit: bool = False) -> None:
         """Send every site's full-step values and forecasts to ``observer``. With ``audit``
@@ -319,7 +350,7 @@ class CacheHandle(Generations):
             for site, name, _ in reversed(self._installed):
                 hooks.remove(site.owner, site.method, name)
         self._installed.clear()
-        self.reset()
+        self.end()  # the caches are freed, the statistics kept
 
     # -- the site wrapper ----------------------------------------------------------
     def compile(self, **options) -> None:
@@ -709,10 +740,11 @@ def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, Site
     return {name: SiteTokens(depth, len(names)) for names in kinds.values() for depth, name in enumerate(names)}
 
 
-def attach(sites: list[Site], predictor: Predictor, schedule: Schedule,
+def attach(sites: list[Site] | None, predictor: Predictor, schedule: Schedule,
            probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
            tokens: TokenPolicy | None = None) -> CacheHandle:
-    """Hook ``predictor`` x ``schedule`` onto ``sites``; ``handle.remove()`` undoes it.
+    """Hook ``predictor`` x ``schedule`` onto ``sites`` (None: later, :meth:`CacheHandle.hook`);
+    ``handle.remove()`` undoes it.
     ``probes`` (signal -> site) defaults to ``sites.probes`` (:func:`select_sites`); ``guard``:
     what a non-finite forecast does (:data:`GUARDS`, see :class:`CacheHandle`); ``group``: the
     ranks sharing each generation under context parallelism (None: this process alone);
