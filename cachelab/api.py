@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from cachelab.core import hooks
 from cachelab.core.controller import CacheHandle, CacheStats, Generations
 from cachelab.core.experts import ExpertHandles
 from cachelab.core.schedules import Decision
@@ -26,7 +26,7 @@ from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
 
 UNDRIVEN = ("warn", "raise", "ignore")
-_MISSING = object()
+HANDLE_HOOK = "cachelab handle"  # the name of an applied handle's hook on its model's forward
 
 
 class GivenSites:
@@ -43,69 +43,53 @@ class GivenSites:
 
 class Handle(Generations):
     """A strategy applied to a model: drive it (or let the pipeline drive it), read ``summary()``,
-    ``remove()`` it (also on leaving ``with``). Until the model's first call inside a
-    generation its sites are not hooked; a call outside a generation runs the model untouched
-    and warns once (``on_undriven="raise"``: an error) with how to drive it."""
+    ``remove()`` it (also on leaving ``with``). The driving calls go to its core handle,
+    ``inner`` (a :class:`~cachelab.core.controller.CacheHandle`, which holds every generation's
+    state); until the model's first call inside a generation the sites are not hooked. A call
+    outside a generation runs the model untouched and warns once (``on_undriven="raise"``: an
+    error) with how to drive it."""
 
     def __init__(self, model: nn.Module, strategy: Strategy, sites: SiteSource | None = None,
                  on_undriven: str = "warn"):
         if on_undriven not in UNDRIVEN:
             raise ConfigError(f"on_undriven={on_undriven!r} is not allowed; allowed: {', '.join(UNDRIVEN)}")
         self.model, self.strategy, self.sites, self.on_undriven = model, strategy, sites, on_undriven
-        self.inner: CacheHandle | None = None
+        self.inner: CacheHandle = strategy.handle()  # its sites are hooked at the model's first call
         self.driver = None  # a PipelineDriver when applied to a pipeline
-        self._T: int | None = None
-        self._grid: StepGrid | None = None
-        self._step: tuple[int, float | None] | None = None
-        self._contexts: list[tuple[str, ExitStack]] = []  # the context blocks open now
         self._warned = self._removed = False
         # per stack, the share of its blocks' FLOPs the sites hold (StackCoverage); None: not countable
         self.coverage: list | None = []
-        self._stats = CacheStats()
-        self._original = vars(model).get("forward", _MISSING)
-        self._forward = model.forward
-        model.forward = self._guarded_forward
+        hooks.install(model, "forward", HANDLE_HOOK, self._guarded_forward, hooks.HANDLE, by=self)
 
-    # -- driving (the same calls as CacheHandle) --------------------------------------------
-    def begin(self, T: int, grid: StepGrid | None = None) -> None:
+    def __repr__(self) -> str:
+        return (f"<cachelab handle {self.strategy.name} ({self.strategy.granularity}) on {type(self.model).__name__} "
+                f"at {id(self):#x}>")
+
+    # -- driving: the core handle's calls ----------------------------------------------------
+    def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
+        """Start a generation of ``T`` steps (``plan``: the expert of each step, as a pipeline's driver gives it)."""
         self._check_live()
-        self._T, self._grid, self._step = T, grid, None
-        if self.inner is not None:
-            self.inner.begin(T, grid)
+        self.inner.begin(T, grid, plan)
 
     def end(self) -> None:
-        if self.inner is not None and self._T is not None:
-            self.inner.end()
-            self._stats = self.inner.stats()
-        self._T, self._grid, self._step = None, None, None
+        self.inner.end()
 
     def step(self, s: int, t: float | None = None) -> Decision | None:
         self._check_live()
-        if self._T is None:
-            raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
-        self._step = (s, t)
-        return self.inner.step(s, t) if self.inner is not None else Decision.FULL
+        return self.inner.step(s, t)
 
     @property
     def decision(self) -> Decision | None:
-        return self.inner.decision if self.inner is not None else Decision.FULL
+        return self.inner.decision
 
-    @contextmanager
     def context(self, name: str):
         """Route the model calls inside the block to the caches of context ``name`` (CFG cond/uncond)."""
-        with ExitStack() as routed:
-            if self.inner is not None:
-                routed.enter_context(self.inner.context(name))
-            self._contexts.append((name, routed))
-            try:
-                yield self
-            finally:
-                self._contexts.pop()
+        return self.inner.context(name)
 
     # -- reading ------------------------------------------------------------------------------
     def stats(self) -> CacheStats:
         """The current (or last) generation's statistics."""
-        return self.inner.stats() if self.inner is not None and self._T is not None else self._stats
+        return self.inner.stats()
 
     def summary(self) -> str:
         """Full and forecast steps, fallbacks, cache bytes (in all and per context) of the last generation."""
@@ -114,7 +98,7 @@ class Handle(Generations):
     def summary_lines(self, stats: CacheStats) -> list[str]:
         """The lines of :meth:`summary` for ``stats``."""
         lines = [f"cachelab {self.strategy.name} ({self.strategy.granularity}) on {type(self.model).__name__}",
-                 f"  sites: {len(self.inner.sites) if self.inner else 'not hooked yet (no generation ran)'}",
+                 f"  sites: {len(self.inner.sites) if self.inner.hooked else 'not hooked yet (no generation ran)'}",
                  f"  full steps: {len(stats.full_steps)} {stats.full_steps}",
                  f"  forecast steps: {len(stats.forecast_steps)}, fallbacks: {stats.fallbacks}, "
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
@@ -137,13 +121,8 @@ class Handle(Generations):
             return
         if self.driver is not None:
             self.driver.uninstall()
-        if self.inner is not None:
-            self._stats = self.inner.stats()
-            self.inner.remove()
-        if self._original is _MISSING:
-            del self.model.forward
-        else:
-            self.model.forward = self._original
+        self.inner.remove()
+        hooks.remove(self.model, "forward", HANDLE_HOOK)
         self._removed = True
 
     def __enter__(self) -> Handle:
@@ -153,44 +132,40 @@ class Handle(Generations):
         self.remove()
 
     # -- the model's forward ----------------------------------------------------------------
-    def _guarded_forward(self, *args, **kwargs):
-        if self._T is None:
-            self._undriven()
-            return self._forward(*args, **kwargs)
-        if self.inner is None:
-            self._hook_sites(lambda: self._forward(*args, **kwargs))
-            return self.model.forward(*args, **kwargs)  # through the sites hooked just now
-        return self._forward(*args, **kwargs)
+    def _guarded_forward(self, forward: Callable) -> Callable:
+        """The model's forward (``forward``: the computation beneath this hook), guarded."""
+        def guarded_forward(*args, **kwargs):
+            if not self.inner.generating:
+                self._undriven()
+                return forward(*args, **kwargs)
+            if not self.inner.hooked:
+                self._hook_sites(lambda: forward(*args, **kwargs))
+                return self.model.forward(*args, **kwargs)  # through the sites hooked just now
+            return forward(*args, **kwargs)
+
+        return guarded_forward
 
     def _hook_sites(self, call: Callable[[], object]) -> None:
         """Find the sites (the family's, or one traced call), hook them and count the share of each
         stack's FLOPs they hold (one more call; a warning when forecast steps would still run more than
-        a tenth of a stack's FLOPs), then replay the generation state; under diffusers context
-        parallelism the signals are reduced over the model's group."""
+        a tenth of a stack's FLOPs); under diffusers context parallelism the signals are reduced
+        over the model's group."""
         from cachelab.models.families import model_sites, site_coverage
         from cachelab.models.parallel import context_parallel_group
 
         if self.sites is None:
             self.sites = model_sites(self.model, self.strategy.granularity, call)
-        if self.driver is not None:  # the driver stays the outermost forward wrapper
-            self.driver.uninstall_hooks()
         try:
-            self.inner = self.strategy.attach(self.sites, group=context_parallel_group(self.model))
+            self.inner.hook(self.strategy.sites(self.sites), group=context_parallel_group(self.model))
         except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model
             raise ConfigError(f"{type(self.model).__name__}: {err}") from None
         discovered = getattr(self.sites, "discovered", None)
         stacks = [stack.name for stack in discovered.stacks] if discovered is not None else None
-        self.coverage = site_coverage(self.model, self.inner.sites, call, stacks)  # sites pass calls through until begin
+        with self.inner.bypassed():  # the sites pass this call through
+            self.coverage = site_coverage(self.model, self.inner.sites, call, stacks)
         for line in filter(None, (c.warning() for c in self.coverage or [])):
             warnings.warn(f"cachelab: {type(self.model).__name__} at granularity={self.strategy.granularity}: {line}",
                           stacklevel=2)
-        if self.driver is not None:
-            self.driver.install()
-        self.inner.begin(self._T, self._grid)
-        if self._step is not None:
-            self.inner.step(*self._step)
-        for name, routed in self._contexts:  # the context blocks open right now
-            routed.enter_context(self.inner.context(name))
 
     def _undriven(self) -> None:
         if self.on_undriven == "ignore" or self._warned:
@@ -273,15 +248,17 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
+    for each in (_experts(pipe) if pipe is not None else {"model": model}).values():
+        refuse_a_second_handle(each)
     if budget is not None:
         from cachelab.planner import plan
 
         plan(target, strategy, budget=budget, **plan_keys)
     if pipe is None:
         return Handle(model, strategy, GivenSites(model, sites) if sites is not None else None, on_undriven)
-    from cachelab.models.pipelines.driver import PipelineDriver, experts
+    from cachelab.models.pipelines.driver import PipelineDriver
 
-    models = experts(pipe)
+    models = _experts(pipe)
     handles = {name: Handle(expert, copy.deepcopy(strategy) if len(models) > 1 else strategy,
                             GivenSites(expert, sites) if sites is not None else None, on_undriven)
                for name, expert in models.items()}
@@ -291,6 +268,22 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         each.driver = handle.driver
     handle.driver.install()
     return handle
+
+
+def refuse_a_second_handle(model: nn.Module) -> None:
+    """A ConfigError naming the handle that ``model`` (or a submodule) already has, and its ``remove()``."""
+    held = next((hook.by for module in model.modules() for hook in hooks.hooks(module)
+                 if isinstance(hook.by, (Handle, CacheHandle))), None)
+    if held is not None:
+        raise ConfigError(f"{type(model).__name__} already has a cachelab handle, {held!r}; call its remove() before "
+                          f"applying another strategy")
+
+
+def _experts(pipe) -> dict[str, nn.Module]:
+    """The pipeline's denoisers (:func:`cachelab.models.pipelines.driver.experts`)."""
+    from cachelab.models.pipelines.driver import experts
+
+    return experts(pipe)
 
 
 def _is_pipeline(target) -> bool:

@@ -275,6 +275,29 @@ def test_a_pipeline_passing_one_minus_t_drives_the_cache():
     assert not torch.equal(cached, bare) and torch.equal(restored, bare)
 
 
+class PositionalLumina2StylePipeline(Lumina2StylePipeline):
+    """Passes the timestep by position."""
+
+    def __call__(self, x):
+        self.scheduler.set_timesteps()
+        for t in self.scheduler.timesteps:
+            x = self.scheduler.step(self.transformer(x, (1 - t / 1000).expand(len(x))), t, x)[0]
+        return x
+
+
+def test_a_timestep_passed_by_position_drives_the_cache_as_by_keyword():
+    results = []
+    for kind in (Lumina2StylePipeline, PositionalLumina2StylePipeline):
+        torch.manual_seed(0)
+        pipe = kind(TimestepKeyword(UserDiT()).eval())
+        x = torch.randn(2, 6, 16)
+        with torch.no_grad():
+            handle = cachelab.apply(pipe, "taylor", interval=3, first_enhance=2, granularity="block", order=1)
+            results.append((pipe(x), handle.stats().full_steps))
+            handle.remove()
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] == Interval(3, 2).full_steps(T)
+
+
 def test_the_driver_ends_each_generation_after_the_last_step():
     torch.manual_seed(0)
     pipe = Lumina2StylePipeline(TimestepKeyword(UserDiT()).eval())
@@ -309,3 +332,43 @@ def test_nested_outputs_are_taken_apart_and_rebuilt():
             [None if p is None else (p + 1).tolist() for p in parts]
     with pytest.raises(TypeError, match="returned str"):
         split((a, "x"))
+
+
+@pytest.mark.parametrize("called", [False, True])
+def test_a_second_apply_on_one_model_is_refused_naming_the_first_handle(called):
+    torch.manual_seed(0)
+    pipe = Lumina2StylePipeline(TimestepKeyword(UserDiT()).eval())
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        bare = pipe(x)
+        first = cachelab.apply(pipe, "taylor", interval=3, granularity="block")
+        if called:  # its sites are hooked by now
+            pipe(x)
+        for target in (pipe, pipe.transformer) + ((pipe.transformer.inner,) if called else ()):  # a hooked block
+            with pytest.raises(ConfigError) as refused:
+                cachelab.apply(target, "reuse")
+            message = str(refused.value)
+            held = repr(first) if target is not pipe.transformer.inner else repr(first.inner)  # its sites' handle
+            assert "\n" not in message and held in message and "remove()" in message
+        first.remove()
+        second = cachelab.apply(pipe, "reuse", interval=2, granularity="block")
+        reused = pipe(x)
+        second.remove()
+        assert torch.equal(pipe(x), bare) and not torch.equal(reused, bare)
+
+
+def test_the_handle_drives_its_core_handle_and_keeps_no_copy_of_its_state():
+    model = user_model()
+    handle = cachelab.apply(model, "taylor", interval=2, granularity="block")
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad(), handle.generation(T):
+        assert handle.inner.generating  # begun in the core before any site is hooked
+        handle.step(0, 999.0)
+        with handle.context("cond"):  # open before the first call: the call's caches are cond's
+            model(x, torch.full((2,), 999.0))
+        assert handle.inner.hooked and list(handle.inner._caches) == ["cond"]
+        assert handle.stats() is not None and handle.stats().full_steps == handle.inner.stats().full_steps == [0]
+    held = {"_T", "_grid", "_step", "_contexts", "_stats"} & set(vars(handle))
+    assert not held, f"the handle keeps a copy of its core's state: {held}"
+    handle.remove()
+    assert handle.stats().full_steps == [0]  # the last generation's statistics outlive the removal

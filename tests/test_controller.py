@@ -81,7 +81,8 @@ def test_batch_size_and_resolution_changes_reset_state(adapter):
     assert big_handle.stats().cache_bytes > handle.stats().cache_bytes
 
 
-def test_step_going_back_starts_a_new_generation(adapter):
+@pytest.mark.parametrize("back", [0, 1])
+def test_a_step_going_back_is_an_error_naming_it_and_begin_starts_a_new_generation(adapter, back):
     model, handle = adapter.model, taylor(adapter, interval=2, first_enhance=1)
     x, t, y = torch.randn(2, 1, 8, 8), torch.full((2,), 500), torch.zeros(2, dtype=torch.long)
     with handle.generation(4):
@@ -89,8 +90,12 @@ def test_step_going_back_starts_a_new_generation(adapter):
         model(x, t, y)
         handle.step(1)
         model(x, t, y)
-        handle.step(0)  # a new generation without end()/begin()
-        assert handle.stats().full_steps == [0]
+        with pytest.raises(RuntimeError, match=f"step {back} after step 1: .*begin"):
+            handle.step(back)
+        assert handle.stats().full_steps == [0] and handle.stats().forecast_steps == [1]  # nothing was reset
+        handle.begin(4)  # the caller says so: a new generation
+        handle.step(0)
+        assert handle.stats().full_steps == [0] and handle.stats().forecast_steps == []
 
 
 def test_stats_and_cache_bytes(adapter):

@@ -353,3 +353,16 @@ def test_each_expert_expands_in_its_own_steps_of_the_grid():
             seen[name] = handles[name]._positions
             models[name](torch.randn(2, 4))
     assert seen["a"] == tuple(sigmas[:3]) and seen["b"] == tuple(sigmas[3:])
+
+
+def test_a_global_step_going_back_is_an_error_naming_it():
+    models = {"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)}
+    handles = {name: attach(select_sites(model, [SitePattern("")]), TaylorSeer(order=1), Interval(2, 1))
+               for name, model in models.items()}
+    experts = ExpertHandles(handles)
+    with torch.no_grad(), experts.generation(4, None, ["a", "a", "b", "b"]):
+        for s in range(3):
+            experts.step(s)
+        with pytest.raises(RuntimeError, match="step 1 after step 2: .*begin"):
+            experts.step(1)
+        assert experts.stats().full_steps == [0, 2]  # nothing was reset

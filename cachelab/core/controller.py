@@ -4,15 +4,16 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
 from cachelab.errors import ConfigError, NonFiniteError
-from cachelab.core.distributed import GroupReduce, local
+from cachelab.core import hooks
+from cachelab.core.distributed import GroupReduce, LocalGroup
 from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
@@ -21,7 +22,6 @@ from cachelab.core.tokens import (TOKENWISE, FromSkipped, SiteTokens, TokenPolic
                                   gather_tokens, scatter_tokens, with_first_tensor)
 from cachelab.core.variables import StepGrid, positions
 
-_MISSING = object()
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 # what a forecast holding NaN or Inf does: the site computes for real, an error, or nothing checked
 GUARDS = ("fallback", "raise", "off")
@@ -167,11 +167,45 @@ class CacheHandle(Generations):
     the predictor's ``refresh``; sites that cannot compute a subset exactly are refused.
     """
 
-    def __init__(self, sites: list[Site], predictor: Predictor, schedule: Schedule,
+    def __init__(self, sites: list[Site] | None, predictor: Predictor, schedule: Schedule,
                  probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
                  tokens: TokenPolicy | None = None):
         self.guard = guard_policy(guard)
-        self.group = group
+        self.group = group or LocalGroup()
+        self.predictor = predictor
+        self.schedule = schedule
+        self.tokens = tokens
+        self.sites: list[Site] = []
+        self.probes: dict[str, Site] = {}
+        self.hooked = False
+        self._decision_keys: dict[str, str] = {}
+        self._token_sites: dict[str, SiteTokens] = {}
+        # (context, block, score, site kind or None for every kind) -> (B, N)
+        self._scores: dict[tuple[str, str, str, str | None], torch.Tensor] = {}
+        # token sites fed by skip sites (FromSkipped): the skip sites' arguments of this forecast step
+        self._fed: set[str] = set()
+        self._skipped: dict[tuple[str, str], dict[str, tuple[tuple, dict]]] = {}  # (context, consumer) -> inputs
+        self._installed: list[tuple[Site, str, Callable]] = []  # site, its hook's name, its wrapper maker
+        # compiled for CUDA graphs (set by compile): an output's memory is overwritten at the graph's
+        # next replay, so every value the caches keep is a copy
+        self.graph_replays = False
+        self._observers: list[SiteObserver] = []
+        self._audit = False
+        self._context = "default"
+        self._T: int | None = None
+        self._grid: StepGrid | None = None
+        self._positions: tuple[float, ...] | None = None  # x(s) of the predictor's variable
+        self.reset()
+        if sites is not None:
+            self.hook(sites, probes)
+
+    def hook(self, sites: list[Site], probes: dict[str, Site] | None = None, group: GroupReduce | None = None) -> None:
+        """Hook the cache sites and probes (once; a handle made without sites is driven alike
+        until then, and its model runs untouched). ``probes`` defaults to ``sites.probes``;
+        ``group``: the ranks sharing each generation, when known only now."""
+        if self.hooked:
+            raise RuntimeError(f"{self!r} is hooked already")
+        schedule, predictor = self.schedule, self.predictor
         probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
         own = controller_signals(predictor)
         missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
@@ -181,38 +215,21 @@ class CacheHandle(Generations):
                 f"sites cannot provide (the model's probes at this granularity: {', '.join(sorted(probes)) or 'none'};"
                 f" the predictor {type(predictor).__name__}: {', '.join(sorted(own)) or 'none'}); "
                 f"choose another strategy.granularity, strategy or schedule")
-        self.probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
-        probed = {(id(probe.owner), probe.method) for probe in self.probes.values()}
-        sites = [without_probes(site, self.probes.values()) if site.members else site for site in sites]
-        self.sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
-        self._decision_keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind
-                               for site in self.sites}
-        kinds = set(self._decision_keys.values())
-        unknown = [kind for kind in schedule.kinds if kind not in kinds]
+        probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
+        probed = {(id(probe.owner), probe.method) for probe in probes.values()}
+        sites = [without_probes(site, probes.values()) if site.members else site for site in sites]
+        sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
+        keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind for site in sites}
+        unknown = [kind for kind in schedule.kinds if kind not in set(keys.values())]
         if unknown:
             what = "site(s)" if schedule.decides_for == "site" else "site kind(s)"
             raise ConfigError(f"the schedule {type(schedule).__name__} names {what} {', '.join(unknown)} that no "
-                              f"cache site has; allowed at this granularity: {', '.join(sorted(kinds))}")
-        self.predictor = predictor
-        self.schedule = schedule
-        self.tokens = tokens
-        self._token_sites = token_sites(self.sites, tokens)
-        # (context, block, score, site kind or None for every kind) -> (B, N)
-        self._scores: dict[tuple[str, str, str, str | None], torch.Tensor] = {}
-        # token sites fed by skip sites (FromSkipped): the skip sites' arguments of this forecast step
-        self._fed = {site.name for site in self.sites
-                     if site.name in self._token_sites and isinstance(site.tokens, FromSkipped)}
-        self._skipped: dict[tuple[str, str], dict[str, tuple[tuple, dict]]] = {}  # (context, consumer) -> inputs
-        self._originals: list[tuple[Site, object]] = []
-        self._installed: list[tuple[Site, Callable, Callable]] = []  # site, its computation, its wrapper maker
-        self._copy_values = False
-        self._observers: list[SiteObserver] = []
-        self._audit = False
-        self._context = "default"
-        self._T: int | None = None
-        self._grid: StepGrid | None = None
-        self._positions: tuple[float, ...] | None = None  # x(s) of the predictor's variable
-        self.reset()
+                              f"cache site has; allowed at this granularity: {', '.join(sorted(set(keys.values())))}")
+        token_state = token_sites(sites, self.tokens)
+        self.sites, self.probes, self._decision_keys, self._token_sites = sites, probes, keys, token_state
+        self._fed = {site.name for site in sites if site.name in token_state and isinstance(site.tokens, FromSkipped)}
+        self.group = group or self.group
+        self.hooked = True
         with self._lifted():
             for site in self.sites:
                 if site.members:
@@ -222,10 +239,23 @@ class CacheHandle(Generations):
             for signal, probe in self.probes.items():
                 self._install_probe(signal, probe)
 
+    @property
+    def generating(self) -> bool:
+        """Whether a generation is open (between ``begin`` and ``end``)."""
+        return self._T is not None
+
+    def __repr__(self) -> str:
+        return (f"<CacheHandle {type(self.predictor).__name__} x {type(self.schedule).__name__} on "
+                f"{len(self.sites)} sites at {id(self):#x}>")
+
     # -- driving -------------------------------------------------------------------
-    def begin(self, T: int, grid: StepGrid | None = None) -> None:
+    def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
         """Start a generation of ``T`` steps: every cache is cleared. ``grid``: the sampler's
-        per-step variables; a ConfigError if the predictor's ``variable`` is not among them."""
+        per-step variables; a ConfigError if the predictor's ``variable`` is not among them.
+        ``plan``: the expert of each step (a pipeline's driver gives it); this one handle serves
+        whichever runs, so only its length is checked."""
+        if plan is not None and len(plan) != T:
+            raise ValueError(f"the plan must name an expert for each of the {T} steps, got {len(plan)} entries")
         self._positions = positions(getattr(self.predictor, "variable", "step"), T, grid)
         self.reset()
         self._T, self._grid = T, grid
@@ -233,7 +263,7 @@ class CacheHandle(Generations):
     def end(self) -> None:
         """End the generation: caches are freed (their size is kept in the stats) and
         the model runs untouched until the next ``begin``."""
-        self.stats()
+        self._stats = self.stats()  # with the sizes held at the end
         self._caches, self._signals, self._scores, self._skipped = {}, {}, {}, {}
         self._s = self._t = self._decision = self._T = self._grid = self._positions = None
 
@@ -243,10 +273,11 @@ class CacheHandle(Generations):
         computes, FORECAST if some are forecast, None while the decision waits for a probe."""
         if self._T is None:
             raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T):`")
-        if self._s is not None and s <= self._s:  # the step went back: a new generation, no leak
-            self.begin(self._T, self._grid)
-        self.stats()  # the bytes the last step left held (the peak)
-        if self._s is not None and self._decision is None:
+        if self._s is not None and s <= self._s:
+            raise RuntimeError(f"step {s} after step {self._s}: steps count up within a generation; begin(T) starts "
+                               f"a new one")
+        self._stats = self.stats()  # the bytes the last step left held count toward the peak
+        if self._s is not None and self._decision is None and self.probes:
             raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
         self._s, self._t, self._decision, self._signals = s, t, None, dict(signals)
@@ -271,6 +302,16 @@ class CacheHandle(Generations):
         finally:
             self._context = previous
 
+    @contextmanager
+    def bypassed(self):
+        """Every site and probe passes its calls through inside the block (a measuring call inside
+        a generation): nothing is recorded, forecast or decided."""
+        s, self._s = self._s, None
+        try:
+            yield self
+        finally:
+            self._s = s
+
     def observe(self, observer: SiteObserver, audit: bool = False) -> None:
         """Send every site's full-step values and forecasts to ``observer``. With ``audit``
         a forecast step also computes each site for real (analysis only: no speedup) so the
@@ -293,30 +334,26 @@ class CacheHandle(Generations):
             self.tokens.reset()
 
     def stats(self) -> CacheStats:
-        """Statistics of the current (or last) generation."""
-        if self._caches:
-            self._stats.context_bytes = {context: sum(c.nbytes for c in caches.values())
-                                         for context, caches in self._caches.items()}
-            scores = sum(score.numel() * score.element_size() for score in self._scores.values())
-            held = self.schedule.held_bytes() + sum(self._stats.context_bytes.values()) + scores
-            self._stats.cache_bytes = max(self._stats.cache_bytes, held)  # the peak: read at every step and the end
-            orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
-                      for state in cache.states if state is not None]
-            orders = [order for order in orders if order is not None]
-            self._stats.order_reached = {"min": min(orders), "max": max(orders)} if orders else None
-        return self._stats
+        """Statistics of the current (or last) generation: while caches are held, with their sizes now;
+        ``cache_bytes`` is the peak held so far (the sizes read at every step and at the end)."""
+        if not self._caches:
+            return self._stats
+        context_bytes = {context: sum(c.nbytes for c in caches.values()) for context, caches in self._caches.items()}
+        scores = sum(score.numel() * score.element_size() for score in self._scores.values())
+        orders = [state.order_reached for caches in self._caches.values() for cache in caches.values()
+                  for state in cache.states if state is not None]
+        orders = [order for order in orders if order is not None]
+        held = self.schedule.held_bytes() + sum(context_bytes.values()) + scores
+        return replace(self._stats, context_bytes=context_bytes, cache_bytes=max(self._stats.cache_bytes, held),
+                       order_reached={"min": min(orders), "max": max(orders)} if orders else None)
 
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""
         with self._lifted():
-            for site, original in reversed(self._originals):
-                if original is _MISSING:
-                    delattr(site.owner, site.method)
-                else:
-                    setattr(site.owner, site.method, original)
-        self._originals.clear()
+            for site, name, _ in reversed(self._installed):
+                hooks.remove(site.owner, site.method, name)
         self._installed.clear()
-        self.reset()
+        self.end()  # the caches are freed, the statistics kept
 
     # -- the site wrapper ----------------------------------------------------------
     def compile(self, **options) -> None:
@@ -324,24 +361,25 @@ class CacheHandle(Generations):
         The decisions, forecasts and bookkeeping stay eager, outside every compiled region
         (the wrappers are excluded from tracing), so no graph depends on the schedule and
         switching between full and forecast steps never recompiles. ``mode="reduce-overhead"``
-        (CUDA graphs) also makes the caches copy what they keep of an output, whose memory
-        the next graph replay would overwrite."""
-        self._copy_values = options.get("mode") in CUDA_GRAPH_MODES
+        (CUDA graphs) also sets ``graph_replays``: the caches then copy what they keep of an
+        output, whose memory the next graph replay would overwrite."""
+        self.graph_replays = options.get("mode") in CUDA_GRAPH_MODES
         with self._lifted():
-            for site, compute, wrap in self._installed:
-                setattr(site.owner, site.method, torch.compiler.disable(wrap(torch.compile(compute, **options))))
+            for site, name, wrap in self._installed:
+                hooks.rewrap(site.owner, site.method, name,
+                             lambda compute, wrap=wrap: torch.compiler.disable(wrap(torch.compile(compute, **options))))
 
     def _lifted(self):
         """The group's own hooks lifted while sites are (un)hooked (:meth:`GroupReduce.lifted`)."""
-        return nullcontext() if self.group is None else self.group.lifted()
+        return self.group.lifted()
 
     def _hook(self, site: Site, wrap: Callable) -> None:
         """Replace ``site``'s callable by ``wrap(its computation)``, excluded from tracing
         so that a compiled model graph-breaks at the site instead of guarding on our state."""
-        self._originals.append((site, vars(site.owner).get(site.method, _MISSING)))
-        compute = getattr(site.owner, site.method)
-        self._installed.append((site, compute, wrap))
-        setattr(site.owner, site.method, torch.compiler.disable(wrap(compute)))
+        name = f"cachelab site {site.name} of {self!r}"
+        hooks.install(site.owner, site.method, name, lambda compute: torch.compiler.disable(wrap(compute)),
+                      hooks.SITE, by=self)
+        self._installed.append((site, name, wrap))
 
     def _install_span(self, site: Site) -> None:
         """A span site: the first member decides (and records the span's inputs on full
@@ -369,7 +407,7 @@ class CacheHandle(Generations):
                         cache.passing = cache.pending is not None
                         cache.entry = None if cache.passing or cache.guarded else hooked.residual_bases(
                             signature, args, kwargs, site.num_residuals)
-                        if cache.entry and self._copy_values:  # kept across the members' graph replays
+                        if cache.entry and self.graph_replays:  # kept across the members' graph replays
                             cache.entry = [None if base is None else base.clone() for base in cache.entry]
                     else:
                         cache = self._caches[self._context][site.name]
@@ -501,12 +539,10 @@ class CacheHandle(Generations):
         """Decide the step once every signal the schedule reads is there."""
         if self._decision is not None or any(signal not in self._signals for signal in self.schedule.signals):
             return
-        reduce = local if self.group is None else self.group
         self._decision = self.schedule.decide(StepContext(s=self._s, T=self._T, t=self._t, signals=self._signals,
-                                                          reduce=reduce))
+                                                          reduce=self.group))
         self._signals = {}
-        if self.group is not None:
-            self.group.agree(decision_code(self._decision), f"step {self._s}")
+        self.group.agree(decision_code(self._decision), f"step {self._s}")
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self._s)
 
@@ -525,7 +561,7 @@ class CacheHandle(Generations):
         if not terms:
             return None
         terms = torch.stack(terms)
-        return float(relative_norm(terms if self.group is None else self.group(terms)).mean())
+        return float(relative_norm(self.group(terms)).mean())
 
     def _record(self, site: Site, cache: SiteCache, out, bases: list[torch.Tensor | None]) -> None:
         """Record a full-step output: each part minus its residual base (``bases``)."""
@@ -536,7 +572,7 @@ class CacheHandle(Generations):
         if len(cache.states) != len(parts):
             cache.states = [None if p is None else self._new_state() for p in parts]
         values = cached_values(parts, bases)
-        if self._copy_values:  # a CUDA graph's outputs are overwritten at its next replay
+        if self.graph_replays:  # a CUDA graph's outputs are overwritten at its next replay
             values = [None if value is None else value.clone() for value in values]
         else:  # the caller gets these tensors in `out` and may change them in place: keep a copy
             values = [value.clone() if value is not None and value is part else value
@@ -569,8 +605,8 @@ class CacheHandle(Generations):
         if self.guard == "off" or site.skip:
             return True
         finite = all(f is None or all_finite(f) for f in forecast)
-        if self.group is not None:  # a site computing on one rank only would wait for the others' collectives
-            finite = not self.group(torch.tensor([float(not finite)])).item()
+        # a site computing on one rank only would wait for the others' collectives
+        finite = self.group.everywhere(finite)
         if finite:
             return True
         where = f"step {self._s}, site {site.name}, context {self._context!r}"
@@ -707,10 +743,11 @@ def token_sites(sites: list[Site], tokens: TokenPolicy | None) -> dict[str, Site
     return {name: SiteTokens(depth, len(names)) for names in kinds.values() for depth, name in enumerate(names)}
 
 
-def attach(sites: list[Site], predictor: Predictor, schedule: Schedule,
+def attach(sites: list[Site] | None, predictor: Predictor, schedule: Schedule,
            probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
            tokens: TokenPolicy | None = None) -> CacheHandle:
-    """Hook ``predictor`` x ``schedule`` onto ``sites``; ``handle.remove()`` undoes it.
+    """Hook ``predictor`` x ``schedule`` onto ``sites`` (None: later, :meth:`CacheHandle.hook`);
+    ``handle.remove()`` undoes it.
     ``probes`` (signal -> site) defaults to ``sites.probes`` (:func:`select_sites`); ``guard``:
     what a non-finite forecast does (:data:`GUARDS`, see :class:`CacheHandle`); ``group``: the
     ranks sharing each generation under context parallelism (None: this process alone);

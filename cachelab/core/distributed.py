@@ -18,6 +18,24 @@ def local(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+class LocalGroup:
+    """A generation in this process alone: its sums are the totals, its decisions agree, and no
+    engine hooks are to be lifted (the group of a handle without context parallelism)."""
+
+    def __call__(self, sums: torch.Tensor) -> torch.Tensor:
+        return local(sums)
+
+    def lifted(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def agree(self, code: int, where: str) -> None:
+        """Nothing to check: one process always agrees with itself."""
+
+    def everywhere(self, holds: bool) -> bool:
+        """Whether ``holds`` holds on every rank: here, itself."""
+        return holds
+
+
 class DivergentDecisions(RuntimeError):
     """Ranks of one generation decided differently (their collectives would deadlock)."""
 
@@ -41,6 +59,10 @@ class GroupReduce:
         """While the block runs (cache sites are hooked or unhooked), the engine's own hooks are
         off the model, and afterwards back on, outermost again (here: none)."""
         return nullcontext()
+
+    def everywhere(self, holds: bool) -> bool:
+        """Whether ``holds`` holds on every rank (one all-reduce of the ranks where it does not)."""
+        return not self(torch.tensor([float(not holds)])).item()
 
     def agree(self, code: int, where: str) -> None:
         """Raise :class:`DivergentDecisions` on every rank, naming ``where`` and each rank's

@@ -78,8 +78,9 @@ class ExpertHandles(Generations):
         expert's first step); experts past their last step free their caches."""
         if self._plan is None:
             raise RuntimeError("handle.step(s) outside a generation: use `with handle.generation(T, grid, plan):`")
-        if self._s is not None and s <= self._s:  # the step went back: a new generation
-            self.begin(len(self._plan), self._grid, self._plan)
+        if self._s is not None and s <= self._s:
+            raise RuntimeError(f"step {s} after step {self._s}: steps count up within a generation; begin(T, grid, "
+                               f"plan) starts a new one")
         expert = self._plan[s]
         for name in sorted(self._open):
             if self._steps[name][-1] < s:

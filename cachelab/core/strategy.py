@@ -12,7 +12,7 @@ from cachelab.core.distributed import GroupReduce
 from cachelab.core.experts import ExpertHandles
 from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Schedule
-from cachelab.core.sites import SitePattern, select_sites
+from cachelab.core.sites import SitePattern, Sites, select_sites
 from cachelab.core.tokens import TokenPolicy
 
 
@@ -53,6 +53,15 @@ class Strategy:
         if experts:
             return ExpertHandles({name: copy.deepcopy(self).attach(source, guard, group)
                                   for name, source in experts.items()})
-        sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
-        return attach(sites, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group,
+        handle = self.handle(guard, group)
+        handle.hook(self.sites(adapter))
+        return handle
+
+    def handle(self, guard: str | None = None, group: GroupReduce | None = None) -> CacheHandle:
+        """A handle of this strategy whose sites are hooked later (:meth:`CacheHandle.hook`)."""
+        return attach(None, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group,
                       tokens=self.tokens)
+
+    def sites(self, adapter: SiteSource) -> Sites:
+        """``adapter``'s cache sites (and probes) of this granularity."""
+        return select_sites(adapter.model, adapter.site_patterns(self.granularity))

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cachelab.core import hooks
+
 UNCOVERED_LIMIT = 0.10  # more than this share of a block's FLOPs left to forecast steps is warned about
-_MISSING = object()
 
 
 class FlopTally:
@@ -50,22 +51,23 @@ class FlopTally:
         self._hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
     def site(self, name: str, owner: nn.Module, method: str = "forward") -> None:
-        """Count the calls of ``owner.method`` (patched until the tally closes) as a site's."""
-        bound = getattr(owner, method)
-        self._patched.append((owner, method, vars(owner).get(method, _MISSING)))
+        """Count the calls of ``owner.method`` (hooked until the tally closes) as a site's."""
+        def wrap(bound):
+            def counted(*args, **kwargs):
+                start = self.total()
+                self._depth += 1
+                try:
+                    return bound(*args, **kwargs)
+                finally:
+                    self._depth -= 1
+                    self.site_flops[name] += self.total() - start
+                    if self._depth == 0:
+                        self._in_sites += self.total() - start
+            return counted
 
-        def counted(*args, **kwargs):
-            start = self.total()
-            self._depth += 1
-            try:
-                return bound(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                self.site_flops[name] += self.total() - start
-                if self._depth == 0:
-                    self._in_sites += self.total() - start
-
-        setattr(owner, method, counted)
+        hook = f"cachelab tally {len(self._patched)} at {id(self):#x}"
+        hooks.install(owner, method, hook, wrap, hooks.TALLY, by=self)
+        self._patched.append((owner, method, hook))
 
     def __enter__(self) -> FlopTally:
         self.mode.__enter__()
@@ -75,11 +77,8 @@ class FlopTally:
         self.mode.__exit__(*exc)
         for hook in self._hooks:
             hook.remove()
-        for owner, method, previous in reversed(self._patched):
-            if previous is _MISSING:
-                delattr(owner, method)
-            else:
-                setattr(owner, method, previous)
+        for owner, method, hook in reversed(self._patched):
+            hooks.remove(owner, method, hook)
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,18 @@ own rule); a call of the other expert at a step is an error.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from cachelab.core import hooks
 from cachelab.core.controller import CacheHandle
 from cachelab.core.schedules import Decision
 from cachelab.core.variables import StepGrid
 from cachelab.models.samplers import Callback
 
-_MISSING = object()
 # how pipelines hand the scheduler's timestep t to their transformer
 TRANSFORMS = {"t": lambda t: t, "t / 1000": lambda t: t / 1000, "1 - t / 1000": lambda t: 1 - t / 1000}
 
@@ -49,11 +50,22 @@ def expert_plan(pipe, timesteps: torch.Tensor) -> list[str]:
     ``t >= boundary_ratio * scheduler.config.num_train_timesteps``, ``transformer_2`` after
     (the comparison made as the pipeline makes it, on the scheduler's timestep tensors); without
     ``boundary_ratio`` or ``transformer_2``, ``transformer`` throughout."""
-    ratio = getattr(pipe.config, "boundary_ratio", None)
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
     if ratio is None or "transformer_2" not in experts(pipe):
         return ["transformer"] * len(timesteps)
     boundary = ratio * pipe.scheduler.config.num_train_timesteps
     return ["transformer" if t >= boundary else "transformer_2" for t in timesteps]
+
+
+def timestep_argument(signature: inspect.Signature, args: tuple, kwargs: dict):
+    """The ``timestep`` a transformer call received, passed by keyword or by position."""
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    try:
+        return signature.bind_partial(*args, **kwargs).arguments["timestep"]
+    except (TypeError, KeyError):
+        raise TypeError(f"the transformer was called without a timestep argument (its signature: {signature}); the "
+                        f"driver takes each step's index from it") from None
 
 
 class TimestepMap:
@@ -116,13 +128,16 @@ def scheduler_grid(scheduler) -> StepGrid:
 
 class PipelineDriver:
     """Installs the step, context and callback hooks on a pipeline's transformer and scheduler
-    (as instance attributes, removed in reverse by :meth:`uninstall`). As a context manager it
-    drives one pipeline call; :func:`cachelab.apply` keeps it installed until ``remove()``."""
+    (outermost, :data:`~cachelab.core.hooks.DRIVER`; removed by :meth:`uninstall`). As a context
+    manager it drives one pipeline call; :func:`cachelab.apply` keeps it installed until ``remove()``.
+    The handle is begun with the plan of which expert runs each step (:func:`expert_plan`; a
+    single transformer runs them all)."""
 
     def __init__(self, pipe, handle: CacheHandle | None, callback: Callback | None = None):
         self.pipe, self.handle, self.callback = pipe, handle, callback
         self.s: int | None = None
-        self._patched: list[tuple[object, str, object]] = []
+        self.name = f"cachelab driver at {id(self):#x}"
+        self._patched: list[tuple[object, str]] = []
         self._map: TimestepMap | None = None
         self._source: torch.Tensor | None = None  # the scheduler's timesteps the map was made for
         self._plan: list[str] | None = None  # the expert of each step, for a handle with experts
@@ -136,25 +151,19 @@ class PipelineDriver:
 
     def install(self) -> None:
         for name, transformer in experts(self.pipe).items():
-            self._patch(transformer, "forward", self._forward(name, transformer.forward))
+            signature = inspect.signature(hooks.base(transformer, "forward"))
+            self._patch(transformer, "forward", lambda forward, name=name, signature=signature:
+                        self._forward(name, forward, signature))
             if self.handle is not None and hasattr(transformer, "cache_context"):
-                self._patch(transformer, "cache_context", self._cache_context(transformer.cache_context))
-        scheduler = self.pipe.scheduler
-        self._patch(scheduler, "step", self._scheduler_step(scheduler.step))
+                self._patch(transformer, "cache_context", self._cache_context)
+        self._patch(self.pipe.scheduler, "step", self._scheduler_step)
 
     def uninstall(self) -> None:
         """Remove the hooks; a generation still open (an interrupted call) is ended."""
-        self.uninstall_hooks()
-        self._end()
-
-    def uninstall_hooks(self) -> None:
-        """Remove the hooks, in reverse, leaving the generation as it is."""
-        for owner, name, previous in reversed(self._patched):
-            if previous is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, previous)
+        for owner, method in reversed(self._patched):
+            hooks.remove(owner, method, self.name)
         self._patched.clear()
+        self._end()
 
     def step_of(self, timestep) -> int:
         """The index in ``scheduler.timesteps`` of the timestep a transformer call received;
@@ -171,14 +180,14 @@ class PipelineDriver:
             self.handle.end()
         self.s = self._plan = None
 
-    def _patch(self, owner, name: str, replacement) -> None:
-        """Set ``owner.name``, remembering what the instance had (e.g. a cache site's wrapper)."""
-        self._patched.append((owner, name, vars(owner).get(name, _MISSING)))
-        setattr(owner, name, replacement)
+    def _patch(self, owner, method: str, wrap) -> None:
+        """Hook ``owner.method`` by ``wrap`` (outside every other cachelab hook)."""
+        hooks.install(owner, method, self.name, wrap, hooks.DRIVER, by=self)
+        self._patched.append((owner, method))
 
-    def _forward(self, name: str, forward):
+    def _forward(self, name: str, forward, signature: inspect.Signature):
         def driven_forward(*args, **kwargs):
-            s = self.step_of(kwargs["timestep"])
+            s = self.step_of(timestep_argument(signature, args, kwargs))
             if s != self.s:
                 if self.handle is not None:
                     if self.s is None or s < self.s:  # the first call of a pipeline call: T is known now
@@ -193,13 +202,9 @@ class PipelineDriver:
         return driven_forward
 
     def _begin(self) -> None:
-        """Begin the handle's generation (with the experts' plan when it caches several)."""
-        T, grid = len(self._map.timesteps), scheduler_grid(self.pipe.scheduler)
-        if hasattr(self.handle, "experts"):
-            self._plan = expert_plan(self.pipe, self.pipe.scheduler.timesteps)
-            self.handle.begin(T, grid, self._plan)
-        else:
-            self.handle.begin(T, grid)
+        """Begin the handle's generation with the plan of which expert runs each step."""
+        self._plan = expert_plan(self.pipe, self.pipe.scheduler.timesteps)
+        self.handle.begin(len(self._map.timesteps), scheduler_grid(self.pipe.scheduler), self._plan)
 
     def _cache_context(self, cache_context):
         @contextmanager
