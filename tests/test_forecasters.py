@@ -399,7 +399,7 @@ BAD_ARGUMENTS = [
     (lambda: TaylorSeer(order=2, damping=float("nan")), "damping", "[0, 1]"),
     (lambda: HiCache(order=2, sigma=0.0), "sigma", "> 0"),
     (lambda: HiCache(order=2, sigma=float("inf")), "sigma", "> 0"),
-    (lambda: HiCache(order=-1), "order", "in 0..16"),
+    (lambda: HiCache(order=-1), "order", "0..16"),
     (lambda: AdamsBashforth(order=1), "order", "2 or 3"),
     (lambda: AdamsBashforth(order=4), "order", "2 or 3"),
     (lambda: AdamsBashforth(order=2, slope_at="end"), "slope_at", "midpoint"),
