@@ -23,7 +23,7 @@ LAYERS = [
     (3, ("cachelab.models",)),
     (4, ("cachelab.evaluation",)),
     (5, ("analysis",)),
-    (6, ("cachelab.jobs",)),
+    (6, ("cachelab.jobs", "cachelab.planner")),  # the planner composes presets as the jobs do
     (7, ("cachelab", "cachelab.api")),   # the public API at the root: presets come from the jobs' config
 ]
 CORE_RANK = 0

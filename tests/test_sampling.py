@@ -245,7 +245,7 @@ def test_bad_input_is_a_config_error_naming_the_key(override, message):
 
 
 def test_an_unknown_job_is_one_line_naming_the_allowed_ones():
-    with pytest.raises(ConfigError, match="job='fid' is unknown; allowed: atlas, calibrate, compare, sample, trajectory"):
+    with pytest.raises(ConfigError, match="job='fid' is unknown; allowed: atlas, benchmark, calibrate, compare, plan, sample, trajectory, tune"):
         check_group_choices(["job=fid"], REPO / "conf")
 
 
