@@ -232,7 +232,9 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     or a size such as ``"4GiB"``): the strategy is planned first (:func:`cachelab.plan`, with the
     generation's keys among ``overrides``: ``num_inference_steps``, ``height``, ``width``, ...) and
     refused, before anything is hooked, when its cache would exceed the budget."""
-    pipe = target if _is_pipeline(target) else None
+    from cachelab.models.pipelines.driver import is_pipeline
+
+    pipe = target if is_pipeline(target) else None
     model = target.transformer if pipe is not None else target
     if not isinstance(model, nn.Module):
         raise TypeError(f"cachelab.apply takes a diffusers pipeline, a diffusers transformer or a torch.nn.Module, "
@@ -284,7 +286,3 @@ def _experts(pipe) -> dict[str, nn.Module]:
     from cachelab.models.pipelines.driver import experts
 
     return experts(pipe)
-
-
-def _is_pipeline(target) -> bool:
-    return isinstance(getattr(target, "transformer", None), nn.Module) and hasattr(target, "scheduler")

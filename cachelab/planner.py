@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cachelab.core.controller import CacheHandle, decision_code
 from cachelab.errors import ConfigError
+from cachelab.models.pipelines.driver import is_pipeline
 from cachelab.models.meta_inputs import Shape, family_calls, meta_model, step_calls
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -168,7 +169,7 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
     plan_keys = {key: keys.pop(key) for key in PLAN_KEYS if key in keys}
     steps = int(plan_keys.get("num_inference_steps", keys.get("num_steps", 50)))
     keys.setdefault("num_steps", steps)
-    pipe = target if _is_pipeline(target) else None
+    pipe = target if is_pipeline(target) else None
     dtype = _dtype(plan_keys.get("dtype"))
     model, experts = meta_model(pipe.transformer if pipe is not None else target, dtype)
     factor = getattr(pipe, "vae_scale_factor_spatial", getattr(pipe, "vae_scale_factor", None))
@@ -361,7 +362,7 @@ def _dtype(name) -> torch.dtype | None:
 def _name(target) -> str:
     if isinstance(target, str):
         return target
-    model = target.transformer if _is_pipeline(target) else target
+    model = target.transformer if is_pipeline(target) else target
     return type(model).__name__
 
 
@@ -373,7 +374,3 @@ def _fused_attention(query, key, value, *args, **kwargs):
 
 def _nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
-
-
-def _is_pipeline(target) -> bool:
-    return isinstance(getattr(target, "transformer", None), torch.nn.Module) and hasattr(target, "scheduler")

@@ -40,6 +40,11 @@ TRANSFORMS = {"t": lambda t: t, "t / 1000": lambda t: t / 1000, "1 - t / 1000": 
 EXPERTS = ("transformer", "transformer_2")  # a pipeline's denoisers, by attribute name
 
 
+def is_pipeline(target) -> bool:
+    """Whether ``target`` is a diffusers pipeline with a transformer (what ``apply`` and ``plan`` drive)."""
+    return isinstance(getattr(target, "transformer", None), nn.Module) and hasattr(target, "scheduler")
+
+
 def experts(pipe) -> dict[str, nn.Module]:
     """The pipeline's denoisers by attribute: ``transformer`` and, for Wan 2.2 A14B, ``transformer_2``."""
     return {name: getattr(pipe, name) for name in EXPERTS if isinstance(getattr(pipe, name, None), nn.Module)}
