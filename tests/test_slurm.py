@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from cachelab.errors import ConfigError
-from cachelab.jobs.slurm import Partition, check_request, ended_without_result, gpu_count, minutes
+from cachelab.jobs.slurm import Partition, check_request, describe_partition, ended_without_result, gpu_count, minutes
+from slurm_cluster import memory_mb
 from test_cli import REPO, app_env, check_ok, job_overrides, overrides, read_metrics, run_app
 
 # what the test cluster offers a job: 1 of its CPUs, no GPU, little memory, a time limit under the partition's
@@ -171,21 +172,30 @@ def test_a_requeued_sample_job_resumes_from_its_last_chunk_byte_for_byte(slurm_c
 
 
 @pytest.mark.parametrize("request_, said", [
-    ("hydra.launcher.cpus_per_task=64", "hydra.launcher.cpus_per_task=64 asks for more than the cluster has: 64 CPUs"),
-    ("hydra.launcher.timeout_min=600", "hydra.launcher.timeout_min=600 asks for more than the cluster has: "
-                                       "partition debug allows at most 60 minutes"),
-    ("hydra.launcher.partition=gpu", "hydra.launcher.partition=gpu: no such partition; allowed: debug"),
-    ("hydra.launcher.constraint=nosuchfeature", "the jobs were not submitted: sbatch: error: Batch job submission "
-                                                "failed: Invalid feature specification"),
+    ("hydra.launcher.cpus_per_task=64", "error: hydra.launcher.cpus_per_task=64 asks for more than the cluster has: "
+                                        "64 CPUs per node (1 task(s)); the largest node of partition debug has 2;"),
+    ("hydra.launcher.constraint=nosuchfeature", "error: hydra/launcher=slurm: the jobs were not submitted: sbatch: "
+                                                "error: Batch job submission failed: Invalid feature specification"),
 ])
 def test_a_request_the_cluster_cannot_meet_is_one_line(slurm_cluster, tmp_path, request_, said):
+    """Checked before submitting (CPUs), or refused by sbatch (an unknown feature): one line, exit 2, nothing queued."""
     sweep = tmp_path / "sweep"
     proc = run_app(["-m", *SLURM, request_, "logger=none", f"hydra.sweep.dir={sweep}", *overrides("order=1,2")],
                    timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(said), proc.stderr
     assert not slurm_cluster.run("squeue", "-h").stdout.strip() and not (sweep / "sweep.lock").exists()
+
+
+def test_the_partition_is_read_from_the_cluster(slurm_cluster):
+    """What check_request compares with: the test cluster's one node and its partition's time limit."""
+    assert describe_partition(None) == describe_partition("debug") == Partition(
+        "debug", nodes=1, cpus=slurm_cluster.cpus, memory_mb=memory_mb(), gpus=0, max_minutes=60)
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.partition=gpu: no such partition; allowed: debug$"):
+        describe_partition("gpu")
+    with pytest.raises(ConfigError, match=r"^hydra.launcher.timeout_min=600 .*: partition debug allows at most 60 minutes;"):
+        check_request({"timeout_min": 600})
 
 
 # ----------------------------------------------------------------------------- without a cluster

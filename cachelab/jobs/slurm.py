@@ -17,6 +17,8 @@ never starts. :class:`SlurmLauncher` (the same submission, the same parameters) 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import subprocess
@@ -95,7 +97,8 @@ def submit(executor, launcher, calls: list[tuple], params: dict) -> list:
     import submitit
 
     try:
-        jobs = executor.map_array(launcher, *zip(*calls))
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal too: once is enough
+            jobs = executor.map_array(launcher, *zip(*calls))
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as err:
         quit_with(f"error: hydra/launcher=slurm: the jobs were not submitted: {submission_error(err)}")
     log.info(f"submitted {len(jobs)} SLURM job(s): {', '.join(job.job_id for job in jobs)} "
