@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -140,6 +141,23 @@ def test_a_cancelled_job_is_listed_as_cancelled_and_the_others_finish(slurm_clus
     assert f"- 1: {reason}" in (sweep / "sweep.md").read_text()
     assert not (slow / "run.lock").exists()  # the cancelled job ended cleanly: its lock released
     assert not slurm_cluster.run("squeue", "-h").stdout.strip()
+
+
+def test_an_interrupted_sweep_cancels_its_jobs(slurm_cluster, tmp_path):
+    """Ctrl-C on the login node stops the sweep's SLURM jobs, as it stops a local sweep's job."""
+    sweep = tmp_path / "sweep"
+    process = start_app(["-m", *SLURM, "logger=none", f"hydra.sweep.dir={sweep}", *overrides("num_steps=4000,4001")],
+                        app_env(tmp_path))
+    for job in (sweep / "0", sweep / "1"):
+        wait_for(lambda: (job / "slurm.json").is_file(), f"running job {job.name}", process=process)
+    process.send_signal(signal.SIGINT)
+    proc = finish(process, 60)
+    assert proc.returncode == 130, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith("cancelled the SLURM job(s) still queued or running: ")
+    assert lines[-1] == f"interrupted; rerun the same command into the same folder (hydra.sweep.dir={sweep}) to resume"
+    wait_for(lambda: not slurm_cluster.run("squeue", "-h").stdout.strip(), "empty queue", 30)
+    assert not (sweep / "0" / "metrics.json").exists() and not (sweep / "sweep.lock").exists()
 
 
 def test_a_requeued_sample_job_resumes_from_its_last_chunk_byte_for_byte(slurm_cluster, tmp_path):

@@ -4,7 +4,8 @@ recorded in its folder.
 Hydra's submitit launcher submits the array and then waits for each job's result: a job that
 SLURM ends without one (``scancel``, a node failure, the time limit) raises there and ends the
 sweep before its report, and a request the cluster cannot meet is a traceback or a job that
-never starts. :class:`SlurmLauncher` (the same submission, the same parameters) instead
+never starts. :func:`launch` (the same submission, the same parameters; Hydra finds it as
+``hydra_plugins.cachelab_launcher.slurm_launcher.SlurmLauncher``) instead
 
 - checks the request against the partition before submitting (:func:`check_request`: CPUs,
   GPUs and memory per node, nodes, time limit), and turns sbatch's own refusal into one line:
@@ -13,7 +14,10 @@ never starts. :class:`SlurmLauncher` (the same submission, the same parameters) 
   squeue no longer shows): a job that ended without a result gets ``error.txt`` in its folder
   with SLURM's state (``cancelled by SLURM (job 12_3 CANCELLED)``), which ``sweep.md`` lists;
 - keeps waiting on a requeued job (preemption, submitit's checkpoint before the time limit,
-  ``scontrol requeue``): it runs again into its folder, and ``job=sample`` resumes there.
+  ``scontrol requeue``): it runs again into its folder, and ``job=sample`` resumes there;
+- skips the jobs a resumed sweep finished (no SLURM job for them), and cancels the jobs still
+  queued or running when the launching process is interrupted (SIGINT, SIGTERM), as a local
+  sweep stops its job: rerunning the command resumes the sweep.
 """
 from __future__ import annotations
 
@@ -68,7 +72,12 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         else:
             calls.append((overrides, "hydra.sweep.dir", num, f"job_id_for_{num}", singleton))
     jobs = submit(executor, launcher, calls, params) if calls else []
-    for (_, _, num, _, _), end in zip(calls, wait(jobs)):
+    try:
+        ends = wait(jobs)
+    except BaseException:  # interrupted: no job of this sweep runs on without it
+        cancel([job for job in jobs if not job.paths.result_pickle.exists()])
+        raise
+    for (_, _, num, _, _), end in zip(calls, ends):
         if end is not None:  # the job left no result: why, in its folder, for the sweep's report
             from cachelab.jobs.cli import record_failure
 
@@ -104,6 +113,14 @@ def submit(executor, launcher, calls: list[tuple], params: dict) -> list:
     log.info(f"submitted {len(jobs)} SLURM job(s): {', '.join(job.job_id for job in jobs)} "
              f"(logs in {Path(params['submitit_folder']).parent})")
     return jobs
+
+
+def cancel(jobs: list) -> None:
+    """scancel ``jobs`` (saying so on stderr)."""
+    if jobs:
+        ids = [job.job_id for job in jobs]
+        _command(["scancel", *ids])
+        print(f"cancelled the SLURM job(s) still queued or running: {', '.join(ids)}", file=sys.stderr)
 
 
 def job_folder(launcher, overrides: list[str], num: int) -> Path:
