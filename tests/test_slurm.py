@@ -244,3 +244,10 @@ def test_slurm_formats_read_as_slurm_writes_them():
     assert gpu_count("gpu:a100:4(S:0-1),gpu:v100:2") == 6 and gpu_count("mps:100,gpu:1") == 1
     assert ended_without_result("12_3", "CANCELLED by 0") == "cancelled by SLURM (job 12_3 CANCELLED by 0)"
     assert ended_without_result("5", "NODE_FAIL") == "SLURM job 5 ended as NODE_FAIL without a result"
+
+
+def test_no_slurm_to_ask_is_one_line(tmp_path, monkeypatch):
+    """Not a SLURM cluster's login node (no scontrol, or no controller for the config)."""
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))  # no such file
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm: SLURM does not answer \(.+\); allowed: "):
+        describe_partition(None)

@@ -268,15 +268,19 @@ def describe_partition(name: str | None) -> Partition:
     """SLURM's description of partition ``name`` (None: the default partition)."""
     try:
         shown = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, timeout=60)
+        failure = one_line(shown.stderr) if shown.returncode else None
     except (OSError, subprocess.SubprocessError) as err:
-        raise ConfigError(f"hydra/launcher=slurm: cannot ask SLURM about its partitions ({err}); allowed: "
-                          f"a SLURM cluster's login node, or another hydra/launcher") from None
+        failure = str(err)
+    if failure is not None:
+        raise ConfigError(f"hydra/launcher=slurm: SLURM does not answer ({failure}); allowed: a SLURM cluster's "
+                          f"login node, or another hydra/launcher")
     partitions = [dict(_fields(line)) for line in shown.stdout.splitlines() if line.startswith("PartitionName=")]
     names = [p["PartitionName"] for p in partitions]
     chosen = [p for p in partitions if p["PartitionName"] == name or (name is None and p.get("Default") == "YES")]
     if not chosen:
-        raise ConfigError(f"hydra.launcher.partition={name}: {'no such partition' if name else 'no default partition'}"
-                          f"; allowed: {', '.join(names) or '(scontrol shows none: ' + one_line(shown.stderr) + ')'}")
+        raise ConfigError(f"hydra.launcher.partition={name or 'null'}: "
+                          f"{'no such partition' if name else 'the cluster has no default partition'}; "
+                          f"allowed: {', '.join(names) or '(none)'}")
     partition = chosen[0]
     nodes = subprocess.run(["sinfo", "-h", "-N", "-p", partition["PartitionName"], "-o", "%N|%c|%m|%G"],
                            capture_output=True, text=True, timeout=60).stdout.split()
