@@ -2,9 +2,10 @@
 record of how far its generations got, and failures to write reported as one line.
 
 - :class:`FolderLock`: ``run.lock`` (``sweep.lock``) in the folder, created with
-  ``O_CREAT | O_EXCL`` and holding the owner's pid and host. A second run into the folder is
-  refused with one line naming the file and the pid; a lock whose pid no longer runs on this
-  host (a run killed by SIGKILL or a crash) is taken over with a note.
+  ``O_CREAT | O_EXCL`` and holding the owner's pid and host (and SLURM job). A second run into
+  the folder is refused with one line naming the file and the pid; a lock whose pid no longer
+  runs on this host (a run killed by SIGKILL or a crash), or that an earlier run of this same
+  SLURM job left (requeued, maybe onto another node), is taken over with a note.
 - :func:`interruptible`: SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so
   every ``finally`` runs (the logger run is finished as failed, the lock removed, a temporary
   file deleted); a repeat within a second is ignored, a later one exits at once.
@@ -283,8 +284,10 @@ class Owner:
 
     def earlier_run_of(self, slurm_run: str) -> bool:
         """Whether this owner ran as the same SLURM job as ``slurm_run``, before a requeue."""
-        mine, theirs = slurm_run.partition("."), self.slurm_run.partition(".")
-        return bool(mine[0]) and mine[0] == theirs[0] and int(theirs[2] or 0) < int(mine[2] or 0)
+        job, _, restarts = slurm_run.partition(".")
+        their_job, _, their_restarts = self.slurm_run.partition(".")
+        return (bool(job) and job == their_job and restarts.isdigit() and their_restarts.isdigit()
+                and int(their_restarts) < int(restarts))
 
 
 class FolderLock:
