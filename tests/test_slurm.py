@@ -187,6 +187,8 @@ def test_a_requeued_sample_job_resumes_from_its_last_chunk_byte_for_byte(slurm_c
     assert (job / "samples.npz").read_bytes() == (tmp_path / "whole" / "samples.npz").read_bytes()
     log = (job / "run.log").read_text()
     assert "this job is preempted" in log and "Requeued job" in log  # submitit's checkpoint did the second requeue
+    errors = (sweep / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()  # every run's, appended
+    assert "Traceback" not in errors and "interrupted at step " in errors  # the requeue's SIGTERM: one line
 
 
 @pytest.mark.parametrize("request_, said", [

@@ -4,6 +4,8 @@ heavy, and defines nothing without the ``launchers`` extra (``cachelab.jobs.cli.
 names the extra then)."""
 from __future__ import annotations
 
+import sys
+
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 except ImportError:
@@ -18,3 +20,14 @@ if SubmititSlurmLauncher is not None:
             from cachelab.jobs.slurm import launch
 
             return launch(self, job_overrides, initial_job_idx)
+
+        def __call__(self, *args, **kwargs):
+            """One job, in its SLURM job: an interrupt (scancel, a requeue) ends it with its one
+            line in the job's log, not a traceback."""
+            from cachelab.jobs.lifecycle import Interrupted
+
+            try:
+                return super().__call__(*args, **kwargs)
+            except Interrupted as stop:
+                print(stop.line, file=sys.stderr)
+                sys.exit(stop.exit_code)
