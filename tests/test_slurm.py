@@ -249,7 +249,7 @@ def test_slurm_formats_read_as_slurm_writes_them():
 
 
 def test_no_slurm_to_ask_is_one_line(tmp_path, monkeypatch):
-    """Not a SLURM cluster's login node (no scontrol, or no controller for the config)."""
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))  # no such file
-    with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm: SLURM does not answer \(.+\); allowed: "):
+    """Not a SLURM cluster's login node: no SLURM commands."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing in it
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm: SLURM does not answer \(.+'scontrol'\); allowed: "):
         describe_partition(None)
