@@ -25,6 +25,7 @@ from analysis.figures import png_bytes, pyplot
 from cachelab.core.variables import VARIABLES
 from cachelab.io import write_bytes_atomic
 
+ERROR = "error.txt"      # in a job folder: why the job did not finish (its first line)
 SKIPPED = "skipped.txt"  # in a job folder: the job was the same run as another (cachelab.jobs.sweep.claim)
 
 COLUMNS = [  # (header, path into metrics.json, format)
@@ -71,8 +72,10 @@ def lookup(metrics: dict, path: tuple[str, ...]):
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job folders of a sweep (sorted), less the jobs skipped as the same run as another."""
-    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()
+    """The job folders of a sweep (sorted), less the jobs skipped as the same run as another: a
+    folder with Hydra's ``.hydra``, or with an ``error.txt`` alone (a job that a scheduler ended
+    before it started, recorded by ``cachelab.jobs.slurm``)."""
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / ERROR).is_file())
                   and not (p / SKIPPED).is_file())
 
 
@@ -93,7 +96,7 @@ def failure_reason(job: Path) -> str:
     """Why a job did not finish: the first line of its ``error.txt`` (the lines after it hold
     its last output and traceback), else that it has no metrics.json."""
     try:
-        lines = (job / "error.txt").read_text(errors="replace").strip().splitlines()
+        lines = (job / ERROR).read_text(errors="replace").strip().splitlines()
     except OSError:
         return "no metrics.json"
     return lines[0].strip() if lines else "no metrics.json (an empty error.txt)"

@@ -524,3 +524,72 @@ def test_isolation_costs_little():
     median = sorted(times)[2]
     print(f"run_isolated overhead: {median * 1000:.0f} ms")
     assert median < 1.0
+
+
+# ----------------------------------------------------------------------------- under a scheduler (SLURM, submitit)
+
+class _Preempted(RuntimeError):
+    pass
+
+
+def _preempt(signum, frame):  # what submitit does on SIGUSR2: checkpoint, requeue, leave
+    raise _Preempted("the caller's handler ran")
+
+
+@pytest.fixture
+def preemption_handler():
+    previous = signal.signal(signal.SIGUSR2, _preempt)
+    yield
+    signal.signal(signal.SIGUSR2, previous)
+
+
+def _signalled_by_the_scheduler():
+    os.kill(os.getpid(), signal.SIGUSR2)  # SLURM signals every process of the job, the child too
+    time.sleep(0.2)
+
+
+def test_the_child_leaves_the_callers_scheduler_signal_to_the_caller(preemption_handler):
+    """The caller's SIGUSR2 handler would requeue the job again from the child: it is not the child's."""
+    outcome = run_isolated(_signalled_by_the_scheduler)
+    assert outcome.status == "ok", outcome.reason
+
+
+def test_a_handler_that_raises_in_the_caller_stops_the_child_first(preemption_handler, tmp_path):
+    """submitit's handler exits the caller after the requeue: the child is stopped (SIGTERM, its
+    cleanup runs) and reaped before the exception goes on, not left running."""
+    started = tmp_path / "started"
+
+    def job():
+        started.write_text(str(os.getpid()))
+        _sleep()
+
+    threading.Thread(target=lambda: (wait_for_file(started), os.kill(os.getpid(), signal.SIGUSR2)), daemon=True).start()
+    with pytest.raises(_Preempted):
+        run_isolated(job, timeout_s=30)
+    child = int(started.read_text())
+    with pytest.raises(ChildProcessError):  # reaped: not ours to wait for any more
+        os.waitpid(child, os.WNOHANG)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def wait_for_file(path: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_lock_from_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, capsys):
+    """A requeued SLURM job may run on another node, where the pid in its old lock means nothing:
+    the lock of an earlier run of the same job (fewer restarts) is stale; any other is not."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    alive = os.getppid()  # a pid that runs
+    (tmp_path / LOCK).write_text(f"{alive}\nnode-a\n77.0\n")  # the first run of job 77, killed on node-a
+    with FolderLock(tmp_path):
+        assert (tmp_path / LOCK).read_text() == f"{os.getpid()}\n{os.uname().nodename}\n77.1\n"
+    assert "was left by pid" in capsys.readouterr().err
+    for other in ("77.1", "78.0", ""):  # this run of the job (another task), another job, no job
+        (tmp_path / LOCK).write_text(f"{alive}\nnode-a\n{other}\n")
+        with pytest.raises(FolderLocked, match="on node-a"):
+            FolderLock(tmp_path).acquire()

@@ -80,3 +80,13 @@ def test_a_flagged_null_reads_back_as_its_value():
     metrics = {"quality": {"psnr_db": None, "ssim": None}, "non_finite": {"quality/psnr_db": "inf"}}
     assert lookup(metrics, ("quality", "psnr_db")) == float("inf")
     assert lookup(metrics, ("quality", "ssim")) is None
+
+
+def test_a_job_that_never_started_is_listed_from_its_error_alone(tmp_path):
+    """A job SLURM cancelled while it was queued has no Hydra files, only the launcher's error.txt."""
+    job(tmp_path, "0", metrics("taylor", 2, 5, 4.5, 30.0))
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "error.txt").write_text("cancelled by SLURM (job 12_1 CANCELLED)\n")
+    (tmp_path / ".submitit").mkdir()  # submitit's logs: no job
+    rows, failed = collect(tmp_path)
+    assert [r["job"] for r in rows] == ["0"] and failed == ["1: cancelled by SLURM (job 12_1 CANCELLED)"]

@@ -17,6 +17,7 @@ from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.jobs.components import refusal
+from cachelab.jobs.lifecycle import slurm_job
 from cachelab.models.adapter import Inputs, ModelAdapter
 from strategies.reuse import Reuse
 
@@ -117,6 +118,7 @@ def describe(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> dict
         "num_images": cfg.num_images,
         "seed": cfg.seed,
         "parallel": OmegaConf.to_container(cfg.parallel),  # >1: FLOPs, times and cache bytes are rank 0's
+        "slurm": slurm_job(),  # the SLURM job that ran it (None outside SLURM)
     }
 
 

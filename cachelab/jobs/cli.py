@@ -33,10 +33,11 @@ from cachelab.jobs import CONFIG_DIR
 from cachelab.jobs.console import close_progress_bars, quiet_console
 from cachelab.jobs.isolation import Outcome, run_isolated
 from cachelab.jobs.lifecycle import (LOCK, PROGRESS, SWEEP, Interrupted, Owner, interruptible, interrupted_line,
-                                     release_if_owned, write_failure)
+                                     release_if_owned, slurm_job, write_failure)
 
 FINISHED = "finished.json"  # written after a job's metrics.json: its overrides, for resuming sweeps
 ERROR = "error.txt"         # a failed sweep job's reason (first line), last output lines, traceback
+SLURM_RECORD = "slurm.json"  # under SLURM: the job that ran the run (lifecycle.slurm_job), one entry per run of it
 # the Hydra plugin each launcher config builds on (its defaults), and the extra that installs it
 LAUNCHER_PLUGINS = {"joblib": "hydra_plugins.hydra_joblib_launcher",
                     "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
@@ -89,12 +90,29 @@ def check_launcher(overrides: list[str], config_dir: Path = CONFIG_DIR, installe
 
 
 def run_job(cfg: DictConfig, out_dir: Path, overrides: list[str]) -> None:
-    """The job, then ``finished.json`` (what a resumed sweep checks)."""
+    """The job, then ``finished.json`` (what a resumed sweep checks); under SLURM, first the
+    job's id into ``slurm.json``."""
     from cachelab.io import write_json_atomic
     from cachelab.jobs.runner import run
 
+    record_slurm_job(out_dir)
     run(cfg, out_dir)
     write_json_atomic(out_dir / FINISHED, {"overrides": overrides})
+
+
+def record_slurm_job(out_dir: Path) -> None:
+    """Append this process's SLURM job (if any) to ``slurm.json``: every run of a requeued job shows."""
+    from cachelab.io import write_json_atomic
+
+    job = slurm_job()
+    if job is None:
+        return
+    path = out_dir / SLURM_RECORD
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        runs = []
+    write_json_atomic(path, {"id": job["id"], "runs": [*runs, job]})
 
 
 def error_report(outcome: Outcome) -> str:

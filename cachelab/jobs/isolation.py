@@ -10,6 +10,13 @@ traceback go into the outcome only, not onto the console.
 
 The caller must not have initialised CUDA (a forked child cannot use it then): a sweep's own
 process only composes configs and forks, every model is built in a child.
+
+Under a scheduler (a SLURM job started by submitit) the caller's own signal handlers stay the
+caller's: the child ignores SIGUSR1/SIGUSR2 where the caller handles them (submitit
+checkpoints and requeues the job on SIGUSR2; SLURM signals every process of the job, and the
+child must not requeue it a second time), and when such a handler raises in the caller (it
+exits after the requeue) the child is stopped (SIGTERM, then SIGKILL) before the exception
+goes on: the child never outlives the call, and it ends with its lock released.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from cachelab.jobs.lifecycle import PROGRESS, STOP_SIGNALS, Interrupted, install
 TAIL_LINES = 20       # output lines kept for error.txt
 TERM_GRACE_S = 10.0   # after a timeout's SIGTERM, the child's time to clean up before SIGKILL
 SIGNAL_NOTES = {signal.SIGKILL: " (out of memory? the kernel's OOM killer sends SIGKILL)"}
+SCHEDULER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a scheduler's warning (preemption, time limit): the caller's
 
 
 @dataclass
@@ -120,6 +128,9 @@ def run_isolated(target: Callable[[], object], timeout_s: float | None = None, f
     signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     try:
         status, timed_out, captured = _supervise(pid, pipes, timeout_s, tail_lines)
+    except BaseException:  # a handler of the caller's raised (submitit's exit after a requeue)
+        _stop(pid)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -143,6 +154,7 @@ def _child(target, pipes: dict, mask, folder, parent: int) -> None:
         _die_with_parent()
         if os.getppid() != parent:  # it died before that took effect
             os._exit(code)
+        _drop_caller_handlers()
         install_stop_handlers()
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         outcome = attempt(target, folder)
@@ -157,6 +169,29 @@ def _child(target, pipes: dict, mask, folder, parent: int) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _drop_caller_handlers() -> None:
+    """The signal handlers the caller set in Python are not the child's: SIGUSR1/SIGUSR2 ignored
+    (the caller acts on them), any other back to the default (SIGINT/SIGTERM get their own next)."""
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_IGN if signum in SCHEDULER_SIGNALS else signal.SIG_DFL)
+        except (OSError, ValueError):  # not one Python may set
+            pass
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM the child, SIGKILL it ``TERM_GRACE_S`` later if it still runs; reap it."""
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + TERM_GRACE_S
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.05)
+    _signal(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def _die_with_parent() -> None:

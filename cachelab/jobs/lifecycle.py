@@ -2,9 +2,10 @@
 record of how far its generations got, and failures to write reported as one line.
 
 - :class:`FolderLock`: ``run.lock`` (``sweep.lock``) in the folder, created with
-  ``O_CREAT | O_EXCL`` and holding the owner's pid and host. A second run into the folder is
-  refused with one line naming the file and the pid; a lock whose pid no longer runs on this
-  host (a run killed by SIGKILL or a crash) is taken over with a note.
+  ``O_CREAT | O_EXCL`` and holding the owner's pid and host (and SLURM job). A second run into
+  the folder is refused with one line naming the file and the pid; a lock whose pid no longer
+  runs on this host (a run killed by SIGKILL or a crash), or that an earlier run of this same
+  SLURM job left (requeued, maybe onto another node), is taken over with a note.
 - :func:`interruptible`: SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so
   every ``finally`` runs (the logger run is finished as failed, the lock removed, a temporary
   file deleted); a repeat within a second is ignored, a later one exits at once.
@@ -12,6 +13,8 @@ record of how far its generations got, and failures to write reported as one lin
   adapter's sampler callback), for the line an interrupt prints.
 - :func:`write_failure`: an ``OSError`` from writing (read-only folder, disk full, quota) as
   ``cannot write <path>: <reason>``.
+- :func:`slurm_job`: the SLURM job this process runs in (its id goes into the run's folder,
+  its ``metrics.json`` and its lock).
 """
 from __future__ import annotations
 
@@ -214,6 +217,25 @@ def probe_writable(folder: Path, size: int = 65536) -> None:
         os.unlink(name)
 
 
+# ----------------------------------------------------------------------------- SLURM
+
+SLURM_VARIABLES = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
+                   "array_task_id": "SLURM_ARRAY_TASK_ID", "node": "SLURMD_NODENAME"}
+
+
+def slurm_job() -> dict | None:
+    """The SLURM job this process runs in, from its environment (None outside SLURM): ``id``
+    as squeue shows it (``<array job>_<task>`` for a task of an array, else the job id), the
+    job id, the array's, the node, and ``restarts``: how often SLURM requeued it (preemption,
+    ``scontrol requeue``)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    job = {key: os.environ.get(variable) for key, variable in SLURM_VARIABLES.items()}
+    in_array = job["array_job_id"] is not None and job["array_task_id"] is not None
+    return {"id": f"{job['array_job_id']}_{job['array_task_id']}" if in_array else job["job_id"], **job,
+            "restarts": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+
+
 # ----------------------------------------------------------------------------- the folder lock
 
 def _alive(pid: int) -> bool:
@@ -228,26 +250,44 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who holds a lock: the process id and the host."""
+    """Who holds a lock: the process id and the host; under SLURM also the job's id and how
+    often it had been requeued (``slurm_run``: ``<job id>.<restarts>``, empty outside SLURM)."""
 
     pid: int
     host: str
+    slurm_run: str = ""
+
+    @classmethod
+    def this_process(cls) -> "Owner":
+        job = slurm_job()
+        return cls(os.getpid(), socket.gethostname(), f"{job['job_id']}.{job['restarts']}" if job else "")
 
     def text(self) -> str:
-        return f"{self.pid}\n{self.host}\n"
+        return f"{self.pid}\n{self.host}\n{self.slurm_run}\n"
 
     @classmethod
     def read(cls, path: Path) -> "Owner | None":
         """The owner written in ``path``; None if it is empty or not a lock (being written)."""
         try:
-            pid, host = path.read_text().split("\n")[:2]
-            return cls(int(pid), host)
+            pid, host, *rest = path.read_text().split("\n")
+            return cls(int(pid), host, rest[0] if rest else "")
         except (OSError, ValueError, UnicodeDecodeError):
             return None
 
     def running(self) -> bool:
-        """Whether the owner may still run: always True for another host (its pids are not ours)."""
+        """Whether the owner may still run: always True for another host (its pids are not
+        ours), unless it was an earlier run of this very SLURM job, which SLURM requeued (it
+        ended before this run began, on whatever node it ran)."""
+        if self.earlier_run_of(Owner.this_process().slurm_run):
+            return False
         return self.host != socket.gethostname() or _alive(self.pid)
+
+    def earlier_run_of(self, slurm_run: str) -> bool:
+        """Whether this owner ran as the same SLURM job as ``slurm_run``, before a requeue."""
+        job, _, restarts = slurm_run.partition(".")
+        their_job, _, their_restarts = self.slurm_run.partition(".")
+        return (bool(job) and job == their_job and restarts.isdigit() and their_restarts.isdigit()
+                and int(their_restarts) < int(restarts))
 
 
 class FolderLock:
@@ -258,7 +298,7 @@ class FolderLock:
         self.folder = Path(folder)
         self.path = self.folder / name
         self.what = what
-        self.owner = Owner(os.getpid(), socket.gethostname())
+        self.owner = Owner.this_process()
         self.held = False
 
     def acquire(self) -> "FolderLock":
