@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 GRIDS_DIR = CONFIG_DIR / "benchmark"
 GRID_SETTINGS = ("tuning_images", "held_out_images", "timing_images", "rounds")  # grid.yaml's defaults
 DRIVERS = ("cachelab", "diffusers", "cache_dit")
-OURS = "cachelab"
+OURS = "cachelab"  # the driver, and the tools: "cachelab" (its presets) and "cachelab <kind>" (e.g. job=tune's choices)
 BASE_EVERY = 4  # timing: full compute before every 4th point of a round
 COLUMNS = ["model", "tool", "source", "setting", "split", "images", "flops_speedup", "wall_speedup", "psnr",
            "psnr_low", "psnr_high", "class_accuracy", "feature_fd", "wall_s", "base_wall_s", "selected_for", "flag"]
@@ -424,6 +424,11 @@ def best_with_interval(mse: np.ndarray, speeds: np.ndarray, levels: list[float],
     return [(float(point[j]), *percentile_interval(boot[:, j])) for j in range(len(levels))]
 
 
+def is_ours(tool: str) -> bool:
+    """Whether ``tool`` is cachelab's (its presets, or a tool named ``cachelab <kind>``)."""
+    return tool.split(" ", 1)[0] == OURS
+
+
 def level_summary(held: list[Measured], levels: list[float], draws: int, seed: int, wall_noise: float) -> dict:
     """Per speed axis (flops, wall): per tool, the best speed at each level with its interval; and
     cachelab over the best peer (every peer tool's points together) with a paired interval and
@@ -441,7 +446,7 @@ def level_summary(held: list[Measured], levels: list[float], draws: int, seed: i
             return mse, np.array([m.row[axis] for m in chosen], dtype=float)
 
         per_tool = {tool: best_with_interval(*of(lambda t, tool=tool: t == tool), levels, draws, seed) for tool in tools}
-        ours, theirs = of(lambda t: t == OURS), of(lambda t: t != OURS)
+        ours, theirs = of(is_ours), of(lambda t: not is_ours(t))
         ratios = level_ratios(*ours, *theirs, levels, draws, seed) if len(ours[1]) and len(theirs[1]) else []
         summary[axis] = {"per_tool": per_tool,
                          "ratio": [{"level": lv, "ratio": r, "low": lo, "high": hi,
@@ -502,7 +507,7 @@ def plot(rows: list[dict], title: str):
                         xerr=[[r["psnr"] - r["psnr_low"] for r in held], [r["psnr_high"] - r["psnr"] for r in held]])
             front = sorted(frontier([(r["psnr"], r[axis]) for r in held]))
             ax.plot([q for q, _ in front], [s for _, s in front], color=colour, label=tool, drawstyle="steps-pre",
-                    lw=2 if tool == OURS else 1.2)
+                    lw=2 if is_ours(tool) else 1.2)
         ax.set_xlabel("PSNR to full compute (dB); held-out points with 95 % intervals, tuning points faint")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
