@@ -446,12 +446,20 @@ def level_summary(held: list[Measured], levels: list[float], draws: int, seed: i
             return mse, np.array([m.row[axis] for m in chosen], dtype=float)
 
         per_tool = {tool: best_with_interval(*of(lambda t, tool=tool: t == tool), levels, draws, seed) for tool in tools}
-        ours, theirs = of(is_ours), of(lambda t: not is_ours(t))
-        ratios = level_ratios(*ours, *theirs, levels, draws, seed) if len(ours[1]) and len(theirs[1]) else []
-        summary[axis] = {"per_tool": per_tool,
-                         "ratio": [{"level": lv, "ratio": r, "low": lo, "high": hi,
-                                    "verdict": verdict(lo, hi, "cachelab", wall_noise if axis == "wall_speedup" else 0)}
-                                   for lv, (r, lo, hi) in zip(levels, ratios)]}
+        theirs = of(lambda t: not is_ours(t))
+
+        def over_peers(select_ours, name: str) -> list[dict]:
+            """``select_ours``'s tools over the best peer, per level, paired interval and verdict."""
+            ours = of(select_ours)
+            ratios = level_ratios(*ours, *theirs, levels, draws, seed) if len(ours[1]) and len(theirs[1]) else []
+            return [{"level": lv, "ratio": r, "low": lo, "high": hi,
+                     "verdict": verdict(lo, hi, name, wall_noise if axis == "wall_speedup" else 0)}
+                    for lv, (r, lo, hi) in zip(levels, ratios)]
+
+        mine = [tool for tool in tools if is_ours(tool)]
+        summary[axis] = {"per_tool": per_tool, "ratio": over_peers(is_ours, OURS),
+                         "ratio_per_tool": {tool: over_peers(lambda t, tool=tool: t == tool, tool) for tool in mine}
+                         if len(mine) > 1 else {}}
     return summary
 
 
@@ -466,6 +474,9 @@ def markdown(header: str, rows: list[dict], summary: dict, levels: list[float]) 
             lines.append(f"| {tool} | " + " | ".join(f"{b:.2f}× [{lo:.2f}, {hi:.2f}]" for b, lo, hi in cells) + " |")
         lines.append("| **cachelab / best peer** | " + " | ".join(
             f"**{r['ratio']:.2f}** [{r['low']:.2f}, {r['high']:.2f}] {r['verdict']}" for r in part["ratio"]) + " |")
+        for tool, ratios in part.get("ratio_per_tool", {}).items():
+            lines.append(f"| {tool} / best peer | " + " | ".join(
+                f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] {r['verdict']}" for r in ratios) + " |")
         lines.append("")
     lines += ["| tool | setting | split | FLOPs × | wall × | PSNR (dB) [95 %] | class acc. | FD | selected for | flag |",
               "| --- " * 10 + "|"]

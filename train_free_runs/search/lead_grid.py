@@ -1,0 +1,91 @@
+"""Writes conf/benchmark/lead/: every point that a recorded job.grid=full run selected (its held-out
+rows, per model), each as a one-point grid of its own tool file (the same tool, config class,
+fixed knobs and reasons as conf/benchmark/full/), plus the tuner's choices (the benchmark_tool.yaml
+of each train_free_runs/search/<model>_<target>/ run) as cachelab_tuned.yaml.
+
+Selection on the tuning split is per tool the fastest point reaching each level + margin; the
+points a full run selected are those maxima, so running only them selects the same points on the
+same tuning inputs: the peers keep their full grid's best, at a fraction of the cost.
+
+    python train_free_runs/search/lead_grid.py          (from the repository root)
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+FULL, LEAD = ROOT / "conf/benchmark/full", ROOT / "conf/benchmark/lead"
+RUNS = {"tiny_dit": ROOT / "train_free_runs/benchmark/tiny_dit/benchmark.csv",
+        "tiny_flux_digits": ROOT / "train_free_runs/benchmark/tiny_flux_digits/benchmark.csv"}
+
+
+def selected() -> dict[tuple[str, str], set[str]]:
+    """(model, tool) -> the settings the full run measured on its held-out split."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for model, path in RUNS.items():
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row["split"] == "held_out" and row["tool"] != "full compute":
+                    out.setdefault((model, row["tool"]), set()).add(row["setting"])
+    return out
+
+
+def one_point_grids(spec: dict, chosen: dict[tuple[str, str], set[str]]) -> list[dict]:
+    """Per model and per point of ``spec``'s grids that the full run selected: a grid of that point alone."""
+    grids = []
+    for grid in spec["grids"]:
+        knobs, bundles = grid.get("knobs", {}), grid.get("bundles", {})
+        target = grid.get("preset", spec.get("preset") or spec.get("config"))
+        for model in grid.get("models") or RUNS:
+            wanted = chosen.get((model, spec["tool"]), set())
+            for values in itertools.product(*knobs.values()):
+                for choice in itertools.product(*(list(c.items()) for c in bundles.values())):
+                    shown = [f"{k}={v}" for k, v in zip(knobs, values)]
+                    shown += [f"{bundle}={label}" for bundle, (label, _) in zip(bundles, choice)]
+                    if f"{target}: {' '.join(shown)}" not in wanted:
+                        continue
+                    point = {"name": f"{model}: {' '.join(shown)}", "models": [model],
+                             "knobs": {k: [v] for k, v in zip(knobs, values)}}
+                    if "preset" in grid:
+                        point["preset"] = grid["preset"]
+                    if bundles:
+                        point["bundles"] = {b: {label: fields} for b, (label, fields) in zip(bundles, choice)}
+                    grids.append(point)
+    return grids
+
+
+def tuned() -> dict:
+    """The tuner's choices, one grid each (train_free_runs/search/*/benchmark_tool.yaml)."""
+    grids = []
+    for path in sorted((ROOT / "train_free_runs/search").glob("*/benchmark_tool.yaml")):
+        grids += yaml.safe_load(path.read_text())["grids"]
+    return {"tool": "cachelab tuned", "driver": "cachelab", "preset": "taylor", "grids": grids}
+
+
+def main() -> None:
+    chosen = selected()
+    LEAD.mkdir(exist_ok=True)
+    for path in sorted(FULL.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if path.name == "grid.yaml":
+            (LEAD / path.name).write_text("# job.grid=lead: the full grid's settings (train_free_runs/search/lead_grid.py)\n"
+                                          + yaml.safe_dump(spec, sort_keys=False))
+            continue
+        spec["grids"] = one_point_grids(spec, chosen)
+        if spec["grids"]:
+            (LEAD / path.name).write_text(f"# {path.name} of conf/benchmark/full/, only the points its recorded run "
+                                          f"selected (train_free_runs/search/lead_grid.py)\n"
+                                          + yaml.safe_dump(spec, sort_keys=False))
+    tool = tuned()
+    if tool["grids"]:
+        text = "# job=tune job.search=space's choices (train_free_runs/search/), one grid each\n"
+        for folder in (LEAD, FULL):
+            (folder / "cachelab_tuned.yaml").write_text(text + yaml.safe_dump(tool, sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()
