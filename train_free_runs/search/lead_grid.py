@@ -1,11 +1,13 @@
-"""Writes conf/benchmark/lead/: every point that a recorded job.grid=full run selected (its held-out
-rows, per model), each as a one-point grid of its own tool file (the same tool, config class,
-fixed knobs and reasons as conf/benchmark/full/), plus the tuner's choices (the benchmark_tool.yaml
-of each train_free_runs/search/<model>_<target>/ run) as cachelab_tuned.yaml.
+"""Writes conf/benchmark/lead/: per model and PSNR level (30, 35, 40 dB), the point that a
+recorded job.grid=full run found best on its held-out split (the fastest reaching the level, in
+FLOPs and in wall time) among the peers and among cachelab's presets, each as a one-point grid of
+its own tool file (the same tool, config class, fixed knobs and reasons as conf/benchmark/full/),
+plus the tuner's choices (the benchmark_tool.yaml of each train_free_runs/search/<model>_<target>/
+run) as cachelab_tuned.yaml.
 
-Selection on the tuning split is per tool the fastest point reaching each level + margin; the
-points a full run selected are those maxima, so running only them selects the same points on the
-same tuning inputs: the peers keep their full grid's best, at a fraction of the cost.
+Every point kept was selected on the full run's tuning split and is the held-out best of its side
+at some level, so on the same inputs each side reaches at least the full run's best at every
+level (chosen by held-out results: in the peers' favour) at a fraction of the cost.
 
     python train_free_runs/search/lead_grid.py          (from the repository root)
 """
@@ -21,16 +23,21 @@ ROOT = Path(__file__).resolve().parents[2]
 FULL, LEAD = ROOT / "conf/benchmark/full", ROOT / "conf/benchmark/lead"
 RUNS = {"tiny_dit": ROOT / "train_free_runs/benchmark/tiny_dit/benchmark.csv",
         "tiny_flux_digits": ROOT / "train_free_runs/benchmark/tiny_flux_digits/benchmark.csv"}
+LEVELS = (30, 35, 40)
 
 
 def selected() -> dict[tuple[str, str], set[str]]:
-    """(model, tool) -> the settings the full run measured on its held-out split."""
+    """(model, tool) -> the settings of the held-out best points (peers, cachelab presets) per level and axis."""
     out: dict[tuple[str, str], set[str]] = {}
     for model, path in RUNS.items():
         with path.open() as f:
-            for row in csv.DictReader(f):
-                if row["split"] == "held_out" and row["tool"] != "full compute":
-                    out.setdefault((model, row["tool"]), set()).add(row["setting"])
+            rows = [r for r in csv.DictReader(f) if r["split"] == "held_out" and r["tool"] != "full compute"
+                    and not r["flag"]]
+        for level, axis, ours in itertools.product(LEVELS, ("flops_speedup", "wall_speedup"), (True, False)):
+            side = [r for r in rows if (r["tool"] == "cachelab") == ours and float(r["psnr"]) >= level]
+            if side:
+                best = max(side, key=lambda r: float(r[axis]))
+                out.setdefault((model, best["tool"]), set()).add(best["setting"])
     return out
 
 
