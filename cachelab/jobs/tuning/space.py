@@ -128,10 +128,12 @@ class Space:
 
     def placed_axis(self, frame: Frame, first_enhance: int, final_full: int,
                     sensitivity: Sequence[float]) -> list[Candidate]:
-        """The full steps placed by ``sensitivity`` (:func:`placed_full_steps`), as many as each
-        uniform interval has (so each costs the FLOPs of its interval), most full steps first."""
-        counts = sorted({sum(Interval(n, first_enhance, final_full).mask(self.num_steps)) for n in self.intervals},
-                        reverse=True)
+        """The full steps placed by ``sensitivity`` (:func:`placed_full_steps`): every count from
+        the gentlest uniform interval's down to the warm-up and final steps and one more (the
+        counts of the uniform intervals among them, each at its interval's FLOPs), most first."""
+        most = sum(Interval(self.intervals[0], first_enhance, final_full).mask(self.num_steps))
+        fewest = len(set(range(first_enhance)) | set(range(self.num_steps - final_full, self.num_steps))) + 1
+        counts = range(most, min(fewest, most) - 1, -1)
         growth = 1 + (frame.order if frame.order is not None else 1)
         return [Candidate(frame, first_enhance, final_full, PLACED,
                           tuple(placed_full_steps(sensitivity, k, first_enhance, final_full, growth)))
