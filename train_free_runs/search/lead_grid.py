@@ -67,10 +67,11 @@ def one_point_grids(spec: dict, chosen: dict[tuple[str, str], set[str]]) -> list
 
 def tuned() -> dict:
     """The tuner's choices, one grid each (train_free_runs/search/*/benchmark_tool.yaml)."""
-    grids = []
+    grids: dict[str, dict] = {}  # one grid per distinct model, preset and knobs (two targets may choose the same)
     for path in sorted((ROOT / "train_free_runs/search").glob("*/benchmark_tool.yaml")):
-        grids += yaml.safe_load(path.read_text())["grids"]
-    return {"tool": "cachelab tuned", "driver": "cachelab", "preset": "taylor", "grids": grids}
+        for grid in yaml.safe_load(path.read_text())["grids"]:
+            grids.setdefault(repr((grid["models"], grid["preset"], grid["knobs"])), grid)
+    return {"tool": "cachelab tuned", "driver": "cachelab", "preset": "taylor", "grids": list(grids.values())}
 
 
 def main() -> None:
