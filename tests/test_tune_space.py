@@ -171,6 +171,22 @@ def test_the_search_chooses_the_best_frame_and_verifies_it():
     assert sum(stage == SCREEN for _, stage in calls) < len(every)  # cheaper than scanning the space
 
 
+def test_verification_goes_on_down_the_ranking_until_one_meets_the_target():
+    space = Space.of({"taylor": {"preset": "taylor", "orders": [1]}}, ["output", "block", "module"], range(2, 11),
+                     [1], [0], 50)
+    optimism = {"output": 3.0, "block": 2.0, "module": 0.0}  # the screening images flatter the first two frames
+
+    def measure(c, stage):
+        psnr = 45 - 2 * c.value + (optimism[c.frame.granularity] if stage == SCREEN else 0)
+        return {"speedup": float(c.value) + {"output": 0.2, "block": 0.1, "module": 0}[c.frame.granularity],
+                "psnr_db": psnr, "rel_l2": 0.01}
+
+    search = SpaceSearch(PsnrTarget(33), space, measure, lambda frame: [1.0] * 50, keep=0, verify=2)
+    chosen, found = search.run()
+    assert [f.candidate.frame.granularity for f in found if f.verified is not None] == ["output", "block", "module"]
+    assert chosen.candidate.frame.granularity == "module" and chosen.verified["psnr_db"] >= 33
+
+
 # -- the candidate on the command line ----------------------------------------------------------
 CANDIDATES = [
     Candidate(Frame("output", TAYLOR, 2), 3, 1, "interval", 5),

@@ -40,7 +40,8 @@ class SpaceSearch:
     order) on the uniform intervals at the default warm-up and final steps; (2) the ``keep`` best
     frames, one coordinate at a time: the warm-up, the final full steps, the full steps placed by
     the sensitivity over time, each adaptive schedule's threshold; (3) the ``verify`` best
-    candidates on the verification images; the best that meets the target there is chosen. Along
+    candidates on the verification images (and the next ones while none meets the target
+    there); the best that meets the target there is chosen. Along
     each axis (gentle to aggressive) the best candidate meeting the target is found by bisection,
     assuming the measurement is monotone along it."""
 
@@ -111,10 +112,13 @@ class SpaceSearch:
         return self.better(best, new)
 
     def verified(self, found: list[Found]) -> Found | None:
-        """The ``verify`` best of ``found`` measured on the verification images; the best that meets the target."""
+        """The ``verify`` best of ``found`` measured on the verification images, and the next
+        ones while none of them meets the target there; the best that meets it."""
         distinct = list({f.candidate: f for f in found}.values())
         chosen = None
-        for f in sorted(distinct, key=lambda f: self.rank(f.screened), reverse=True)[:self.verify]:
+        for i, f in enumerate(sorted(distinct, key=lambda f: self.rank(f.screened), reverse=True)):
+            if i >= self.verify and chosen is not None:
+                break
             f.verified = self.measure(f.candidate, VERIFY)
             if f.verified is not None and self.target.met(f.verified):
                 if chosen is None or self.rank(f.verified) > self.rank(chosen.verified):
