@@ -154,7 +154,7 @@ def run_space_search(cfg, adapter, target: Target, options: dict, out_dir: Path)
               "num_steps": bench.bench.steps, "space": options, "frames": len(space.frames()),
               "found": [f.as_dict() for f in found],
               "sensitivity": {frame.label(): s for frame, s in sensitivities.items()},
-              "probes": {"measured": sum(1 for p in bench.probes.values() if "values" in p), "reused": bench.reused,
+              "probes": {"stored": sum(1 for p in bench.probes.values() if "values" in p), "reused": bench.reused,
                          "refused": sorted({p["setting"] for p in bench.probes.values() if "refused" in p})},
               "cost": clock.as_dict(), "machine": machine(),
               "chosen": None if chosen is None else chosen.as_dict()}
@@ -200,8 +200,9 @@ def report(result: dict) -> str:
     """``report.md``: every axis's best (screened and verified) and the search's cost."""
     (key, value), = result["target"].items()
     lines = [f"# Tune (space search): {key} target {value:g} on {result['model']}", "",
-             f"{result['frames']} frames; {result['probes']['measured']} measurements "
-             f"({result['probes']['reused']} reused from the probe file); machine: {result['machine']}.", "",
+             f"{result['frames']} frames; {result['cost']['total']['runs']} generations run, "
+             f"{result['probes']['reused']} measurements reused from the probe file "
+             f"({result['probes']['stored']} stored there); machine: {result['machine']}.", "",
              "| found by | setting | screened FLOPs | screened PSNR | verified FLOPs | verified PSNR | wall |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for f in result["found"]:
