@@ -475,7 +475,7 @@ def markdown(header: str, rows: list[dict], summary: dict, levels: list[float]) 
         lines.append("| **cachelab / best peer** | " + " | ".join(
             f"**{r['ratio']:.2f}** [{r['low']:.2f}, {r['high']:.2f}] {r['verdict']}" for r in part["ratio"]) + " |")
         for tool, ratios in part.get("ratio_per_tool", {}).items():
-            lines.append(f"| {tool} / best peer | " + " | ".join(
+            lines.append(f"| {tool + ' presets' if tool == OURS else tool} / best peer | " + " | ".join(
                 f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] {r['verdict']}" for r in ratios) + " |")
         lines.append("")
     lines += ["| tool | setting | split | FLOPs × | wall × | PSNR (dB) [95 %] | class acc. | FD | selected for | flag |",
