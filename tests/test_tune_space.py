@@ -248,3 +248,21 @@ def test_the_space_search_writes_a_choice_the_benchmark_and_the_command_line_run
     assert "screen" not in again["cost"]
     command = (tmp_path / "run" / "tuned_command.txt").read_text().split()
     assert command[:2] == ["python", "run.py"] and f"strategy={points[0].target}" in command
+
+
+def test_each_cachelab_tool_is_compared_with_the_best_peer_and_all_of_them_together():
+    import numpy as np
+
+    from cachelab.jobs.benchmark import GridPoint, Measured, level_summary
+
+    def point(tool, speed, mse):
+        row = {"tool": tool, "flag": "", "flops_speedup": speed, "wall_speedup": speed}
+        return Measured(GridPoint(tool, "t", "cachelab", "x", {}, str(speed)), row, np.full(8, mse))
+
+    base = Measured(None, {"tool": "full compute", "flag": ""}, np.zeros(8))
+    held = [base, point("cachelab", 4.0, 1e-4), point("cachelab tuned", 6.0, 1e-4), point("peer", 3.0, 1e-4)]
+    summary = level_summary(held, [30.0], 50, 0, 0.0)["flops_speedup"]
+    assert set(summary["ratio_per_tool"]) == {"cachelab", "cachelab tuned"} and not is_ours("peer")
+    assert summary["ratio_per_tool"]["cachelab"][0]["ratio"] == pytest.approx(4 / 3)
+    assert summary["ratio_per_tool"]["cachelab tuned"][0]["ratio"] == pytest.approx(2.0)
+    assert summary["ratio"][0]["ratio"] == pytest.approx(2.0)  # all of cachelab's tools together: the best
