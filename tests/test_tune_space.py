@@ -7,12 +7,11 @@ import itertools
 import random
 
 import pytest
-import yaml
 
 from cachelab.core.adaptive import ErrorControlled
 from cachelab.core.schedules import Interval, StaticSchedule
 from cachelab.errors import ConfigError
-from cachelab.jobs.base import build, build_strategy
+from cachelab.jobs.base import build_strategy
 from cachelab.jobs.benchmark import expand, is_ours, read_tool
 from cachelab.jobs.checks import check_config, check_target
 from cachelab.jobs.presets import command_line, preset

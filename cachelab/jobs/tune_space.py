@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import shlex
 import time
 from pathlib import Path
@@ -46,7 +48,8 @@ class SpaceBench:
                  timing_images: int, timing_rounds: int, wall: bool, probe_file: str | None, clock: Clock):
         self.bench = bench_for(cfg, adapter)
         self.wall, self.rounds, self.clock = wall, timing_rounds, clock
-        counts = {SCREEN: screen_images, VERIFY: verify_images, SENSITIVITY: sensitivity_images, "timing": timing_images}
+        counts = {SCREEN: screen_images, VERIFY: verify_images, SENSITIVITY: sensitivity_images,
+                  "timing": timing_images}
         self.inputs = {stage: split_inputs(self.bench.adapter, n, seed, "tuning") for stage, n in counts.items()}
         start = time.perf_counter()
         self.base = {stage: generate_counted(self.bench, inputs, None)[:2] for stage, inputs in self.inputs.items()}
@@ -58,6 +61,7 @@ class SpaceBench:
         self.reused = 0
 
     def point(self, candidate: Candidate) -> GridPoint:
+        """``candidate`` as a benchmark point of the tool ``cachelab tuned``."""
         return GridPoint(TOOL, "tune", "cachelab", candidate.preset, candidate.knobs(), candidate.label())
 
     def measure(self, candidate: Candidate, stage: str) -> dict | None:
@@ -126,11 +130,13 @@ class SpaceBench:
         return out
 
     def save(self) -> None:
+        """The probes written to ``probe_file`` (atomically), if one is given."""
         if self.path is not None:
             write_json_atomic(self.path, {"key": self.key, "probes": self.probes})
 
 
 def space_of(options: dict, num_steps: int) -> Space:
+    """The :class:`Space` of ``job.space``'s plain values."""
     return Space.of(options["families"], options["granularities"], options["intervals"], options["warm_ups"],
                     options["final_full"], num_steps, options.get("adaptive"))
 
@@ -168,9 +174,7 @@ def run_space_search(cfg, adapter, target: Target, options: dict, out_dir: Path)
 
 
 def machine() -> str:
-    import os
-    import platform
-
+    """The processor, cores, torch, threads and the load average when the search ended."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} thread(s), load {' '.join(f'{x:.1f}' for x in load)} at the end")
@@ -181,7 +185,8 @@ def write_chosen(cfg, target: Target, chosen: Found, out_dir: Path) -> None:
     (``python run.py`` with the same strategy) and ``benchmark_tool.yaml``."""
     c = chosen.candidate
     knobs = c.knobs()
-    write_bytes_atomic(out_dir / "tuned_apply.json", (json.dumps({"strategy": c.preset, **knobs}, indent=1) + "\n").encode())
+    apply = json.dumps({"strategy": c.preset, **knobs}, indent=1) + "\n"
+    write_bytes_atomic(out_dir / "tuned_apply.json", apply.encode())
     with hydra_set_aside():
         args = command_line(c.preset, **knobs)
     write_bytes_atomic(out_dir / "tuned_command.txt",

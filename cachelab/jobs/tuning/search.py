@@ -99,7 +99,8 @@ class SpaceSearch:
                 best = self.add(found, best, self.boundary(space.interval_axis(frame, d, f), "final full steps"))
             f = best.candidate.final_full
             sensitivity = self.sensitivity(frame)
-            best = self.add(found, best, self.boundary(space.placed_axis(frame, d, f, sensitivity), "placed full steps"))
+            placed = space.placed_axis(frame, d, f, sensitivity)
+            best = self.add(found, best, self.boundary(placed, "placed full steps"))
             for axis in space.adaptive_axes(frame, d, f):
                 best = self.add(found, best, self.boundary(axis, f"adaptive {axis[0].schedule}"))
             log.info(f"tune: {frame.label()}: best {best.candidate.label()} ({best.screened})")

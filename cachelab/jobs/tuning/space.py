@@ -70,7 +70,8 @@ class Candidate:
         return self.frame.family.preset
 
     def label(self) -> str:
-        """``taylor o2 output D=2 F=0 N=5`` (``mask K=12``: 12 full steps placed; ``error_controlled tolerance=0.05``)."""
+        """``taylor o2 output D=2 F=0 N=5`` (``placed K=12``: 12 full steps placed;
+        ``error_controlled tolerance=0.05``)."""
         if self.schedule == INTERVAL:
             how = f"N={self.value}"
         elif self.schedule == PLACED:
@@ -113,9 +114,11 @@ class Space:
            adaptive: Mapping[str, Mapping] | None = None) -> Space:
         """From the config's plain values: ``families`` name -> {preset, orders}, ``adaptive``
         schedule -> {key, values}; intervals sorted, 1 (always computing) left out."""
-        return cls(tuple(Family(name, spec["preset"], tuple(spec.get("orders") or ())) for name, spec in families.items()),
-                   tuple(granularities), tuple(sorted(set(intervals) - {1})), tuple(warm_ups), tuple(finals), num_steps,
-                   tuple(Adaptive(name, spec["key"], tuple(sorted(spec["values"]))) for name, spec in (adaptive or {}).items()))
+        registry = tuple(Family(name, spec["preset"], tuple(spec.get("orders") or ())) for name, spec in families.items())
+        thresholds = tuple(Adaptive(name, spec["key"], tuple(sorted(spec["values"])))
+                           for name, spec in (adaptive or {}).items())
+        return cls(registry, tuple(granularities), tuple(sorted(set(intervals) - {1})), tuple(warm_ups), tuple(finals),
+                   num_steps, thresholds)
 
     def frames(self) -> list[Frame]:
         """Every granularity x family x order."""
@@ -141,7 +144,8 @@ class Space:
 
     def adaptive_axes(self, frame: Frame, first_enhance: int, final_full: int) -> list[list[Candidate]]:
         """One axis per adaptive schedule: its thresholds, gentle (smallest) first."""
-        return [[Candidate(frame, first_enhance, final_full, a.name, v, a.key) for v in a.values] for a in self.adaptive]
+        return [[Candidate(frame, first_enhance, final_full, a.name, v, a.key) for v in a.values]
+                for a in self.adaptive]
 
 
 def placed_full_steps(sensitivity: Sequence[float], count: int, first_enhance: int, final_full: int,
