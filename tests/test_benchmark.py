@@ -288,5 +288,5 @@ def test_the_smoke_grid_writes_the_csv(tmp_path):
 
 
 def test_an_unknown_grid_is_one_line_naming_the_allowed(tmp_path):
-    with pytest.raises(ConfigError, match="job.grid='nope'.*allowed: full, smoke"):
+    with pytest.raises(ConfigError, match="job.grid='nope'.*allowed: full, lead, smoke"):
         load_grid("nope", "tiny_dit")

@@ -127,7 +127,8 @@ def test_predicted_cost_is_the_closed_form_and_the_counted_flops():
 
 
 @pytest.mark.parametrize("target, message", [
-    ({}, "job.target: give exactly one of job.target.psnr, job.target.rel_l2, job.target.speedup .*got none"),
+    ({}, "job.target: give exactly one of job.target.psnr, job.target.rel_l2, job.target.speedup, "
+         "job.target.wall_speedup .*got none"),
     ({"psnr": 30, "speedup": 2}, "got job.target.psnr=30 and job.target.speedup=2; allowed"),
     ({"psnr": -1}, "job.target.psnr=-1 is out of range; allowed: numbers > 0"),
     ({"rel_l2": 2}, "job.target.rel_l2=2 is out of range; allowed: numbers between 0 and 1"),

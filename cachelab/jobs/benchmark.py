@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 GRIDS_DIR = CONFIG_DIR / "benchmark"
 GRID_SETTINGS = ("tuning_images", "held_out_images", "timing_images", "rounds")  # grid.yaml's defaults
 DRIVERS = ("cachelab", "diffusers", "cache_dit")
-OURS = "cachelab"
+OURS = "cachelab"  # the driver, and the tools: "cachelab" (its presets) and "cachelab <kind>" (e.g. job=tune's choices)
 BASE_EVERY = 4  # timing: full compute before every 4th point of a round
 COLUMNS = ["model", "tool", "source", "setting", "split", "images", "flops_speedup", "wall_speedup", "psnr",
            "psnr_low", "psnr_high", "class_accuracy", "feature_fd", "wall_s", "base_wall_s", "selected_for", "flag"]
@@ -424,6 +424,11 @@ def best_with_interval(mse: np.ndarray, speeds: np.ndarray, levels: list[float],
     return [(float(point[j]), *percentile_interval(boot[:, j])) for j in range(len(levels))]
 
 
+def is_ours(tool: str) -> bool:
+    """Whether ``tool`` is cachelab's (its presets, or a tool named ``cachelab <kind>``)."""
+    return tool.split(" ", 1)[0] == OURS
+
+
 def level_summary(held: list[Measured], levels: list[float], draws: int, seed: int, wall_noise: float) -> dict:
     """Per speed axis (flops, wall): per tool, the best speed at each level with its interval; and
     cachelab over the best peer (every peer tool's points together) with a paired interval and
@@ -441,12 +446,20 @@ def level_summary(held: list[Measured], levels: list[float], draws: int, seed: i
             return mse, np.array([m.row[axis] for m in chosen], dtype=float)
 
         per_tool = {tool: best_with_interval(*of(lambda t, tool=tool: t == tool), levels, draws, seed) for tool in tools}
-        ours, theirs = of(lambda t: t == OURS), of(lambda t: t != OURS)
-        ratios = level_ratios(*ours, *theirs, levels, draws, seed) if len(ours[1]) and len(theirs[1]) else []
-        summary[axis] = {"per_tool": per_tool,
-                         "ratio": [{"level": lv, "ratio": r, "low": lo, "high": hi,
-                                    "verdict": verdict(lo, hi, "cachelab", wall_noise if axis == "wall_speedup" else 0)}
-                                   for lv, (r, lo, hi) in zip(levels, ratios)]}
+        theirs = of(lambda t: not is_ours(t))
+
+        def over_peers(select_ours, name: str) -> list[dict]:
+            """``select_ours``'s tools over the best peer, per level, paired interval and verdict."""
+            ours = of(select_ours)
+            ratios = level_ratios(*ours, *theirs, levels, draws, seed) if len(ours[1]) and len(theirs[1]) else []
+            return [{"level": lv, "ratio": r, "low": lo, "high": hi,
+                     "verdict": verdict(lo, hi, name, wall_noise if axis == "wall_speedup" else 0)}
+                    for lv, (r, lo, hi) in zip(levels, ratios)]
+
+        mine = [tool for tool in tools if is_ours(tool)]
+        summary[axis] = {"per_tool": per_tool, "ratio": over_peers(is_ours, OURS),
+                         "ratio_per_tool": {tool: over_peers(lambda t, tool=tool: t == tool, tool) for tool in mine}
+                         if len(mine) > 1 else {}}
     return summary
 
 
@@ -461,6 +474,9 @@ def markdown(header: str, rows: list[dict], summary: dict, levels: list[float]) 
             lines.append(f"| {tool} | " + " | ".join(f"{b:.2f}× [{lo:.2f}, {hi:.2f}]" for b, lo, hi in cells) + " |")
         lines.append("| **cachelab / best peer** | " + " | ".join(
             f"**{r['ratio']:.2f}** [{r['low']:.2f}, {r['high']:.2f}] {r['verdict']}" for r in part["ratio"]) + " |")
+        for tool, ratios in part.get("ratio_per_tool", {}).items():
+            lines.append(f"| {tool + ' presets' if tool == OURS else tool} / best peer | " + " | ".join(
+                f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] {r['verdict']}" for r in ratios) + " |")
         lines.append("")
     lines += ["| tool | setting | split | FLOPs × | wall × | PSNR (dB) [95 %] | class acc. | FD | selected for | flag |",
               "| --- " * 10 + "|"]
@@ -502,7 +518,7 @@ def plot(rows: list[dict], title: str):
                         xerr=[[r["psnr"] - r["psnr_low"] for r in held], [r["psnr_high"] - r["psnr"] for r in held]])
             front = sorted(frontier([(r["psnr"], r[axis]) for r in held]))
             ax.plot([q for q, _ in front], [s for _, s in front], color=colour, label=tool, drawstyle="steps-pre",
-                    lw=2 if tool == OURS else 1.2)
+                    lw=2 if is_ours(tool) else 1.2)
         ax.set_xlabel("PSNR to full compute (dB); held-out points with 95 % intervals, tuning points faint")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

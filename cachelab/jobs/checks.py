@@ -43,7 +43,7 @@ def check_config(cfg: DictConfig) -> None:
     check_compile(cfg)
     if "target" in cfg.job:  # job=tune: its constructor checks the target and the options
         build(cfg, "job")
-        if cfg.strategy.granularity not in TUNE_GRANULARITIES:
+        if cfg.job.search == "sites" and cfg.strategy.granularity not in TUNE_GRANULARITIES:
             raise ConfigError(f"job=tune sets one interval per site: strategy.granularity={cfg.strategy.granularity!r} "
                               f"is not allowed; allowed: {', '.join(TUNE_GRANULARITIES)}")
 

@@ -42,6 +42,22 @@ def preset(name: str, **overrides) -> Strategy:
     return build_strategy(cfg)
 
 
+def command_line(name: str, **overrides) -> list[str]:
+    """The ``python run.py`` arguments that compose what ``preset(name, **overrides)`` builds."""
+    overrides = dict(overrides)
+    groups = [f"strategy={name}"] + ([f"schedule={overrides.pop('schedule')}"] if "schedule" in overrides else [])
+    check_group_choices(groups, CONFIG_DIR)
+    cfg = compose_config(groups)
+    return groups + [f"{where(cfg, key)}={cli_value(value)}" for key, value in overrides.items()]
+
+
+def cli_value(value) -> str:
+    """A value as Hydra's command line writes it: lists without spaces, None as null."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(cli_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
 def refuse_model_defaults(cfg, name: str) -> None:
     """A schedule key whose default is read from the command line's model (``${model.name}``: e.g.
     MagCache's calibration curve) has no model to read it from here; a ConfigError asks for it."""

@@ -146,6 +146,7 @@ class TuneTargetSchema:
     psnr: Optional[float] = None
     rel_l2: Optional[float] = None
     speedup: Optional[float] = None
+    wall_speedup: Optional[float] = None
 
 
 @dataclass
@@ -153,6 +154,8 @@ class TuneJobSchema(Target):
     """``job=tune``: the fastest per-site interval configuration predicted to meet ``target``."""
 
     target: TuneTargetSchema = field(default_factory=TuneTargetSchema)
+    search: str = MISSING
+    space: Dict[str, Any] = MISSING
     predictors: Dict[str, Any] = MISSING
     orders: List[int] = MISSING
     intervals: List[int] = MISSING

@@ -45,11 +45,15 @@ from cachelab.jobs.base import build_strategy
 from cachelab.jobs.checks import check_target
 from cachelab.jobs.compare import measure
 from cachelab.jobs.tuning.records import Setting
+from cachelab.core.arguments import Allowed
+from cachelab.errors import ConfigError
+from cachelab.jobs.tune_space import run_space_search
 from cachelab.jobs.tuning.tuner import Bench, Tuner, TuneOptions, Verification
 
 log = logging.getLogger(__name__)
 
 SCHEDULE = f"{PerSiteInterval.__module__}.{PerSiteInterval.__name__}"
+SEARCHES = Allowed(lambda s: s in ("sites", "space"), "sites, space", "is not allowed")
 
 
 class TuneJob:
@@ -58,11 +62,24 @@ class TuneJob:
     each candidate verified by ``job=compare``'s measurement into ``verify_<i>/``, and the chosen
     one written as ``conf/strategy/tuned.yaml`` and ``tuned_apply.json``."""
 
-    def __init__(self, target, predictors: dict, grid_rows: int = 16, **options):
-        self.tuner = Tuner(check_target(target), predictors, TuneOptions(**options))
-        self.grid_rows = grid_rows
+    def __init__(self, target, predictors: dict, grid_rows: int = 16, search: str = "sites", space: dict | None = None,
+                 **options):
+        SEARCHES.check("job.search", search)
+        target = check_target(target)
+        if search == "sites" and not target.predicted:
+            raise ConfigError(f"job.target.{target.key} is measured, not predicted: job.search=sites cannot aim at it; "
+                              f"allowed: job.search=space")
+        self.tuner = Tuner(target, predictors, TuneOptions(**options))
+        self.grid_rows, self.search = grid_rows, search
+        self.space = OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else space
 
     def run(self, cfg: DictConfig, adapter, strategy, sink: Sink, out_dir: Path) -> dict:
+        if self.search == "space":
+            result = run_space_search(cfg, adapter, self.tuner.target, self.space, out_dir)
+            sink.summary({"tune/met": int(result["met"]), "tune/runs": result["cost"]["total"]["runs"],
+                          "tune/seconds": result["cost"]["total"]["seconds"]})
+            log.info(f"tune: chosen {result['chosen']['setting'] if result['chosen'] else 'nothing'}")
+            return result
         bench = Bench(adapter, strategy.granularity, cfg.seed, cfg.num_images,
                       min(cfg.measure.flops_images or cfg.num_images, cfg.num_images), strategy.guard, cfg.progress)
         tuning = self.tuner.run(bench, partial(self.verify, cfg, bench, out_dir))

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from analysis.sensitivity import mse_from_psnr
 from cachelab.core.arguments import Allowed
+from cachelab.errors import ConfigError
 
 
 class Target(ABC):
@@ -18,6 +19,8 @@ class Target(ABC):
     key: ClassVar[str]
     allowed: ClassVar[Allowed]
     ranked_by_rel_l2: ClassVar[bool] = False  # the candidates' additive error: rel-L2 squared, else image MSE
+    gentle_meets: ClassVar[bool] = True  # a quality budget: gentler settings meet it (a speed budget: faster ones)
+    predicted: ClassVar[bool] = True  # the per-site search predicts it (else it is measured only: job.search=space)
 
     def __init__(self, value: float):
         self.allowed.check(self.key, value)
@@ -51,6 +54,10 @@ class Target(ABC):
         """The candidates of ``ladder`` (indices), the one to try first first: the fastest, then
         the best predicted quality."""
         return sorted(ladder, key=lambda i: (-settings[i].speedup, -self.slack(predicted[i])))
+
+    def objective(self, values: dict) -> float:
+        """What the space search maximises among the settings that meet the target: the FLOPs speedup."""
+        return values["speedup"]
 
     def as_dict(self) -> dict[str, float]:
         """``{key: value}``, as ``job.target`` gives it."""
@@ -92,6 +99,10 @@ class SpeedupTarget(Target):
 
     key = "speedup"
     allowed = Allowed(lambda v: v > 1, "numbers > 1 (FLOPs speedup)")
+    gentle_meets = False
+
+    def objective(self, values: dict) -> float:
+        return values["psnr_db"]
 
     def slack(self, values: dict) -> float:
         return math.log10(values["speedup"]) - math.log10(self.value)
@@ -107,4 +118,19 @@ class SpeedupTarget(Target):
         return sorted(ladder, key=lambda i: -predicted[i]["psnr_db"])
 
 
-TARGETS = {kind.key: kind for kind in (PsnrTarget, RelL2Target, SpeedupTarget)}  # job.target.<key>
+class WallSpeedupTarget(SpeedupTarget):
+    """At least ``value`` wall-time speedup on this machine (each try timed against full compute in
+    alternating pairs); among those, the best measured quality. Measured, never predicted."""
+
+    key = "wall_speedup"
+    allowed = Allowed(lambda v: v > 0, "numbers > 0 (wall-time speedup on this machine)")
+    predicted = False
+
+    def slack(self, values: dict) -> float:
+        return math.log10(values["wall_speedup"]) - math.log10(self.value)
+
+    def aim(self, settings: list) -> float:
+        raise ConfigError(f"job.target.{self.key} is measured, not predicted; allowed with job.search=space")
+
+
+TARGETS = {kind.key: kind for kind in (PsnrTarget, RelL2Target, SpeedupTarget, WallSpeedupTarget)}  # job.target.<key>
