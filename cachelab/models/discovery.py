@@ -9,10 +9,10 @@
   of the same stack receives as argument ``X`` (never by position or shape). A list whose blocks
   do not hand their outputs on (the model changes them in between) or a one-block list takes the
   streams of its block class from a chained stack, else from diffusers' own block metadata
-  (:func:`~cachelab.models.diffusers_private.block_metadata`); a one-block list with none of these whose block holds attention
-  or feed-forward modules has its outputs cached as they are (no residual), any other is no
-  stack. An output received as two arguments is an error naming the block class; one no next
-  block receives unchanged is cached as it is.
+  (:func:`~cachelab.models.diffusers_private.block_metadata`); a one-block list with none of
+  these whose block holds attention or feed-forward modules has its outputs cached as they are
+  (no residual), any other is no stack. An output received as two arguments is an error naming
+  the block class; one no next block receives unchanged is cached as it is.
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
   and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,

@@ -48,7 +48,8 @@ class ContextParallelGroup(GroupReduce):
         group = mesh_group(config)
         super().__init__(group, mesh_device(config) if "nccl" in str(dist.get_backend(group)) else "cpu")
         self.model, self.config = model, config
-        self.plan = {name: entry for name, entry in context_parallel_plan(model).items() if name}  # the model's own hooks stay
+        # the entries with a submodule name; the model's own (name "") hooks stay
+        self.plan = {name: entry for name, entry in context_parallel_plan(model).items() if name}
 
     @contextmanager
     def lifted(self) -> Iterator[None]:

@@ -1,10 +1,11 @@
 """The adapter for diffusers pipelines: load (hub id or local folder, or a tiny random
 pipeline built and saved locally), generate through the real pipeline call, driven by
-:class:`PipelineDriver`. The transformer's sites are discovered from its first call
-(:mod:`cachelab.models.discovery`) in a one-step generation; a family subclass says which pipeline class, how to build
-its tiny components, and any sites it chooses itself (the papers' module sites). A pipeline with
-a second expert (Wan 2.2's ``transformer_2``) offers both as ``experts``: a strategy attached to
-the adapter caches each with its own state (:class:`~cachelab.core.experts.ExpertHandles`)."""
+:class:`PipelineDriver`. The transformer's sites are discovered from its first forward in a
+one-step pipeline call (:mod:`cachelab.models.discovery`); a family subclass says which
+pipeline class, how to build its tiny components, and any sites it chooses itself (the papers'
+module sites). A pipeline with a second expert (Wan 2.2's ``transformer_2``) offers both as
+``experts``: a strategy attached to the adapter caches each with its own state
+(:class:`~cachelab.core.experts.ExpertHandles`)."""
 from __future__ import annotations
 
 import importlib
@@ -124,7 +125,7 @@ class PipelineAdapter(ModelAdapter):
     @cached_property
     def first_forward(self) -> FirstForward:
         """The transformer's first forward in a one-image, one-step generation, traced: its sites
-        and its ``(args, kwargs)`` (the pipeline's latents decoded by no VAE)."""
+        and its ``(args, kwargs)``. The call returns latents (no VAE decode) and runs to its end."""
         inputs = self.make_inputs(1, seed=0)
         return FirstForward(self.model).trace(lambda: self.call_pipeline(inputs, 1, "latent"))
 
