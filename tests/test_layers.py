@@ -133,6 +133,14 @@ def test_only_the_jobs_know_hydra():
     assert not knowing, "\n".join(knowing)
 
 
+def test_diffusers_private_names_are_imported_in_one_module():
+    """Only ``cachelab.models.diffusers_private`` imports a private diffusers module or name."""
+    private = [f"{module} imports {name}" for module in MODULES if module != "cachelab.models.diffusers_private"
+               for name in imported_names(module)
+               if name.split(".")[0] == "diffusers" and any(part.startswith("_") for part in name.split(".")[1:])]
+    assert not private, "\n".join(private)
+
+
 def test_core_and_public_api_import_without_hydra_in_a_fresh_interpreter():
     core = sorted(m for m in MODULES if rank(m) == CORE_RANK) + ["cachelab"]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in core)

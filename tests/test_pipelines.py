@@ -194,6 +194,25 @@ def test_step_index_is_the_scheduler_position_of_the_timestep(tmp_path):
     assert seen == [(s, timesteps[s], mask[s]) for s in range(STEPS)]
 
 
+@pytest.mark.parametrize("name", ["tiny_flux", "tiny_wan"])
+def test_discovery_is_a_one_step_pipeline_call_that_runs_to_its_end(name, tmp_path):
+    """The sites are read from the transformer's first forward in a one-step generation, which
+    ends as any pipeline call does: a step-end callback of the user's runs (nothing is raised
+    through the pipeline), no hook is left, and reading the sites sets nothing else on the adapter."""
+    from cachelab.core import hooks
+
+    adapter, ends = tiny(name, tmp_path / "pipe"), []
+    adapter.call_kwargs["callback_on_step_end"] = lambda pipe, i, t, kwargs: ends.append(i) or {}
+    attributes = set(vars(adapter))
+    sites = adapter.discovered
+    assert ends == [0] and sites.stacks and sites is adapter.discovered
+    assert set(vars(adapter)) - attributes == {"pipe", "model", "first_forward"}
+    args, kwargs = adapter.first_forward.inputs
+    assert float(kwargs["timestep"].flatten()[0]) == pytest.approx(float(adapter.pipe.scheduler.timesteps[0]) /
+                                                                   (1000 if name == "tiny_flux" else 1))
+    assert not hooks.hooks(adapter.model)
+
+
 def test_hub_id_offline_fails_at_once_naming_it_and_the_fix(monkeypatch):
     from cachelab.models.pipelines.flux import FluxAdapter
 

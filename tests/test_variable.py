@@ -22,7 +22,7 @@ from cachelab.jobs.checks import check_config
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
 from cachelab.models.diffusion import DDIMSchedule
-from cachelab.models.pipelines.driver import scheduler_grid
+from cachelab.models.pipelines.driver import is_flow_matching, scheduler_grid
 from strategies.taylor import TaylorSeer
 
 from conftest import tiny_adapter
@@ -212,6 +212,23 @@ def test_flow_matching_grid_against_its_sigmas_with_the_infinite_end_clamped(shi
     assert sigma[0] == 1.0 and grid.logsnr[0] == -LOGSNR_LIMIT
     np.testing.assert_allclose(grid.logsnr[1:], (2 * torch.log((1 - sigma[1:]) / sigma[1:])).numpy(), rtol=1e-9)
     assert positions("logsnr", 12, grid) == grid.logsnr  # finite, strictly increasing
+
+
+def test_a_flow_matching_scheduler_is_known_by_its_class_not_its_name():
+    """A subclass of diffusers' FlowMatchEuler under another name samples a flow (sigmas from the
+    scheduler); a scheduler merely named FlowMatch... does not."""
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    class RenamedFlow(FlowMatchEulerDiscreteScheduler):
+        pass
+
+    class FlowMatchLookalike(EulerDiscreteScheduler):
+        pass
+
+    assert is_flow_matching(RenamedFlow()) and not is_flow_matching(FlowMatchLookalike())
+    scheduler = RenamedFlow(shift=3.0)
+    scheduler.set_timesteps(5)
+    np.testing.assert_allclose(scheduler_grid(scheduler).sigma, scheduler.sigmas.double()[:5].numpy(), rtol=0)
 
 
 def test_clamps_at_both_ends():

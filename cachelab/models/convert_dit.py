@@ -25,6 +25,8 @@ from torch import nn
 
 from cachelab.core.sites import SitePattern
 from cachelab.errors import CheckpointMismatch
+from cachelab.models.diffusers_private import reset_cache_hooks
+from cachelab.models.diffusion import DDIMSchedule
 from cachelab.models.dit import DiT, guided_forward
 from cachelab.models.dit_adapter import DiTAdapter
 from cachelab.models.discovery import DiscoveredSites, discover
@@ -134,7 +136,7 @@ class DiffusersDiT(nn.Module):
 class ConvertedDiTAdapter(DiTAdapter):
     """:class:`DiTAdapter`'s model (shipped weights, a checkpoint or a preset) converted to
     diffusers' ``DiTTransformer2DModel`` and sampled by the same DDIM loop; sites are discovered
-    (:mod:`cachelab.models.discovery`) from the first call, as on a diffusers pipeline."""
+    (:mod:`cachelab.models.discovery`) from one call at the first step's timestep."""
 
     def build(self) -> DiffusersDiT:
         native = super().build()
@@ -146,7 +148,7 @@ class ConvertedDiTAdapter(DiTAdapter):
         try:
             return super().generate(inputs, handle, callback, progress)
         finally:
-            self.transformer._reset_stateful_cache()
+            reset_cache_hooks(self.transformer)
 
     @property
     def transformer(self):
@@ -155,8 +157,10 @@ class ConvertedDiTAdapter(DiTAdapter):
 
     @cached_property
     def discovered(self) -> DiscoveredSites:
+        """The sites, read from one forward of the model at the sampler's first timestep."""
         inputs = self.make_inputs(1, seed=0)
-        return discover(self.model, lambda: self.generate(inputs))
+        t = torch.full((1,), int(DDIMSchedule.respaced(self.num_steps).timesteps[0]), device=self.device)
+        return discover(self.model, lambda: self.model(inputs.noise, t, inputs.labels))
 
     def site_patterns(self, granularity: str) -> list[SitePattern]:
         return self.discovered.site_patterns(granularity)

@@ -9,10 +9,10 @@
   of the same stack receives as argument ``X`` (never by position or shape). A list whose blocks
   do not hand their outputs on (the model changes them in between) or a one-block list takes the
   streams of its block class from a chained stack, else from diffusers' own block metadata
-  (``TransformerBlockRegistry``); a one-block list with none of these whose block holds attention
-  or feed-forward modules has its outputs cached as they are (no residual), any other is no
-  stack. An output received as two arguments is an error naming the block class; one no next
-  block receives unchanged is cached as it is.
+  (:func:`~cachelab.models.diffusers_private.block_metadata`); a one-block list with none of
+  these whose block holds attention or feed-forward modules has its outputs cached as they are
+  (no residual), any other is no stack. An output received as two arguments is an error naming
+  the block class; one no next block receives unchanged is cached as it is.
 - **Module sites**: the children (or grandchildren) of each block that are attention or
   feed-forward modules (by class name: ``*Attention*``, ``*FeedForward*``, ``*Mlp*``/``*MLP*``)
   and ran exactly once (a module run twice per forward, e.g. one feed-forward for both streams,
@@ -25,10 +25,14 @@
   their tokens (token selection, :func:`token_mode`).
 - **Probes** for adaptive schedules: ``first_block_residual`` (the first block's image-stream
   residual) everywhere; ``modulated_input`` where the first block's ``norm1`` is an adaptive
-  norm (``Ada*``: diffusers' adaLN returns the modulated input first), else not offered.
+  norm, known by what it does in the traced call: it receives a conditioning tensor besides its
+  input (one that is not a stream of the block: the timestep embedding), as diffusers' adaLN
+  and its kin do, whatever their class is called (they return the modulated input first);
+  else not offered.
 
-``call`` may run the model more than once (a whole pipeline call): only its first forward is
-traced, and the call is stopped right after it.
+:func:`discover` traces one forward of the model (a :class:`Recorder` on every candidate block
+records what flows through). Inside a longer run (a pipeline call), :class:`FirstForward` traces
+the model's first forward and hands its output back to the run, which goes on untraced.
 """
 from __future__ import annotations
 
@@ -37,15 +41,18 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
 
+from cachelab.core import hooks
 from cachelab.core.outputs import split
 from cachelab.core.sites import GRANULARITIES, SitePattern, SitePatterns
 from cachelab.core.tokens import TOKENWISE
 from cachelab.errors import ConfigError
 from cachelab.models.coverage import FlopTally
+from cachelab.models.diffusers_private import block_metadata
 
 ATTENTION = ("Attention",)
 FEED_FORWARD = ("FeedForward", "Mlp", "MLP")
@@ -81,10 +88,6 @@ class Stack:
     def residual(self) -> str | tuple[str | None, ...] | None:
         """As :class:`SitePattern` takes it: the argument name of a block returning one tensor."""
         return self.streams if self.returns_tuple else self.streams[0]
-
-
-class _Traced(Exception):
-    """Raised after the model's first forward: the traced call need not go on."""
 
 
 @dataclass
@@ -215,65 +218,153 @@ def block_children(block: nn.Module, depth: int = 2) -> list[tuple[str, nn.Modul
     return found
 
 
+class Recorder:
+    """What one traced forward passed through the candidate blocks of a model (``stacks``): each
+    block's calls (:class:`Call`), the order blocks ran in, how often each attention or
+    feed-forward child ran, and the tensors the first block of each stack gave its ``norm1``.
+    It records while its hooks are on (:meth:`attach`; the handles remove them)."""
+
+    def __init__(self, stacks: dict[str, nn.ModuleList]):
+        self.stacks = stacks
+        self.calls: dict[tuple[str, int], list[Call]] = {}
+        self.order: list[tuple[str, int]] = []
+        self.runs: dict[str, int] = {}
+        self.norm_inputs: dict[str, list[torch.Tensor]] = {}  # stack -> the tensors its first block's norm1 received
+        self._open: dict[tuple[str, int], list[dict[str, object]]] = {}  # the arguments of calls not yet returned
+        self._signatures = {(name, i): inspect.signature(block.forward)
+                            for name, blocks in stacks.items() for i, block in enumerate(blocks)}
+
+    def attach(self) -> list:
+        """Hook every candidate block, its attention and feed-forward children and each stack's first
+        ``norm1``; -> the hooks' handles."""
+        handles = []
+        for stack_name, blocks in self.stacks.items():
+            for index, block in enumerate(blocks):
+                key = (stack_name, index)
+                handles += [block.register_forward_pre_hook(partial(self._entered, key), with_kwargs=True),
+                            block.register_forward_hook(partial(self._returned, key), with_kwargs=True)]
+                handles += [child.register_forward_hook(partial(self._ran, f"{stack_name}.{index}.{child_name}"))
+                            for child_name, child in block_children(block)]
+            norm = getattr(blocks[0], "norm1", None)
+            if isinstance(norm, nn.Module):
+                handles.append(norm.register_forward_pre_hook(partial(self._normalised, stack_name), with_kwargs=True))
+        return handles
+
+    def _entered(self, key: tuple[str, int], module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments = self._signatures[key].bind_partial(*args, **kwargs).arguments
+        arguments.update(arguments.pop("kwargs", {}) if isinstance(arguments.get("kwargs"), dict) else {})
+        self._open.setdefault(key, []).append(arguments)
+        self.order.append(key)
+
+    def _returned(self, key: tuple[str, int], module: nn.Module, args: tuple, kwargs: dict, out) -> None:
+        self.calls.setdefault(key, []).append(Call(self._open[key].pop(), split(out)[0],
+                                                   not isinstance(out, torch.Tensor)))
+
+    def _ran(self, path: str, module: nn.Module, args: tuple, out) -> None:
+        self.runs[path] = self.runs.get(path, 0) + 1
+
+    def _normalised(self, stack_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        received = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+        self.norm_inputs.setdefault(stack_name, received)
+
+
+class FirstForward:
+    """Discovery inside a run that calls ``model`` (a pipeline call): while :meth:`trace` runs it,
+    the model's first forward is traced (:func:`discover`) and its output handed back to the run;
+    every later forward runs untraced, and the run goes on to its end. ``inputs``: the traced
+    forward's ``(args, kwargs)``; ``sites``: what it found (both None until it ran)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inputs: tuple[tuple, dict] | None = None
+        self.sites: DiscoveredSites | None = None
+        self.name = f"cachelab discovery at {id(self):#x}"
+
+    def trace(self, run: Callable[[], object]) -> FirstForward:
+        """Run ``run`` with the model's forward hooked (innermost but the sites); -> self."""
+        hooks.install(self.model, "forward", self.name, self._forward, hooks.TALLY, by=self)
+        try:
+            run()
+        finally:
+            hooks.remove(self.model, "forward", self.name)
+        if self.sites is None:
+            raise ConfigError(f"site discovery: {type(self.model).__name__} was never called in the traced run; "
+                              f"allowed: a run that calls the model, or site patterns (sites=...)")
+        return self
+
+    def _forward(self, forward: Callable) -> Callable:
+        def first_forward_traced(*args, **kwargs):
+            if self.sites is not None:
+                return forward(*args, **kwargs)
+            self.inputs = (args, kwargs)
+            self.sites, out = trace_call(self.model, partial(forward, *args, **kwargs))
+            return out
+
+        return first_forward_traced
+
+
 def discover(model: nn.Module, call: Callable[[], object]) -> DiscoveredSites:
-    """Run ``call`` (one forward of ``model``) with hooks on every candidate block and module
-    site, and read the stacks, streams and module sites from what flowed through."""
+    """Run ``call`` (one forward of ``model``) with a :class:`Recorder` on every candidate block and
+    module site, and read the stacks, streams and module sites from what flowed through."""
+    return trace_call(model, call)[0]
+
+
+def trace_call(model: nn.Module, call: Callable[[], object]) -> tuple[DiscoveredSites, object]:
+    """:func:`discover`, and what ``call`` returned. The FLOPs are counted in the same call; where
+    they cannot be (flex_attention under a dispatch mode), it runs again without counting."""
     stacks = candidate_stacks(model)
-    calls: dict[tuple[str, int], list[Call]] = {}
-    order: list[tuple[str, int]] = []
-    runs: dict[str, int] = {}
-
-    def stop(module, args, out):
-        raise _Traced
-
-    def count(path):
-        return lambda *_: runs.__setitem__(path, runs.get(path, 0) + 1)
-
-    hooks = [model.register_forward_hook(stop)]
-    for stack_name, blocks in stacks.items():
-        for index, block in enumerate(blocks):
-            hooks += _block_hooks(block, (stack_name, index), calls, order)
-            hooks += [child.register_forward_hook(count(f"{stack_name}.{index}.{child_name}"))
-                      for child_name, child in block_children(block)]
-
-    def trace(tally: FlopTally | None) -> FlopTally | None:
-        calls.clear()
-        order.clear()
-        runs.clear()
-        if tally is not None:
-            for stack_name, blocks in stacks.items():
-                for index, block in enumerate(blocks):
-                    tally.watch(f"{stack_name}.{index}", block)
-                    for child_name, child in block_children(block):
-                        tally.watch(f"{stack_name}.{index}.{child_name}", child)
-        try:
-            with torch.no_grad(), tally if tally is not None else contextlib.nullcontext():
-                call()
-        except _Traced:
-            pass
-        return tally
-
     try:
-        try:
-            tally = trace(FlopTally())
-        except Exception:  # noqa: BLE001 -- FLOPs not countable here (flex_attention under a dispatch mode): traced again
-            tally = trace(None)
+        recorder, tally, out = _record(stacks, call, FlopTally())
+    except Exception:  # noqa: BLE001 -- FLOPs not countable here: traced again, their share unknown (None)
+        recorder, tally, out = _record(stacks, call, None)
+    return _sites(model, recorder, tally), out
+
+
+def _record(stacks: dict[str, nn.ModuleList], call: Callable[[], object],
+            tally: FlopTally | None) -> tuple[Recorder, FlopTally | None, object]:
+    """One run of ``call`` under a fresh :class:`Recorder` (and ``tally``, watching every block and
+    module site)."""
+    recorder = Recorder(stacks)
+    handles = recorder.attach()
+    if tally is not None:
+        for stack_name, blocks in stacks.items():
+            for index, block in enumerate(blocks):
+                tally.watch(f"{stack_name}.{index}", block)
+                for child_name, child in block_children(block):
+                    tally.watch(f"{stack_name}.{index}.{child_name}", child)
+    try:
+        with torch.no_grad(), tally if tally is not None else contextlib.nullcontext():
+            out = call()
     finally:
-        for hook in hooks:
-            hook.remove()
-    found = _stacks(stacks, calls, order)
+        for handle in handles:
+            handle.remove()
+    return recorder, tally, out
+
+
+def _sites(model: nn.Module, recorder: Recorder, tally: FlopTally | None) -> DiscoveredSites:
+    """The stacks, module sites and probes that ``recorder`` saw (shares of FLOPs from ``tally``)."""
+    stacks = recorder.stacks
+    found = _stacks(stacks, recorder.calls, recorder.order)
     # a module called more than once per forward (one feed-forward for both streams) holds two values: no site
     module_sites = {s.name: [path for i in range(s.size)
                              for path in (f"{s.name}.{i}.{name}" for name, _ in block_children(stacks[s.name][i]))
-                             if runs.get(path) == 1]
+                             if recorder.runs.get(path) == 1]
                     for s in found}
     found = [replace(s, module_share=_share(tally, [f"{s.name}.{i}" for i in range(s.size)], module_sites[s.name]))
              for s in found]
     module_sites = [path for s in found if not s.whole_blocks for path in module_sites[s.name]]
-    first_block = stacks[found[0].name][0] if found else None
-    adaptive = first_block is not None and "Ada" in type(getattr(first_block, "norm1", None)).__name__
-    norm1 = f"{found[0].name}.0.norm1" if adaptive else None
+    norm1 = f"{found[0].name}.0.norm1" if found and _adaptive_norm(recorder, found[0]) else None
     return DiscoveredSites(model, found, module_sites, norm1)
+
+
+def _adaptive_norm(recorder: Recorder, stack: Stack) -> bool:
+    """Whether the ``norm1`` of the first block of ``stack`` is an adaptive norm: in the traced
+    call it received, besides its input, a tensor that is none of the block's streams (the
+    conditioning: diffusers' adaLN gets the timestep embedding, DiT's the timestep and label)."""
+    received = recorder.norm_inputs.get(stack.name, [])
+    arguments = recorder.calls[(stack.name, 0)][0].arguments
+    streams = [arguments[name] for name in stack.streams if name in arguments]
+    return any(all(value is not stream for stream in streams) for value in received[1:])
 
 
 def _share(tally: FlopTally | None, blocks: list[str], parts: list[str]) -> float | None:
@@ -317,23 +408,6 @@ def _stacks(stacks: dict[str, nn.ModuleList], calls: dict, order: list) -> list[
             for stack, following in zip(found, found[1:])] + found[-1:]
 
 
-def _block_hooks(block: nn.Module, key: tuple[str, int], calls: dict, order: list) -> list:
-    signature = inspect.signature(block.forward)
-    pending: list[dict] = []
-
-    def before(module, args, kwargs):
-        arguments = signature.bind_partial(*args, **kwargs).arguments
-        arguments.update(arguments.pop("kwargs", {}) if isinstance(arguments.get("kwargs"), dict) else {})
-        pending.append(arguments)
-        order.append(key)
-
-    def after(module, args, kwargs, out):
-        calls.setdefault(key, []).append(Call(pending.pop(), split(out)[0], not isinstance(out, torch.Tensor)))
-
-    return [block.register_forward_pre_hook(before, with_kwargs=True),
-            block.register_forward_hook(after, with_kwargs=True)]
-
-
 def _hands_on(this: Call, following: Call) -> bool:
     """Whether some output of a block is an argument of the next one (the same tensor)."""
     return any(value is out for out in this.outputs if out is not None for value in following.arguments.values())
@@ -369,11 +443,8 @@ def _streams(blocks: nn.ModuleList, pairs: list[tuple[Call, Call]]) -> tuple[str
 
 def _registry_streams(block_class: type, num_outputs: int) -> tuple[str, ...] | None:
     """The streams from diffusers' own block metadata, when it has some for ``block_class``."""
-    try:
-        from diffusers.hooks._helpers import TransformerBlockRegistry
-
-        metadata = TransformerBlockRegistry.get(block_class)
-    except (ImportError, ValueError, KeyError, AttributeError):
+    metadata = block_metadata(block_class)
+    if metadata is None:
         return None
     streams = [None] * num_outputs
     if metadata.return_hidden_states_index is not None and metadata.return_hidden_states_index < num_outputs:

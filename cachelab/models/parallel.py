@@ -15,12 +15,14 @@ from torch import nn
 
 from cachelab.core.distributed import GroupReduce
 from cachelab.errors import ConfigError
+from cachelab.models.diffusers_private import (context_parallel_config, context_parallel_plan, mesh_device,
+                                                mesh_group)
 
 
 def enable_context_parallel(model: nn.Module, ulysses: int = 1, ring: int = 1) -> None:
     """``model.enable_parallelism`` with Ulysses degree ``ulysses`` and ring degree ``ring`` over
     the initialised default process group (one rank per shard)."""
-    if getattr(model, "_cp_plan", None) is None:
+    if context_parallel_plan(model) is None:
         raise ConfigError(f"parallel: {type(model).__name__} has no context-parallel plan (_cp_plan); allowed: a "
                           f"diffusers transformer with one (Flux, Flux2, Wan, QwenImage, LTX, ...)")
     if ring > 1 and next(model.parameters()).device.type == "cpu":
@@ -43,10 +45,11 @@ class ContextParallelGroup(GroupReduce):
     sites are hooked, so that the sites sit beneath them and see each rank's shard."""
 
     def __init__(self, model: nn.Module, config):
-        group = config._flattened_mesh.get_group()
-        super().__init__(group, config._device if "nccl" in str(dist.get_backend(group)) else "cpu")
+        group = mesh_group(config)
+        super().__init__(group, mesh_device(config) if "nccl" in str(dist.get_backend(group)) else "cpu")
         self.model, self.config = model, config
-        self.plan = {name: entry for name, entry in model._cp_plan.items() if name}  # the model's own hooks stay
+        # the entries with a submodule name; the model's own (name "") hooks stay
+        self.plan = {name: entry for name, entry in context_parallel_plan(model).items() if name}
 
     @contextmanager
     def lifted(self) -> Iterator[None]:
@@ -61,5 +64,5 @@ class ContextParallelGroup(GroupReduce):
 
 def context_parallel_group(model: nn.Module) -> ContextParallelGroup | None:
     """The context-parallel group of ``model`` (diffusers' ``_parallel_config``), or None."""
-    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    config = context_parallel_config(model)
     return None if config is None else ContextParallelGroup(model, config)

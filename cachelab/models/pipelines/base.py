@@ -1,10 +1,11 @@
 """The adapter for diffusers pipelines: load (hub id or local folder, or a tiny random
 pipeline built and saved locally), generate through the real pipeline call, driven by
-:class:`PipelineDriver`. The transformer's sites are discovered from its first call
-(:mod:`cachelab.models.discovery`); a family subclass says which pipeline class, how to build
-its tiny components, and any sites it chooses itself (the papers' module sites). A pipeline with
-a second expert (Wan 2.2's ``transformer_2``) offers both as ``experts``: a strategy attached to
-the adapter caches each with its own state (:class:`~cachelab.core.experts.ExpertHandles`)."""
+:class:`PipelineDriver`. The transformer's sites are discovered from its first forward in a
+one-step pipeline call (:mod:`cachelab.models.discovery`); a family subclass says which
+pipeline class, how to build its tiny components, and any sites it chooses itself (the papers'
+module sites). A pipeline with a second expert (Wan 2.2's ``transformer_2``) offers both as
+``experts``: a strategy attached to the adapter caches each with its own state
+(:class:`~cachelab.core.experts.ExpertHandles`)."""
 from __future__ import annotations
 
 import importlib
@@ -21,7 +22,7 @@ from torch import nn
 
 from cachelab.core.controller import CacheHandle
 from cachelab.models.adapter import DTYPES, ModelAdapter
-from cachelab.models.discovery import DiscoveredSites, discover
+from cachelab.models.discovery import DiscoveredSites, FirstForward, discover
 from cachelab.models.families import FamilySites, family_sites
 from cachelab.models.loading import load_pretrained
 from cachelab.models.pipelines.driver import PipelineDriver, experts
@@ -122,18 +123,16 @@ class PipelineAdapter(ModelAdapter):
         return self.pipe.transformer
 
     @cached_property
+    def first_forward(self) -> FirstForward:
+        """The transformer's first forward in a one-image, one-step generation, traced: its sites
+        and its ``(args, kwargs)``. The call returns latents (no VAE decode) and runs to its end."""
+        inputs = self.make_inputs(1, seed=0)
+        return FirstForward(self.model).trace(lambda: self.call_pipeline(inputs, 1, "latent"))
+
+    @property
     def discovered(self) -> DiscoveredSites:
-        """The transformer's sites, read from its first call in a one-image generation (whose
-        ``(args, kwargs)`` are kept in ``first_call``)."""
-        inputs, calls = self.make_inputs(1, seed=0), []
-        hook = self.model.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
-                                                    with_kwargs=True)
-        try:
-            found = discover(self.model, lambda: self.generate(inputs))
-        finally:
-            hook.remove()
-        self.first_call = calls[0]
-        return found
+        """The transformer's sites, read from its first forward (:attr:`first_forward`)."""
+        return self.first_forward.sites
 
     @cached_property
     def experts(self) -> dict[str, FamilySites] | None:
@@ -143,8 +142,8 @@ class PipelineAdapter(ModelAdapter):
         models = experts(self.pipe)
         if len(models) < 2:
             return None
-        first = self.discovered  # the first expert's sites, keeping the call they were read from
-        args, kwargs = self.first_call
+        first = self.discovered
+        args, kwargs = self.first_forward.inputs  # the first expert's traced call
         found = {}
         for name, model in models.items():
             model.eval().requires_grad_(False)
@@ -163,16 +162,20 @@ class PipelineAdapter(ModelAdapter):
     def make_inputs(self, num_images: int, seed: int, start: int = 0) -> PromptInputs:
         return PromptInputs([self.prompts[i % len(self.prompts)] for i in range(start, start + num_images)], seed)
 
-    @torch.no_grad()
     def generate(self, inputs: PromptInputs, handle: CacheHandle | None = None,
                  callback: Callback | None = None, progress: str | None = None) -> torch.Tensor:
+        with PipelineDriver(self.pipe, handle, callback):
+            return self.call_pipeline(inputs, self.num_steps, "pt", progress).float()
+
+    @torch.no_grad()
+    def call_pipeline(self, inputs: PromptInputs, num_steps: int, output_type: str, progress: str | None = None):
+        """One pipeline call on ``inputs`` of ``num_steps`` steps; its first output (``output_type``:
+        ``"pt"`` images, ``"latent"`` the latents, not decoded)."""
         self.model  # noqa: B018 -- eval mode, no gradients
         self.pipe.set_progress_bar_config(desc=progress, disable=progress is None)
         generator = torch.Generator(self.device).manual_seed(inputs.seed)
-        with PipelineDriver(self.pipe, handle, callback):
-            images = self.pipe(**self.call_arguments(inputs), generator=generator, num_inference_steps=self.num_steps,
-                               output_type="pt", return_dict=False)[0]
-        return images.float()
+        return self.pipe(**self.call_arguments(inputs), generator=generator, num_inference_steps=num_steps,
+                         output_type=output_type, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline already decoded: images (B, C, H, W), or video frames (B, F, C, H, W)

@@ -38,6 +38,8 @@ TRANSFORMS = {"t": lambda t: t, "t / 1000": lambda t: t / 1000, "1 - t / 1000": 
 
 
 EXPERTS = ("transformer", "transformer_2")  # a pipeline's denoisers, by attribute name
+# diffusers' flow-matching schedulers, by class name (those a release lacks are left out)
+FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
 
 
 def is_pipeline(target) -> bool:
@@ -104,9 +106,13 @@ class TimestepMap:
 
 def is_flow_matching(scheduler) -> bool:
     """Whether ``scheduler`` samples a flow (``x = (1 - sigma) x0 + sigma noise``): diffusers'
-    FlowMatch schedulers, and multistep ones configured with flow sigmas."""
+    flow-matching schedulers (:data:`FLOW_MATCH_SCHEDULERS`, subclasses too), and multistep ones
+    configured with flow sigmas."""
+    import diffusers
+
+    flow_classes = tuple(getattr(diffusers, name) for name in FLOW_MATCH_SCHEDULERS if hasattr(diffusers, name))
     config = getattr(scheduler, "config", {})
-    return (type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+    return (isinstance(scheduler, flow_classes) or bool(config.get("use_flow_sigmas"))
             or config.get("prediction_type") == "flow_prediction")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cachelab.models.diffusers_private import dispatch_options, qkv_projections
 from cachelab.models.pipelines import tiny
 from cachelab.models.pipelines.base import PipelineAdapter
 from cachelab.core.sites import SitePattern, first_tensor
@@ -75,8 +76,7 @@ def attention_at(attn: torch.nn.Module, h: torch.Tensor, index: torch.Tensor, ro
         query = apply_rotary_emb(query.reshape(1, B * k, *query.shape[2:]), (cos[flat], sin[flat]),
                                  sequence_dim=1).reshape(query.shape)
         key = apply_rotary_emb(key, rotary, sequence_dim=1)
-    out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=attn.processor._attention_backend,
-                                parallel_config=attn.processor._parallel_config)
+    out = dispatch_attention_fn(query, key, value, attn_mask=None, **dispatch_options(attn.processor))
     return out.flatten(2, 3).to(query.dtype)
 
 
@@ -88,12 +88,11 @@ def attention_received(attn: torch.nn.Module, hidden_states: torch.Tensor, encod
     (B, N) over the sequence attended (single blocks: text then image, as ``proj_out`` sees it);
     for joint attention a dict per stream: ``ff_context`` the text tokens, ``ff`` the image."""
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     if attention_mask is not None:
         raise ConfigError("strategy.tokens.score=attention: FLUX's attention was called with a mask, which the "
                           "attention score does not apply; allowed: strategy.tokens.score=norm or random")
-    query, key, _, encoder_query, encoder_key, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    query, key, _, encoder_query, encoder_key, _ = qkv_projections(attn, hidden_states, encoder_hidden_states)
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
     key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
     joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
