@@ -19,7 +19,7 @@ from cachelab.core.guard import Guard
 from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
-from cachelab.core.site_kinds import SiteKind, SiteObserver, Wrap, site_kind, without_probes
+from cachelab.core.site_kinds import Probe, SiteKind, SiteObserver, Wrap, site_kind, without_probes
 from cachelab.core.sites import Site
 from cachelab.core.token_sites import TokenSelection
 from cachelab.core.tokens import TokenPolicy
@@ -88,14 +88,28 @@ class Generations:
             self.end()
 
 
-class Held:
-    """What the sites' states hold, kept as they change (never summed again at a step): bytes per
-    context, the orders each site's predictor states reached, and the most held at a step's end."""
+class SiteStates(dict):
+    """A generation's site states, per context then site name, and what they hold, kept as the
+    states change (never summed again at a step): bytes per context, the orders each site's
+    predictor states reached, the most held at a step's end. Emptied at the generation's end,
+    these figures kept."""
 
     def __init__(self):
+        super().__init__()
         self.context_bytes: dict[str, int] = {}
         self.orders: dict[tuple[str, str], list[int]] = {}
         self.peak = 0
+
+    def state(self, context: str, kind: SiteKind, shape: torch.Size | None):
+        """``kind``'s state in ``context`` for inputs of ``shape`` (fresh when the shape changed;
+        None: as it is)."""
+        states = self.setdefault(context, {})
+        state = states.get(kind.name)
+        if shape is not None and (state is None or state.shape != shape):
+            dropped = 0 if state is None else state.nbytes
+            state = states[kind.name] = kind.new_state(shape)
+            self.change(context, kind.name, state, -dropped)
+        return state
 
     def change(self, context: str, name: str, state, nbytes: int) -> None:
         """``state`` of site ``name`` in ``context`` changed, holding ``nbytes`` more bytes."""
@@ -103,13 +117,13 @@ class Held:
         reached = (held.order_reached for held in state.states if held is not None)
         self.orders[context, name] = [order for order in reached if order is not None]
 
-    def now(self, extra: int) -> int:
+    def held(self, extra: int) -> int:
         """The bytes held now: the sites' states and ``extra`` (the schedule's, the token scores)."""
         return sum(self.context_bytes.values()) + extra
 
     def mark(self, extra: int) -> None:
         """A step ends: what is held now counts toward the peak."""
-        self.peak = max(self.peak, self.now(extra))
+        self.peak = max(self.peak, self.held(extra))
 
     def order_reached(self) -> dict[str, int] | None:
         orders = [order for reached in self.orders.values() for order in reached]
@@ -117,42 +131,34 @@ class Held:
 
 
 class CacheHandle(Generations):
-    """A strategy attached to a model; created by :func:`attach`.
+    """A strategy attached to a model (:func:`attach`): it keeps the step, the decision, the
+    contexts and the statistics; what each site does is its kind's (:mod:`~cachelab.core.site_kinds`).
 
-    The sampler drives it inside ``with handle.generation(T, grid):`` (or ``begin(T, grid)`` ...
-    ``end()``), calling ``step(s, t)`` before the model call(s) of step ``s``; ``grid`` (a
-    :class:`~cachelab.core.variables.StepGrid`, optional) gives the timestep, sigma and log-SNR
-    of every step, which a predictor expanding in one of them (``predictor.variable``) needs;
-    outside a generation the model runs untouched. The schedule decides once per step; every site then either
-    runs and records its value, or returns the predictor's forecast (:mod:`~cachelab.core.site_kinds`). Separate
-    model calls in one step (e.g. CFG cond/uncond) keep separate caches via ``with handle.context(name)``.
-    A site whose input shape changed (batch size, resolution) starts a fresh history.
+    The sampler drives it inside ``with handle.generation(T, grid):``, calling ``step(s, t)``
+    before the model call(s) of step ``s``; ``grid`` (a :class:`~cachelab.core.variables.StepGrid`)
+    gives the per-step variables a predictor expanding in one of them needs. Outside a generation
+    the model runs untouched. The schedule decides once per step; every site then runs and records,
+    or returns the predictor's forecast. Separate model calls in one step (CFG cond/uncond) keep
+    separate caches via ``with handle.context(name)``. A site whose input shape changed starts afresh.
 
-    Signals: a schedule that reads a probe's signal decides when the probe first runs in
-    the step (in whichever context calls the model first); until then the decision is
-    pending and every site called computes and records (it ran for real), so the probe's
-    own block always computes. The probes are not cache sites: a site on a probe's callable
-    is dropped. ``error_estimate`` is computed at ``step`` from the caches (mean over sites of
-    ``predictor.error_estimate``; None before any history). A per-kind decision (PAB) maps
-    each site by ``site.kind`` (a per-site one, ``schedule.decides_for == "site"``, by
-    ``site.decision_name``); kinds or sites it does not name compute.
+    Signals: a schedule reading a probe's signal decides when the probe first runs in the step;
+    until then every site called computes and records. A site on a probe's callable is dropped.
+    ``error_estimate`` is the mean over sites with history of the predictor's. A per-kind decision
+    (PAB) maps each site by ``site.kind`` (per site, ``decides_for == "site"``: ``site.decision_name``);
+    kinds or sites it does not name compute.
 
-    ``group`` (context parallelism: each rank of a process group holds a shard of the same
-    activations): the caches hold each rank's shards, every signal is reduced over the group
-    before the schedule reads it, and after every decision the ranks check that they agree
-    (:class:`~cachelab.core.distributed.DivergentDecisions` on every rank otherwise); the sites
-    are hooked beneath the engine's own split and gather hooks (``group.lifted()``).
-
-    ``guard``: what a forecast holding NaN or Inf does (:class:`~cachelab.core.guard.Guard`;
-    fallbacks counted in ``stats().guard_fallbacks``). ``tokens`` (token selection,
-    :mod:`cachelab.core.token_sites`): on a forecast step every site where the policy
-    ``computes`` recomputes the tokens it selects; sites that cannot compute a subset exactly are refused.
+    ``group`` (context parallelism): the caches hold each rank's shards, every signal is reduced
+    over the group before the schedule reads it, the ranks check after every decision that they
+    agree (:class:`~cachelab.core.distributed.DivergentDecisions`), and the sites are hooked beneath
+    the engine's own hooks (``group.lifted()``). ``guard``: what a forecast holding NaN or Inf does
+    (:class:`~cachelab.core.guard.Guard`). ``tokens``: token selection (:mod:`~cachelab.core.token_sites`).
     """
 
     def __init__(self, sites: list[Site] | None, predictor: Predictor, schedule: Schedule,
                  probes: dict[str, Site] | None = None, guard: str = "fallback", group: GroupReduce | None = None,
                  tokens: TokenPolicy | None = None):
         self._guard = Guard(guard, type(predictor).__name__)
+        self.guard = self._guard.policy  # what a forecast holding NaN or Inf does
         self.group = group or LocalGroup()
         self.predictor, self.schedule, self.tokens = predictor, schedule, tokens
         self._selection = None if tokens is None else TokenSelection(tokens)
@@ -165,7 +171,6 @@ class CacheHandle(Generations):
         self.audit = False
         self.context_name = "default"
         self.T: int | None = None
-        self._grid: StepGrid | None = None
         self._positions: tuple[float, ...] | None = None  # x(s) of the predictor's variable
         self.reset()
         if sites is not None:
@@ -177,53 +182,26 @@ class CacheHandle(Generations):
         ``group``: the ranks sharing each generation, when known only now."""
         if self.hooked:
             raise RuntimeError(f"{self!r} is hooked already")
-        schedule, predictor = self.schedule, self.predictor
-        probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
-        own = controller_signals(predictor)
-        missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
-        if missing:
-            raise ConfigError(
-                f"the schedule {type(schedule).__name__} reads the signal(s) {', '.join(missing)}, which these "
-                f"sites cannot provide (the model's probes at this granularity: {', '.join(sorted(probes)) or 'none'};"
-                f" the predictor {type(predictor).__name__}: {', '.join(sorted(own)) or 'none'}); "
-                f"choose another strategy.granularity, strategy or schedule")
-        probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
-        probed = {(id(probe.owner), probe.method) for probe in probes.values()}
-        sites = [without_probes(site, probes.values()) if site.members else site for site in sites]
-        sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
-        keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind for site in sites}
-        unknown = [kind for kind in schedule.kinds if kind not in set(keys.values())]
-        if unknown:
-            what = "site(s)" if schedule.decides_for == "site" else "site kind(s)"
-            raise ConfigError(f"the schedule {type(schedule).__name__} names {what} {', '.join(unknown)} that no "
-                              f"cache site has; allowed at this granularity: {', '.join(sorted(set(keys.values())))}")
-        kinds = [site_kind(site, self) for site in sites]
+        sites, probes, keys = hooked_sites(sites, probes, self.schedule, self.predictor)
         if self._selection is not None:
             self._selection.place(sites)
-            kinds = [self._selection.decorate(kind) for kind in kinds]
+        kinds = [site_kind(site, self, self._selection) for site in sites]
         self.sites, self.probes, self._decision_keys = sites, probes, keys
         self.group, self.hooked = group or self.group, True
         with self.group.lifted():
-            for site, wrap in [hooked for kind in kinds for hooked in kind.hooks()]:
-                self._hook(site, wrap)
-            for signal, probe in self.probes.items():
-                self._hook(probe, self._probe(signal, probe))
+            for kind in kinds + [Probe(signal, probe, self) for signal, probe in self.probes.items()]:
+                for site, wrap in kind.hooks():
+                    self._hook(site, wrap)
 
     @property
     def generating(self) -> bool:
         """Whether a generation is open (between ``begin`` and ``end``)."""
         return self.T is not None
 
-    @property
-    def guard(self) -> str:
-        """What a forecast holding NaN or Inf does (:data:`~cachelab.core.guard.GUARDS`)."""
-        return self._guard.policy
-
     def __repr__(self) -> str:
         return (f"<CacheHandle {type(self.predictor).__name__} x {type(self.schedule).__name__} on "
                 f"{len(self.sites)} sites at {id(self):#x}>")
 
-    # -- driving -------------------------------------------------------------------
     def begin(self, T: int, grid: StepGrid | None = None, plan: Sequence[str] | None = None) -> None:
         """Start a generation of ``T`` steps: every cache is cleared. ``grid``: the sampler's
         per-step variables; a ConfigError if the predictor's ``variable`` is not among them.
@@ -233,17 +211,18 @@ class CacheHandle(Generations):
             raise ValueError(f"the plan must name an expert for each of the {T} steps, got {len(plan)} entries")
         self._positions = positions(getattr(self.predictor, "variable", "step"), T, grid)
         self.reset()
-        self.T, self._grid = T, grid
+        self.T = T
 
     def end(self) -> None:
         """End the generation: what the caches hold counts toward the peak, they are freed (the
         statistics keep their sizes) and the model runs untouched until the next ``begin``."""
         if self._caches:
-            self._held.mark(self._extra_bytes())
-        self._caches, self._signals = {}, {}
+            self._caches.mark(self._extra_bytes())
+        self._caches.clear()
+        self._signals = {}
         if self._selection is not None:
             self._selection.clear()
-        self.s = self._t = self._decision = self.T = self._grid = self._positions = None
+        self.s = self._t = self._decision = self.T = self._positions = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
         """Enter step ``s`` (counted up); the schedule decides once for every site and context,
@@ -255,13 +234,13 @@ class CacheHandle(Generations):
             raise RuntimeError(f"step {s} after step {self.s}: steps count up within a generation; begin(T) starts "
                                f"a new one")
         if self._caches:  # the bytes the last step left held count toward the peak
-            self._held.mark(self._extra_bytes())
+            self._caches.mark(self._extra_bytes())
         if self.s is not None and self._decision is None and self.probes:
             raise RuntimeError(f"step {self.s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
         self.s, self._t, self._decision, self._signals = s, t, None, dict(signals)
         if "error_estimate" in self.schedule.signals and "error_estimate" not in signals:
-            self._signals["error_estimate"] = self._error_estimate(s)
+            self._signals["error_estimate"] = error_estimate(self.predictor, self._caches, self.group, s)
         self._try_decide()
         return self.decision
 
@@ -312,8 +291,7 @@ class CacheHandle(Generations):
 
     def reset(self) -> None:
         """Drop every cache and statistic; until the next ``step`` the model runs as usual."""
-        self._caches: dict[str, dict[str, object]] = {}
-        self._stats, self._held = CacheStats(), Held()
+        self._caches, self._stats = SiteStates(), CacheStats()
         self.s: int | None = None
         self._t: float | None = None
         self._decision: StepDecision | None = None
@@ -326,10 +304,10 @@ class CacheHandle(Generations):
     def stats(self) -> CacheStats:
         """Statistics of the current (or last) generation; ``cache_bytes`` is the peak held at a
         step's end so far (while caches are held, or what they hold now if more)."""
-        held = self._held
-        peak = max(held.peak, held.now(self._extra_bytes())) if self._caches else held.peak
-        return replace(self._stats, cache_bytes=peak, context_bytes=dict(held.context_bytes),
-                       order_reached=held.order_reached())
+        caches = self._caches
+        peak = max(caches.peak, caches.held(self._extra_bytes())) if caches else caches.peak
+        return replace(self._stats, cache_bytes=peak, context_bytes=dict(caches.context_bytes),
+                       order_reached=caches.order_reached())
 
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""
@@ -350,7 +328,6 @@ class CacheHandle(Generations):
                 hooks.rewrap(site.owner, site.method, name,
                              lambda compute, wrap=wrap: torch.compiler.disable(wrap(torch.compile(compute, **options))))
 
-    # -- what the site kinds read (SiteRun) ------------------------------------------------------
     def forecasts(self, site: Site) -> bool:
         """Whether ``site`` returns a forecast at this step (never before the decision)."""
         decision = self._decision
@@ -359,15 +336,7 @@ class CacheHandle(Generations):
         return decision is Decision.FORECAST
 
     def state(self, kind: SiteKind, shape: torch.Size | None = None):
-        """``kind``'s state in the current context for inputs of ``shape`` (fresh when the shape
-        changed; None: as it is)."""
-        caches = self._caches.setdefault(self.context_name, {})
-        state = caches.get(kind.name)
-        if shape is not None and (state is None or state.shape != shape):
-            dropped = 0 if state is None else state.nbytes
-            state = caches[kind.name] = kind.new_state(shape)
-            self._held.change(self.context_name, kind.name, state, -dropped)
-        return state
+        return self._caches.state(self.context_name, kind, shape)
 
     def new_state(self) -> PredictorState:
         """An empty history that knows the generation's positions of the predictor's variable."""
@@ -388,9 +357,13 @@ class CacheHandle(Generations):
         self._stats.fallbacks += 1
 
     def changed(self, name: str, state, nbytes: int) -> None:
-        self._held.change(self.context_name, name, state, nbytes)
+        self._caches.change(self.context_name, name, state, nbytes)
 
-    # -- hooks and decisions ---------------------------------------------------------------------
+    def signal(self, name: str, value: torch.Tensor) -> None:
+        """A probe gives the step's signal ``name`` (before the decision): decide once all are there."""
+        self._signals[name] = value
+        self._try_decide()
+
     def _hook(self, site: Site, wrap: Wrap) -> None:
         """Replace ``site``'s callable by ``wrap(its computation)``, excluded from tracing
         so that a compiled model graph-breaks at the site instead of guarding on our state."""
@@ -398,22 +371,6 @@ class CacheHandle(Generations):
         hooks.install(site.owner, site.method, name, lambda compute: torch.compiler.disable(wrap(compute)),
                       hooks.SITE, by=self)
         self._installed.append((site, name, wrap))
-
-    def _probe(self, signal: str, probe: Site) -> Wrap:
-        """The wrapper maker of ``probe``: its call computes, then gives the step's ``signal``."""
-        signature = inspect.signature(getattr(probe.owner, probe.method))
-
-        def wrap(compute):
-            def probed_call(*args, **kwargs):
-                out = compute(*args, **kwargs)
-                if self.s is not None and self._decision is None:
-                    parts = split(out)[0]
-                    self._signals[signal] = signal_value(probe, parts, probe.residual_bases(signature, args, kwargs,
-                                                                                             len(parts)))
-                    self._try_decide()
-                return out
-            return probed_call
-        return wrap
 
     def _try_decide(self) -> None:
         """Decide the step once every signal the schedule reads is there."""
@@ -426,27 +383,47 @@ class CacheHandle(Generations):
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self.s)
 
-    def _error_estimate(self, s: int) -> float | None:
-        """The predictor's error estimate for step ``s``, averaged over every site with a history
-        (each site's sums reduced over the group first)."""
-        terms = [self.predictor.error_terms(state, s) for caches in self._caches.values()
-                 for cache in caches.values() for state in cache.states if state is not None and state.has_history]
-        if not terms:
-            return None
-        return float(relative_norm(self.group(torch.stack(terms))).mean())
-
     def _extra_bytes(self) -> int:
         """Bytes held besides the sites' states: the schedule's reference signals, the token scores."""
         return self.schedule.held_bytes() + (0 if self._selection is None else self._selection.nbytes)
 
 
-def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) -> torch.Tensor:
-    """A probe's signal: its first output with a residual base, minus that base (residual
-    probes), else its first output."""
-    for part, base in zip(parts, bases):
-        if part is not None and (base is not None or not probe.residual):
-            return part if base is None else part - base
-    raise ValueError(f"the probe {probe.name} returned no output to read its signal from")
+def hooked_sites(sites: list[Site], probes: dict[str, Site] | None, schedule: Schedule, predictor: Predictor
+                 ) -> tuple[list[Site], dict[str, Site], dict[str, str]]:
+    """The cache sites a handle of ``predictor`` x ``schedule`` hooks (none on a probe's callable;
+    spans without their leading members holding a probe), the probes of the signals the schedule
+    reads (``probes`` defaults to ``sites.probes``), and the key each site's decision is looked up
+    by; a ConfigError for a signal nobody gives or a site kind the schedule names that no site has."""
+    probes = dict(getattr(sites, "probes", {}) if probes is None else probes)
+    own = controller_signals(predictor)
+    missing = [signal for signal in schedule.signals if signal not in probes and signal not in own]
+    if missing:
+        raise ConfigError(
+            f"the schedule {type(schedule).__name__} reads the signal(s) {', '.join(missing)}, which these "
+            f"sites cannot provide (the model's probes at this granularity: {', '.join(sorted(probes)) or 'none'};"
+            f" the predictor {type(predictor).__name__}: {', '.join(sorted(own)) or 'none'}); "
+            f"choose another strategy.granularity, strategy or schedule")
+    probes = {signal: probes[signal] for signal in schedule.signals if signal in probes}
+    probed = {(id(probe.owner), probe.method) for probe in probes.values()}
+    sites = [without_probes(site, probes.values()) if site.members else site for site in sites]
+    sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
+    keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind for site in sites}
+    unknown = [kind for kind in schedule.kinds if kind not in set(keys.values())]
+    if unknown:
+        what = "site(s)" if schedule.decides_for == "site" else "site kind(s)"
+        raise ConfigError(f"the schedule {type(schedule).__name__} names {what} {', '.join(unknown)} that no "
+                          f"cache site has; allowed at this granularity: {', '.join(sorted(set(keys.values())))}")
+    return sites, probes, keys
+
+
+def error_estimate(predictor: Predictor, caches: dict, group: GroupReduce | LocalGroup, s: int) -> float | None:
+    """The predictor's error estimate for step ``s``, averaged over every site with a history in
+    ``caches`` (each site's sums reduced over the group first); None without history."""
+    terms = [predictor.error_terms(state, s) for states in caches.values()
+             for site in states.values() for state in site.states if state is not None and state.has_history]
+    if not terms:
+        return None
+    return float(relative_norm(group(torch.stack(terms))).mean())
 
 
 def attach(sites: list[Site] | None, predictor: Predictor, schedule: Schedule,

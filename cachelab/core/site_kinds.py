@@ -72,6 +72,13 @@ class SiteRun(Protocol):
     def changed(self, name: str, state, nbytes: int) -> None:
         """``state`` of site ``name`` (current context) changed and holds ``nbytes`` more bytes."""
 
+    @property
+    def step_decision(self):
+        """The step's decision (None: pending, a probe's signal is awaited)."""
+
+    def signal(self, name: str, value: torch.Tensor) -> None:
+        """A probe's value of the step's signal ``name``."""
+
 
 @dataclass
 class PlainState:
@@ -276,6 +283,38 @@ class Span(SiteKind):
         return state
 
 
+class Probe:
+    """A probe: its callable computes at every step, and until the step is decided its value
+    (:func:`signal_value`) is the step's signal ``signal`` (``run.signal``)."""
+
+    def __init__(self, signal: str, probe: Site, run: SiteRun):
+        self.signal, self.site, self.run = signal, probe, run
+
+    def hooks(self) -> list[tuple[Site, Wrap]]:
+        return [(self.site, self.wrap)]
+
+    def wrap(self, compute: Callable) -> Callable:
+        run, probe, signature = self.run, self.site, inspect.signature(getattr(self.site.owner, self.site.method))
+
+        def probed_call(*args, **kwargs):
+            out = compute(*args, **kwargs)
+            if run.s is not None and run.step_decision is None:
+                parts = split(out)[0]
+                bases = probe.residual_bases(signature, args, kwargs, len(parts))
+                run.signal(self.signal, signal_value(probe, parts, bases))
+            return out
+        return probed_call
+
+
+def signal_value(probe: Site, parts: Parts, bases: list[torch.Tensor | None]) -> torch.Tensor:
+    """A probe's signal: its first output with a residual base, minus that base (residual
+    probes), else its first output."""
+    for part, base in zip(parts, bases):
+        if part is not None and (base is not None or not probe.residual):
+            return part if base is None else part - base
+    raise ValueError(f"the probe {probe.name} returned no output to read its signal from")
+
+
 def without_probes(site: Site, probes) -> Site | None:
     """A span site without its leading members that hold a probe (they compute every step,
     before the decision); None if no member is left. A probe after the first free member
@@ -291,9 +330,11 @@ def without_probes(site: Site, probes) -> Site | None:
     return replace(site, owner=site.members[free], members=site.members[free:])
 
 
-def site_kind(site: Site, run: SiteRun) -> SiteKind:
-    """The kind of ``site``: a span (``members``), a skip site (``skip``) or a plain one."""
-    return Span(site, run) if site.members else Skip(site, run) if site.skip else Plain(site, run)
+def site_kind(site: Site, run: SiteRun, tokens=None) -> SiteKind:
+    """The kind of ``site``: a span (``members``), a skip site (``skip``) or a plain one; decorated
+    by ``tokens`` (a :class:`~cachelab.core.token_sites.TokenSelection`) where it selects."""
+    kind = Span(site, run) if site.members else Skip(site, run) if site.skip else Plain(site, run)
+    return kind if tokens is None else tokens.decorate(kind)
 
 
 def predict(run: SiteRun, state: PlainState) -> Parts:
