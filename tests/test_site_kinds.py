@@ -30,7 +30,7 @@ class Run:
         self.s, self.T, self.context_name, self.predictor = None, T, "default", predictor
         self.observers, self.audit = [], False
         self.forecast, self.step_decision = False, None
-        self.states, self.fallbacks, self.held, self.signals = {}, 0, 0, {}
+        self.states, self.fallbacks, self.changed_states, self.signals = {}, 0, [], {}
 
     def at(self, s: int, forecast: bool = False) -> None:
         self.s, self.forecast = s, forecast
@@ -53,8 +53,8 @@ class Run:
     def fell_back(self):
         self.fallbacks += 1
 
-    def changed(self, name, state, nbytes):
-        self.held += nbytes
+    def changed(self, name, state):
+        self.changed_states.append(state)
 
     def signal(self, name, value):
         self.signals[name] = value
@@ -93,7 +93,7 @@ def test_a_plain_site_passes_through_outside_a_step_records_on_full_steps_and_fo
         assert torch.equal(out, module.inner(s * v))
     state = run.states["lin"]
     assert state.states[0].factors[0] is not out  # a copy: the caller may change its output in place
-    assert run.held == state.nbytes == 2 * out.numel() * out.element_size()  # D0 and D1
+    assert run.changed_states == [state, state] and state.nbytes == 2 * out.numel() * out.element_size()  # D0, D1
     calls = module.calls
     run.at(3, forecast=True)
     forecast = call(torch.zeros_like(v))  # the input does not matter
@@ -138,7 +138,7 @@ def test_a_skip_site_gives_zeros_plus_its_residual_base_and_holds_no_history():
         (call,) = wrapped(kind)
         run.at(0)
         assert torch.equal(call(x0), module.inner(x0))
-        assert run.states["block.attn"].states == () and run.held == 0
+        assert run.states["block.attn"].states == () and run.changed_states == []
         calls = module.calls
         run.at(1, forecast=True)
         assert torch.equal(call(x1), expected)  # its input passed through

@@ -89,16 +89,18 @@ class Generations:
 
 
 class SiteStates(dict):
-    """A generation's site states, per context then site name, and what they hold, kept as the
-    states change (never summed again at a step): bytes per context, the orders each site's
-    predictor states reached, the most held at a step's end. Emptied at the generation's end,
-    these figures kept."""
+    """A generation's site states, per context then site name, and what they hold: bytes per
+    context and the orders each site's predictor states reached, brought up to date from the
+    states changed since (never summed again over every site), and the most bytes held at a
+    step's end (:meth:`mark`). Emptied at the generation's end, these figures kept."""
 
     def __init__(self):
         super().__init__()
         self.context_bytes: dict[str, int] = {}
         self.orders: dict[tuple[str, str], list[int]] = {}
         self.peak = 0
+        self._sizes: dict[tuple[str, str], int] = {}  # each site's bytes when last brought up to date
+        self._changed: dict[tuple[str, str], object] = {}
 
     def state(self, context: str, kind: SiteKind, shape: torch.Size | None):
         """``kind``'s state in ``context`` for inputs of ``shape`` (fresh when the shape changed;
@@ -106,28 +108,36 @@ class SiteStates(dict):
         states = self.setdefault(context, {})
         state = states.get(kind.name)
         if shape is not None and (state is None or state.shape != shape):
-            dropped = 0 if state is None else state.nbytes
-            state = states[kind.name] = kind.new_state(shape)
-            self.change(context, kind.name, state, -dropped)
+            state = states[kind.name] = self._changed[context, kind.name] = kind.new_state(shape)
         return state
 
-    def change(self, context: str, name: str, state, nbytes: int) -> None:
-        """``state`` of site ``name`` in ``context`` changed, holding ``nbytes`` more bytes."""
-        self.context_bytes[context] = self.context_bytes.get(context, 0) + nbytes
-        reached = (held.order_reached for held in state.states if held is not None)
-        self.orders[context, name] = [order for order in reached if order is not None]
+    def change(self, context: str, name: str, state) -> None:
+        """``state`` of site ``name`` in ``context`` changed (its size is read when next needed)."""
+        self._changed[context, name] = state
 
     def held(self, extra: int) -> int:
         """The bytes held now: the sites' states and ``extra`` (the schedule's, the token scores)."""
+        self._update()
         return sum(self.context_bytes.values()) + extra
+
+    def order_reached(self) -> dict[str, int] | None:
+        self._update()
+        orders = [order for reached in self.orders.values() for order in reached]
+        return {"min": min(orders), "max": max(orders)} if orders else None
 
     def mark(self, extra: int) -> None:
         """A step ends: what is held now counts toward the peak."""
         self.peak = max(self.peak, self.held(extra))
 
-    def order_reached(self) -> dict[str, int] | None:
-        orders = [order for reached in self.orders.values() for order in reached]
-        return {"min": min(orders), "max": max(orders)} if orders else None
+    def _update(self) -> None:
+        """Bring the figures up to date with the states changed since (whenever it runs, they are the same)."""
+        for (context, name), state in self._changed.items():
+            nbytes, before = state.nbytes, self._sizes.get((context, name), 0)
+            self.context_bytes[context] = self.context_bytes.get(context, 0) + nbytes - before
+            self._sizes[context, name] = nbytes
+            reached = (held.order_reached for held in state.states if held is not None)
+            self.orders[context, name] = [order for order in reached if order is not None]
+        self._changed.clear()
 
 
 class CacheHandle(Generations):
@@ -306,8 +316,8 @@ class CacheHandle(Generations):
         step's end so far (while caches are held, or what they hold now if more)."""
         caches = self._caches
         peak = max(caches.peak, caches.held(self._extra_bytes())) if caches else caches.peak
-        return replace(self._stats, cache_bytes=peak, context_bytes=dict(caches.context_bytes),
-                       order_reached=caches.order_reached())
+        orders = caches.order_reached()
+        return replace(self._stats, cache_bytes=peak, context_bytes=dict(caches.context_bytes), order_reached=orders)
 
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""
@@ -356,8 +366,8 @@ class CacheHandle(Generations):
     def fell_back(self) -> None:
         self._stats.fallbacks += 1
 
-    def changed(self, name: str, state, nbytes: int) -> None:
-        self._caches.change(self.context_name, name, state, nbytes)
+    def changed(self, name: str, state) -> None:
+        self._caches.change(self.context_name, name, state)
 
     def signal(self, name: str, value: torch.Tensor) -> None:
         """A probe gives the step's signal ``name`` (before the decision): decide once all are there."""

@@ -69,8 +69,8 @@ class SiteRun(Protocol):
     def fell_back(self) -> None:
         """A site without history computes on a forecast step (counted)."""
 
-    def changed(self, name: str, state, nbytes: int) -> None:
-        """``state`` of site ``name`` (current context) changed and holds ``nbytes`` more bytes."""
+    def changed(self, name: str, state) -> None:
+        """``state`` of site ``name`` (current context) changed (its size may have)."""
 
     @property
     def step_decision(self):
@@ -345,7 +345,6 @@ def predict(run: SiteRun, state: PlainState) -> Parts:
 def record(run: SiteRun, name: str, state: PlainState, parts: Parts, bases: list[torch.Tensor | None]) -> None:
     """Record a full step's outputs: each part minus its residual base, a copy where that is the
     part itself (the caller gets it and may change it in place)."""
-    before = state.nbytes
     if len(state.states) != len(parts):
         state.states = [None if p is None else run.new_state() for p in parts]
     values = [value.clone() if value is not None and value is part else value
@@ -353,7 +352,7 @@ def record(run: SiteRun, name: str, state: PlainState, parts: Parts, bases: list
     for held, value in zip(state.states, values):
         if held is not None:
             run.predictor.update(held, run.s, value)
-    run.changed(name, state, state.nbytes - before)
+    run.changed(name, state)
     for observer in run.observers:
         observer.full(name, run.context_name, run.s, values)
 

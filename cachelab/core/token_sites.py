@@ -110,11 +110,10 @@ class Refreshing(Decorated):
     def full(self, state: RefreshedState, compute: Callable, args: tuple, kwargs: dict):
         out = self.inner.full(state, compute, args, kwargs)
         x = first_tensor(args, kwargs)
-        before = 0 if state.tokens is None else state.tokens.nbytes
         previous = None if state.tokens is None else state.tokens.extra  # a policy's own data (ClusCa's centroids)
         state.tokens = TokenState(torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device), extra=previous)
         self.selection.policy.full(state.tokens, x)
-        self.run.changed(self.name, state, state.tokens.nbytes - before)
+        self.run.changed(self.name, state)
         return out
 
     def forecast(self, state: RefreshedState, compute: Callable, args: tuple, kwargs: dict):
@@ -160,9 +159,8 @@ class Refreshing(Decorated):
         if len(parts) != 1 or len(forecast) != 1:
             raise ConfigError(f"strategy.tokens: the site {site.name} returns {len(forecast)} tensors; token selection "
                               f"needs sites that return one (allowed: strategy.tokens=null for this model)")
-        before = state.nbytes
         run.predictor.refresh(state.states[0], index, parts[0])
-        run.changed(self.name, state, state.nbytes - before)
+        run.changed(self.name, state)
         return [scatter_tokens(forecast[0], index, parts[0])]
 
 
