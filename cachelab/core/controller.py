@@ -357,8 +357,7 @@ class CacheHandle(Generations):
 
     def finite(self, site: Site, forecast: Parts) -> bool:
         """Whether ``forecast`` may replace ``site``'s computation (the guard; fallbacks counted)."""
-        if self._guard.passes(forecast, self.group.everywhere,
-                              lambda: f"step {self.s}, site {site.name}, context {self.context_name!r}"):
+        if self._guard.passes(forecast, self.group, self.s, site.name, self.context_name):
             return True
         self._stats.guard_fallbacks += 1
         return False

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-
 import torch
 
 from cachelab.errors import ConfigError, NonFiniteError
@@ -28,16 +26,15 @@ class Guard:
         """A new generation: its first fallback warns again."""
         self.warned = False
 
-    def passes(self, forecast: Parts, everywhere: Callable[[bool], bool], where: Callable[[], str]) -> bool:
-        """Whether ``forecast`` may replace the site's computation: every tensor finite (or
-        ``off``). ``everywhere(holds)``: whether it holds on every rank of the generation (a site
-        computing on one rank only would wait for the others' collectives); ``where()``: the step,
-        site and context, for the messages."""
+    def passes(self, forecast: Parts, group, s: int, site: str, context: str) -> bool:
+        """Whether ``forecast`` of ``site`` at step ``s`` in ``context`` may replace the site's
+        computation: every tensor finite (or ``off``), on every rank of ``group`` (a site computing
+        on one rank only would wait for the others' collectives)."""
         if self.policy == "off":
             return True
-        if everywhere(all(f is None or all_finite(f) for f in forecast)):
+        if group.everywhere(all(f is None or all_finite(f) for f in forecast)):
             return True
-        where = f"the {self.predictor} forecast at {where()}"
+        where = f"the {self.predictor} forecast at step {s}, site {site}, context {context!r}"
         if self.policy == "raise":
             raise NonFiniteError(f"{where} holds NaN or Inf (guard=raise); allowed: guard=fallback (such a site "
                                  f"computes for real) or guard=off")

@@ -28,6 +28,8 @@ from cachelab.core.predictor import Predictor, PredictorState
 from cachelab.core.sites import Site, first_tensor
 
 Wrap = Callable[[Callable], Callable]  # the computation beneath -> the callable that replaces it
+# (state, forecast, compute, args, kwargs) -> the forecast changed (token selection's fresh tokens)
+Refine = Callable[[object, Parts, Callable, tuple, dict], Parts]
 
 
 class SiteObserver(Protocol):
@@ -157,10 +159,6 @@ class Single(SiteKind):
             return self.full(state, compute, args, kwargs)
         return cached_call
 
-    def bases(self, args: tuple, kwargs: dict, count: int) -> list[torch.Tensor | None]:
-        """The residual base of each of ``count`` outputs (None: cached as it is)."""
-        return self.site.residual_bases(self.signature, args, kwargs, count)
-
     @abstractmethod
     def full(self, state, compute: Callable, args: tuple, kwargs: dict):
         """The output of a call that computes for real (recorded)."""
@@ -181,25 +179,19 @@ class Plain(Single):
     def full(self, state: PlainState, compute: Callable, args: tuple, kwargs: dict):
         out = compute(*args, **kwargs)
         parts, state.rebuild = split(out)
-        record(self.run, self.name, state, parts, self.bases(args, kwargs, len(parts)))
+        record(self.run, self.name, state, parts, self.site.residual_bases(self.signature, args, kwargs, len(parts)))
         return out
 
-    def forecast(self, state: PlainState, compute: Callable, args: tuple, kwargs: dict):
-        predicted = self.predicted(state, args, kwargs)
-        if predicted is None:
-            return compute(*args, **kwargs)
-        return self.finish(state, *predicted, compute, args, kwargs)
-
-    def predicted(self, state: PlainState, args: tuple, kwargs: dict) -> tuple[Parts, list] | None:
-        """(the forecast of every output, their residual bases); None when the guard refuses it."""
-        forecast = predict(self.run, state)
-        if not self.run.finite(self.site, forecast):
-            return None
-        return forecast, self.bases(args, kwargs, len(forecast))
-
-    def finish(self, state: PlainState, forecast: Parts, bases: list, compute: Callable, args: tuple, kwargs: dict):
-        """The output from ``forecast``, shown to the observers (with the true values when auditing)."""
+    def forecast(self, state: PlainState, compute: Callable, args: tuple, kwargs: dict, refine: Refine | None = None):
+        """The forecast plus the residual bases (``refine``: a decorator's change of the forecast
+        first), shown to the observers (with the true values when auditing)."""
         run = self.run
+        forecast = predict(run, state)
+        if not run.finite(self.site, forecast):  # computed for real, not recorded
+            return compute(*args, **kwargs)
+        bases = self.site.residual_bases(self.signature, args, kwargs, len(forecast))
+        if refine is not None:
+            forecast = refine(state, forecast, compute, args, kwargs)
         if run.observers:
             true = cached_values(split(compute(*args, **kwargs))[0], bases) if run.audit else None
             notify(run, self.name, forecast, true)
@@ -221,7 +213,7 @@ class Skip(Single):
 
     def forecast(self, state: SkipState, compute: Callable, args: tuple, kwargs: dict):
         zeros = [None if spec is None else torch.zeros(spec[0], dtype=spec[1], device=spec[2]) for spec in state.specs]
-        bases = self.bases(args, kwargs, len(zeros))
+        bases = self.site.residual_bases(self.signature, args, kwargs, len(zeros))
         if self.run.observers:
             notify(self.run, self.name, zeros, None)
         return state.rebuild([add_base(z, b, None, False) for z, b in zip(zeros, bases)])

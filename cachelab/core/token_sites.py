@@ -117,12 +117,7 @@ class Refreshing(Decorated):
         return out
 
     def forecast(self, state: RefreshedState, compute: Callable, args: tuple, kwargs: dict):
-        predicted = self.inner.predicted(state, args, kwargs)
-        if predicted is None:  # the guard refused the forecast: computed for real, not recorded
-            return compute(*args, **kwargs)
-        forecast, bases = predicted
-        forecast = self.refresh(state, forecast, compute, args, kwargs)
-        return self.inner.finish(state, forecast, bases, compute, args, kwargs)
+        return self.inner.forecast(state, compute, args, kwargs, refine=self.refresh)
 
     def refresh(self, state: RefreshedState, forecast: Parts, compute: Callable, args: tuple, kwargs: dict) -> Parts:
         run, site, selection = self.run, self.site, self.selection

@@ -50,34 +50,47 @@ def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]
     return ours, fused
 
 
-def overhead_us(calls: int = 20000, guard: str = "fallback", attach_fn=attach) -> dict[str, float]:
-    """Microseconds the controller adds per site call, on a site whose own work is nothing
-    (an identity on 8 numbers): bare, full step (record), forecast step (reuse; Taylor o2).
-    ``attach_fn``: the controller's ``attach`` (another revision's, ``paired.py``)."""
-    class Identity(torch.nn.Module):
-        def forward(self, x):
-            return x
+class Identity(torch.nn.Module):
+    """A site whose own work is nothing."""
 
-    x = torch.zeros(8)
+    def forward(self, x):
+        return x
+
+
+# the site calls timed: (label, predictor, full steps; None: every step)
+SITE_CALLS = (("full step", Reuse, None), ("forecast, reuse", Reuse, [0]),
+              ("forecast, taylor o2", lambda: TaylorSeer(2, first_enhance=1), [0, 1, 2]))
+
+
+def site_call_us(label: str, calls: int = 20000, guard: str = "fallback", attach_fn=attach) -> float:
+    """Median microseconds of one call of an :class:`Identity` site (on 8 numbers) under the
+    controller, in the :data:`SITE_CALLS` case ``label``; ``attach_fn``: the controller's
+    ``attach`` (another revision's in ``paired.py``)."""
+    make, full_steps = next((make, full) for name, make, full in SITE_CALLS if name == label)
+    site, x = Identity(), torch.zeros(8)
+    handle = attach_fn([Site("identity", site)], make(), Mask(full_steps=full_steps or list(range(calls + 3))),
+                       guard=guard)
+    with torch.inference_mode(), handle.generation(calls + 3):
+        for s in range(3):
+            handle.step(s)
+            site(x + s)
+        elapsed = []
+        for s in range(3, calls + 3):
+            handle.step(s)
+            start = time.perf_counter()
+            site(x)
+            elapsed.append(time.perf_counter() - start)
+    handle.remove()
+    return 1e6 * median(elapsed)
+
+
+def overhead_us(calls: int = 20000, guard: str = "fallback") -> dict[str, float]:
+    """Microseconds the controller adds per site call (:func:`site_call_us` less the bare call)."""
+    site, x = Identity(), torch.zeros(8)
     result = {}
-    for label, predictor, full_steps in (("full step", Reuse(), None), ("forecast, reuse", Reuse(), [0]),
-                                         ("forecast, taylor o2", TaylorSeer(2, first_enhance=1), [0, 1, 2])):
-        site = Identity()
+    for label, _, _ in SITE_CALLS:
         bare = median_seconds(lambda: [site(x) for _ in range(calls)], torch.device("cpu"), 3)
-        schedule = Mask(full_steps=full_steps or list(range(calls + 3)))
-        handle = attach_fn([Site("identity", site)], predictor, schedule, guard=guard)
-        with torch.inference_mode(), handle.generation(calls + 3):
-            for s in range(3):
-                handle.step(s)
-                site(x + s)
-            elapsed = []
-            for s in range(3, calls + 3):
-                handle.step(s)
-                start = time.perf_counter()
-                site(x)
-                elapsed.append(time.perf_counter() - start)
-        handle.remove()
-        result[label] = 1e6 * (median(elapsed) - bare / calls)
+        result[label] = site_call_us(label, calls, guard) - 1e6 * bare / calls
     return result
 
 
@@ -86,7 +99,7 @@ def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: i
     """Full-step and forecast-step model-call times and the cache size of one configuration:
     ``full_s`` with nothing attached, ``recorded_s`` the full steps recording (median of the
     ``order + 1`` warm-up steps), ``forecast_s`` the forecast steps. ``attach_fn``: as in
-    :func:`overhead_us` (the strategy's sites of ``granularity``, attached as ``Strategy.attach`` does)."""
+    :func:`site_call_us` (the strategy's sites of ``granularity``, attached as ``Strategy.attach`` does)."""
     model = adapter.model
     inputs = adapter.make_inputs(batch, seed=0)
     x = torch.cat([inputs.noise, inputs.noise]).to(device, adapter.dtype)

@@ -10,7 +10,8 @@ and measure the ratio this tree / the other; reported: the median ratio over rou
 percentile-bootstrap interval, and each side's median.
 
 Measures (one thread unless ``--threads``):
-- ``site call``: µs the controller adds per site call (``benchmark.overhead_us``);
+- ``site call``: µs of one call of a site doing nothing, the controller's work included
+  (``benchmark.site_call_us``);
 - ``step``: µs of ``handle.step(s)`` while ``--sites`` sites in two contexts hold Taylor o2 states
   (the per-step work outside the model call: the decision and the cache-size bookkeeping);
 - ``<model> <granularity> <predictor>``: the model call of a forecast step, and of a full step
@@ -34,7 +35,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from train_free_runs.forecast_step.benchmark import measure, overhead_us  # noqa: E402
+from train_free_runs.forecast_step.benchmark import SITE_CALLS, measure, site_call_us  # noqa: E402
 from train_free_runs.bench.timing import machine  # noqa: E402
 from cachelab.core import controller as ours  # noqa: E402
 from cachelab.core.schedules import Mask  # noqa: E402
@@ -81,8 +82,9 @@ def one_round(controllers: dict, args, adapters: dict) -> dict[str, dict[str, fl
     """Every measure once per controller, in the order of ``controllers``: {measure: {side: value}}."""
     values: dict[str, dict[str, float]] = {}
     for side, module in controllers.items():
-        for label, us in overhead_us(calls=args.calls, attach_fn=module.attach).items():
-            values.setdefault(f"site call, {label} (µs)", {})[side] = us
+        for label, _, _ in SITE_CALLS:
+            values.setdefault(f"site call, {label} (µs)", {})[side] = site_call_us(label, args.calls,
+                                                                                  attach_fn=module.attach)
         values.setdefault(f"step, {args.sites} sites x 2 contexts (µs)", {})[side] = step_us(module.attach, args.sites)
         for preset, adapter in adapters.items():
             for granularity in args.granularities.split(","):
