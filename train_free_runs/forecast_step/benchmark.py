@@ -95,9 +95,9 @@ def overhead_us(calls: int = 20000, guard: str = "fallback") -> dict[str, float]
 
 
 def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: int, repeats: int,
-            batch: int, device: torch.device, guard: str = "fallback", attach_fn=attach) -> dict:
+            batch: int, device: torch.device, guard: str = "fallback", attach_fn=attach, bare: bool = True) -> dict:
     """Full-step and forecast-step model-call times and the cache size of one configuration:
-    ``full_s`` with nothing attached, ``recorded_s`` the full steps recording (median of the
+    ``full_s`` with nothing attached (None unless ``bare``), ``recorded_s`` the full steps recording (median of the
     ``order + 1`` warm-up steps), ``forecast_s`` the forecast steps. ``attach_fn``: as in
     :func:`site_call_us` (the strategy's sites of ``granularity``, attached as ``Strategy.attach`` does)."""
     model = adapter.model
@@ -115,7 +115,7 @@ def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: i
                        Mask(full_steps=list(range(warm))), guard=guard)
     with torch.inference_mode():
         call()  # warm-up, nothing attached yet (the handle is idle outside a generation)
-        full = median_seconds(call, device, repeats)
+        full = median_seconds(call, device, repeats) if bare else None
         recorded, forecasts = [], []
         with handle.generation(warm + repeats):
             for s in range(warm + repeats):

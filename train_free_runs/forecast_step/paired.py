@@ -91,11 +91,24 @@ def one_round(controllers: dict, args, adapters: dict) -> dict[str, dict[str, fl
                 for name in args.orders.split(","):
                     order = 0 if name == "reuse" else int(name)
                     row = measure(adapter, granularity, "reuse" if order == 0 else "taylor", order, args.repeats,
-                                  args.batch, torch.device("cpu"), attach_fn=module.attach)
+                                  args.batch, torch.device("cpu"), attach_fn=module.attach, bare=False)
                     label = f"{preset} {granularity} {name if order == 0 else f'taylor o{order}'}"
                     values.setdefault(f"{label}: forecast step (ms)", {})[side] = 1e3 * row["forecast_s"]
                     values.setdefault(f"{label}: full step, recording (ms)", {})[side] = 1e3 * row["recorded_s"]
     return values
+
+
+def summary(rounds: list[dict], args) -> dict:
+    """Each measure's medians and the median ratio ours / theirs over ``rounds`` with its interval."""
+    result = {"machine": machine(torch.device("cpu")), "torch": torch.__version__, "against": args.against,
+              "rounds": len(rounds), "batch": args.batch, "measures": {}}
+    for name in rounds[0]:
+        ratios = np.array([rnd[name]["ours"] / rnd[name][args.against] for rnd in rounds])
+        low, high = bootstrap_interval(ratios, np.median)
+        result["measures"][name] = {"ours": median(rnd[name]["ours"] for rnd in rounds),
+                                    args.against: median(rnd[name][args.against] for rnd in rounds),
+                                    "ratio": float(np.median(ratios)), "interval": [low, high]}
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,19 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(args.rounds):
         sides = [("ours", ours), (args.against, theirs)]
         rounds.append(one_round(dict(sides if r % 2 else sides[::-1]), args, adapters))
+        result = summary(rounds, args)
+        if args.out:  # rewritten after every round: a partial run is kept
+            write_bytes_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
         print(f"round {r + 1}/{args.rounds} done", flush=True)
-    result = {"machine": machine(torch.device("cpu")), "torch": torch.__version__, "against": args.against,
-              "rounds": args.rounds, "measures": {}}
-    for name in rounds[0]:
-        ratios = np.array([rnd[name]["ours"] / rnd[name][args.against] for rnd in rounds])
-        low, high = bootstrap_interval(ratios, np.median)
-        result["measures"][name] = {"ours": median(rnd[name]["ours"] for rnd in rounds),
-                                    args.against: median(rnd[name][args.against] for rnd in rounds),
-                                    "ratio": float(np.median(ratios)), "interval": [low, high]}
-        print(f"{name}: ours {result['measures'][name]['ours']:.3f}, {args.against} "
-              f"{result['measures'][name][args.against]:.3f}, ratio {np.median(ratios):.3f} [{low:.3f}, {high:.3f}]")
-    if args.out:
-        write_bytes_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
+    for name, m in result["measures"].items():
+        print(f"{name}: ours {m['ours']:.3f}, {args.against} {m[args.against]:.3f}, ratio {m['ratio']:.3f} "
+              f"[{m['interval'][0]:.3f}, {m['interval'][1]:.3f}]")
     return result
 
 
