@@ -15,7 +15,8 @@ Measures (one thread unless ``--threads``):
 - ``step``: µs of ``handle.step(s)`` while ``--sites`` sites in two contexts hold Taylor o2 states
   (the per-step work outside the model call: the decision and the cache-size bookkeeping);
 - ``<model> <granularity> <predictor>``: the model call of a forecast step, and of a full step
-  recording into the caches (``benchmark.measure``).
+  recording into the caches, each controller on its own copy of the model, step by step in turns
+  (the two calls of a step are adjacent in time, so the machine's load hits both alike).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -35,14 +38,15 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from train_free_runs.forecast_step.benchmark import SITE_CALLS, measure, site_call_us  # noqa: E402
-from train_free_runs.bench.timing import machine  # noqa: E402
+from train_free_runs.forecast_step.benchmark import SITE_CALLS, site_call_us  # noqa: E402
+from train_free_runs.bench.timing import machine, seconds  # noqa: E402
 from cachelab.core import controller as ours  # noqa: E402
 from cachelab.core.schedules import Mask  # noqa: E402
-from cachelab.core.sites import Site  # noqa: E402
+from cachelab.core.sites import Site, select_sites  # noqa: E402
 from cachelab.evaluation.statistics import bootstrap_interval  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
+from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 
 
@@ -78,6 +82,37 @@ def step_us(attach_fn, sites: int, steps: int = 300) -> float:
     return 1e6 * median(elapsed[3:])
 
 
+def model_steps_ms(controllers: dict, adapters: list[DiTAdapter], granularity: str, order: int, repeats: int,
+                   batch: int) -> dict[str, dict[str, list[float]]]:
+    """Model-call times (ms) of each controller on its own copy of the model (``adapters``, one per
+    controller, same weights), step by step in turns (the order alternating every step): the
+    full steps recording (``order + 1``) and the forecast steps (``repeats``)."""
+    warm, calls, handles = order + 1, {}, {}
+    for (side, module), adapter in zip(controllers.items(), adapters):
+        model, inputs = adapter.model, adapter.make_inputs(batch, seed=0)
+        x = torch.cat([inputs.noise, inputs.noise])
+        y = torch.cat([inputs.labels, torch.full_like(inputs.labels, model.num_classes)])
+        t = torch.full((len(x),), 500)
+        calls[side] = partial(model.forward_with_cfg, x, t, y, adapter.guidance_scale)
+        predictor = Reuse() if order == 0 else TaylorSeer(order, first_enhance=1)
+        handles[side] = module.attach(select_sites(model, adapter.site_patterns(granularity)), predictor,
+                                      Mask(full_steps=list(range(warm))))
+    times: dict[str, dict[str, list[float]]] = {"full": {}, "forecast": {}}
+    with torch.inference_mode(), ExitStack() as stack:
+        for call in calls.values():  # warm-up (outside a generation the model runs untouched)
+            call()
+        for handle in handles.values():
+            stack.enter_context(handle.generation(warm + repeats))
+        for s in range(warm + repeats):
+            for side in (list(handles) if s % 2 else list(handles)[::-1]):
+                handles[side].step(s)
+                times["full" if s < warm else "forecast"].setdefault(side, []).append(
+                    1e3 * seconds(calls[side], torch.device("cpu")))
+    for handle in handles.values():
+        handle.remove()
+    return times
+
+
 def one_round(controllers: dict, args, adapters: dict) -> dict[str, dict[str, float]]:
     """Every measure once per controller, in the order of ``controllers``: {measure: {side: value}}."""
     values: dict[str, dict[str, float]] = {}
@@ -86,15 +121,15 @@ def one_round(controllers: dict, args, adapters: dict) -> dict[str, dict[str, fl
             values.setdefault(f"site call, {label} (µs)", {})[side] = site_call_us(label, args.calls,
                                                                                   attach_fn=module.attach)
         values.setdefault(f"step, {args.sites} sites x 2 contexts (µs)", {})[side] = step_us(module.attach, args.sites)
-        for preset, adapter in adapters.items():
-            for granularity in args.granularities.split(","):
-                for name in args.orders.split(","):
-                    order = 0 if name == "reuse" else int(name)
-                    row = measure(adapter, granularity, "reuse" if order == 0 else "taylor", order, args.repeats,
-                                  args.batch, torch.device("cpu"), attach_fn=module.attach, bare=False)
-                    label = f"{preset} {granularity} {name if order == 0 else f'taylor o{order}'}"
-                    values.setdefault(f"{label}: forecast step (ms)", {})[side] = 1e3 * row["forecast_s"]
-                    values.setdefault(f"{label}: full step, recording (ms)", {})[side] = 1e3 * row["recorded_s"]
+    for preset, pair in adapters.items():
+        for granularity in args.granularities.split(","):
+            for name in args.orders.split(","):
+                order = 0 if name == "reuse" else int(name)
+                times = model_steps_ms(controllers, pair, granularity, order, args.repeats, args.batch)
+                label = f"{preset} {granularity} {name if order == 0 else f'taylor o{order}'}"
+                for step, per_side in times.items():
+                    for side, ms in per_side.items():
+                        values.setdefault(f"{label}: {step} step (ms)", {})[side] = median(ms)
     return values
 
 
@@ -119,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--granularities", default="module,block,stack")
     p.add_argument("--orders", default="reuse,2")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="forecast steps timed per model measure")
+    p.add_argument("--repeats", type=int, default=5, help="forecast steps timed per model measure")
     p.add_argument("--calls", type=int, default=20000, help="site calls per site-call measure")
     p.add_argument("--sites", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
@@ -127,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     theirs = load_controller(args.against)
-    adapters = {preset: DiTAdapter(name=preset, preset=preset, init="random", guidance_scale=1.5)
+    adapters = {preset: [DiTAdapter(name=preset, preset=preset, init="random", guidance_scale=1.5) for _ in range(2)]
                 for preset in args.presets.split(",") if preset}
     rounds = []
     for r in range(args.rounds):
