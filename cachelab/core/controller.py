@@ -5,7 +5,6 @@ is its kind's (:mod:`cachelab.core.site_kinds`, token selection: :mod:`cachelab.
 what a non-finite forecast does the guard's (:mod:`cachelab.core.guard`)."""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -16,7 +15,7 @@ from cachelab.errors import ConfigError
 from cachelab.core import hooks
 from cachelab.core.distributed import GroupReduce, LocalGroup
 from cachelab.core.guard import Guard
-from cachelab.core.outputs import Parts, split
+from cachelab.core.outputs import Parts
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
 from cachelab.core.site_kinds import Probe, SiteKind, SiteObserver, Wrap, site_kind, without_probes

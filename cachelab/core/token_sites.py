@@ -135,7 +135,8 @@ class Refreshing(Decorated):
                                               selection.scores.get((run.context_name, site.block, score, None)))
                   for score in selection.policy.needs}
         place = selection.places[site.name]
-        index = selection.policy.select(TokenView(run.s, run.T, site.kind, place.depth, place.depths, x, tokens, scores))
+        view = TokenView(run.s, run.T, site.kind, place.depth, place.depths, x, tokens, scores)
+        index = selection.policy.select(view)
         if index is None:
             return forecast
         tokens.age += 1
