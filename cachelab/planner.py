@@ -269,7 +269,7 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
         with torch.no_grad(), handle.generation(steps):
             for s in range(steps):
                 handle.step(s)
-                code = decision_code(handle._decision) if strategy.tokens is None else None
+                code = decision_code(handle.step_decision) if strategy.tokens is None else None
                 if code in counted:
                     flops += counted[code]
                     if code != 0:
@@ -305,7 +305,7 @@ def _step(handle, model, calls) -> None:
 def _site_plans(inner: CacheHandle) -> list[SitePlan]:
     """Per site, its recorded shapes (every context) and the bytes its states hold now."""
     sites: dict[str, SitePlan] = {}
-    for caches in inner._caches.values():
+    for caches in inner.caches.values():
         for name, cache in caches.items():
             site = sites.setdefault(name, SitePlan(name, [], 0))
             site.nbytes += cache.nbytes

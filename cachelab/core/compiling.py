@@ -10,8 +10,9 @@ from torch import nn
 from cachelab.core.controller import CacheHandle
 from cachelab.core.sites import SitePattern
 
-# torch.compile's modes (controller.CUDA_GRAPH_MODES replay CUDA graphs on a CUDA device)
+# torch.compile's modes; CUDA_GRAPH_MODES replay CUDA graphs (on a CUDA device)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def compile_regions(model: nn.Module, block_patterns: list[SitePattern], handle: CacheHandle | None,

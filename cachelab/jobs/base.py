@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.core.compiling import compiled_if_asked
-from cachelab.core.controller import CacheHandle, attach, guard_policy
+from cachelab.core.controller import CacheHandle, attach
+from cachelab.core.guard import guard_policy
 from cachelab.core.schedules import Always
 from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy

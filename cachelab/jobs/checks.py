@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cachelab.core.controller import guard_policy
+from cachelab.core.guard import guard_policy
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import GRANULARITIES
 from cachelab.errors import ArgumentError, ConfigError
@@ -69,7 +69,7 @@ def check_target(target) -> Target:
 def check_compile(cfg: DictConfig) -> None:
     """``compile.mode`` must be one torch.compile knows; CUDA graphs need a CUDA device."""
     from cachelab.core.compiling import COMPILE_MODES
-    from cachelab.core.controller import CUDA_GRAPH_MODES
+    from cachelab.core.compiling import CUDA_GRAPH_MODES
 
     options = cfg.get("compile")
     if not options:

@@ -34,8 +34,7 @@ from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from cachelab.core.schedules import Mask  # noqa: E402
-from cachelab.core.sites import Site  # noqa: E402
-from cachelab.core.strategy import Strategy  # noqa: E402
+from cachelab.core.sites import Site, select_sites  # noqa: E402
 from strategies.reuse import Reuse  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
 
@@ -51,39 +50,56 @@ def traffic(cache_bytes: int, order: int, residual: bool) -> tuple[float, float]
     return ours, fused
 
 
-def overhead_us(calls: int = 20000, guard: str = "fallback") -> dict[str, float]:
-    """Microseconds the controller adds per site call, on a site whose own work is nothing
-    (an identity on 8 numbers): bare, full step (record), forecast step (reuse; Taylor o2)."""
-    class Identity(torch.nn.Module):
-        def forward(self, x):
-            return x
+class Identity(torch.nn.Module):
+    """A site whose own work is nothing."""
 
-    x = torch.zeros(8)
+    def forward(self, x):
+        return x
+
+
+# the site calls timed: (label, predictor, full steps; None: every step)
+SITE_CALLS = (("full step", Reuse, None), ("forecast, reuse", Reuse, [0]),
+              ("forecast, taylor o2", lambda: TaylorSeer(2, first_enhance=1), [0, 1, 2]))
+
+
+def site_call_us(label: str, calls: int = 20000, guard: str = "fallback", attach_fn=attach) -> float:
+    """Median microseconds of one call of an :class:`Identity` site (on 8 numbers) under the
+    controller, in the :data:`SITE_CALLS` case ``label``; ``attach_fn``: the controller's
+    ``attach`` (another revision's in ``paired.py``)."""
+    make, full_steps = next((make, full) for name, make, full in SITE_CALLS if name == label)
+    site, x = Identity(), torch.zeros(8)
+    handle = attach_fn([Site("identity", site)], make(), Mask(full_steps=full_steps or list(range(calls + 3))),
+                       guard=guard)
+    with torch.inference_mode(), handle.generation(calls + 3):
+        for s in range(3):
+            handle.step(s)
+            site(x + s)
+        elapsed = []
+        for s in range(3, calls + 3):
+            handle.step(s)
+            start = time.perf_counter()
+            site(x)
+            elapsed.append(time.perf_counter() - start)
+    handle.remove()
+    return 1e6 * median(elapsed)
+
+
+def overhead_us(calls: int = 20000, guard: str = "fallback") -> dict[str, float]:
+    """Microseconds the controller adds per site call (:func:`site_call_us` less the bare call)."""
+    site, x = Identity(), torch.zeros(8)
     result = {}
-    for label, predictor, full_steps in (("full step", Reuse(), None), ("forecast, reuse", Reuse(), [0]),
-                                         ("forecast, taylor o2", TaylorSeer(2, first_enhance=1), [0, 1, 2])):
-        site = Identity()
+    for label, _, _ in SITE_CALLS:
         bare = median_seconds(lambda: [site(x) for _ in range(calls)], torch.device("cpu"), 3)
-        schedule = Mask(full_steps=full_steps or list(range(calls + 3)))
-        handle = attach([Site("identity", site)], predictor, schedule, guard=guard)
-        with torch.inference_mode(), handle.generation(calls + 3):
-            for s in range(3):
-                handle.step(s)
-                site(x + s)
-            elapsed = []
-            for s in range(3, calls + 3):
-                handle.step(s)
-                start = time.perf_counter()
-                site(x)
-                elapsed.append(time.perf_counter() - start)
-        handle.remove()
-        result[label] = 1e6 * (median(elapsed) - bare / calls)
+        result[label] = site_call_us(label, calls, guard) - 1e6 * bare / calls
     return result
 
 
 def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: int, repeats: int,
-            batch: int, device: torch.device, guard: str = "fallback") -> dict:
-    """Full-step and forecast-step model-call times and the cache size of one configuration."""
+            batch: int, device: torch.device, guard: str = "fallback", attach_fn=attach, bare: bool = True) -> dict:
+    """Full-step and forecast-step model-call times and the cache size of one configuration:
+    ``full_s`` with nothing attached (None unless ``bare``), ``recorded_s`` the full steps recording (median of the
+    ``order + 1`` warm-up steps), ``forecast_s`` the forecast steps. ``attach_fn``: as in
+    :func:`site_call_us` (the strategy's sites of ``granularity``, attached as ``Strategy.attach`` does)."""
     model = adapter.model
     inputs = adapter.make_inputs(batch, seed=0)
     x = torch.cat([inputs.noise, inputs.noise]).to(device, adapter.dtype)
@@ -95,21 +111,19 @@ def measure(adapter: DiTAdapter, granularity: str, predictor_name: str, order: i
 
     predictor = Reuse() if predictor_name == "reuse" else TaylorSeer(order, first_enhance=1)
     warm = order + 1
-    handle = Strategy(predictor_name, predictor, Mask(full_steps=list(range(warm))), granularity,
-                      guard=guard).attach(adapter)
+    handle = attach_fn(select_sites(model, adapter.site_patterns(granularity)), predictor,
+                       Mask(full_steps=list(range(warm))), guard=guard)
     with torch.inference_mode():
         call()  # warm-up, nothing attached yet (the handle is idle outside a generation)
-        full = median_seconds(call, device, repeats)
-        forecasts = []
+        full = median_seconds(call, device, repeats) if bare else None
+        recorded, forecasts = [], []
         with handle.generation(warm + repeats):
             for s in range(warm + repeats):
                 handle.step(s)
-                elapsed = seconds(call, device)
-                if s >= warm:
-                    forecasts.append(elapsed)
+                (forecasts if s >= warm else recorded).append(seconds(call, device))
             cache_bytes = handle.stats().cache_bytes
     handle.remove()
-    return {"full_s": full, "forecast_s": median(forecasts), "cache_bytes": cache_bytes,
+    return {"full_s": full, "recorded_s": median(recorded), "forecast_s": median(forecasts), "cache_bytes": cache_bytes,
             "sites": len(handle.sites)}
 
 
