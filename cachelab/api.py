@@ -11,6 +11,7 @@ family chooses, unless ``sites`` gives them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -220,7 +221,7 @@ class ExpertsHandle(ExpertHandles):
 
 
 def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[SitePattern]] | None = None,
-          on_undriven: str = "warn", budget=None, **overrides) -> Handle:
+          on_undriven: str = "warn", budget=None, offload: bool = False, **overrides) -> Handle:
     """Apply ``strategy`` (a ``conf/strategy/`` preset name, with the command line's keys as
     ``overrides``: ``order``, ``interval``, ``first_enhance``, ``granularity``, ``schedule``,
     the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
@@ -231,7 +232,8 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     discovered; ``sites``: granularity -> site patterns instead (for every expert). ``budget`` (bytes
     or a size such as ``"4GiB"``): the strategy is planned first (:func:`cachelab.plan`, with the
     generation's keys among ``overrides``: ``num_inference_steps``, ``height``, ``width``, ...) and
-    refused, before anything is hooked, when its cache would exceed the budget."""
+    refused, before anything is hooked, when its cache would exceed the budget. ``offload``: the
+    predictor states wait in host memory between their uses (README, "Host offload")."""
     from cachelab.models.pipelines.driver import is_pipeline
 
     pipe = target if is_pipeline(target) else None
@@ -250,6 +252,8 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
+    if offload:
+        strategy = dataclasses.replace(strategy, offload=True)
     for each in (_experts(pipe) if pipe is not None else {"model": model}).values():
         refuse_a_second_handle(each)
     if budget is not None:
