@@ -93,7 +93,7 @@ class Handle(Generations):
         return self.inner.stats()
 
     def summary(self) -> str:
-        """Full and forecast steps, fallbacks, cache bytes (in all and per context) of the last generation."""
+        """Full and forecast steps, fallbacks, cache bytes (the peak, per context and per site) of the last generation."""
         return "\n".join(self.summary_lines(self.stats()))
 
     def summary_lines(self, stats: CacheStats) -> list[str]:
@@ -105,6 +105,7 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
+        lines += site_lines(stats.site_bytes)
         if self.coverage is None:
             lines += ["  coverage: the FLOPs of this model cannot be counted (torch.utils.flop_counter)"]
         if self.coverage:
@@ -274,6 +275,23 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         each.driver = handle.driver
     handle.driver.install()
     return handle
+
+
+def site_lines(site_bytes: dict[str, int], shown: int = 8) -> list[str]:
+    """Each site's peak cache bytes, largest first (the ``shown - 3`` largest and the smallest
+    when there are more than ``shown``)."""
+    from cachelab.planner import size_text
+
+    if not site_bytes:
+        return []
+    ordered = sorted(site_bytes.items(), key=lambda item: -item[1])
+    kept = ordered if len(ordered) <= shown else ordered[: shown - 3]
+    lines = [f"  cache per site (its peak, every context): {len(ordered)} sites"]
+    lines += [f"    {name}: {size_text(nbytes)}" for name, nbytes in kept]
+    if len(kept) < len(ordered):
+        lines += [f"    ... {len(ordered) - len(kept)} more, down to {size_text(ordered[-1][1])} "
+                  f"({ordered[-1][0]}; all in stats().site_bytes)"]
+    return lines
 
 
 def refuse_a_second_handle(model: nn.Module) -> None:

@@ -154,7 +154,13 @@ def test_the_peak_is_kept_when_a_site_starts_over_smaller():
                 batch = 4 if s < 3 else 1  # from step 3 on every site starts a new, smaller history
                 adapter.model(torch.zeros(batch, 1, 8, 8), torch.full((batch,), 10), torch.zeros(batch, dtype=torch.long))
             held_late = sum(handle.stats().context_bytes.values())
-        assert handle.stats().cache_bytes > held_late
+        stats = handle.stats()
+        assert stats.cache_bytes > held_late
+        # each site keeps its own peak (every site peaked at batch 4, together: their sum is the peak)
+        assert len(stats.site_bytes) == 4 and sum(stats.site_bytes.values()) == stats.cache_bytes
+        summary = handle.summary()
+        assert "cache per site (its peak, every context): 4 sites" in summary
+        assert all(f"{site}: " in summary for site in stats.site_bytes)
 
 
 def test_a_shipped_config_plans_on_the_meta_device_without_weights():

@@ -68,7 +68,8 @@ class CacheStats:
     computing on a forecast step), guard fallbacks (a site whose forecast held NaN or Inf
     computing instead), the most bytes held by caches at a step's end (the sites' predictor
     states, token selection's ages, clusters and scores, and the schedule's reference signals;
-    ``context_bytes``: per context, at the last reading), and the order the
+    ``context_bytes``: per context, at the last reading; ``site_bytes``: per site, the most its
+    states held, every context together), and the order the
     predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
     without orders). Several experts (:class:`~cachelab.core.experts.ExpertHandles`): each one's
     own statistics in ``experts``, the fields above merged."""
@@ -79,6 +80,7 @@ class CacheStats:
     guard_fallbacks: int = 0
     cache_bytes: int = 0
     context_bytes: dict[str, int] = field(default_factory=dict)  # the sites' states per context
+    site_bytes: dict[str, int] = field(default_factory=dict)  # each site's peak, every context together
     order_reached: dict[str, int] | None = None
     experts: dict[str, CacheStats] = field(default_factory=dict)
 
@@ -92,6 +94,7 @@ class CacheStats:
             "guard_fallbacks": self.guard_fallbacks,
             "cache_bytes": self.cache_bytes,
             "context_bytes": self.context_bytes,
+            "site_bytes": self.site_bytes,
             "order_reached": self.order_reached,
             **experts,
         }
@@ -344,7 +347,13 @@ class CacheHandle(Generations):
                   for state in cache.states if state is not None]
         orders = [order for order in orders if order is not None]
         held = self.schedule.held_bytes() + sum(context_bytes.values()) + scores
+        sites: dict[str, int] = {}
+        for caches in self._caches.values():
+            for name, cache in caches.items():
+                sites[name] = sites.get(name, 0) + cache.nbytes
+        site_bytes = {name: max(nbytes, self._stats.site_bytes.get(name, 0)) for name, nbytes in sites.items()}
         return replace(self._stats, context_bytes=context_bytes, cache_bytes=max(self._stats.cache_bytes, held),
+                       site_bytes={**self._stats.site_bytes, **site_bytes},
                        order_reached={"min": min(orders), "max": max(orders)} if orders else None)
 
     def remove(self) -> None:
