@@ -243,3 +243,18 @@ def test_the_config_takes_a_storage_per_order():
     assert preset("hicache", factor_dtype="int8_token").predictor.codec(2).name == "int8_token"
     with pytest.raises(ConfigError, match="factor_dtype"):
         preset("taylor", factor_dtype="fp4")
+
+
+def test_a_token_refresh_stores_the_fresh_tokens_of_d0():
+    """ToCa's refresh on stored factors: ``D_0`` decoded, the fresh tokens written, stored again (with
+    per-token scales each fresh token is within its own bound)."""
+    p = TaylorSeer(order=1, factor_dtype="int8_token")
+    state = p.new_state()
+    p.update(state, 0, torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(4)))
+    fresh = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(5)) * 100
+    index = torch.tensor([[1, 4], [0, 5]])
+    p.refresh(state, index, fresh)
+    assert isinstance(state.factors[0], Scaled)
+    got = decode(state.factors[0]).gather(1, index[..., None].expand(-1, -1, 4)).double().numpy()
+    exact = fresh.double().numpy()
+    assert (np.abs(got - exact) <= error_bound(exact, "int8_token")).all()
