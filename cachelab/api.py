@@ -93,7 +93,7 @@ class Handle(Generations):
         return self.inner.stats()
 
     def summary(self) -> str:
-        """Full and forecast steps, fallbacks, cache bytes (the peak, per context and per site) of the last generation."""
+        """Full and forecast steps, fallbacks, cache bytes (the peak, per context, per site) of the last generation."""
         return "\n".join(self.summary_lines(self.stats()))
 
     def summary_lines(self, stats: CacheStats) -> list[str]:

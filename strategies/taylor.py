@@ -140,7 +140,8 @@ class TaylorSeer(Predictor):
                 buffers = [old[count] if len(old) > count else None, *old[1:count]]
                 for i, span in enumerate(spans[:count]):
                     later, earlier = decode(new[i]), decode(old[i])
-                    new.append(self.encode(i + 1, torch.sub(later, earlier, out=reusable(buffers[i], later)).div_(span)))
+                    difference = torch.sub(later, earlier, out=reusable(buffers[i], later)).div_(span)
+                    new.append(self.encode(i + 1, difference))
         state.factors = new
         state.last_step = s
         state.out_dtype = value.dtype
