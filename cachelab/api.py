@@ -11,6 +11,7 @@ family chooses, unless ``sites`` gives them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -92,7 +93,7 @@ class Handle(Generations):
         return self.inner.stats()
 
     def summary(self) -> str:
-        """Full and forecast steps, fallbacks, cache bytes (in all and per context) of the last generation."""
+        """Full and forecast steps, fallbacks, cache bytes (the peak, per context, per site) of the last generation."""
         return "\n".join(self.summary_lines(self.stats()))
 
     def summary_lines(self, stats: CacheStats) -> list[str]:
@@ -104,6 +105,7 @@ class Handle(Generations):
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
                  f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
+        lines += site_lines(stats.site_bytes)
         if self.coverage is None:
             lines += ["  coverage: the FLOPs of this model cannot be counted (torch.utils.flop_counter)"]
         if self.coverage:
@@ -220,7 +222,7 @@ class ExpertsHandle(ExpertHandles):
 
 
 def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[SitePattern]] | None = None,
-          on_undriven: str = "warn", budget=None, **overrides) -> Handle:
+          on_undriven: str = "warn", budget=None, offload: bool = False, **overrides) -> Handle:
     """Apply ``strategy`` (a ``conf/strategy/`` preset name, with the command line's keys as
     ``overrides``: ``order``, ``interval``, ``first_enhance``, ``granularity``, ``schedule``,
     the schedule's own keys; or a :class:`Strategy`) to ``target``: a diffusers pipeline (its
@@ -231,7 +233,8 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     discovered; ``sites``: granularity -> site patterns instead (for every expert). ``budget`` (bytes
     or a size such as ``"4GiB"``): the strategy is planned first (:func:`cachelab.plan`, with the
     generation's keys among ``overrides``: ``num_inference_steps``, ``height``, ``width``, ...) and
-    refused, before anything is hooked, when its cache would exceed the budget."""
+    refused, before anything is hooked, when its cache would exceed the budget. ``offload``: the
+    predictor states wait in host memory between their uses (README, "Host offload")."""
     from cachelab.models.pipelines.driver import is_pipeline
 
     pipe = target if is_pipeline(target) else None
@@ -250,6 +253,8 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         raise ConfigError(f"keys {', '.join(overrides)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
+    if offload:
+        strategy = dataclasses.replace(strategy, offload=True)
     for each in (_experts(pipe) if pipe is not None else {"model": model}).values():
         refuse_a_second_handle(each)
     if budget is not None:
@@ -270,6 +275,23 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
         each.driver = handle.driver
     handle.driver.install()
     return handle
+
+
+def site_lines(site_bytes: dict[str, int], shown: int = 8) -> list[str]:
+    """Each site's peak cache bytes, largest first (the ``shown - 3`` largest and the smallest
+    when there are more than ``shown``)."""
+    from cachelab.planner import size_text
+
+    if not site_bytes:
+        return []
+    ordered = sorted(site_bytes.items(), key=lambda item: -item[1])
+    kept = ordered if len(ordered) <= shown else ordered[: shown - 3]
+    lines = [f"  cache per site (its peak, every context): {len(ordered)} sites"]
+    lines += [f"    {name}: {size_text(nbytes)}" for name, nbytes in kept]
+    if len(kept) < len(ordered):
+        lines += [f"    ... {len(ordered) - len(kept)} more, down to {size_text(ordered[-1][1])} "
+                  f"({ordered[-1][0]}; all in stats().site_bytes)"]
+    return lines
 
 
 def refuse_a_second_handle(model: nn.Module) -> None:

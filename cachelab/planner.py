@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from cachelab.core.controller import CacheHandle, decision_code
+from cachelab.core.storage import CODECS
 from cachelab.errors import ConfigError
 from cachelab.models.pipelines.driver import is_pipeline
 from cachelab.models.meta_inputs import Shape, family_calls, meta_model, step_calls
@@ -207,7 +208,7 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
 def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: dict | None = None) -> None:
     """Refuse ``result`` (a ConfigError in one line) when its cache exceeds ``budget``, naming the
     planned size, the limit and the cheapest settings of ``strategy`` that would fit on ``target``
-    (each planned again: lower orders, bf16 factors, both, then block and output granularity)."""
+    (each planned again: lower orders, bf16 or fp8 factors, both, then block and output granularity)."""
     limit = parse_size(budget)
     if result.cache_bytes <= limit:
         return
@@ -222,7 +223,7 @@ def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: di
         if len(fitting) == 3:
             break
     advice = (f"; the cheapest settings that fit: {', '.join(fitting)}" if fitting
-              else "; no lower order, bf16 factors or coarser granularity fits")
+              else "; no lower order, bf16 or fp8 factors or coarser granularity fits")
     raise ConfigError(f"cache budget exceeded: {result.strategy} on {result.model} plans "
                       f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache, over the budget of "
                       f"{size_text(limit)} ({limit} B){advice}")
@@ -230,13 +231,17 @@ def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: di
 
 def _alternatives(strategy) -> list[tuple[str, object]]:
     """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant),
-    least change first: each lower order, bf16 factors, both, then block and output granularity."""
+    least change first: each lower order, bf16 factors, both, fp8 factors, with each lower order,
+    then block and output granularity (a factor storage only where some factor is stored wider)."""
     predictor = strategy.predictor
-    changes: list[dict] = []
+    orders: list[dict] = []
     if isinstance(getattr(predictor, "order", None), int):
-        changes += [{"order": o} for o in range(predictor.order - 1, -1, -1)]
-    if hasattr(predictor, "factor_dtype") and predictor.factor_dtype not in (torch.bfloat16, torch.float16):
-        changes = changes + [{"factor_dtype": "bf16"}] + [{**c, "factor_dtype": "bf16"} for c in changes]
+        orders += [{"order": o} for o in range(predictor.order - 1, -1, -1)]
+    changes = list(orders)
+    stored = getattr(predictor, "factor_dtype", False)
+    for name in ("bf16", "fp8_e4m3") if stored is not False else ():
+        if stored is None or any(CODECS[each].itemsize > CODECS[name].itemsize for each in stored):
+            changes += [{"factor_dtype": name}] + [{**c, "factor_dtype": name} for c in orders]
     changes += [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
     variants = []
     for change in changes:
@@ -245,7 +250,7 @@ def _alternatives(strategy) -> list[tuple[str, object]]:
             if key == "granularity":
                 variant.granularity = value
             else:
-                setattr(variant.predictor, key, torch.bfloat16 if value == "bf16" else value)
+                setattr(variant.predictor, key, (value,) if key == "factor_dtype" else value)
         variants.append((" ".join(f"{key}={value}" for key, value in change.items()), variant))
     return variants
 

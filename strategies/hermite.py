@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -32,7 +33,8 @@ class HiCache(TaylorSeer):
     default ``sigma = 0.5`` order 1 is reuse plus half the Taylor slope term.
     """
 
-    def __init__(self, order: int, first_enhance: int = 1, sigma: float = 0.5, factor_dtype: str | None = None):
+    def __init__(self, order: int, first_enhance: int = 1, sigma: float = 0.5,
+                 factor_dtype: str | Sequence[str] | None = None):
         super().__init__(order, first_enhance, factor_dtype)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
@@ -40,7 +42,7 @@ class HiCache(TaylorSeer):
 
     def predict(self, state: TaylorState, s: int) -> torch.Tensor:
         k = self.gap(state, s)
-        factors = state.factors
+        factors = self.decoded(state)
         if len(factors) == 1:
             return factors[0].to(state.out_dtype)
         coefficients = hermite_coefficients(self.sigma, k, len(factors) - 1)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import reduce
 from typing import Annotated
 
 import torch
 
-from cachelab.core.arguments import between, checked, in_range
+from cachelab.core.arguments import Allowed, between, checked, in_range
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import WarmUp
+from cachelab.core.storage import CODECS, Codec, Stored, decode, held, is_storage
 from cachelab.core.tokens import scatter_tokens
 from cachelab.core.variables import check_variable
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+STORAGE = Allowed(is_storage, f"null, one of {' | '.join(CODECS)}, or a list of them (one per derivative order, "
+                              f"the last repeating)", "is not a factor storage")
 _DIFFERENCES = ("official", "newton")
 # Beyond this the finite differences of float features are noise (the paper uses 1-4), and every
 # full step of every site would keep order + 1 factors: a larger order is refused, not truncated.
@@ -30,13 +33,13 @@ MAX_ORDER = 16
 class TaylorState(PredictorState):
     """Taylor factors ``D_0..D_j`` of one site at its last full step."""
 
-    factors: list[torch.Tensor] = field(default_factory=list)
+    factors: list[Stored] = field(default_factory=list)
     last_step: int | None = None
     out_dtype: torch.dtype | None = None
     positions: Sequence[float] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.factors
+        return held(self.factors)
 
     @property
     def order_reached(self) -> int | None:
@@ -76,20 +79,24 @@ class TaylorSeer(Predictor):
     ``sum_i D_i (x(s) - x(s_last))^i / i!``; Newton takes its divided differences on the grid
     ``x(s_0), x(s_1), ...`` (exact for polynomials in ``x``). The warm-up (``first_enhance``)
     stays counted in steps. ``step`` computes exactly as without the knob.
+
+    ``factor_dtype`` (:mod:`cachelab.core.storage`): how each factor is stored, a name for every
+    order or a list with one per order (the last repeating): ``null`` keeps the module's dtype;
+    a float dtype stores and computes in it; fp8 and int8 store scaled codes, and each factor is
+    decoded to the module's dtype where it is used. The differences are taken between stored
+    (decoded) factors, as with a float dtype.
     """
 
     @checked
     def __init__(self, order: Annotated[int, between(0, MAX_ORDER)], first_enhance: WarmUp = 1,
-                 factor_dtype: str | None = None, difference: str = "official",
+                 factor_dtype: Annotated[str | Sequence[str] | None, STORAGE] = None, difference: str = "official",
                  damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step"):
-        if factor_dtype is not None and factor_dtype not in _DTYPES:
-            raise ValueError(f"factor_dtype must be one of {sorted(_DTYPES)} or null, got {factor_dtype!r}")
         if difference not in _DIFFERENCES:
             raise ValueError(f"difference must be one of {list(_DIFFERENCES)}, got {difference!r}")
         check_variable(variable)
         self.order = order
         self.first_enhance = first_enhance
-        self.factor_dtype = _DTYPES[factor_dtype] if factor_dtype else None
+        self.factor_dtype = storage_names(factor_dtype)
         self.newton = difference == "newton"
         self.damping = damping
         self.variable = variable
@@ -100,8 +107,23 @@ class TaylorSeer(Predictor):
     def derivatives_allowed(self, s: int) -> bool:
         return s > self.first_enhance - 2
 
+    def codec(self, i: int) -> Codec | None:
+        """How factor ``D_i`` is stored (None: as the module gives it)."""
+        names = self.factor_dtype
+        return None if names is None else CODECS[names[min(i, len(names) - 1)]]
+
+    def encode(self, i: int, factor: torch.Tensor) -> Stored:
+        """``D_i`` as it is stored."""
+        codec = self.codec(i)
+        return factor if codec is None else codec.encode(factor)
+
+    @staticmethod
+    def decoded(state: TaylorState) -> list[torch.Tensor]:
+        """The factors as tensors (a float-stored factor is its own tensor)."""
+        return [decode(f) for f in state.factors]
+
     def update(self, state: TaylorState, s: int, value: torch.Tensor) -> None:
-        new = [value if self.factor_dtype is None else value.to(self.factor_dtype)]
+        new = [self.encode(0, value)]
         x = self.position(state, s)
         if state.has_history:
             self.gap(state, s)
@@ -117,7 +139,9 @@ class TaylorSeer(Predictor):
                 # is never written: it can be the model's own output tensor.
                 buffers = [old[count] if len(old) > count else None, *old[1:count]]
                 for i, span in enumerate(spans[:count]):
-                    new.append(torch.sub(new[i], old[i], out=reusable(buffers[i], new[i])).div_(span))
+                    later, earlier = decode(new[i]), decode(old[i])
+                    difference = torch.sub(later, earlier, out=reusable(buffers[i], later)).div_(span)
+                    new.append(self.encode(i + 1, difference))
         state.factors = new
         state.last_step = s
         state.out_dtype = value.dtype
@@ -134,7 +158,7 @@ class TaylorSeer(Predictor):
     def refresh(self, state: TaylorState, index: torch.Tensor, values: torch.Tensor) -> None:
         """ToCa's and ClusCa's cache update: ``D_0`` takes the fresh tokens, the derivative factors
         and the last full step stay (a new tensor: ``D_0`` may be shown to observers)."""
-        state.factors[0] = scatter_tokens(state.factors[0], index, values)
+        state.factors[0] = self.encode(0, scatter_tokens(decode(state.factors[0]), index, values))
 
     def multipliers(self, state: TaylorState, s: int, k: float, top: int) -> list[float]:
         """``a_1..a_top`` of the nested form ``D_0 + a_1 (D_1 + a_2 (D_2 + ...))``: ``k / i``
@@ -150,13 +174,15 @@ class TaylorSeer(Predictor):
     def predict(self, state: TaylorState, s: int) -> torch.Tensor:
         self.gap(state, s)
         k = self.position(state, s) - state.position(state.last_step)
-        factors = state.factors
+        factors = self.decoded(state)
         if len(factors) == 1:
             return factors[0].to(state.out_dtype)
-        # Horner: D0 + a1(D1 + a2(D2 + a3(...))); one fused op per order, one allocation.
+        # Horner: D0 + a1(D1 + a2(D2 + a3(...))); one fused op per order, one allocation (in the
+        # widest of the factors' dtypes).
         top = len(factors) - 1
         a = self.multipliers(state, s, k, top)
         acc = torch.add(factors[top - 1], factors[top], alpha=a[top - 1])
+        acc = acc.to(reduce(torch.promote_types, (f.dtype for f in factors)))
         for i in range(top - 2, -1, -1):
             torch.add(factors[i], acc, alpha=a[i], out=acc)
         return acc.to(state.out_dtype)
@@ -167,7 +193,7 @@ class TaylorSeer(Predictor):
         without any); sums add up over the shards of a context-parallel generation."""
         forecast = self.predict(state, s).double()
         lower = self.predict(replace(state, factors=state.factors[:-1]), s).double() if len(state.factors) > 1 else 0
-        return torch.stack([(forecast - lower).square().sum(), state.factors[0].double().square().sum()])
+        return torch.stack([(forecast - lower).square().sum(), decode(state.factors[0]).double().square().sum()])
 
     def error_estimate(self, state: TaylorState, s: int) -> float:
         """The forecast's own error estimate at step ``s``: the norm of the gap (:meth:`error_terms`)
@@ -175,8 +201,15 @@ class TaylorSeer(Predictor):
         return float(relative_norm(self.error_terms(state, s)))
 
 
-def reusable(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``buffer`` if it can hold a result shaped and typed like ``like``, else new memory."""
-    if buffer is not None and buffer.shape == like.shape and buffer.dtype == like.dtype:
+def storage_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``factor_dtype`` as a tuple of storage names, one per order from 0 (the last repeating); None as is."""
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def reusable(buffer: Stored | None, like: torch.Tensor) -> torch.Tensor:
+    """``buffer`` if it is a tensor that can hold a result shaped and typed like ``like``, else new memory."""
+    if isinstance(buffer, torch.Tensor) and buffer.shape == like.shape and buffer.dtype == like.dtype:
         return buffer
     return torch.empty_like(like)

@@ -162,6 +162,10 @@ def test_wandb_logger_without_key_writes_offline_run(tmp_path):
     logged = summary(files[0])
     assert logged["quality/rel_l2"] == pytest.approx(metrics["quality"]["rel_l2"])
     assert logged["num_full"] == metrics["num_full"] and logged["strategy"] == metrics["strategy"]
+    # the cache next to FLOPs and quality: its peak and each site's, in metrics.json and on W&B
+    assert logged["cache_bytes"] == metrics["cache_bytes"] > 0
+    assert sum(metrics["site_bytes"].values()) == metrics["cache_bytes"]  # Taylor at module level: the sites' own
+    assert {f"site_bytes/{site}": nbytes for site, nbytes in metrics["site_bytes"].items()}.items() <= logged.items()
 
 
 PIPELINE_MODELS = ["tiny_diffusers_dit", "tiny_pixart", "tiny_sd3", "tiny_flux", "tiny_wan", "tiny_hunyuan_video"]

@@ -2,6 +2,7 @@
 peak the controller measured and its FLOPs the FLOPs counted (torch.utils.flop_counter) exactly."""
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -79,6 +80,25 @@ def test_bf16_factors_and_block_sites_are_planned_exactly_too():
     check_pipeline(pipe, kwargs, plan_keys, granularity="block")
 
 
+def test_fp8_and_int8_factors_are_planned_exactly_scales_included():
+    from diffusers import FluxPipeline
+
+    from cachelab.models.pipelines import flux_digits
+
+    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
+    kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
+    plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
+    fp8 = check_pipeline(pipe, kwargs, plan_keys, factor_dtype="fp8_e4m3")
+    mixed = check_pipeline(pipe, kwargs, plan_keys, factor_dtype=["bf16", "int8_token"])
+    # by hand from the sites' shapes (B, N, C): per factor, one byte per element and a float32
+    # scale per sample and channel (fp8) or per token (int8_token); bf16: two bytes per element
+    elements = sum(math.prod(shape) for site in fp8.sites for shape in site.shapes)
+    channels = sum(shape[0] * shape[-1] for site in fp8.sites for shape in site.shapes)
+    tokens = sum(math.prod(shape[:-1]) for site in fp8.sites for shape in site.shapes)
+    assert fp8.cache_bytes == 3 * (elements + 4 * channels)
+    assert mixed.cache_bytes == 2 * elements + 2 * (elements + 4 * tokens)
+
+
 def test_the_plan_of_a_tiny_wan_with_two_cfg_calls_per_step(tmp_path):
     from cachelab.models.pipelines.wan import WanAdapter
 
@@ -114,6 +134,14 @@ def test_the_plan_of_the_native_dit_is_its_measured_cache_and_flops():
     assert planned.flops_full_step * adapter.num_steps == uncached
     # by hand: 2 blocks x 2 module sites x order 2 (3 factors) x (6 x 16 tokens x 32 channels) fp32
     assert planned.cache_bytes == 2 * 2 * 3 * 6 * 16 * 32 * 4
+    int8 = dict(STRATEGY, factor_dtype="int8_channel")
+    planned = cachelab.plan(adapter.model, "taylor", num_inference_steps=adapter.num_steps, batch_size=3,
+                            guidance=adapter.guidance_scale, **int8)
+    with cachelab.apply(adapter.model, "taylor", **int8) as handle:
+        adapter.generate(inputs, handle)
+        assert planned.cache_bytes == handle.stats().cache_bytes
+    # int8 codes and a float32 scale per sample (6: CFG doubles the 3) and channel
+    assert planned.cache_bytes == 2 * 2 * 3 * (6 * 16 * 32 + 6 * 32 * 4)
 
 
 def test_the_peak_is_kept_when_a_site_starts_over_smaller():
@@ -126,7 +154,13 @@ def test_the_peak_is_kept_when_a_site_starts_over_smaller():
                 batch = 4 if s < 3 else 1  # from step 3 on every site starts a new, smaller history
                 adapter.model(torch.zeros(batch, 1, 8, 8), torch.full((batch,), 10), torch.zeros(batch, dtype=torch.long))
             held_late = sum(handle.stats().context_bytes.values())
-        assert handle.stats().cache_bytes > held_late
+        stats = handle.stats()
+        assert stats.cache_bytes > held_late
+        # each site keeps its own peak (every site peaked at batch 4, together: their sum is the peak)
+        assert len(stats.site_bytes) == 4 and sum(stats.site_bytes.values()) == stats.cache_bytes
+        summary = handle.summary()
+        assert "cache per site (its peak, every context): 4 sites" in summary
+        assert all(f"{site}: " in summary for site in stats.site_bytes)
 
 
 def test_a_shipped_config_plans_on_the_meta_device_without_weights():

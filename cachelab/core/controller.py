@@ -31,7 +31,8 @@ class CacheStats:
     computing on a forecast step), guard fallbacks (a site whose forecast held NaN or Inf
     computing instead), the most bytes held by caches at a step's end (the sites' predictor
     states, token selection's ages, clusters and scores, and the schedule's reference signals;
-    ``context_bytes``: per context, at the last reading), and the order the
+    ``context_bytes``: per context, at the last reading; ``site_bytes``: per site, the most its
+    states held, every context together), and the order the
     predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
     without orders). Several experts (:class:`~cachelab.core.experts.ExpertHandles`): each one's
     own statistics in ``experts``, the fields above merged."""
@@ -42,6 +43,7 @@ class CacheStats:
     guard_fallbacks: int = 0
     cache_bytes: int = 0
     context_bytes: dict[str, int] = field(default_factory=dict)  # the sites' states per context
+    site_bytes: dict[str, int] = field(default_factory=dict)  # each site's peak, every context together
     order_reached: dict[str, int] | None = None
     experts: dict[str, CacheStats] = field(default_factory=dict)
 
@@ -55,6 +57,7 @@ class CacheStats:
             "guard_fallbacks": self.guard_fallbacks,
             "cache_bytes": self.cache_bytes,
             "context_bytes": self.context_bytes,
+            "site_bytes": self.site_bytes,
             "order_reached": self.order_reached,
             **experts,
         }
@@ -89,7 +92,7 @@ class Generations:
 
 class SiteStates(dict):
     """A generation's site states, per context then site name, and what they hold: bytes per
-    context and the orders each site's predictor states reached, brought up to date from the
+    context, each site's most bytes (every context together), the orders each site's predictor states reached, brought up to date from the
     states changed since (never summed again over every site), and the most bytes held at a
     step's end (:meth:`mark`). Emptied at the generation's end, these figures kept."""
 
@@ -97,7 +100,9 @@ class SiteStates(dict):
         super().__init__()
         self.context_bytes: dict[str, int] = {}
         self.orders: dict[tuple[str, str], list[int]] = {}
+        self.site_peaks: dict[str, int] = {}  # each site's most bytes, every context together
         self.peak = 0
+        self._site_sizes: dict[str, int] = {}
         self._sizes: dict[tuple[str, str], int] = {}  # each site's bytes when last brought up to date
         self._changed: dict[tuple[str, str], object] = {}
 
@@ -134,8 +139,11 @@ class SiteStates(dict):
             nbytes, before = state.nbytes, self._sizes.get((context, name), 0)
             self.context_bytes[context] = self.context_bytes.get(context, 0) + nbytes - before
             self._sizes[context, name] = nbytes
+            self._site_sizes[name] = self._site_sizes.get(name, 0) + nbytes - before
             reached = (held.order_reached for held in state.states if held is not None)
             self.orders[context, name] = [order for order in reached if order is not None]
+        for name in {name for _, name in self._changed}:  # after every context's size is read
+            self.site_peaks[name] = max(self.site_peaks.get(name, 0), self._site_sizes[name])
         self._changed.clear()
 
 
@@ -316,7 +324,8 @@ class CacheHandle(Generations):
         caches = self._caches
         peak = max(caches.peak, caches.held(self._extra_bytes())) if caches else caches.peak
         orders = caches.order_reached()
-        return replace(self._stats, cache_bytes=peak, context_bytes=dict(caches.context_bytes), order_reached=orders)
+        return replace(self._stats, cache_bytes=peak, context_bytes=dict(caches.context_bytes),
+                       site_bytes=dict(caches.site_peaks), order_reached=orders)
 
     def remove(self) -> None:
         """Detach from the model; it is then exactly as before :func:`attach`."""

@@ -123,6 +123,8 @@ class ExpertHandles(Generations):
             cache_bytes=self._peak_bytes(per),
             context_bytes={f"{name}/{context}": nbytes for name, stats in per.items()
                            for context, nbytes in stats.context_bytes.items()},
+            site_bytes={f"{name}/{site}": nbytes for name, stats in per.items()
+                        for site, nbytes in stats.site_bytes.items()},
             order_reached={"min": min(o["min"] for o in orders), "max": max(o["max"] for o in orders)} if orders
             else None,
             experts=per)

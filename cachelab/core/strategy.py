@@ -10,6 +10,7 @@ from torch import nn
 from cachelab.core.controller import CacheHandle, attach
 from cachelab.core.distributed import GroupReduce
 from cachelab.core.experts import ExpertHandles
+from cachelab.core.offload import HostOffload
 from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Schedule
 from cachelab.core.sites import SitePattern, Sites, select_sites
@@ -31,7 +32,9 @@ class SiteSource(Protocol):
 class Strategy:
     """predictor x schedule x granularity (x token selection); ``predictor`` None means no caching.
     ``guard``: what a forecast holding NaN or Inf does (``fallback | raise | off``, see
-    :class:`CacheHandle`); ``tokens``: the tokens a site recomputes on forecast steps (None: none)."""
+    :class:`CacheHandle`); ``tokens``: the tokens a site recomputes on forecast steps (None: none);
+    ``offload``: the predictor states wait in host memory between their uses
+    (:class:`~cachelab.core.offload.HostOffload`)."""
 
     name: str
     predictor: Predictor | None
@@ -39,6 +42,7 @@ class Strategy:
     granularity: str
     guard: str = "fallback"
     tokens: TokenPolicy | None = None
+    offload: bool = False
 
     def attach(self, adapter: SiteSource, guard: str | None = None, group: GroupReduce | None = None
                ) -> CacheHandle | ExpertHandles | None:
@@ -59,7 +63,8 @@ class Strategy:
 
     def handle(self, guard: str | None = None, group: GroupReduce | None = None) -> CacheHandle:
         """A handle of this strategy whose sites are hooked later (:meth:`CacheHandle.hook`)."""
-        return attach(None, self.predictor, self.schedule, guard=self.guard if guard is None else guard, group=group,
+        predictor = HostOffload(self.predictor) if self.offload else self.predictor
+        return attach(None, predictor, self.schedule, guard=self.guard if guard is None else guard, group=group,
                       tokens=self.tokens)
 
     def sites(self, adapter: SiteSource) -> Sites:

@@ -73,7 +73,8 @@ def summary_table(m: dict) -> str:
         ("wall", f"{fmt(m['wall_s']['baseline'], '.2f')}s -> {fmt(m['wall_s']['cached'], '.2f')}s  "
                  f"speedup {fmt(m['wall_s']['speedup'], '.2f')}x"),
         ("efficiency", fmt(m["efficiency"], ".2f") + "  (wall speedup / FLOPs speedup)"),
-        ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB" + ("  (the most held at once)" if m.get("experts") else "")),
+        ("cache", f"{m['cache_bytes'] / 2**20:.2f} MiB" + ("  (the most held at once)" if m.get("experts") else "")
+                  + site_range(m.get("site_bytes"))),
         ("rel-L2", f"{fmt(m['quality']['rel_l2'], '.4g')}  (model output vs full compute)"),
         ("PSNR / SSIM", f"{fmt(m['quality']['psnr_db'], '.2f')} dB / {fmt(m['quality']['ssim'], '.4f')}  "
                         f"(images vs full compute)"),
@@ -91,6 +92,14 @@ def summary_table(m: dict) -> str:
         rows.append(("non-finite", ", ".join(flags[:6]) + more + "  (null in metrics.json)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def site_range(site_bytes: dict[str, int] | None) -> str:
+    """``  (12 sites, 0.25..1.50 MiB each)`` from a run's per-site peaks ('' without any)."""
+    if not site_bytes:
+        return ""
+    low, high = min(site_bytes.values()) / 2**20, max(site_bytes.values()) / 2**20
+    return f"  ({len(site_bytes)} sites, {low:.2f}..{high:.2f} MiB each)"
 
 
 def run_title(m: dict) -> str:

@@ -50,6 +50,7 @@ class CacheSchema:
     """``cache.*``: bounds on what the caches hold."""
 
     budget: Optional[str] = MISSING
+    offload: bool = MISSING
 
 
 @dataclass
