@@ -92,9 +92,10 @@ class Generations:
 
 class SiteStates(dict):
     """A generation's site states, per context then site name, and what they hold: bytes per
-    context, each site's most bytes (every context together), the orders each site's predictor states reached, brought up to date from the
-    states changed since (never summed again over every site), and the most bytes held at a
-    step's end (:meth:`mark`). Emptied at the generation's end, these figures kept."""
+    context, each site's most bytes (every context together) and the orders each site's
+    predictor states reached, brought up to date from the states changed since (never summed
+    again over every site), and the most bytes held at a step's end (:meth:`mark`). Emptied at
+    the generation's end, these figures kept."""
 
     def __init__(self):
         super().__init__()
