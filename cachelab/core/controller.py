@@ -16,6 +16,7 @@ from cachelab.core import hooks
 from cachelab.core.distributed import GroupReduce, LocalGroup
 from cachelab.core.outputs import Parts, split
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
+from cachelab.core.adaptive import per_sample_relative_l1
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
 from cachelab.core.sites import Site, first_tensor
 from cachelab.core.tokens import (TOKENWISE, FromSkipped, SiteTokens, TokenPolicy, TokenState, TokenView,
@@ -97,11 +98,19 @@ class CacheStats:
         }
 
 
+# signals the sampler gives at each step (``handle.step(s, t, latent=x)``): the model's input latent
+SAMPLER_SIGNALS = ("latent",)
+
+
 def controller_signals(predictor) -> set[str]:
-    """The signals the controller computes itself for ``predictor`` (an instance or a class):
-    ``error_estimate`` when the predictor has ``error_terms(state, s)`` (the squared sums of its
-    forecast's error and of the scale, :func:`~cachelab.core.predictor.relative_norm`)."""
-    return {"error_estimate"} if callable(getattr(predictor, "error_terms", None)) else set()
+    """The signals a schedule can read besides the probes', for ``predictor`` (an instance or a
+    class): ``error_estimate`` when the predictor has ``error_terms(state, s)`` (the squared sums
+    of its forecast's error and of the scale, :func:`~cachelab.core.predictor.relative_norm`);
+    ``verification_error`` (the last forecast step's check: the model's last cache site computed
+    for real, its relative L1 error per sample against its forecast, as ``(step, errors)``; None
+    when that step was not checked); and the sampler's :data:`SAMPLER_SIGNALS`."""
+    own = {"verification_error", *SAMPLER_SIGNALS}
+    return own | ({"error_estimate"} if callable(getattr(predictor, "error_terms", None)) else set())
 
 
 def decision_code(decision: StepDecision) -> int:
@@ -179,6 +188,7 @@ class CacheHandle(Generations):
         self.probes: dict[str, Site] = {}
         self.hooked = False
         self._decision_keys: dict[str, str] = {}
+        self._checked_site: str | None = None  # the site a verifying schedule computes on forecast steps
         self._token_sites: dict[str, SiteTokens] = {}
         # (context, block, score, site kind or None for every kind) -> (B, N)
         self._scores: dict[tuple[str, str, str, str | None], torch.Tensor] = {}
@@ -219,6 +229,7 @@ class CacheHandle(Generations):
         probed = {(id(probe.owner), probe.method) for probe in probes.values()}
         sites = [without_probes(site, probes.values()) if site.members else site for site in sites]
         sites = [site for site in sites if site is not None and (id(site.owner), site.method) not in probed]
+        self._checked_site = checked_site(sites) if "verification_error" in schedule.signals else None
         keys = {site.name: site.decision_name if schedule.decides_for == "site" else site.kind for site in sites}
         unknown = [kind for kind in schedule.kinds if kind not in set(keys.values())]
         if unknown:
@@ -280,10 +291,24 @@ class CacheHandle(Generations):
         if self._s is not None and self._decision is None and self.probes:
             raise RuntimeError(f"step {self._s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
+        if self._s is not None and self._decision is None:
+            raise RuntimeError(f"step {self._s} ended undecided: the sampler never gave the signal(s) "
+                               f"{', '.join(set(self.schedule.signals) - set(self._signals))} (handle.step(s, t, "
+                               f"latent=x) or handle.supply(latent=x))")
         self._s, self._t, self._decision, self._signals = s, t, None, dict(signals)
         if "error_estimate" in self.schedule.signals and "error_estimate" not in signals:
             self._signals["error_estimate"] = self._error_estimate(s)
+        if "verification_error" in self.schedule.signals:
+            self._signals["verification_error"] = self._verification()
         self._try_decide()
+        return self.decision
+
+    def supply(self, **signals) -> Decision | None:
+        """Signals of the current step given after ``step`` (the sampler's latent, when only the
+        model call sees it); the schedule decides as soon as it has every signal it reads."""
+        if self._s is not None and self._decision is None:
+            self._signals.update(signals)
+            self._try_decide()
         return self.decision
 
     @property
@@ -327,6 +352,8 @@ class CacheHandle(Generations):
         self._t: float | None = None
         self._decision: StepDecision | None = None
         self._signals: dict = {}
+        self._checks: list[torch.Tensor] = []  # this step's verification errors (per sample, per context)
+        self._checked_step: int | None = None  # the step they were measured at
         self._guard_warned = False
         self.schedule.reset()
         self._scores, self._skipped = {}, {}
@@ -445,6 +472,10 @@ class CacheHandle(Generations):
                         if site.skip and site.decision_name in self._fed:  # its consumer computes tokens from them
                             consumer = self._skipped.setdefault((self._context, site.decision_name), {})
                             consumer[site.name.rpartition(".")[2]] = (args, kwargs)
+                        if self._checks_now(site):  # SpeCa's check: the site computes, its forecast is measured
+                            out = compute(*args, **kwargs)
+                            self._check(self._rebuild(cache, forecast, bases), out)
+                            return out
                         if site.name in self._token_sites:
                             forecast = self._refresh_tokens(site, cache, forecast, compute, args, kwargs)
                         if self._observers:
@@ -539,12 +570,28 @@ class CacheHandle(Generations):
         """Decide the step once every signal the schedule reads is there."""
         if self._decision is not None or any(signal not in self._signals for signal in self.schedule.signals):
             return
+        logsnr = None if self._grid is None or self._grid.logsnr is None else self._grid.logsnr[self._s]
         self._decision = self.schedule.decide(StepContext(s=self._s, T=self._T, t=self._t, signals=self._signals,
-                                                          reduce=self.group))
+                                                          reduce=self.group, logsnr=logsnr))
         self._signals = {}
         self.group.agree(decision_code(self._decision), f"step {self._s}")
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self._s)
+
+    def _verification(self) -> tuple[int, torch.Tensor] | None:
+        """The previous step's check (its step and every context's per-sample errors), consumed."""
+        checks, self._checks = self._checks, []
+        return (self._checked_step, torch.cat(checks)) if checks else None
+
+    def _checks_now(self, site: Site) -> bool:
+        """Whether ``site`` is the verification site and this forecast step is checked."""
+        return site.name == self._checked_site and self.schedule.verifies(self._s, self._T)
+
+    def _check(self, forecast, out) -> None:
+        """Record the per-sample relative L1 error of a forecast output against the computed one."""
+        value, reference = first_tensor((forecast,), {}), first_tensor((out,), {})
+        self._checks.append(per_sample_relative_l1(value, reference, self.group))
+        self._checked_step = self._s
 
     def _forecasts(self, site: Site) -> bool:
         """Whether ``site`` returns a forecast at this step (never before the decision)."""
@@ -643,6 +690,18 @@ class CacheHandle(Generations):
 def cached_values(parts: Parts, bases: list[torch.Tensor | None]) -> Parts:
     """What the predictor records of an output: each part, minus its residual base."""
     return [part if base is None or part is None else part - base for part, base in zip(parts, bases)]
+
+
+def checked_site(sites: list[Site]) -> str:
+    """The site a verifying schedule (SpeCa) computes for real on forecast steps: the last one that
+    is neither a span nor a skip site; a ConfigError where it would be the only site (its check
+    would cost a whole step)."""
+    candidates = [site for site in sites if not site.members and not site.skip]
+    if len(sites) < 2 or not candidates:
+        raise ConfigError("a verifying schedule (SpeCa) computes one cache site for real on every checked forecast "
+                          "step; at this granularity the model has one site, whose check would cost a full step; "
+                          "allowed: strategy.granularity=module or block")
+    return candidates[-1].name
 
 
 def without_probes(site: Site, probes) -> Site | None:
