@@ -87,6 +87,18 @@ def test_coverage_against_the_dataclass_fields():
 
 
 @pytest.mark.skipif(not cache_dit_available(), reason='cache-dit is not installed (pip install -e ".[peers]")')
+@pytest.mark.parametrize(("name", "calibrator"), [("cache_dit_dbcache_foca", "FoCaCalibratorConfig"),
+                                                  ("cache_dit_dbcache_dmd", "DMDCalibratorConfig")])
+def test_cache_dit_foca_and_dmd_grids_cover_dbcache_and_the_calibrator(name, calibrator):
+    spec = tool_file(name)
+    check_tool_coverage(spec, name)
+    planted = copy.deepcopy(spec)
+    planted["not_searched"].pop("calibrator.calibrator_type")
+    with pytest.raises(ConfigError, match=f"{calibrator}.*not in the grid: calibrator_type"):
+        check_tool_coverage(planted, "planted")
+
+
+@pytest.mark.skipif(not cache_dit_available(), reason='cache-dit is not installed (pip install -e ".[peers]")')
 def test_cache_dit_grids_cover_dbcache_and_its_calibrator():
     spec = tool_file("cache_dit_dbcache_taylorseer")
     check_tool_coverage(spec, "cache_dit_dbcache_taylorseer")
@@ -193,10 +205,15 @@ def tiny_flux(tmp_path_factory):
     return adapter
 
 
-def grid_point(driver, target, **knobs):
+def grid_point(driver, target, calibrator=None, **knobs):
     from cachelab.jobs.benchmark import GridPoint
 
-    return GridPoint("t", "s", driver, target, knobs, "")
+    return GridPoint("t", "s", driver, target, knobs, "", calibrator)
+
+
+DBCACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.45, max_warmup_steps=1,
+               max_continuous_cached_steps=-1)
+needs_cache_dit = pytest.mark.skipif(not cache_dit_available(), reason='cache-dit is not installed (pip install -e ".[peers]")')
 
 
 @pytest.mark.parametrize("point", [
@@ -207,7 +224,16 @@ def grid_point(driver, target, **knobs):
     grid_point("diffusers", "FirstBlockCacheConfig", threshold=0.3),
     grid_point("diffusers", "PyramidAttentionBroadcastConfig", spatial_attention_block_skip_range=2,
                spatial_attention_timestep_skip_range=[0, 1000]),
-], ids=lambda p: p.target)
+    grid_point("cachelab", "foca", interval=3),
+    grid_point("cachelab", "dmd", schedule="fbcache", threshold=0.3),
+    grid_point("cachelab", "freqca", interval=3),
+    grid_point("cachelab", "seacache", threshold=1.0),
+    grid_point("cachelab", "speca", tolerance=1.0),
+    pytest.param(grid_point("cache_dit", "DBCacheConfig", "FoCaCalibratorConfig", **DBCACHE), marks=needs_cache_dit,
+                 id="DBCacheConfig+FoCa"),
+    pytest.param(grid_point("cache_dit", "DBCacheConfig", "DMDCalibratorConfig", **DBCACHE,
+                            **{"calibrator.dmd_history": 4}), marks=needs_cache_dit, id="DBCacheConfig+DMD"),
+], ids=lambda p: getattr(p, "target", None))
 def test_flops_from_calls_equal_the_counter(tiny_flux, point):
     from cachelab.evaluation.flops import CallFlops, count_flops
     from cachelab.jobs.benchmark import Bench, enabled
