@@ -9,6 +9,7 @@ import torch
 
 from cachelab.core.arguments import at_least, checked
 from cachelab.core.predictor import Predictor, PredictorState
+from cachelab.core.tokens import scatter_tokens
 
 _SLOPES = ("per_step", "undivided")
 
@@ -48,7 +49,9 @@ class FoCa(Predictor):
     Exact for ``F`` linear in the step (every slope is the line's) up to the horizon, on any
     grid. ``anchor_slope="undivided"`` takes cache-dit's literal slopes ``F_0 - F_1`` and
     ``F_a - F_b`` (not divided by their gaps): equal on consecutive full steps, larger by the
-    gap otherwise. The arithmetic is in float32 or wider.
+    gap otherwise. The arithmetic is in float32 or wider. Under token selection (ToCa, ClusCa) the
+    tokens computed on a forecast step replace theirs in that step's forecast, the window's newest
+    value, so the next forecasts extrapolate from them.
     """
 
     @checked
@@ -86,3 +89,7 @@ class FoCa(Predictor):
         forecast = (newest.to(dtype) + weight * slopes).to(newest.dtype)
         state.window = [(s, forecast), state.window[0]]
         return forecast
+
+    def refresh(self, state: FoCaState, index: torch.Tensor, values: torch.Tensor) -> None:
+        step, forecast = state.window[0]
+        state.window[0] = (step, scatter_tokens(forecast, index, values))

@@ -225,3 +225,23 @@ def test_freqca_reuses_the_low_band_and_hermite_forecasts_the_high_band():
         hermite = p(6) + 2 * x * sigma * d1 + (4 * x * x - 2) * sigma ** 2 / 2 * d2
         expected = (1 + 0.1 * 6) * low_pattern + hermite * high_pattern
         torch.testing.assert_close(got[s].reshape(side, side), expected, rtol=0, atol=1e-12)
+
+
+def test_foca_fresh_tokens_enter_the_window():
+    predictor = FoCa(horizon=None)
+    state = predictor.new_state()
+    line = lambda s: torch.arange(6, dtype=torch.float64).reshape(1, 3, 2) * s  # noqa: E731
+    for s in (0, 1):
+        predictor.update(state, s, line(s))
+    forecast = predictor.predict(state, 2)
+    torch.testing.assert_close(forecast, line(2))
+    fresh = torch.full((1, 1, 2), 100.0, dtype=torch.float64)
+    predictor.refresh(state, torch.tensor([[1]]), fresh)
+    held = state.window[0][1]
+    torch.testing.assert_close(held[:, 1], fresh[:, 0])
+    torch.testing.assert_close(held[:, [0, 2]], line(2)[:, [0, 2]])
+    torch.testing.assert_close(forecast, line(2))  # the forecast handed out is not changed in place
+    # the next step's local slope on token 1 is 100 - F_1(1): F(3) = F_0 + (2 / 2) (g_0 + g_a)
+    nxt = predictor.predict(state, 3)
+    g0, ga = line(1)[0, 1] - line(0)[0, 1], fresh[0, 0] - line(1)[0, 1]
+    torch.testing.assert_close(nxt[0, 1], line(1)[0, 1] + 1.0 * (g0 + ga))
