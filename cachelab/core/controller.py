@@ -588,8 +588,9 @@ class CacheHandle(Generations):
         return site.name == self._checked_site and self.schedule.verifies(self._s, self._T)
 
     def _check(self, forecast, out) -> None:
-        """Record the per-sample relative L1 error of a forecast output against the computed one."""
-        value, reference = first_tensor((forecast,), {}), first_tensor((out,), {})
+        """Record the per-sample relative L1 error of a forecast output against the computed one (their
+        first tensors)."""
+        value, reference = next((f, o) for f, o in zip(split(forecast)[0], split(out)[0]) if f is not None)
         self._checks.append(per_sample_relative_l1(value, reference, self.group))
         self._checked_step = self._s
 
