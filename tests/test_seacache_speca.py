@@ -162,3 +162,21 @@ def test_seacache_through_the_controller(tmp_path):
     metrics = run(cfg, tmp_path / "run")
     # a threshold never reached: the cap (2 forecasts in a row), the first and the last step decide
     assert metrics["full_steps"] == [0, 3, 6, 9, 11]
+
+
+def test_speca_checks_the_last_site_that_computes_from_its_own_inputs():
+    from torch import nn
+
+    from cachelab.core.controller import checked_site
+    from cachelab.core.sites import Site
+
+    owner = nn.Identity()
+    double = [Site("transformer_blocks.0.attn", owner), Site("transformer_blocks.0.ff", owner)]
+    single = [Site("single_transformer_blocks.0.attn", owner, skip="proj_out"),
+              Site("single_transformer_blocks.0.proj_mlp", owner, skip="proj_out"),
+              Site("single_transformer_blocks.0.proj_out", owner)]
+    # the single block's proj_out is fed by skipped sites (zeros on a forecast step): not checkable
+    assert checked_site(double + single) == "transformer_blocks.0.ff"
+    assert checked_site(double) == "transformer_blocks.0.ff"
+    with pytest.raises(ConfigError, match="granularity"):
+        checked_site([Site("stack", owner, members=(owner, owner))])

@@ -695,9 +695,11 @@ def cached_values(parts: Parts, bases: list[torch.Tensor | None]) -> Parts:
 
 def checked_site(sites: list[Site]) -> str:
     """The site a verifying schedule (SpeCa) computes for real on forecast steps: the last one that
-    is neither a span nor a skip site; a ConfigError where it would be the only site (its check
-    would cost a whole step)."""
-    candidates = [site for site in sites if not site.members and not site.skip]
+    is neither a span nor a skip site, nor fed by skip sites (on a forecast step those return
+    zeros, so it could not compute: FLUX's single-block ``proj_out``); a ConfigError where it would
+    be the only site (its check would cost a whole step)."""
+    fed = {site.decision_name for site in sites if site.skip}
+    candidates = [site for site in sites if not site.members and not site.skip and site.name not in fed]
     if len(sites) < 2 or not candidates:
         raise ConfigError("a verifying schedule (SpeCa) computes one cache site for real on every checked forecast "
                           "step; at this granularity the model has one site, whose check would cost a full step; "
