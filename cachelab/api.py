@@ -75,9 +75,14 @@ class Handle(Generations):
     def end(self) -> None:
         self.inner.end()
 
-    def step(self, s: int, t: float | None = None) -> Decision | None:
+    def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
+        """Enter step ``s``; ``signals``: what the sampler gives (``latent=x``, SeaCache's input)."""
         self._check_live()
-        return self.inner.step(s, t)
+        return self.inner.step(s, t, **signals)
+
+    def supply(self, **signals) -> Decision | None:
+        """Signals of the current step given after ``step``."""
+        return self.inner.supply(**signals)
 
     @property
     def decision(self) -> Decision | None:

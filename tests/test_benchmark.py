@@ -38,7 +38,8 @@ def test_the_shipped_grids_cover_every_documented_parameter(model):
     points, settings = load_grid("full", model)  # raises on a gap
     assert settings["held_out_images"] >= 64
     tools = {p.tool for p in points}
-    assert {"cachelab", "diffusers TaylorSeer", "diffusers FirstBlockCache", "diffusers MagCache", "diffusers PAB"} <= tools
+    assert {"cachelab", "diffusers TaylorSeer", "diffusers FirstBlockCache", "diffusers MagCache", "diffusers PAB",
+            "diffusers SeaCache"} <= tools
     intervals = {p.knobs["cache_interval"] for p in points if p.tool == "diffusers TaylorSeer"}
     assert max(intervals) >= 10 and {p.knobs["disable_cache_before_step"] for p in points
                                      if p.tool == "diffusers TaylorSeer"} == {1, 2, 3}
@@ -84,6 +85,18 @@ def test_coverage_against_the_dataclass_fields():
         check_coverage("fb", FirstBlockCacheConfig, {"threshold", "thresh"}, {})
     with pytest.raises(ConfigError, match="without a reason: threshold"):
         check_coverage("fb", FirstBlockCacheConfig, set(), {"threshold": " "})
+
+
+@pytest.mark.skipif(not cache_dit_available(), reason='cache-dit is not installed (pip install -e ".[peers]")')
+@pytest.mark.parametrize(("name", "calibrator"), [("cache_dit_dbcache_foca", "FoCaCalibratorConfig"),
+                                                  ("cache_dit_dbcache_dmd", "DMDCalibratorConfig")])
+def test_cache_dit_foca_and_dmd_grids_cover_dbcache_and_the_calibrator(name, calibrator):
+    spec = tool_file(name)
+    check_tool_coverage(spec, name)
+    planted = copy.deepcopy(spec)
+    planted["not_searched"].pop("calibrator.calibrator_type")
+    with pytest.raises(ConfigError, match=f"{calibrator}.*not in the grid: calibrator_type"):
+        check_tool_coverage(planted, "planted")
 
 
 @pytest.mark.skipif(not cache_dit_available(), reason='cache-dit is not installed (pip install -e ".[peers]")')
@@ -193,10 +206,15 @@ def tiny_flux(tmp_path_factory):
     return adapter
 
 
-def grid_point(driver, target, **knobs):
+def grid_point(driver, target, calibrator=None, **knobs):
     from cachelab.jobs.benchmark import GridPoint
 
-    return GridPoint("t", "s", driver, target, knobs, "")
+    return GridPoint("t", "s", driver, target, knobs, "", calibrator)
+
+
+DBCACHE = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.45, max_warmup_steps=1,
+               max_continuous_cached_steps=-1)
+needs_cache_dit = pytest.mark.skipif(not cache_dit_available(), reason='cache-dit is not installed (pip install -e ".[peers]")')
 
 
 @pytest.mark.parametrize("point", [
@@ -207,14 +225,27 @@ def grid_point(driver, target, **knobs):
     grid_point("diffusers", "FirstBlockCacheConfig", threshold=0.3),
     grid_point("diffusers", "PyramidAttentionBroadcastConfig", spatial_attention_block_skip_range=2,
                spatial_attention_timestep_skip_range=[0, 1000]),
-], ids=lambda p: p.target)
+    grid_point("cachelab", "foca", interval=3),
+    grid_point("cachelab", "dmd", schedule="fbcache", threshold=0.3),
+    grid_point("cachelab", "freqca", interval=3),
+    grid_point("cachelab", "seacache", threshold=1.0),
+    grid_point("cachelab", "speca", tolerance=1.0),
+    grid_point("diffusers", "SeaCacheConfig", threshold=0.5, residual_order=1, retention_steps=1, cache_end_steps=1,
+               max_consecutive_cached=2),
+    pytest.param(grid_point("cache_dit", "DBCacheConfig", "FoCaCalibratorConfig", **DBCACHE), marks=needs_cache_dit,
+                 id="DBCacheConfig+FoCa"),
+    pytest.param(grid_point("cache_dit", "DBCacheConfig", "DMDCalibratorConfig", **DBCACHE,
+                            **{"calibrator.dmd_history": 4}), marks=needs_cache_dit, id="DBCacheConfig+DMD"),
+], ids=lambda p: getattr(p, "target", None))
 def test_flops_from_calls_equal_the_counter(tiny_flux, point):
     from cachelab.evaluation.flops import CallFlops, count_flops
     from cachelab.jobs.benchmark import Bench, enabled
+    from cachelab.models.pipelines.driver import scheduler_grid
 
     adapter = tiny_flux
     inputs = adapter.make_inputs(2, seed=0)
-    bench = Bench(adapter, adapter.model, lambda: adapter.pipe.current_timestep, CallFlops(adapter.model))
+    bench = Bench(adapter, adapter.model, lambda: adapter.pipe.current_timestep, CallFlops(adapter.model),
+                  grid=lambda: scheduler_grid(adapter.pipe.scheduler))
     _, base = bench.flops.calibrate(lambda: adapter.generate(inputs))
     assert bench.flops.count(lambda: adapter.generate(inputs))[1] == base
     with enabled(bench, point) as handle:
@@ -222,6 +253,42 @@ def test_flops_from_calls_equal_the_counter(tiny_flux, point):
     with enabled(bench, point) as handle:
         _, from_calls = bench.flops.count(lambda: adapter.generate(inputs, handle))
     assert counted < base and from_calls == counted
+
+
+def test_seacache_gets_the_step_coordinates_and_the_latent():
+    from contextlib import contextmanager
+
+    from cachelab.core.variables import StepGrid
+    from cachelab.evaluation.peers import raw_vision, step_coordinates
+
+    class Transformer(torch.nn.Module):
+        opened: list = []
+
+        @contextmanager
+        def cache_context(self, name, **kwargs):
+            self.opened.append((name, kwargs))
+            yield
+
+    flow = StepGrid.from_flow_sigmas([1000.0, 750.0, 500.0], [1.0, 0.75, 0.5])
+    ddim = StepGrid.from_alpha_bar([981.0, 501.0, 21.0], [0.04, 0.5, 0.98])
+    model, now = Transformer(), {"t": 0.0}
+    for grid, sigmas in ((flow, [1.0, 0.75, 0.5]), (ddim, [1 / (1 + math.sqrt(0.04 / 0.96)), 0.5,
+                                                           1 / (1 + math.sqrt(0.98 / 0.02))])):
+        model.opened.clear()
+        with step_coordinates(model, lambda: now["t"], lambda: grid):
+            for t in grid.timestep:
+                now["t"] = t + 0.4  # the nearest step's
+                with model.cache_context("cond"):
+                    pass
+        assert [kw["step_index"] for _, kw in model.opened] == [0, 1, 2]
+        assert {kw["num_inference_steps"] for _, kw in model.opened} == {3}
+        # flow matching: its own sigma (1.0 at the first step, within the clamped log-SNR's 5e-5)
+        assert [kw["sigma"] for _, kw in model.opened] == pytest.approx(sigmas, abs=1e-4)
+    assert "cache_context" not in vars(model)  # the class's own method again
+    latent = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    assert [v.shape for v in raw_vision(None, (latent,), {})] == [(3, 1, 4, 4)] * 2
+    tokens = latent.permute(0, 2, 3, 1).reshape(2, 16, 3)  # packed: (B, N, C) on a 4 x 4 grid
+    torch.testing.assert_close(torch.stack(raw_vision(None, (), {"hidden_states": tokens}))[:, :, 0], latent)
 
 
 # -- the nonsense filter -----------------------------------------------------------------------------

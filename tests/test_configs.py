@@ -83,7 +83,10 @@ def test_every_config_file_composes_resolves_and_instantiates(group, choice, tmp
 # a signal the strategy cannot provide: the output site has no first block to probe; these
 # predictors have no error estimate
 CONFLICTS = {("taylorseer_lite", "teacache"), ("taylorseer_lite", "fbcache"), ("adams_bashforth", "error_controlled"),
-             ("exponential", "error_controlled"), ("least_squares", "error_controlled")}
+             ("exponential", "error_controlled"), ("least_squares", "error_controlled"),
+             ("foca", "error_controlled"), ("dmd", "error_controlled"), ("freqca", "error_controlled"),
+             # SpeCa's check computes one site: at stack or output granularity, the whole step
+             ("taylorseer_lite", "speca"), ("dmd", "speca"), ("freqca", "speca")}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -66,7 +66,7 @@ def test_oracle_denoiser_recovers_x0_exactly():
 
     noise = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
     seen = []
-    out = ddim(oracle, noise, DDIMSchedule.respaced(20), before_step=lambda s, t: lambda: s % 2 == 0,
+    out = ddim(oracle, noise, DDIMSchedule.respaced(20), before_step=lambda s, t, x: lambda: s % 2 == 0,
                callback=seen.append)
     torch.testing.assert_close(out, x0, rtol=1e-9, atol=1e-9)
     assert [e["s"] for e in seen] == list(range(20))

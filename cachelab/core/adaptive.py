@@ -1,5 +1,6 @@
-"""Adaptive schedules: decide from a signal of the current step (TeaCache, FBCache, the
-predictor's own error estimate) or from a recorded calibration curve (MagCache)."""
+"""Adaptive schedules: decide from a signal of the current step (TeaCache, FBCache, SeaCache, the
+predictor's own error estimate), from a check of the last forecast (SpeCa) or from a recorded
+calibration curve (MagCache)."""
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -12,6 +13,7 @@ from cachelab.assets import load_calibration
 from cachelab.core.arguments import above, at_least, checked, in_range
 from cachelab.core.distributed import Reduce, local
 from cachelab.core.schedules import Decision, FinalFull, Schedule, StaticSchedule, StepContext, WarmUp
+from cachelab.core.spectral import sea_filter
 
 Threshold = Annotated[float, above(0)]  # what a signal is compared with
 Cap = Annotated[int, at_least(0)]  # forecasts in a row at most (null: no cap)
@@ -167,6 +169,103 @@ class ErrorControlled(AdaptiveSchedule):
     def allows_forecast(self, ctx: StepContext) -> bool:
         error = ctx.signals["error_estimate"]
         return error is not None and error <= self.tolerance
+
+
+def per_sample_relative_l1(value: torch.Tensor, reference: torch.Tensor, reduce: Reduce = local) -> torch.Tensor:
+    """Per sample (axis 0), ``sum|value - reference| / sum|reference|`` (float64, after ``reduce``)."""
+    value, reference = value.double().flatten(1), reference.double().flatten(1)
+    sums = reduce(torch.stack([(value - reference).abs().sum(1), reference.abs().sum(1)], dim=1))
+    return sums[:, 0] / sums[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
+
+
+class SeaCache(AdaptiveSchedule):
+    """SeaCache (arXiv 2602.18993; diffusers' ``SeaCacheConfig``): the model's input latent at each
+    step (the ``latent`` signal, given by the sampler) through the spectral-evolution-aware filter
+    (:func:`~cachelab.core.spectral.sea_filter`: a Wiener gain of a ``1 / |f|^power`` clean
+    spectrum at the step's noise level, on the latent's spatial axes, scaled to unit mean) is the
+    indicator ``I_s``; ``d_s`` = the mean over samples of ``sum|I_s - I_{s-1}| / sum|I_{s-1}|``
+    is accumulated since the last full step, and the step is forecast while the sum stays below
+    ``threshold``. The first ``first_enhance`` and last ``final_full`` steps are full, and at most
+    ``max_consecutive_forecasts`` in a row are forecast (diffusers' retention_steps,
+    cache_end_steps, max_consecutive_cached). Needs the sampler's grid (the log-SNR of each step)."""
+
+    signals = ("latent",)
+
+    @checked
+    def __init__(self, threshold: Threshold = 0.25, power: Annotated[float, above(0)] = 3.0,
+                 first_enhance: WarmUp = 1, final_full: FinalFull = 1, max_consecutive_forecasts: Cap | None = 2):
+        self.threshold, self.power = threshold, power
+        super().__init__(first_enhance, final_full, max_consecutive_forecasts)
+
+    def reset(self) -> None:
+        super().reset()
+        self._previous: torch.Tensor | None = None
+        self._current: tuple[int, torch.Tensor] | None = None
+        self._accumulated = 0.0
+
+    def held_bytes(self) -> int:
+        return tensor_bytes(self._previous)
+
+    def indicator(self, ctx: StepContext) -> torch.Tensor:
+        """``I_s``, the filtered latent of step ``ctx.s`` (computed once per step)."""
+        if self._current is None or self._current[0] != ctx.s:
+            if ctx.logsnr is None:
+                raise ValueError("SeaCache needs the noise level of every step: the sampler gave no grid "
+                                 "(handle.begin(T, grid) with a StepGrid)")
+            self._current = (ctx.s, sea_filter(ctx.signals["latent"].detach(), ctx.logsnr, self.power))
+        return self._current[1]
+
+    def allows_forecast(self, ctx: StepContext) -> bool:
+        if self._previous is None:  # the generation's first step seen is not step 0
+            return False
+        self._accumulated += float(per_sample_relative_l1(self.indicator(ctx), self._previous, ctx.reduce).mean())
+        return self._accumulated < self.threshold
+
+    def record(self, ctx: StepContext, decision: Decision) -> None:
+        if decision is Decision.FULL:
+            self._accumulated = 0.0
+        self._previous = self.indicator(ctx)
+
+
+class SpeCa(AdaptiveSchedule):
+    """SpeCa (Liu et al., ACM MM 2025, "Speculative feature caching"): forecast (draft), and on each
+    forecast step compute one site for real, the model's last cache site (its last block or
+    module), on the input the drafts gave it; its relative L1 error against the site's forecast,
+    per sample (the controller's ``verification_error``), decides the next step: full when any
+    sample's error exceeds ``tau(s) = max(tolerance * decay^p, floor)`` (``p = (s + 1) / T``, the
+    progress: SpeCa's tolerance shrinks as the image forms), or after ``max_drafts`` forecasts in
+    a row. The first ``min_drafts`` drafts after a full step are not checked. A batch whose
+    samples disagree computes as a whole: one rejecting sample makes the next step full for all
+    (the model runs the batch at once; the accepted samples only lose speed). Defaults: SpeCa's
+    DiT code (tolerance 0.1, decay 0.01, floor 0.01, 2 to 5 drafts, 3 warm-up steps)."""
+
+    signals = ("verification_error",)
+
+    @checked
+    def __init__(self, tolerance: Threshold = 0.1, decay: Annotated[float, in_range(0, 1)] = 0.01,
+                 floor: Annotated[float, in_range(0, 1)] = 0.01, min_drafts: Cap = 2,
+                 max_drafts: Annotated[int, at_least(1)] = 5, first_enhance: WarmUp = 3, final_full: FinalFull = 0):
+        self.tolerance, self.decay, self.floor, self.min_drafts = tolerance, decay, floor, min_drafts
+        super().__init__(first_enhance, final_full, max_drafts)
+
+    def tolerance_at(self, s: int, T: int) -> float:
+        """``tau(s)``, the largest error a draft at step ``s`` may have."""
+        return max(self.tolerance * self.decay ** ((s + 1) / T), self.floor)
+
+    def accepts(self, errors: torch.Tensor, s: int, T: int) -> bool:
+        """Whether the drafts may go on after step ``s`` whose check gave ``errors`` (one per sample):
+        only if every sample's error is within ``tau(s)``."""
+        return bool((errors <= self.tolerance_at(s, T)).all())
+
+    def allows_forecast(self, ctx: StepContext) -> bool:
+        verified = ctx.signals["verification_error"]  # (step, per-sample errors) of the last step, or None
+        if verified is None or self._forecasts_in_a_row < self.min_drafts:
+            return True
+        return self.accepts(verified[1], verified[0], ctx.T)
+
+    def verifies(self, s: int, T: int) -> bool:
+        drafts = self._forecasts_in_a_row  # including step s
+        return self.min_drafts <= drafts < self.max_consecutive_forecasts and s + 1 < T - self.final_full
 
 
 class MagCache(StaticSchedule):

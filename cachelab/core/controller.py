@@ -23,6 +23,7 @@ from cachelab.core.sites import Site
 from cachelab.core.token_sites import TokenSelection
 from cachelab.core.tokens import TokenPolicy
 from cachelab.core.variables import StepGrid, positions
+from cachelab.core.verification import Checked, Verification
 
 
 @dataclass
@@ -63,11 +64,19 @@ class CacheStats:
         }
 
 
+# signals the sampler gives at each step (``handle.step(s, t, latent=x)``): the model's input latent
+SAMPLER_SIGNALS = ("latent",)
+
+
 def controller_signals(predictor) -> set[str]:
-    """The signals the controller computes itself for ``predictor`` (an instance or a class):
-    ``error_estimate`` when the predictor has ``error_terms(state, s)`` (the squared sums of its
-    forecast's error and of the scale, :func:`~cachelab.core.predictor.relative_norm`)."""
-    return {"error_estimate"} if callable(getattr(predictor, "error_terms", None)) else set()
+    """The signals a schedule can read besides the probes', for ``predictor`` (an instance or a
+    class): ``error_estimate`` when the predictor has ``error_terms(state, s)`` (the squared sums
+    of its forecast's error and of the scale, :func:`~cachelab.core.predictor.relative_norm`);
+    ``verification_error`` (the last forecast step's check: the model's last cache site computed
+    for real, its relative L1 error per sample against its forecast, as ``(step, errors)``; None
+    when that step was not checked); and the sampler's :data:`SAMPLER_SIGNALS`."""
+    own = {"verification_error", *SAMPLER_SIGNALS}
+    return own | ({"error_estimate"} if callable(getattr(predictor, "error_terms", None)) else set())
 
 
 def decision_code(decision: StepDecision) -> int:
@@ -190,6 +199,8 @@ class CacheHandle(Generations):
         self.context_name = "default"
         self.T: int | None = None
         self._positions: tuple[float, ...] | None = None  # x(s) of the predictor's variable
+        self._grid: StepGrid | None = None
+        self._verification: Verification | None = None  # a verifying schedule's check (SpeCa)
         self.reset()
         if sites is not None:
             self.hook(sites, probes)
@@ -203,7 +214,9 @@ class CacheHandle(Generations):
         sites, probes, keys = hooked_sites(sites, probes, self.schedule, self.predictor)
         if self._selection is not None:
             self._selection.place(sites)
-        kinds = [site_kind(site, self, self._selection) for site in sites]
+        self._verification = (Verification(sites, self.schedule, self.group)
+                              if "verification_error" in self.schedule.signals else None)
+        kinds = [self._kind(site) for site in sites]
         self.sites, self.probes, self._decision_keys = sites, probes, keys
         self.group, self.hooked = group or self.group, True
         with self.group.lifted():
@@ -229,6 +242,7 @@ class CacheHandle(Generations):
             raise ValueError(f"the plan must name an expert for each of the {T} steps, got {len(plan)} entries")
         self._positions = positions(getattr(self.predictor, "variable", "step"), T, grid)
         self.reset()
+        self._grid = grid
         self.T = T
 
     def end(self) -> None:
@@ -240,7 +254,7 @@ class CacheHandle(Generations):
         self._signals = {}
         if self._selection is not None:
             self._selection.clear()
-        self.s = self._t = self._decision = self.T = self._positions = None
+        self.s = self._t = self._decision = self.T = self._positions = self._grid = None
 
     def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
         """Enter step ``s`` (counted up); the schedule decides once for every site and context,
@@ -256,10 +270,24 @@ class CacheHandle(Generations):
         if self.s is not None and self._decision is None and self.probes:
             raise RuntimeError(f"step {self.s} ended undecided: the model never ran the probe(s) of "
                                f"{', '.join(self.probes)}")
+        if self.s is not None and self._decision is None:
+            raise RuntimeError(f"step {self.s} ended undecided: the sampler never gave the signal(s) "
+                               f"{', '.join(set(self.schedule.signals) - set(self._signals))} (handle.step(s, t, "
+                               f"latent=x) or handle.supply(latent=x))")
         self.s, self._t, self._decision, self._signals = s, t, None, dict(signals)
         if "error_estimate" in self.schedule.signals and "error_estimate" not in signals:
             self._signals["error_estimate"] = error_estimate(self.predictor, self._caches, self.group, s)
+        if self._verification is not None:
+            self._signals["verification_error"] = self._verification.take()
         self._try_decide()
+        return self.decision
+
+    def supply(self, **signals) -> Decision | None:
+        """Signals of the current step given after ``step`` (the sampler's latent, when only the
+        model call sees it); the schedule decides as soon as it has every signal it reads."""
+        if self.s is not None and self._decision is None:
+            self._signals.update(signals)
+            self._try_decide()
         return self.decision
 
     @property
@@ -315,6 +343,8 @@ class CacheHandle(Generations):
         self._decision: StepDecision | None = None
         self._signals: dict = {}
         self._guard.reset()
+        if self._verification is not None:
+            self._verification.reset()
         self.schedule.reset()
         if self._selection is not None:
             self._selection.reset()
@@ -394,12 +424,19 @@ class CacheHandle(Generations):
         """Decide the step once every signal the schedule reads is there."""
         if self._decision is not None or any(signal not in self._signals for signal in self.schedule.signals):
             return
+        logsnr = None if self._grid is None or self._grid.logsnr is None else self._grid.logsnr[self.s]
         self._decision = self.schedule.decide(StepContext(s=self.s, T=self.T, t=self._t, signals=self._signals,
-                                                          reduce=self.group))
+                                                          reduce=self.group, logsnr=logsnr))
         self._signals = {}
         self.group.agree(decision_code(self._decision), f"step {self.s}")
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self.s)
+
+    def _kind(self, site: Site) -> SiteKind:
+        """``site``'s kind, with token selection's decorators and, at the checked site, the check."""
+        kind = site_kind(site, self, self._selection)
+        checked = self._verification is not None and site.name == self._verification.site
+        return Checked(kind, self._verification) if checked else kind
 
     def _extra_bytes(self) -> int:
         """Bytes held besides the sites' states: the schedule's reference signals, the token scores."""

@@ -73,7 +73,7 @@ class ExpertHandles(Generations):
         self._open.clear()
         self._s = self._current = None
 
-    def step(self, s: int, t: float | None = None) -> Decision | None:
+    def step(self, s: int, t: float | None = None, **signals) -> Decision | None:
         """Enter global step ``s``: the planned expert's handle enters its local step (begun at the
         expert's first step); experts past their last step free their caches."""
         if self._plan is None:
@@ -92,7 +92,11 @@ class ExpertHandles(Generations):
             self._ran.add(expert)
             self._open.add(expert)
         self._s, self._current = s, expert
-        return self.handles[expert].step(self._local[s], t)
+        return self.handles[expert].step(self._local[s], t, **signals)
+
+    def supply(self, **signals) -> Decision | None:
+        """Signals of the current step for the current expert's handle (:meth:`CacheHandle.supply`)."""
+        return None if self._current is None else self.handles[self._current].supply(**signals)
 
     @property
     def expert(self) -> str | None:

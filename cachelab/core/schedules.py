@@ -36,15 +36,17 @@ def is_full(decision: StepDecision) -> bool:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a schedule may look at: step ``s`` of ``T`` (counted up), the timestep, signals, and
+    """What a schedule may look at: step ``s`` of ``T`` (counted up), the timestep, signals,
     ``reduce``, which sums a tensor of sums over the ranks sharing the generation (the identity
-    in one process): a schedule reduces sums and divides afterwards, so every rank decides alike."""
+    in one process): a schedule reduces sums and divides afterwards, so every rank decides alike;
+    and ``logsnr``, the step's log signal-to-noise ratio when the sampler gave its grid."""
 
     s: int
     T: int
     t: float | None = None
     signals: dict[str, Any] = field(default_factory=dict)
     reduce: Reduce = local
+    logsnr: float | None = None
 
 
 class Schedule(ABC):
@@ -78,6 +80,12 @@ class Schedule(ABC):
         """Bytes of the tensors kept between steps (an adaptive schedule's reference signal);
         they count in the cache memory."""
         return 0
+
+    def verifies(self, s: int, T: int) -> bool:
+        """After a forecast decision at step ``s``, whether the step's ``verification_error``
+        (a schedule that reads it) will be read: the controller computes its check site for real
+        only then."""
+        return True
 
 
 class StaticSchedule(Schedule):

@@ -168,6 +168,23 @@ class Single(SiteKind):
         """The output of a call on a forecast step, the state holding history."""
 
 
+class Decorated(Single):
+    """A single-callable kind around ``inner``, doing what it does where not overridden."""
+
+    def __init__(self, inner: Single):
+        super().__init__(inner.site, inner.run)
+        self.inner = inner
+
+    def new_state(self, shape: torch.Size):
+        return self.inner.new_state(shape)
+
+    def full(self, state, compute: Callable, args: tuple, kwargs: dict):
+        return self.inner.full(state, compute, args, kwargs)
+
+    def forecast(self, state, compute: Callable, args: tuple, kwargs: dict):
+        return self.inner.forecast(state, compute, args, kwargs)
+
+
 class Plain(Single):
     """A site recording its outputs (minus their residual bases) on full steps and giving the
     predictor's forecast (plus the bases) on forecast steps; a forecast that the guard refuses

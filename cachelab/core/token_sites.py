@@ -16,7 +16,7 @@ import torch
 
 from cachelab.errors import ConfigError
 from cachelab.core.outputs import Parts, split
-from cachelab.core.site_kinds import Plain, PlainState, Single
+from cachelab.core.site_kinds import Decorated, Plain, PlainState, Single
 from cachelab.core.sites import Site, first_tensor
 from cachelab.core.tokens import (TOKENWISE, FromSkipped, SiteTokens, TokenPolicy, TokenState, TokenView,
                                   gather_tokens, scatter_tokens, with_first_tensor)
@@ -79,24 +79,15 @@ class RefreshedState(PlainState):
         return super().nbytes + (0 if self.tokens is None else self.tokens.nbytes)
 
 
-class Decorated(Single):
-    """A single-callable kind around ``inner``, doing what it does where not overridden."""
+class Selecting(Decorated):
+    """A kind around ``inner`` that token selection (``selection``) changes."""
 
     def __init__(self, inner: Single, selection: TokenSelection):
-        super().__init__(inner.site, inner.run)
-        self.inner, self.selection = inner, selection
-
-    def new_state(self, shape: torch.Size):
-        return self.inner.new_state(shape)
-
-    def full(self, state, compute: Callable, args: tuple, kwargs: dict):
-        return self.inner.full(state, compute, args, kwargs)
-
-    def forecast(self, state, compute: Callable, args: tuple, kwargs: dict):
-        return self.inner.forecast(state, compute, args, kwargs)
+        super().__init__(inner)
+        self.selection = selection
 
 
-class Refreshing(Decorated):
+class Refreshing(Selecting):
     """A plain site where the policy selects: on a full step every token is fresh (age 0) and the
     policy sees the site's input; on a forecast step the tokens it selects are computed for real
     (sorted by index), placed into the forecast and handed to the predictor's ``refresh``, and
@@ -160,7 +151,7 @@ class Refreshing(Decorated):
         return [scatter_tokens(forecast[0], index, parts[0])]
 
 
-class Feeding(Decorated):
+class Feeding(Selecting):
     """A skip site feeding a consumer that computes selected tokens from its arguments
     (:class:`~cachelab.core.tokens.FromSkipped`): on a forecast step it keeps them for it."""
 
@@ -170,7 +161,7 @@ class Feeding(Decorated):
         return self.inner.forecast(state, compute, args, kwargs)
 
 
-class Scoring(Decorated):
+class Scoring(Selecting):
     """A site giving scores the policy needs: computed at its full steps from its arguments and
     kept per context and block (serving the block's other sites) until its next full step."""
 

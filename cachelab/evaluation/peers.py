@@ -1,7 +1,8 @@
 """Other tools' caching on a model's diffusers transformer or pipeline: diffusers' own hooks
 (``transformer.enable_cache``) and, when installed, cache-dit (``pip install -e ".[peers]"``);
-MagCache's calibration by diffusers' own mode; and the grid-coverage check that a benchmark
-grid names every parameter a peer's config class documents."""
+MagCache's calibration by diffusers' own mode; what diffusers' SeaCache needs from a pipeline
+(the step's coordinates in ``cache_context``, the input latent); and the grid-coverage check that
+a benchmark grid names every parameter a peer's config class documents."""
 from __future__ import annotations
 
 import ast
@@ -10,12 +11,14 @@ import dataclasses
 import importlib.util
 import inspect
 import io
+import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
 from cachelab.io import write_json_atomic
 
@@ -56,6 +59,48 @@ def write_mag_ratios(path: str | Path, adapter, ratios: list[float]) -> Path:
     write_json_atomic(path, {"model": adapter.name, "num_steps": adapter.num_steps, "ratios": ratios,
                              "source": "diffusers MagCacheConfig(calibrate=True)"})
     return Path(path)
+
+
+# -- diffusers' SeaCache --------------------------------------------------------------------
+def raw_vision(module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """SeaCache's ``raw_vision_callback`` for image transformers: the input latent of each sample
+    as ``(C, 1, H, W)`` (one frame): a ``(B, C, H, W)`` latent as it is; packed ``(B, N, C)``
+    tokens (FLUX) on their square grid."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if x.dim() == 4:
+        return [sample.unsqueeze(1) for sample in x]
+    side = math.isqrt(x.shape[1])
+    if x.dim() != 3 or side * side != x.shape[1]:
+        raise ValueError(f"SeaCache here reads (B, C, H, W) latents or (B, N, C) tokens on a square grid, got "
+                         f"{tuple(x.shape)}")
+    return [sample.reshape(side, side, -1).permute(2, 0, 1).unsqueeze(1) for sample in x]
+
+
+@contextlib.contextmanager
+def step_coordinates(transformer: torch.nn.Module, timestep: Callable[[], float],
+                     grid: Callable[[], StepGrid]) -> Iterator[None]:
+    """Inside the block every ``transformer.cache_context(name)`` the sampler opens also carries
+    the step's ``step_index``, ``sigma`` and ``num_inference_steps`` (diffusers' ``CacheContext``
+    fields, which its SeaCache reads; the FLUX pipeline and the DDIM loop here pass the name only):
+    the step is the one of ``grid()`` nearest the current ``timestep()``; ``sigma`` is
+    ``rho / (1 + rho)`` with ``rho = exp(-logsnr / 2)``: flow matching's own sigma, and for DDIM
+    the flow sigma at the same noise-to-signal ratio."""
+    original = transformer.cache_context
+
+    @contextlib.contextmanager
+    def with_coordinates(name: str, **kwargs):
+        steps, t = grid(), float(timestep())
+        s = min(range(len(steps.timestep)), key=lambda i: abs(steps.timestep[i] - t))
+        rho = math.exp(-steps.logsnr[s] / 2)
+        coordinates = {"step_index": s, "sigma": rho / (1 + rho), "num_inference_steps": len(steps.timestep)}
+        with original(name, **{**coordinates, **kwargs}):
+            yield
+
+    transformer.cache_context = with_coordinates
+    try:
+        yield
+    finally:
+        del transformer.cache_context  # the class's own again
 
 
 # -- cache-dit ------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ from cachelab.evaluation.statistics import (best_speed_at_levels, frontier, leve
                                             percentile_interval, psnr_interval, resamples, verdict)
 from cachelab.io import write_bytes_atomic, write_json_atomic, write_npz_atomic
 from cachelab.jobs import CONFIG_DIR
+from cachelab.models.diffusion import DDIMSchedule
 from cachelab.models.pipelines.base import PromptInputs
+from cachelab.models.pipelines.driver import scheduler_grid
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def load_grid(name: str, model: str) -> tuple[list[GridPoint], dict]:
 class Bench:
     """The model as the tools see it: the adapter (generation, decode, judge), the diffusers
     transformer the hooks go on, the current timestep (PAB's, FasterCache's callback), the
-    MagCache calibration file (diffusers' ratios), the number of steps."""
+    MagCache calibration file (diffusers' ratios), the sampler's grid, the number of steps."""
 
     adapter: object
     transformer: torch.nn.Module
@@ -198,6 +200,7 @@ class Bench:
     flops: CallFlops | None = None
     calibration: Path | None = None
     ratios: list = field(default_factory=list)
+    grid: object = None  # () -> the sampler's StepGrid of the current generation (SeaCache's step coordinates)
 
     @property
     def steps(self) -> int:
@@ -214,11 +217,13 @@ def bench_for(cfg: DictConfig, adapter) -> Bench:
         adapter = instantiate(OmegaConf.merge(cfg.model, {"_target_": f"{ConvertedDiTAdapter.__module__}.ConvertedDiTAdapter"}))
     pipe = getattr(adapter, "pipe", None)
     if pipe is not None:
-        return Bench(adapter, adapter.model, lambda: pipe.current_timestep, CallFlops(adapter.model))
+        return Bench(adapter, adapter.model, lambda: pipe.current_timestep, CallFlops(adapter.model),
+                     grid=lambda: scheduler_grid(pipe.scheduler))
     if not hasattr(adapter, "transformer"):
         raise ConfigError(f"job=benchmark needs a model with a diffusers transformer; model {adapter.name} has none; "
                           f"allowed: a diffusers pipeline model or a DiT (converted)")
-    return Bench(adapter, adapter.transformer, lambda: adapter.model.current_timestep, CallFlops(adapter.model))
+    return Bench(adapter, adapter.transformer, lambda: adapter.model.current_timestep, CallFlops(adapter.model),
+                 grid=lambda: DDIMSchedule.respaced(adapter.num_steps, precision=adapter.sampler_precision).grid())
 
 
 def peer_value(key: str, value):
@@ -235,6 +240,8 @@ def peer_config(bench: Bench, cls: type, knobs: dict):
     names = peers.documented_knobs(cls)
     if "current_timestep_callback" in names:
         values["current_timestep_callback"] = bench.timestep
+    if "raw_vision_callback" in names:
+        values["raw_vision_callback"] = peers.raw_vision
     if "mag_ratios" in names:
         values.update(mag_ratios=bench.ratios, num_inference_steps=bench.steps)
     elif "num_inference_steps" in names:
@@ -258,7 +265,10 @@ def enabled(bench: Bench, point: GridPoint) -> Iterator:
         finally:
             handle.remove()
     elif point.driver == "diffusers":
-        with peers.diffusers_hook(bench.transformer, peer_config(bench, config_class("diffusers", point.target), knobs)):
+        config = peer_config(bench, config_class("diffusers", point.target), knobs)
+        coordinates = (peers.step_coordinates(bench.transformer, bench.timestep, bench.grid)
+                       if hasattr(config, "raw_vision_callback") else contextlib.nullcontext())
+        with coordinates, peers.diffusers_hook(bench.transformer, config):
             yield None
     else:
         cache_dit = peers.import_cache_dit()

@@ -155,6 +155,10 @@ def check_signals(cfg: DictConfig) -> None:
     signals = get_class(cfg.schedule._target_).signals
     if not signals:
         return
+    if "verification_error" in signals and cfg.strategy.granularity in ("stack", "output"):
+        raise ConfigError(f"schedule._target_={cfg.schedule._target_} computes one cache site for real on its checked "
+                          f"forecast steps; at strategy.granularity={cfg.strategy.granularity!r} that site is the whole "
+                          f"step; allowed: strategy.granularity in module, block")
     adapter_sites = getattr(get_class(cfg.model._target_), "sites", {})
     own = controller_signals(get_class(cfg.strategy.predictor._target_))
     granularity = cfg.strategy.granularity

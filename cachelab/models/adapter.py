@@ -83,8 +83,8 @@ class ModelAdapter(ABC):
         if handle is None:
             yield None
             return
-        def before_step(s: int, t: float):
-            handle.step(s, t)
+        def before_step(s: int, t: float, latent: torch.Tensor):
+            handle.step(s, t, latent=latent)
             return lambda: handle.decision is Decision.FULL  # read after the model call
 
         with handle.generation(num_steps, grid):

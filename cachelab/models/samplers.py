@@ -10,7 +10,7 @@ from cachelab.models.diffusion import DDIMSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> eps
 # (s, t) -> a function telling, once the model has run, whether step s was a full step
-BeforeStep = Callable[[int, float], Callable[[], bool]]
+BeforeStep = Callable[[int, float, torch.Tensor], Callable[[], bool]]
 Callback = Callable[[dict], None]
 
 
@@ -26,7 +26,8 @@ def ddim(
 ) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) as in ADM/DiT, from ``noise`` to x_0.
 
-    ``before_step(s, t)`` runs before the model call of step ``s`` (steps count up from 0):
+    ``before_step(s, t, x)`` runs before the model call of step ``s`` (steps count up from 0) on
+    the latent ``x``:
     it is how the step index reaches a cache controller; it returns a function that says,
     after the model call, whether the step was full (an adaptive schedule decides inside
     the model call). ``callback`` gets
@@ -36,7 +37,7 @@ def ddim(
     x = noise
     for s in tqdm(range(len(schedule)), desc=progress, disable=progress is None, leave=False):
         t = int(schedule.timesteps[s])
-        was_full = before_step(s, t) if before_step is not None else None
+        was_full = before_step(s, t, x) if before_step is not None else None
         eps = denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         recip, recipm1, sqrt_prev, sqrt_1m_prev = schedule.coefficients(s)
         pred_x0 = recip * x - recipm1 * eps

@@ -30,6 +30,7 @@ from torch import nn
 from cachelab.core import hooks
 from cachelab.core.controller import CacheHandle
 from cachelab.core.schedules import Decision
+from cachelab.core.sites import first_tensor
 from cachelab.core.variables import StepGrid
 from cachelab.models.samplers import Callback
 
@@ -203,7 +204,7 @@ class PipelineDriver:
                 if self.handle is not None:
                     if self.s is None or s < self.s:  # the first call of a pipeline call: T is known now
                         self._begin()
-                    self.handle.step(s, float(self._map.timesteps[s]))
+                    self.handle.step(s, float(self._map.timesteps[s]), latent=first_tensor(args, kwargs))
                 self.s = s
             if self._plan is not None and self._plan[s] != name:
                 raise RuntimeError(f"the pipeline ran {name} at step {s}, but its boundary_ratio gives {self._plan[s]}"
