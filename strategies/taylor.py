@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
+import re
+
 import torch
 
 from cachelab.core.arguments import between, checked, in_range
@@ -18,6 +20,7 @@ from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import WarmUp
 from cachelab.core.tokens import scatter_tokens
 from cachelab.core.variables import check_variable
+from cachelab.errors import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 _DIFFERENCES = ("official", "newton")
@@ -28,12 +31,14 @@ MAX_ORDER = 16
 
 @dataclass
 class TaylorState(PredictorState):
-    """Taylor factors ``D_0..D_j`` of one site at its last full step."""
+    """Taylor factors ``D_0..D_j`` of one site at its last full step; ``order``: the site's own
+    (None: the predictor's)."""
 
     factors: list[torch.Tensor] = field(default_factory=list)
     last_step: int | None = None
     out_dtype: torch.dtype | None = None
     positions: Sequence[float] | None = None
+    order: int | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return self.factors
@@ -76,12 +81,18 @@ class TaylorSeer(Predictor):
     ``sum_i D_i (x(s) - x(s_last))^i / i!``; Newton takes its divided differences on the grid
     ``x(s_0), x(s_1), ...`` (exact for polynomials in ``x``). The warm-up (``first_enhance``)
     stays counted in steps. ``step`` computes exactly as without the knob.
+
+    ``site_orders`` (regex -> order): a site whose name fully matches a pattern (the first that
+    does, in the mapping's order) keeps that order instead of ``order`` (high orders only where
+    they pay; ``{"blocks\\.[4-7]\\..*": 1}``); a pattern that matches no site is refused when
+    the strategy is attached.
     """
 
     @checked
     def __init__(self, order: Annotated[int, between(0, MAX_ORDER)], first_enhance: WarmUp = 1,
                  factor_dtype: str | None = None, difference: str = "official",
-                 damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step"):
+                 damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step",
+                 site_orders: dict[str, int] | None = None):
         if factor_dtype is not None and factor_dtype not in _DTYPES:
             raise ValueError(f"factor_dtype must be one of {sorted(_DTYPES)} or null, got {factor_dtype!r}")
         if difference not in _DIFFERENCES:
@@ -93,15 +104,32 @@ class TaylorSeer(Predictor):
         self.newton = difference == "newton"
         self.damping = damping
         self.variable = variable
+        self.site_orders = site_orders_checked(site_orders)
 
     def new_state(self) -> TaylorState:
         return NewtonState() if self.newton else TaylorState()
+
+    def new_state_for(self, site: str) -> TaylorState:
+        state = self.new_state()
+        state.order = self.order_of(site)
+        return state
+
+    def order_of(self, site: str) -> int:
+        """The order ``site`` keeps: its first matching ``site_orders`` pattern's, else ``order``."""
+        return next((o for pattern, o in self.site_orders.items() if re.fullmatch(pattern, site)), self.order)
+
+    def check_sites(self, names: Sequence[str]) -> None:
+        idle = [p for p in self.site_orders if not any(re.fullmatch(p, name) for name in names)]
+        if idle:
+            raise ConfigError(f"strategy.predictor.site_orders: the pattern(s) {', '.join(map(repr, idle))} match no "
+                              f"cache site; allowed: regexes matching site names, here {', '.join(names)}")
 
     def derivatives_allowed(self, s: int) -> bool:
         return s > self.first_enhance - 2
 
     def update(self, state: TaylorState, s: int, value: torch.Tensor) -> None:
         new = [value if self.factor_dtype is None else value.to(self.factor_dtype)]
+        order = self.order if state.order is None else state.order
         x = self.position(state, s)
         if state.has_history:
             self.gap(state, s)
@@ -109,9 +137,9 @@ class TaylorSeer(Predictor):
                 if self.newton:
                     spans = [(x - t) / (i + 1) for i, t in enumerate(state.steps)]
                 else:
-                    spans = [x - state.position(state.last_step)] * self.order
+                    spans = [x - state.position(state.last_step)] * order
                 old = state.factors
-                count = min(len(old), self.order)
+                count = min(len(old), order)
                 # No allocation once the order is reached: D_1 goes into the dropped top factor's
                 # memory, D_{i+1} into old D_i's (needed by nothing after this difference). Old D_0
                 # is never written: it can be the model's own output tensor.
@@ -173,6 +201,19 @@ class TaylorSeer(Predictor):
         """The forecast's own error estimate at step ``s``: the norm of the gap (:meth:`error_terms`)
         relative to the norm of the last full value ``D_0`` (what ``schedule=error_controlled`` reads)."""
         return float(relative_norm(self.error_terms(state, s)))
+
+
+def site_orders_checked(site_orders) -> dict[str, int]:
+    """``site_orders`` as a dict of compiled-valid regexes to orders in 0..MAX_ORDER (None: empty)."""
+    out = dict(site_orders or {})
+    for pattern, order in out.items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"site_orders: {pattern!r} is not a regex ({err})") from None
+        if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"site_orders[{pattern!r}] must be one of integers 0..{MAX_ORDER}, got {order!r}")
+    return out
 
 
 def reusable(buffer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

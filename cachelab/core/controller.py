@@ -570,7 +570,7 @@ class CacheHandle(Generations):
             cache.specs = [None if p is None else (p.shape, p.dtype, p.device) for p in parts]
             return
         if len(cache.states) != len(parts):
-            cache.states = [None if p is None else self._new_state() for p in parts]
+            cache.states = [None if p is None else self._new_state(site.name) for p in parts]
         values = cached_values(parts, bases)
         if self.graph_replays:  # a CUDA graph's outputs are overwritten at its next replay
             values = [None if value is None else value.clone() for value in values]
@@ -583,9 +583,9 @@ class CacheHandle(Generations):
         for observer in self._observers:
             observer.full(site.name, self._context, self._s, values)
 
-    def _new_state(self) -> PredictorState:
-        """An empty history that knows the generation's positions of the predictor's variable."""
-        state = self.predictor.new_state()
+    def _new_state(self, site: str) -> PredictorState:
+        """An empty history of ``site`` that knows the generation's positions of the predictor's variable."""
+        state = self.predictor.new_state_for(site)
         if self._positions is not None:
             state.positions = self._positions
         return state

@@ -48,7 +48,8 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         node = OmegaConf.create({"tokens": {"_target_": TOKEN_POLICIES[node.tokens]}})
     tokens = build(node, "tokens", "strategy.tokens")
     return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor", "strategy.predictor"), build(cfg, "schedule"),
-                    cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")), tokens=tokens)
+                    cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")), tokens=tokens,
+                    whole_blocks=tuple(cfg.strategy.get("whole_blocks") or ()))
 
 
 def observed_full_run(adapter: ModelAdapter, granularity: str, observer, inputs: Inputs,
