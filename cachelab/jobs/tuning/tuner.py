@@ -201,8 +201,9 @@ class Tuner:
                            ) -> tuple[dict[tuple[str, int], SensitivityTable], dict]:
         """The sensitivity tables of the (family, order) ``pairs`` (default: :meth:`pairs`), read
         from ``sensitivity_file`` when it was written for the same model, steps, seed, images,
-        sites and candidates (then no run is repeated), else measured (:meth:`sensitivities`) and written there; and how they were measured (runs,
-        seconds, the file they were reused from)."""
+        sites and candidates (then no run is repeated), else measured (:meth:`sensitivities`)
+        and written there; and how they were measured (runs, seconds, the file they were reused
+        from)."""
         o = self.options
         key = {"model": bench.adapter.name, "num_steps": bench.adapter.num_steps, "seed": bench.seed,
                "granularity": bench.granularity, "sensitivity_images": o.sensitivity_images,
