@@ -82,17 +82,18 @@ class TaylorSeer(Predictor):
     ``x(s_0), x(s_1), ...`` (exact for polynomials in ``x``). The warm-up (``first_enhance``)
     stays counted in steps. ``step`` computes exactly as without the knob.
 
-    ``site_orders`` (regex -> order): a site whose name fully matches a pattern (the first that
-    does, in the mapping's order) keeps that order instead of ``order`` (high orders only where
-    they pay; ``{"blocks\\.[4-7]\\..*": 1}``); a pattern that matches no site is refused when
-    the strategy is attached.
+    ``site_orders`` (order -> regexes of site names): a site whose name fully matches one of an
+    order's patterns keeps that order instead of ``order`` (high orders only where they pay:
+    ``{1: ["blocks\\.[4-7]\\..*"]}``; on the command line
+    ``strategy.predictor.site_orders="{1: ['blocks\\.[4-7]\\..*']}"``). When the strategy is
+    attached, a pattern that matches no site, or a site that patterns of two orders match, is refused.
     """
 
     @checked
     def __init__(self, order: Annotated[int, between(0, MAX_ORDER)], first_enhance: WarmUp = 1,
                  factor_dtype: str | None = None, difference: str = "official",
                  damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step",
-                 site_orders: dict[str, int] | None = None):
+                 site_orders: dict[int, list[str]] | None = None):
         if factor_dtype is not None and factor_dtype not in _DTYPES:
             raise ValueError(f"factor_dtype must be one of {sorted(_DTYPES)} or null, got {factor_dtype!r}")
         if difference not in _DIFFERENCES:
@@ -114,15 +115,24 @@ class TaylorSeer(Predictor):
         state.order = self.order_of(site)
         return state
 
+    def orders_of(self, site: str) -> set[int]:
+        """The ``site_orders`` orders with a pattern matching ``site``."""
+        return {o for o, patterns in self.site_orders.items() if any(re.fullmatch(p, site) for p in patterns)}
+
     def order_of(self, site: str) -> int:
-        """The order ``site`` keeps: its first matching ``site_orders`` pattern's, else ``order``."""
-        return next((o for pattern, o in self.site_orders.items() if re.fullmatch(pattern, site)), self.order)
+        """The order ``site`` keeps: the ``site_orders`` order matching it, else ``order``."""
+        return min(self.orders_of(site), default=self.order)
 
     def check_sites(self, names: Sequence[str]) -> None:
-        idle = [p for p in self.site_orders if not any(re.fullmatch(p, name) for name in names)]
+        idle = [p for patterns in self.site_orders.values() for p in patterns
+                if not any(re.fullmatch(p, name) for name in names)]
         if idle:
             raise ConfigError(f"strategy.predictor.site_orders: the pattern(s) {', '.join(map(repr, idle))} match no "
                               f"cache site; allowed: regexes matching site names, here {', '.join(names)}")
+        both = [name for name in names if len(self.orders_of(name)) > 1]
+        if both:
+            raise ConfigError(f"strategy.predictor.site_orders: site {both[0]} is matched under orders "
+                              f"{sorted(self.orders_of(both[0]))}; allowed: patterns giving each site one order")
 
     def derivatives_allowed(self, s: int) -> bool:
         return s > self.first_enhance - 2
@@ -203,16 +213,18 @@ class TaylorSeer(Predictor):
         return float(relative_norm(self.error_terms(state, s)))
 
 
-def site_orders_checked(site_orders) -> dict[str, int]:
-    """``site_orders`` as a dict of compiled-valid regexes to orders in 0..MAX_ORDER (None: empty)."""
-    out = dict(site_orders or {})
-    for pattern, order in out.items():
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"site_orders: {pattern!r} is not a regex ({err})") from None
+def site_orders_checked(site_orders) -> dict[int, list[str]]:
+    """``site_orders`` as orders in 0..MAX_ORDER to lists of valid regexes (None: empty)."""
+    out = {order: [patterns] if isinstance(patterns, str) else list(patterns)
+           for order, patterns in (site_orders or {}).items()}
+    for order, patterns in out.items():
         if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
-            raise ValueError(f"site_orders[{pattern!r}] must be one of integers 0..{MAX_ORDER}, got {order!r}")
+            raise ValueError(f"site_orders: the order {order!r} is not allowed; allowed: integers 0..{MAX_ORDER}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"site_orders: {pattern!r} is not a regex ({err})") from None
     return out
 
 

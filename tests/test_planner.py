@@ -90,14 +90,14 @@ def test_per_site_orders_and_whole_blocks_are_planned_exactly():
     kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
     plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
     module = check_pipeline(pipe, kwargs, plan_keys)
-    orders = {r"transformer_blocks\.0\..*": 3, r"single_.*": 1}
+    orders = {3: [r"transformer_blocks\.0\..*"], 1: [r"single_.*"]}
     mixed = check_pipeline(pipe, kwargs, plan_keys, site_orders=orders)
     per_factor = {site.name: site.nbytes // 3 for site in module.sites}  # order 2 everywhere: 3 factors
     factors = {name: 4 if name.startswith("transformer_blocks.0.") else 2 if name.startswith("single_") else 3
                for name in per_factor}
     assert mixed.cache_bytes == sum(per_factor[name] * factors[name] for name in per_factor)
     whole = check_pipeline(pipe, kwargs, plan_keys, whole_blocks=[r"single_transformer_blocks\.\d+"],
-                           site_orders={r"transformer_blocks\.1\..*": 0})
+                           site_orders={0: [r"transformer_blocks\.1\..*"]})
     block = check_pipeline(pipe, kwargs, plan_keys, granularity="block")
     names = [site.name for site in whole.sites]
     assert names[:6] == [name for name in per_factor if name.startswith("transformer_blocks.")]
@@ -110,7 +110,7 @@ def test_per_site_orders_and_whole_blocks_are_planned_exactly():
 
 def test_the_native_dit_with_mixed_orders_and_a_whole_block_is_planned_exactly():
     adapter = tiny_adapter()
-    keys = dict(STRATEGY, site_orders={r"blocks\.0": 1, r"blocks\.1\.mlp": 0}, whole_blocks=[r"blocks\.0"])
+    keys = dict(STRATEGY, site_orders={1: [r"blocks\.0"], 0: [r"blocks\.1\.mlp"]}, whole_blocks=[r"blocks\.0"])
     planned = cachelab.plan(adapter.model, "taylor", num_inference_steps=adapter.num_steps, batch_size=3,
                             guidance=adapter.guidance_scale, **keys)
     with cachelab.apply(adapter.model, "taylor", **keys) as handle:

@@ -84,10 +84,10 @@ def taylor(order: int, **keys) -> TaylorSeer:
 
 
 @pytest.mark.parametrize("whole, site_orders, orders", [
-    ((), {r"blocks\.0\..*": 3, r"blocks\.1\.mlp": 0},
+    ((), {3: [r"blocks\.0\..*"], 0: [r"blocks\.1\.mlp"]},
      {"blocks.0.attn": 3, "blocks.0.mlp": 3, "blocks.1.attn": 2, "blocks.1.mlp": 0}),
     ((r"blocks\.1",), {}, {"blocks.0.attn": 2, "blocks.0.mlp": 2, "blocks.1": 2}),
-    ((r"blocks\.0",), {r"blocks\.0": 1, r"blocks\.1\.attn": 3}, {"blocks.0": 1, "blocks.1.attn": 3, "blocks.1.mlp": 2}),
+    ((r"blocks\.0",), {1: [r"blocks\.0"], 3: [r"blocks\.1\.attn"]}, {"blocks.0": 1, "blocks.1.attn": 3, "blocks.1.mlp": 2}),
 ])
 def test_mixed_orders_and_granularity_forecast_as_the_hand_written_loop(whole, site_orders, orders):
     adapter = tiny_adapter()
@@ -113,7 +113,7 @@ def test_all_full_steps_with_whole_blocks_are_the_bare_model_bit_for_bit():
     steps = step_inputs(adapter.model, seed=1)
     with torch.no_grad():
         bare = [adapter.model(x, t, y) for x, t, y in steps]
-    strategy = Strategy("mixed", taylor(2, site_orders={r"blocks\.1\.mlp": 1}), Interval(1, 1), "module",
+    strategy = Strategy("mixed", taylor(2, site_orders={1: [r"blocks\.1\.mlp"]}), Interval(1, 1), "module",
                         whole_blocks=(r"blocks\.0",))
     cached, names = cached_run(adapter, steps, strategy)
     assert names == ["blocks.0", "blocks.1.attn", "blocks.1.mlp"]
@@ -121,7 +121,7 @@ def test_all_full_steps_with_whole_blocks_are_the_bare_model_bit_for_bit():
 
 
 def test_per_site_orders_set_each_state_and_orders_reached():
-    predictor = taylor(2, site_orders={r"blocks\.0\..*": 0, r"blocks\..*": 4})
+    predictor = taylor(2, site_orders={0: [r"blocks\.0\..*"], 4: [r"blocks\.1\..*", "x"]})
     assert [predictor.new_state_for(n).order for n in ("blocks.0.attn", "blocks.1.mlp", "output")] == [0, 4, 2]
     handle = attach(None, predictor, Interval(1, 1))
     state = predictor.new_state_for("blocks.0.attn")
@@ -133,13 +133,16 @@ def test_per_site_orders_set_each_state_and_orders_reached():
 
 def test_bad_site_choices_are_refused_in_one_line():
     adapter = tiny_adapter()
-    with pytest.raises(ValueError, match=r"site_orders\['x'\] must be one of integers 0..16"):
-        taylor(2, site_orders={"x": 17})
+    with pytest.raises(ValueError, match=r"site_orders: the order 17 is not allowed; allowed: integers 0..16"):
+        taylor(2, site_orders={17: ["x"]})
     with pytest.raises(ValueError, match="is not a regex"):
-        taylor(2, site_orders={"blocks.(": 1})
-    typo = Strategy("s", taylor(2, site_orders={r"block\.0\..*": 1}), Interval(2, 1), "module")
+        taylor(2, site_orders={1: ["blocks.("]})
+    typo = Strategy("s", taylor(2, site_orders={1: [r"block\.0\..*"]}), Interval(2, 1), "module")
     with pytest.raises(ConfigError, match=r"match no cache site; allowed: .*blocks\.0\.attn"):
         typo.attach(adapter)
+    twice = Strategy("s", taylor(2, site_orders={1: [r"blocks\.0\..*"], 0: [r".*\.mlp"]}), Interval(2, 1), "module")
+    with pytest.raises(ConfigError, match=r"site blocks\.0\.mlp is matched under orders \[0, 1\]"):
+        twice.attach(adapter)
     with pytest.raises(ConfigError, match=r"match\(es\) no block; allowed: .*blocks\.0, blocks\.1"):
         Strategy("s", taylor(2), Interval(2, 1), "module", whole_blocks=(r"blocks\.7",)).attach(adapter)
     with pytest.raises(ConfigError, match="allowed: module, block"):
