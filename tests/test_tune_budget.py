@@ -57,6 +57,13 @@ def test_a_budget_no_candidate_fits_is_refused_in_one_line_before_any_cached_run
     assert "\n" not in line and "budget 1024 B: no candidate fits" in line and "taylor order 1" in line
 
 
+def test_job_tune_refuses_whole_blocks_it_would_not_tune():
+    from cachelab.jobs.checks import check_config
+
+    with pytest.raises(ConfigError, match="strategy.whole_blocks is not allowed"):
+        check_config(compose_config(SMALL + TUNE + [r"strategy.whole_blocks=['blocks\.0']"]))
+
+
 def test_the_budget_argument_of_python_m_cachelab_tune():
     assert argument("budget.cache=1GiB") == "cache.budget=1GiB"
     assert argument("target.psnr=35") == "job.target.psnr=35"
