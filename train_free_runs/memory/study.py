@@ -212,8 +212,14 @@ def orders_label(orders: dict[str, int]) -> str:
 
 
 def first_fitting(study: Study, candidates: list[Candidate], budget: int) -> list[Candidate]:
-    """The first of ``candidates`` (most factors first) that fits."""
-    return next(([c] for c in candidates if study.fits(c, budget)), [])
+    """The first of ``candidates`` (bytes falling along the list) that fits, by bisection (few plans)."""
+    if not candidates or not study.fits(candidates[-1], budget):
+        return []
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if study.fits(candidates[middle], budget) else (middle + 1, high)
+    return [candidates[low]]
 
 
 def site_order_way(study: Study, budget: int) -> list[Candidate]:
@@ -459,8 +465,8 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--select-images", type=int, default=4)
     parser.add_argument("--heldout-images", type=int, default=16)
-    parser.add_argument("--tuner-budgets", type=int, nargs="*", default=[25, 10],
-                        help="the budgets (%%) at which job=tune runs too (none: --tuner-budgets)")
+    parser.add_argument("--tuner-budgets", type=int, nargs="*", default=[],
+                        help="the budgets (%%) at which job=tune runs too, e.g. --tuner-budgets 25 10")
     parser.add_argument("--report", default=None, help="a folder of <model>/study.json: write its results.md")
     args = parser.parse_args()
     if args.report:
