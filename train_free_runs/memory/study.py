@@ -422,7 +422,8 @@ def report(folder: Path) -> str:
 
 def projection(studies: list[dict]) -> list[str]:
     """The chosen settings of tiny_flux_digits (the FLUX family: the same site names) planned on
-    FLUX.1-dev and HunyuanVideo (bf16 weights; factors as chosen, fp32 read as the weights' bf16)."""
+    FLUX.1-dev and HunyuanVideo (bf16 weights; 32- and 16-bit factors planned in the weights' bf16,
+    which holds the same bytes as fp16; fp8 / int8 codecs as chosen)."""
     flux = next((s for s in studies if s["model"] == "tiny_flux_digits"), None)
     if flux is None:
         return []
@@ -431,8 +432,8 @@ def projection(studies: list[dict]) -> list[str]:
         for way, cell in flux["cells"].get(budget, {}).items():
             if isinstance(cell, dict) and not way.startswith("tuner"):
                 keys = dict(flux["measured"][cell["label"]]["keys"])
-                if keys.get("factor_dtype") == "fp32":
-                    keys.pop("factor_dtype")  # the big models' weights are bf16: fp32 was "no rounding"
+                if keys.get("factor_dtype") in ("fp32", "bf16", "fp16"):
+                    keys.pop("factor_dtype")  # the big models' weights are bf16: fp32 was "no rounding", fp16 the same bytes
                 strategy = flux["measured"][cell["label"]]["strategy"]
                 chosen[f"{budget} %: {way}: {cell['label']}"] = {"strategy": strategy, **keys}
     lines = ["## Projection (cachelab.plan on the shipped configs, meta device)", "",
@@ -443,17 +444,37 @@ def projection(studies: list[dict]) -> list[str]:
         keys = dict(keys)
         strategy = keys.pop("strategy", "taylor")
         keys = general(keys, stacks)
-        for model, setting in PROJECTIONS.items():
-            setting = dict(setting)
-            target = setting.pop("target")
-            try:
-                p = cachelab.plan(target, strategy, interval=5, device_memory="80GB", **{"order": 2, **setting, **keys})
-            except Exception as err:  # noqa: BLE001 -- reported
-                lines.append(f"| {label} | `{keys}` | {model} | refused: {err} | | | |")
+        for model in PROJECTIONS:
+            p = projected(model, strategy, keys)
+            if "refused" in p:
+                lines.append(f"| {label} | `{keys}` | {model} | refused: {p['refused']} | | | |")
                 continue
-            lines.append(f"| {label} | `{keys}` | {model} | {size_text(p.cache_bytes)} | {size_text(p.peak_bytes)} "
-                         f"| {p.flops_speedup:.2f}x | {'yes' if p.fits else 'no'} |")
+            lines.append(f"| {label} | `{keys}` | {model} | {size_text(p['cache_bytes'])} | "
+                         f"{size_text(p['peak_bytes'])} | {p['flops_speedup']:.2f}x | {'yes' if p['fits'] else 'no'} |")
     return lines
+
+
+PROJECTED = ROOT / "train_free_runs" / "memory" / "projection.json"  # plans kept: each takes ~30 s or more
+
+
+def projected(model: str, strategy: str, keys: dict) -> dict:
+    """The plan of ``strategy`` with ``keys`` on a :data:`PROJECTIONS` model (N=5, order 2 unless
+    given, 80 GB device), read from :data:`PROJECTED` when planned before, else planned and kept."""
+    kept = json.loads(PROJECTED.read_text()) if PROJECTED.is_file() else {}
+    name = json.dumps([model, strategy, keys], sort_keys=True)
+    if name not in kept:
+        setting = dict(PROJECTIONS[model])
+        target = setting.pop("target")
+        try:
+            p = cachelab.plan(target, strategy, interval=5, device_memory="80GB", **{"order": 2, **setting, **keys})
+            kept[name] = {"cache_bytes": p.cache_bytes, "peak_bytes": p.peak_bytes, "weight_bytes": p.weight_bytes,
+                          "activation_bytes": p.activation_bytes, "flops_speedup": p.flops_speedup, "fits": p.fits,
+                          "seconds": p.seconds}
+        except ConfigError as err:
+            kept[name] = {"refused": str(err)}
+        kept = {**(json.loads(PROJECTED.read_text()) if PROJECTED.is_file() else {}), name: kept[name]}
+        write_json_atomic(PROJECTED, kept)
+    return kept[name]
 
 
 def main() -> None:
