@@ -427,7 +427,12 @@ def projection(studies: list[dict]) -> list[str]:
     flux = next((s for s in studies if s["model"] == "tiny_flux_digits"), None)
     if flux is None:
         return []
-    chosen = {"unbounded o2 module (factors in the weights' dtype)": {"order": 2}}
+    every = [r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"]
+    chosen = {"unbounded o2 module (factors in the weights' dtype)": {},
+              "rule: every block whole (both stacks), o2": {"whole_blocks": every},
+              "rule: every block whole, o1": {"whole_blocks": every, "order": 1},
+              "rule: lite, model output, o2": {"strategy": "taylorseer_lite"},
+              "rule: lite, the stack's residual, o2": {"strategy": "taylorseer_lite_stack"}}
     for budget in ("25", "10"):
         for way, cell in flux["cells"].get(budget, {}).items():
             if isinstance(cell, dict) and not way.startswith("tuner"):
@@ -443,7 +448,8 @@ def projection(studies: list[dict]) -> list[str]:
     for label, keys in chosen.items():
         keys = dict(keys)
         strategy = keys.pop("strategy", "taylor")
-        keys = general(keys, stacks)
+        if not label.startswith(("rule:", "unbounded")):  # a tiny choice: per stack, where it held for the whole stack
+            keys = general(keys, stacks)
         for model in PROJECTIONS:
             p = projected(model, strategy, keys)
             if "refused" in p:
