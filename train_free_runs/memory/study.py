@@ -449,7 +449,12 @@ def projection(studies: list[dict]) -> list[str]:
         keys = dict(keys)
         strategy = keys.pop("strategy", "taylor")
         if not label.startswith(("rule:", "unbounded")):  # a tiny choice: per stack, where it held for the whole stack
+            per_block = {"whole_blocks", "site_orders"} & set(keys)
             keys = general(keys, stacks)
+            if per_block and not per_block & set(keys):
+                lines.append(f"| {label} | no per-stack form (its choices differ between the blocks of a stack): "
+                             f"see the rule rows | | | | | |")
+                continue
         for model in PROJECTIONS:
             p = projected(model, strategy, keys)
             if "refused" in p:
