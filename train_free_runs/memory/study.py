@@ -391,7 +391,9 @@ def general(keys: dict, stacks: dict[str, int]) -> dict:
 
 def report(folder: Path) -> str:
     studies = [json.loads(p.read_text()) for p in sorted(folder.glob("*/study.json"))]
-    lines = []
+    lines = ["# Memory-bounded caching: results", "",
+             "Written by `python train_free_runs/memory/study.py --report train_free_runs/memory`; the method, "
+             "the sizes and what the grid reduced: README.md next to this file.", ""]
     for s in studies:
         ref = s["measured"][s["reference"]]
         lines += [f"## {s['model']}", "",
