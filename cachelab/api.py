@@ -161,7 +161,7 @@ class Handle(Generations):
         from cachelab.models.parallel import context_parallel_group
 
         if self.sites is None:
-            self.sites = model_sites(self.model, self.strategy.granularity, call)
+            self.sites = model_sites(self.model, self.strategy.granularities, call)
         try:
             self.inner.hook(self.strategy.sites(self.sites), group=context_parallel_group(self.model))
         except ConfigError as err:  # e.g. a schedule reading a signal the model cannot give: name the model

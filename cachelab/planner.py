@@ -268,7 +268,7 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     counted: dict[int, int] = {}
     flops = 0
     with torch.no_grad():  # the sites as cachelab.apply finds them (its family's, or from one traced call)
-        source = model_sites(model, strategy.granularity, lambda: model(**calls[0][1]))
+        source = model_sites(model, strategy.granularities, lambda: model(**calls[0][1]))
     handle = strategy.attach(source)
     try:
         with torch.no_grad(), handle.generation(steps):

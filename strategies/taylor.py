@@ -7,6 +7,7 @@ instead of the step index (:mod:`cachelab.core.variables`).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import reduce
@@ -20,6 +21,7 @@ from cachelab.core.schedules import WarmUp
 from cachelab.core.storage import CODECS, Codec, Stored, decode, held, is_storage
 from cachelab.core.tokens import scatter_tokens
 from cachelab.core.variables import check_variable
+from cachelab.errors import ConfigError
 
 STORAGE = Allowed(is_storage, f"null, one of {' | '.join(CODECS)}, or a list of them (one per derivative order, "
                               f"the last repeating)", "is not a factor storage")
@@ -31,12 +33,14 @@ MAX_ORDER = 16
 
 @dataclass
 class TaylorState(PredictorState):
-    """Taylor factors ``D_0..D_j`` of one site at its last full step."""
+    """Taylor factors ``D_0..D_j`` of one site at its last full step; ``order``: the site's own
+    (None: the predictor's)."""
 
     factors: list[Stored] = field(default_factory=list)
     last_step: int | None = None
     out_dtype: torch.dtype | None = None
     positions: Sequence[float] | None = None
+    order: int | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return held(self.factors)
@@ -85,12 +89,18 @@ class TaylorSeer(Predictor):
     a float dtype stores and computes in it; fp8 and int8 store scaled codes, and each factor is
     decoded to the module's dtype where it is used. The differences are taken between stored
     (decoded) factors, as with a float dtype.
+    ``site_orders`` (order -> regexes of site names): a site whose name fully matches one of an
+    order's patterns keeps that order instead of ``order`` (high orders only where they pay:
+    ``{1: ["blocks\\.[4-7]\\..*"]}``; on the command line
+    ``strategy.predictor.site_orders="{1: ['blocks\\.[4-7]\\..*']}"``). When the strategy is
+    attached, a pattern that matches no site, or a site that patterns of two orders match, is refused.
     """
 
     @checked
     def __init__(self, order: Annotated[int, between(0, MAX_ORDER)], first_enhance: WarmUp = 1,
                  factor_dtype: Annotated[str | Sequence[str] | None, STORAGE] = None, difference: str = "official",
-                 damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step"):
+                 damping: Annotated[float, in_range(0, 1)] = 1.0, variable: str = "step",
+                 site_orders: dict[int, list[str]] | None = None):
         if difference not in _DIFFERENCES:
             raise ValueError(f"difference must be one of {list(_DIFFERENCES)}, got {difference!r}")
         check_variable(variable)
@@ -100,9 +110,34 @@ class TaylorSeer(Predictor):
         self.newton = difference == "newton"
         self.damping = damping
         self.variable = variable
+        self.site_orders = site_orders_checked(site_orders)
 
     def new_state(self) -> TaylorState:
         return NewtonState() if self.newton else TaylorState()
+
+    def new_state_for(self, site: str) -> TaylorState:
+        state = self.new_state()
+        state.order = self.order_of(site)
+        return state
+
+    def orders_of(self, site: str) -> set[int]:
+        """The ``site_orders`` orders with a pattern matching ``site``."""
+        return {o for o, patterns in self.site_orders.items() if any(re.fullmatch(p, site) for p in patterns)}
+
+    def order_of(self, site: str) -> int:
+        """The order ``site`` keeps: the ``site_orders`` order matching it, else ``order``."""
+        return min(self.orders_of(site), default=self.order)
+
+    def check_sites(self, names: Sequence[str]) -> None:
+        idle = [p for patterns in self.site_orders.values() for p in patterns
+                if not any(re.fullmatch(p, name) for name in names)]
+        if idle:
+            raise ConfigError(f"strategy.predictor.site_orders: the pattern(s) {', '.join(map(repr, idle))} match no "
+                              f"cache site; allowed: regexes matching site names, here {', '.join(names)}")
+        both = [name for name in names if len(self.orders_of(name)) > 1]
+        if both:
+            raise ConfigError(f"strategy.predictor.site_orders: site {both[0]} is matched under orders "
+                              f"{sorted(self.orders_of(both[0]))}; allowed: patterns giving each site one order")
 
     def derivatives_allowed(self, s: int) -> bool:
         return s > self.first_enhance - 2
@@ -124,6 +159,7 @@ class TaylorSeer(Predictor):
 
     def update(self, state: TaylorState, s: int, value: torch.Tensor) -> None:
         new = [self.encode(0, value)]
+        order = self.order if state.order is None else state.order
         x = self.position(state, s)
         if state.has_history:
             self.gap(state, s)
@@ -131,9 +167,9 @@ class TaylorSeer(Predictor):
                 if self.newton:
                     spans = [(x - t) / (i + 1) for i, t in enumerate(state.steps)]
                 else:
-                    spans = [x - state.position(state.last_step)] * self.order
+                    spans = [x - state.position(state.last_step)] * order
                 old = state.factors
-                count = min(len(old), self.order)
+                count = min(len(old), order)
                 # No allocation once the order is reached: D_1 goes into the dropped top factor's
                 # memory, D_{i+1} into old D_i's (needed by nothing after this difference). Old D_0
                 # is never written: it can be the model's own output tensor.
@@ -199,6 +235,21 @@ class TaylorSeer(Predictor):
         """The forecast's own error estimate at step ``s``: the norm of the gap (:meth:`error_terms`)
         relative to the norm of the last full value ``D_0`` (what ``schedule=error_controlled`` reads)."""
         return float(relative_norm(self.error_terms(state, s)))
+
+
+def site_orders_checked(site_orders) -> dict[int, list[str]]:
+    """``site_orders`` as orders in 0..MAX_ORDER to lists of valid regexes (None: empty)."""
+    out = {order: [patterns] if isinstance(patterns, str) else list(patterns)
+           for order, patterns in (site_orders or {}).items()}
+    for order, patterns in out.items():
+        if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"site_orders: the order {order!r} is not allowed; allowed: integers 0..{MAX_ORDER}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"site_orders: {pattern!r} is not a regex ({err})") from None
+    return out
 
 
 def storage_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:

@@ -99,6 +99,48 @@ def test_fp8_and_int8_factors_are_planned_exactly_scales_included():
     assert mixed.cache_bytes == 2 * elements + 2 * (elements + 4 * tokens)
 
 
+def test_per_site_orders_and_whole_blocks_are_planned_exactly():
+    """Mixed orders and mixed granularity: the plan is the measured peak and FLOPs, and the
+    bytes are the per-site closed form (each site's factors times its record's bytes)."""
+    from diffusers import FluxPipeline
+
+    from cachelab.models.pipelines import flux_digits
+
+    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
+    kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
+    plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
+    module = check_pipeline(pipe, kwargs, plan_keys)
+    orders = {3: [r"transformer_blocks\.0\..*"], 1: [r"single_.*"]}
+    mixed = check_pipeline(pipe, kwargs, plan_keys, site_orders=orders)
+    per_factor = {site.name: site.nbytes // 3 for site in module.sites}  # order 2 everywhere: 3 factors
+    factors = {name: 4 if name.startswith("transformer_blocks.0.") else 2 if name.startswith("single_") else 3
+               for name in per_factor}
+    assert mixed.cache_bytes == sum(per_factor[name] * factors[name] for name in per_factor)
+    whole = check_pipeline(pipe, kwargs, plan_keys, whole_blocks=[r"single_transformer_blocks\.\d+"],
+                           site_orders={0: [r"transformer_blocks\.1\..*"]})
+    block = check_pipeline(pipe, kwargs, plan_keys, granularity="block")
+    names = [site.name for site in whole.sites]
+    assert names[:6] == [name for name in per_factor if name.startswith("transformer_blocks.")]
+    assert names[6:] == ["single_transformer_blocks.0", "single_transformer_blocks.1"]
+    single = {site.name: site.nbytes for site in block.sites if site.name.startswith("single_")}
+    assert whole.cache_bytes == (sum(per_factor[n] * (1 if n.startswith("transformer_blocks.1.") else 3)
+                                     for n in per_factor if n.startswith("transformer_blocks."))
+                                 + sum(single.values()))
+
+
+def test_the_native_dit_with_mixed_orders_and_a_whole_block_is_planned_exactly():
+    adapter = tiny_adapter()
+    keys = dict(STRATEGY, site_orders={1: [r"blocks\.0"], 0: [r"blocks\.1\.mlp"]}, whole_blocks=[r"blocks\.0"])
+    planned = cachelab.plan(adapter.model, "taylor", num_inference_steps=adapter.num_steps, batch_size=3,
+                            guidance=adapter.guidance_scale, **keys)
+    with cachelab.apply(adapter.model, "taylor", **keys) as handle:
+        adapter.generate(adapter.make_inputs(3, seed=0), handle)
+        assert [site.name for site in handle.inner.sites] == ["blocks.0", "blocks.1.attn", "blocks.1.mlp"]
+        assert planned.cache_bytes == handle.stats().cache_bytes
+    # by hand: (2 factors at blocks.0 + 3 at blocks.1.attn + 1 at blocks.1.mlp) x (6 x 16 x 32) fp32
+    assert planned.cache_bytes == (2 + 3 + 1) * 6 * 16 * 32 * 4
+
+
 def test_the_plan_of_a_tiny_wan_with_two_cfg_calls_per_step(tmp_path):
     from cachelab.models.pipelines.wan import WanAdapter
 

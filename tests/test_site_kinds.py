@@ -44,8 +44,8 @@ class Run:
             state = self.states[kind.name] = kind.new_state(shape)
         return state
 
-    def new_state(self):
-        return self.predictor.new_state()
+    def new_state(self, site):
+        return self.predictor.new_state_for(site)
 
     def finite(self, site, forecast):
         return all(bool(torch.isfinite(f).all()) for f in forecast if f is not None)

@@ -387,9 +387,9 @@ class CacheHandle(Generations):
     def state(self, kind: SiteKind, shape: torch.Size | None = None):
         return self._caches.state(self.context_name, kind, shape)
 
-    def new_state(self) -> PredictorState:
-        """An empty history that knows the generation's positions of the predictor's variable."""
-        state = self.predictor.new_state()
+    def new_state(self, site: str) -> PredictorState:
+        """An empty history of ``site`` that knows the generation's positions of the predictor's variable."""
+        state = self.predictor.new_state_for(site)
         if self._positions is not None:
             state.positions = self._positions
         return state

@@ -55,6 +55,14 @@ class Predictor(ABC):
     def new_state(self) -> PredictorState:
         """An empty history."""
 
+    def new_state_for(self, site: str) -> PredictorState:
+        """An empty history for the cache site named ``site`` (the same for every site unless the
+        predictor has per-site settings)."""
+        return self.new_state()
+
+    def check_sites(self, names: Sequence[str]) -> None:
+        """Refuse per-site settings that name none of the sites ``names`` (none by default)."""
+
     @abstractmethod
     def update(self, state: PredictorState, s: int, value: torch.Tensor) -> None:
         """Record the value computed for real at full step ``s``."""

@@ -62,8 +62,8 @@ class SiteRun(Protocol):
         """``kind``'s state in the current context for inputs of ``shape``: a fresh one when the
         shape changed; None: the state as it is (a span's later members)."""
 
-    def new_state(self) -> PredictorState:
-        """An empty predictor history (knowing the generation's positions)."""
+    def new_state(self, site: str) -> PredictorState:
+        """An empty predictor history of ``site`` (knowing the generation's positions)."""
 
     def finite(self, site: Site, forecast: Parts) -> bool:
         """Whether ``forecast`` may replace the site's computation (the non-finite guard)."""
@@ -355,7 +355,7 @@ def record(run: SiteRun, name: str, state: PlainState, parts: Parts, bases: list
     """Record a full step's outputs: each part minus its residual base, a copy where that is the
     part itself (the caller gets it and may change it in place)."""
     if len(state.states) != len(parts):
-        state.states = [None if p is None else run.new_state() for p in parts]
+        state.states = [None if p is None else run.new_state(name) for p in parts]
     values = [value.clone() if value is not None and value is part else value
               for value, part in zip(cached_values(parts, bases), parts)]
     for held, value in zip(state.states, values):

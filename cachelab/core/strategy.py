@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +16,7 @@ from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import Schedule
 from cachelab.core.sites import SitePattern, Sites, select_sites
 from cachelab.core.tokens import TokenPolicy
+from cachelab.errors import ConfigError
 
 
 class SiteSource(Protocol):
@@ -34,7 +36,9 @@ class Strategy:
     ``guard``: what a forecast holding NaN or Inf does (``fallback | raise | off``, see
     :class:`CacheHandle`); ``tokens``: the tokens a site recomputes on forecast steps (None: none);
     ``offload``: the predictor states wait in host memory between their uses
-    (:class:`~cachelab.core.offload.HostOffload`)."""
+    (:class:`~cachelab.core.offload.HostOffload`); ``whole_blocks``: regexes of block names (as ``granularity=block`` names its sites) whose
+    blocks are cached whole, as one block site each, in place of the sites of ``granularity``
+    inside them (a per-site choice of granularity: coarser where finer caching does not pay)."""
 
     name: str
     predictor: Predictor | None
@@ -43,6 +47,18 @@ class Strategy:
     guard: str = "fallback"
     tokens: TokenPolicy | None = None
     offload: bool = False
+    whole_blocks: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.whole_blocks = tuple(self.whole_blocks or ())
+        if self.whole_blocks and self.granularity not in ("module", "block"):
+            raise ConfigError(f"strategy.whole_blocks needs strategy.granularity=module (or block); got "
+                              f"{self.granularity!r}; allowed: module, block")
+
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        """Every granularity whose sites :meth:`sites` reads."""
+        return (self.granularity, "block") if self.whole_blocks and self.granularity != "block" else (self.granularity,)
 
     def attach(self, adapter: SiteSource, guard: str | None = None, group: GroupReduce | None = None
                ) -> CacheHandle | ExpertHandles | None:
@@ -68,5 +84,30 @@ class Strategy:
                       tokens=self.tokens)
 
     def sites(self, adapter: SiteSource) -> Sites:
-        """``adapter``'s cache sites (and probes) of this granularity."""
-        return select_sites(adapter.model, adapter.site_patterns(self.granularity))
+        """``adapter``'s cache sites (and probes) of this granularity, the ``whole_blocks`` as
+        block sites in place of the sites inside them, in module order; a ConfigError where a
+        pattern matches no block, a chosen block holds a probe the schedule reads, or the
+        predictor's per-site settings match no site."""
+        sites = select_sites(adapter.model, adapter.site_patterns(self.granularity))
+        if self.whole_blocks:
+            sites = self._with_whole_blocks(adapter.model, sites,
+                                            select_sites(adapter.model, adapter.site_patterns("block")))
+        if self.predictor is not None:
+            self.predictor.check_sites([site.name for site in sites])
+        return sites
+
+    def _with_whole_blocks(self, model, sites: Sites, blocks: Sites) -> Sites:
+        idle = [p for p in self.whole_blocks if not any(re.fullmatch(p, b.name) for b in blocks)]
+        if idle:
+            raise ConfigError(f"strategy.whole_blocks: {', '.join(map(repr, idle))} match(es) no block; allowed: "
+                              f"regexes matching {', '.join(b.name for b in blocks)}")
+        chosen = [b for b in blocks if any(re.fullmatch(p, b.name) for p in self.whole_blocks)]
+        inner = {id(m) for b in chosen for m in b.owner.modules()}
+        held = [signal for signal, probe in sites.probes.items()
+                if signal in self.schedule.signals and id(probe.owner) in inner]
+        if held:
+            raise ConfigError(f"strategy.whole_blocks: a whole block would hold the probe of the schedule's signal(s) "
+                              f"{', '.join(held)}, which must run every step; allowed: patterns sparing that block")
+        rank = {id(m): i for i, m in enumerate(model.modules())}
+        kept = [*chosen, *(s for s in sites if id(s.owner) not in inner)]
+        return Sites(sorted(kept, key=lambda s: rank[id(s.owner)]), sites.probes)

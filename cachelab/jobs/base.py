@@ -51,7 +51,8 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     tokens = build(node, "tokens", "strategy.tokens")
     return Strategy(cfg.strategy.name, build(cfg.strategy, "predictor", "strategy.predictor"), build(cfg, "schedule"),
                     cfg.strategy.granularity, guard=guard_policy(cfg.get("guard", "fallback")), tokens=tokens,
-                    offload=bool(OmegaConf.select(cfg, "cache.offload", default=False)))
+                    offload=bool(OmegaConf.select(cfg, "cache.offload", default=False)),
+                    whole_blocks=tuple(cfg.strategy.get("whole_blocks") or ()))
 
 
 def observed_full_run(adapter: ModelAdapter, granularity: str, observer, inputs: Inputs,

@@ -46,6 +46,9 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.job.search == "sites" and cfg.strategy.granularity not in TUNE_GRANULARITIES:
             raise ConfigError(f"job=tune sets one interval per site: strategy.granularity={cfg.strategy.granularity!r} "
                               f"is not allowed; allowed: {', '.join(TUNE_GRANULARITIES)}")
+        if cfg.strategy.get("whole_blocks"):
+            raise ConfigError("job=tune tunes the sites of one granularity: strategy.whole_blocks is not allowed "
+                              "there; allowed: strategy.whole_blocks=[] with strategy.granularity=module or block")
 
 
 TUNE_GRANULARITIES = ("module", "block", "output")  # a stack site spans blocks: no per-site FLOPs

@@ -45,9 +45,10 @@ def planned(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> Plan:
 
 def check_cache_budget(cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy) -> None:
     """``cache.budget``: the run's strategy planned and refused (a ConfigError in one line) when
-    its cache would exceed the budget; nothing when no budget is set or nothing is cached."""
+    its cache would exceed the budget; nothing when no budget is set, nothing is cached, or the
+    job is ``job=tune`` (which keeps to the budget with its own candidates, planned each)."""
     budget = cfg.get("cache", {}).get("budget")
-    if budget is None or strategy.predictor is None:
+    if budget is None or strategy.predictor is None or "target" in cfg.job:  # job=tune plans its own candidates
         return
     keys = plan_keys(cfg, adapter)
     result = plan(plan_target(cfg, adapter), strategy, **keys)

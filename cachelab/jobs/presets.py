@@ -19,7 +19,7 @@ SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top
 
 def preset(name: str, **overrides) -> Strategy:
     """``conf/strategy/<name>.yaml`` with ``overrides``: ``order``, ``interval``, ``first_enhance``,
-    ``granularity``, ``tokens`` (a token selection policy name or None), ``schedule`` (a
+    ``granularity``, ``whole_blocks`` (block regexes cached whole), ``tokens`` (a token selection policy name or None), ``schedule`` (a
     ``conf/schedule/`` name), ``guard`` (``fallback | raise | off``), and the schedule's, the predictor's or the token policy's own keys (``threshold``,
     ``calibration``, ``factor_dtype``, ``fresh_ratio``, ...)."""
     if not CONFIG_DIR.is_dir():
@@ -73,7 +73,7 @@ def where(cfg, key: str) -> str:
     """The config path that ``key`` sets; an unknown key is a ConfigError naming the allowed ones."""
     if key in SHORTHANDS:
         return key
-    if key in ("granularity", "tokens"):
+    if key in ("granularity", "tokens", "whole_blocks"):
         return f"strategy.{key}"
     if key in cfg.schedule and key != "_target_":
         return f"schedule.{key}"
@@ -84,7 +84,7 @@ def where(cfg, key: str) -> str:
     tokens = tokens if isinstance(tokens, DictConfig) else {}
     if key in tokens and key != "_target_":
         return f"strategy.tokens.{key}"
-    allowed = [*SHORTHANDS, "granularity", "tokens", "schedule", *(k for k in cfg.schedule if k != "_target_"),
+    allowed = [*SHORTHANDS, "granularity", "tokens", "whole_blocks", "schedule", *(k for k in cfg.schedule if k != "_target_"),
                *(k for k in (predictor or {}) if k != "_target_"), *(k for k in tokens if k != "_target_")]
     raise ConfigError(f"{key}= is not a key of strategy={cfg.strategy.name!r} with schedule "
                       f"{cfg.schedule._target_.rsplit('.', 1)[-1]}; allowed: {', '.join(dict.fromkeys(allowed))}")

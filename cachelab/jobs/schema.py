@@ -203,6 +203,7 @@ class StrategySchema:
     predictor: Any = MISSING
     needs_schedule: Optional[str] = None
     tokens: Any = None
+    whole_blocks: List[str] = field(default_factory=list)
 
 
 @dataclass

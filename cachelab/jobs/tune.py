@@ -44,11 +44,14 @@ from cachelab.io import write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs.checks import check_target
 from cachelab.jobs.compare import measure
+from cachelab.jobs.plan import plan_keys, plan_target
+from cachelab.jobs.tuning.budget import CacheBudget
 from cachelab.jobs.tuning.records import Setting
 from cachelab.core.arguments import Allowed
 from cachelab.errors import ConfigError
 from cachelab.jobs.tune_space import run_space_search
 from cachelab.jobs.tuning.tuner import Bench, Tuner, TuneOptions, Verification
+from cachelab.planner import parse_size, plan
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,14 @@ class TuneJob:
             log.info(f"tune: chosen {result['chosen']['setting'] if result['chosen'] else 'nothing'}")
             return result
         bench = Bench(adapter, strategy.granularity, cfg.seed, cfg.num_images,
-                      min(cfg.measure.flops_images or cfg.num_images, cfg.num_images), strategy.guard, cfg.progress)
+                      min(cfg.measure.flops_images or cfg.num_images, cfg.num_images), strategy.guard, cfg.progress,
+                      cache_budget(cfg, adapter))
         tuning = self.tuner.run(bench, partial(self.verify, cfg, bench, out_dir))
         result = tuning.result
+        if bench.budget is not None and tuning.chosen is not None:  # the chosen one: planned and measured
+            result["cache_budget"]["chosen"] = {
+                "planned": bench.budget.planned(self.tuner.strategy(tuning.chosen, bench.granularity)),
+                "measured": tuning.measured["cache_bytes"]}
         if tuning.chosen is not None:
             self.write_config(cfg, tuning.chosen, tuning.measured, strategy.granularity, out_dir)
             result["run_with"] = f"python run.py --config-dir {out_dir / 'conf'} strategy=tuned"
@@ -108,7 +116,8 @@ class TuneJob:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         metrics = measure(vcfg, bench.adapter, build_strategy(vcfg), Sink(), out_dir / name, self.grid_rows)
         return Verification({"speedup": metrics["flops"]["speedup"], "rel_l2": metrics["quality"]["rel_l2"],
-                             "psnr_db": metrics["quality"]["psnr_db"]}, metrics["full_steps"], name)
+                             "psnr_db": metrics["quality"]["psnr_db"], "cache_bytes": metrics["cache_bytes"]},
+                            metrics["full_steps"], name)
 
     def strategy_nodes(self, cfg: DictConfig, setting: Setting, granularity: str) -> tuple[dict, dict]:
         """The ``strategy`` and ``schedule`` config nodes of ``setting`` (plain values)."""
@@ -146,6 +155,16 @@ class TuneJob:
         write_bytes_atomic(out_dir / "tuned_apply.json", (json.dumps(apply, indent=1) + "\n").encode())
 
 
+def cache_budget(cfg: DictConfig, adapter) -> CacheBudget | None:
+    """``cache.budget`` for the tuner: the limit, and the planner on the run's model and generation
+    (:func:`~cachelab.jobs.plan.plan_keys`, as the budget check of every other job plans)."""
+    budget = cfg.get("cache", {}).get("budget")
+    if budget is None:
+        return None
+    target, keys = plan_target(cfg, adapter), plan_keys(cfg, adapter)
+    return CacheBudget(parse_size(budget, "cache.budget"), lambda strategy: plan(target, strategy, **keys).cache_bytes)
+
+
 def report(result: dict) -> str:
     """``report.md``: the target, the tries (predicted vs measured), the calibration with the
     additivity check, and the tuning's cost."""
@@ -179,6 +198,13 @@ def report(result: dict) -> str:
         lines.append(f"| {p['setting']} | {p['speedup']:.2f}x | {check} | {p['psnr_db']:.1f} dB | {p['rel_l2']:.3g} |")
     lines += ["", "| tuning cost | real generations | seconds |", "| --- | --- | --- |"]
     lines += [f"| {phase} | {c['runs']} | {c['seconds']:.1f} |" for phase, c in result["cost"].items()]
+    budget = result.get("cache_budget")
+    if budget:
+        chosen = budget.get("chosen")
+        lines += ["", f"Cache budget {budget['budget']} B: planned (every site at interval 1) "
+                  + ", ".join(f"{k} {v} B" for k, v in budget["planned"].items())
+                  + (f"; left out before any run: {', '.join(budget['excluded'])}" if budget["excluded"] else "")
+                  + (f". Chosen: planned {chosen['planned']} B, measured {chosen['measured']} B." if chosen else ".")]
     if result.get("run_with"):
         lines += ["", f"Chosen: {result['chosen']}; run it: `{result['run_with']}`"]
     return "\n".join(lines) + "\n"

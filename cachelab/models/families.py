@@ -85,12 +85,14 @@ class FamilySites:
         return "\n".join(lines)
 
 
-def model_sites(model: nn.Module, granularity: str, call: Callable[[], object]) -> FamilySites:
-    """The sites ``cachelab.apply`` hooks on ``model`` at ``granularity``: its family's, with
-    whatever they leave open discovered from ``call`` (one forward of ``model``)."""
+def model_sites(model: nn.Module, granularities: str | tuple[str, ...], call: Callable[[], object]) -> FamilySites:
+    """The sites ``cachelab.apply`` hooks on ``model`` at ``granularities`` (one or several: a
+    strategy's ``granularities``): its family's, with whatever they leave open discovered from
+    ``call`` (one forward of ``model``)."""
     adapter = family_adapter(model)
     own = dict(adapter.sites) if adapter is not None else {}
-    discovered = discover(model, call) if needs_discovery(own, granularity) else None
+    wanted = (granularities,) if isinstance(granularities, str) else granularities
+    discovered = discover(model, call) if any(needs_discovery(own, g) for g in wanted) else None
     return FamilySites(model, own, discovered, adapter.__name__ if adapter is not None else "the family")
 
 

@@ -21,6 +21,7 @@ from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.io import write_json_atomic
 from cachelab.jobs.atlas import site_depth
+from cachelab.jobs.tuning.budget import CacheBudget
 from cachelab.jobs.tuning.records import (Clock, CostModel, ErrorCurves, ErrorModel, Reference, SensitivityTable,
                                           Setting, Try)
 from cachelab.jobs.tuning.targets import Target
@@ -58,7 +59,7 @@ class TuneOptions:
 class Bench:
     """What the tuner measures on: the model adapter, the sites' granularity, the images' seed,
     the tuning's number of images and of images counted for FLOPs, the NaN guard of the cached
-    runs and whether generations show progress."""
+    runs, whether generations show progress and the cache budget (None: none)."""
 
     adapter: object
     granularity: str
@@ -67,6 +68,7 @@ class Bench:
     flops_images: int
     guard: str = "fallback"
     progress: bool = False
+    budget: CacheBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,11 @@ class Tuner:
         clock = Clock()
         cost, small, full = self.references(bench, clock)
         groups = self.groups(list(cost.site_flops))
-        tables, reused = self.sensitivity_tables(bench, groups, small, full, clock)
+        pairs, budget = self.pairs(), None
+        if bench.budget is not None:  # planned before any cached run: a pair over it is never run
+            pairs, budget = bench.budget.fitting(lambda s: self.strategy(s, bench.granularity), pairs,
+                                                 list(cost.site_flops))
+        tables, reused = self.sensitivity_tables(bench, groups, small, full, clock, pairs)
         settings = self.settings(tables, groups, cost, full.count)
         log.info(f"tune: {len(settings)} candidates from {reused['runs']} sensitivity runs "
                  f"({'reused from ' + str(reused['file']) if reused['file'] else 'measured'}) "
@@ -124,7 +130,7 @@ class Tuner:
                   "tries": [t.as_dict() for t in tries], "cost": clock.as_dict(),
                   "best_uniform_candidate": None if uniform is None else
                   {"setting": uniform.label(), "predicted": model.predict(uniform)},
-                  "chosen": None if chosen is None else chosen.setting.label()}
+                  "chosen": None if chosen is None else chosen.setting.label(), "cache_budget": budget}
         return Tuning(result, None if chosen is None else chosen.setting, None if chosen is None else chosen.measured)
 
     def references(self, bench: Bench, clock: Clock) -> tuple[CostModel, Reference, Reference]:
@@ -177,6 +183,10 @@ class Tuner:
                            f"{best['speedup']:.2f}x, PSNR {best['psnr_db']:.1f} dB, rel-L2 {best['rel_l2']:.3g}); "
                            f"allowed: a looser job.target.{key}, or more job.orders / job.intervals")
 
+    def pairs(self) -> list[tuple[str, int]]:
+        """Every (family, order) the options search."""
+        return [(family, order) for family in self.families for order in self.options.orders]
+
     def groups(self, sites: list[str]) -> dict[str, list[str]]:
         """Group name -> its sites: each site alone, or (``group=block``) the sites of a block."""
         if self.options.group == "site":
@@ -187,49 +197,53 @@ class Tuner:
         return out
 
     def sensitivity_tables(self, bench: Bench, groups: dict[str, list[str]], small: Reference, full: Reference,
-                           clock: Clock) -> tuple[dict[tuple[str, int], SensitivityTable], dict]:
-        """The sensitivity tables, read from ``sensitivity_file`` when it was written for the
-        same model, steps, seed, images, sites and candidates (then no run is repeated), else
-        measured (:meth:`sensitivities`) and written there; and how they were measured (runs,
-        seconds, the file they were reused from)."""
+                           clock: Clock, pairs: list[tuple[str, int]] | None = None
+                           ) -> tuple[dict[tuple[str, int], SensitivityTable], dict]:
+        """The sensitivity tables of the (family, order) ``pairs`` (default: :meth:`pairs`), read
+        from ``sensitivity_file`` when it was written for the same model, steps, seed, images,
+        sites and candidates (then no run is repeated), else measured (:meth:`sensitivities`)
+        and written there; and how they were measured (runs, seconds, the file they were reused
+        from)."""
         o = self.options
         key = {"model": bench.adapter.name, "num_steps": bench.adapter.num_steps, "seed": bench.seed,
                "granularity": bench.granularity, "sensitivity_images": o.sensitivity_images,
                "first_enhance": o.first_enhance, "groups": groups, "families": list(self.families),
                "orders": list(o.orders), "intervals": list(o.intervals)}
+        pairs = self.pairs() if pairs is None else pairs
         path = None if o.sensitivity_file is None else Path(o.sensitivity_file)
         saved = json.loads(path.read_text()) if path is not None and path.is_file() else None
         if saved is not None and saved["key"] != key:
             log.info(f"tune: {path} was measured for another setup; measuring the sensitivities again")
             saved = None
         tables = {} if saved is None else {(f, n): SensitivityTable.from_dict(saved["tables"][f"{f}_o{n}"])
-                                           for f in self.families for n in o.orders}
+                                           for f, n in pairs if f"{f}_o{n}" in saved["tables"]}
         cost = {"runs": 0, "seconds": 0.0} if saved is None else saved["cost"]
         start = dict(clock.phases.get("sensitivity", {"runs": 0, "seconds": 0.0}))
-        self.sensitivities(bench, groups, small, full, clock, tables)
+        self.sensitivities(bench, groups, small, full, clock, tables, pairs)
         new = {k: clock.phases.get("sensitivity", start)[k] - start[k] for k in ("runs", "seconds")}
         cost = {k: cost[k] + new[k] for k in ("runs", "seconds")}
         if path is not None and new["runs"]:
-            write_json_atomic(path, {"key": key, "cost": cost,
-                                     "tables": {f"{f}_o{n}": t.as_dict() for (f, n), t in tables.items()}})
+            kept = {} if saved is None else saved["tables"]  # the pairs a budget left out this time
+            write_json_atomic(path, {"key": key, "cost": cost, "tables": {
+                **kept, **{f"{f}_o{n}": t.as_dict() for (f, n), t in tables.items()}}})
         return tables, {**cost, "file": str(path) if saved is not None else None, "runs_now": new["runs"]}
 
     def sensitivities(self, bench: Bench, groups: dict[str, list[str]], small: Reference, full: Reference,
-                      clock: Clock, tables: dict[tuple[str, int], SensitivityTable]) -> None:
-        """Fills in what ``tables`` lacks: per family and order, one real cached run of the small
+                      clock: Clock, tables: dict[tuple[str, int], SensitivityTable],
+                      pairs: list[tuple[str, int]]) -> None:
+        """Fills in what ``tables`` lacks: per (family, order) of ``pairs``, one real cached run of the small
         reference per group and interval in which only that group forecasts, and one per interval
         in which every group does, on the small reference and on the full one."""
         every = [s for members in groups.values() for s in members]
-        for family in self.families:
-            for order in self.options.orders:
-                table = tables.setdefault((family, order), SensitivityTable())
-                if not table.groups:
-                    table.groups = {g: self.curves(bench, family, order, members, small, clock)
-                                    for g, members in groups.items()}
-                if table.uniform is None:
-                    table.uniform = self.curves(bench, family, order, every, small, clock)
-                if full.count not in table.uniform_on:
-                    table.uniform_on[full.count] = self.curves(bench, family, order, every, full, clock)
+        for family, order in pairs:
+            table = tables.setdefault((family, order), SensitivityTable())
+            if not table.groups:
+                table.groups = {g: self.curves(bench, family, order, members, small, clock)
+                                for g, members in groups.items()}
+            if table.uniform is None:
+                table.uniform = self.curves(bench, family, order, every, small, clock)
+            if full.count not in table.uniform_on:
+                table.uniform_on[full.count] = self.curves(bench, family, order, every, full, clock)
 
     def curves(self, bench: Bench, family: str, order: int, sites: list[str], reference: Reference,
                clock: Clock) -> ErrorCurves:
