@@ -86,7 +86,7 @@ CONFLICTS = {("taylorseer_lite", "teacache"), ("taylorseer_lite", "fbcache"), ("
              ("exponential", "error_controlled"), ("least_squares", "error_controlled"),
              ("foca", "error_controlled"), ("dmd", "error_controlled"), ("freqca", "error_controlled"),
              # SpeCa's check computes one site: at stack or output granularity, the whole step
-             ("taylorseer_lite", "speca"), ("dmd", "speca"), ("freqca", "speca")}
+             ("taylorseer_lite", "speca"), ("taylorseer_lite_stack", "speca"), ("dmd", "speca"), ("freqca", "speca")}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
