@@ -32,6 +32,7 @@ from cachelab.errors import ConfigError, UserError
 from cachelab.jobs import CONFIG_DIR
 from cachelab.jobs.console import close_progress_bars, quiet_console
 from cachelab.jobs.isolation import Outcome, run_isolated
+from cachelab.jobs.listing import listing, package_version
 from cachelab.jobs.lifecycle import (LOCK, PROGRESS, SWEEP, Interrupted, Owner, interruptible, interrupted_line,
                                      release_if_owned, slurm_job, write_failure)
 
@@ -256,7 +257,14 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def console() -> None:
-    """The ``cachelab`` console script (and ``python run.py``)."""
+    """The ``cachelab`` console script (and ``python run.py``); ``--version`` and ``--list`` answer
+    before Hydra starts."""
+    if sys.argv[1:] == ["--version"]:
+        print(f"cachelab {package_version()}")
+        return
+    if sys.argv[1:] == ["--list"]:
+        print(listing(Path(CONFIG_DIR)))
+        return
     with interruptible():  # SIGINT/SIGTERM raise Interrupted: every cleanup runs, one line at the end
         try:
             check_command_line(sys.argv[1:])
