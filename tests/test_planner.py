@@ -56,6 +56,17 @@ def check_pipeline(pipe, call_kwargs: dict, plan_keys: dict, strategy: str = "ta
     return planned
 
 
+def flux_digits_call():
+    """The shipped FLUX digits pipeline, its call's keywords (guidance 3.5) and the matching plan keys."""
+    from diffusers import FluxPipeline
+
+    from cachelab.models.pipelines import flux_digits
+
+    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
+    return (pipe, dict(flux_digits.CALL_KWARGS, guidance_scale=3.5),
+            dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH))
+
+
 def test_the_plan_of_tiny_flux_digits_is_its_measured_cache_and_flops():
     from diffusers import FluxPipeline
 
@@ -67,13 +78,7 @@ def test_the_plan_of_tiny_flux_digits_is_its_measured_cache_and_flops():
 
 
 def test_bf16_factors_and_block_sites_are_planned_exactly_too():
-    from diffusers import FluxPipeline
-
-    from cachelab.models.pipelines import flux_digits
-
-    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
-    kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
-    plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
+    pipe, kwargs, plan_keys = flux_digits_call()
     fp32 = check_pipeline(pipe, kwargs, plan_keys)
     bf16 = check_pipeline(pipe, kwargs, plan_keys, factor_dtype="bf16")
     assert bf16.cache_bytes * 2 == fp32.cache_bytes  # every factor in half the bytes
@@ -81,13 +86,7 @@ def test_bf16_factors_and_block_sites_are_planned_exactly_too():
 
 
 def test_fp8_and_int8_factors_are_planned_exactly_scales_included():
-    from diffusers import FluxPipeline
-
-    from cachelab.models.pipelines import flux_digits
-
-    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
-    kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
-    plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
+    pipe, kwargs, plan_keys = flux_digits_call()
     fp8 = check_pipeline(pipe, kwargs, plan_keys, factor_dtype="fp8_e4m3")
     mixed = check_pipeline(pipe, kwargs, plan_keys, factor_dtype=["bf16", "int8_token"])
     # by hand from the sites' shapes (B, N, C): per factor, one byte per element and a float32
@@ -102,13 +101,7 @@ def test_fp8_and_int8_factors_are_planned_exactly_scales_included():
 def test_per_site_orders_and_whole_blocks_are_planned_exactly():
     """Mixed orders and mixed granularity: the plan is the measured peak and FLOPs, and the
     bytes are the per-site closed form (each site's factors times its record's bytes)."""
-    from diffusers import FluxPipeline
-
-    from cachelab.models.pipelines import flux_digits
-
-    pipe = FluxPipeline.from_pretrained(flux_digits.verified_folder())
-    kwargs = dict(flux_digits.CALL_KWARGS, guidance_scale=3.5)
-    plan_keys = dict(height=32, width=32, text_tokens=flux_digits.MAX_SEQUENCE_LENGTH)
+    pipe, kwargs, plan_keys = flux_digits_call()
     module = check_pipeline(pipe, kwargs, plan_keys)
     orders = {3: [r"transformer_blocks\.0\..*"], 1: [r"single_.*"]}
     mixed = check_pipeline(pipe, kwargs, plan_keys, site_orders=orders)
