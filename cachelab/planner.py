@@ -208,7 +208,7 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
 def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: dict | None = None) -> None:
     """Refuse ``result`` (a ConfigError in one line) when its cache exceeds ``budget``, naming the
     planned size, the limit and the cheapest settings of ``strategy`` that would fit on ``target``
-    (each planned again: lower orders, bf16 or fp8 factors, both, then block and output granularity)."""
+    (each planned again: lower orders, bf16 or int8 factors, both, then block and output granularity)."""
     limit = parse_size(budget)
     if result.cache_bytes <= limit:
         return
@@ -223,7 +223,7 @@ def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: di
         if len(fitting) == 3:
             break
     advice = (f"; the cheapest settings that fit: {', '.join(fitting)}" if fitting
-              else "; no lower order, bf16 or fp8 factors or coarser granularity fits")
+              else "; no lower order, bf16 or int8 factors or coarser granularity fits")
     raise ConfigError(f"cache budget exceeded: {result.strategy} on {result.model} plans "
                       f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache, over the budget of "
                       f"{size_text(limit)} ({limit} B){advice}")
@@ -231,7 +231,7 @@ def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: di
 
 def _alternatives(strategy) -> list[tuple[str, object]]:
     """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant),
-    least change first: each lower order, bf16 factors, both, fp8 factors, with each lower order,
+    least change first: each lower order, bf16 factors, both, int8 factors, with each lower order,
     then block and output granularity (a factor storage only where some factor is stored wider)."""
     predictor = strategy.predictor
     orders: list[dict] = []
@@ -239,7 +239,9 @@ def _alternatives(strategy) -> list[tuple[str, object]]:
         orders += [{"order": o} for o in range(predictor.order - 1, -1, -1)]
     changes = list(orders)
     stored = getattr(predictor, "factor_dtype", False)
-    for name in ("bf16", "fp8_e4m3") if stored is not False else ():
+    # int8 with per-token scales: a quarter of fp32's bytes at parity with it on both trained models, where
+    # fp8 e4m3 lost 1-2 dB at the same size (train_free_runs/memory/storage/results.md)
+    for name in ("bf16", "int8_token") if stored is not False else ():
         if stored is None or any(CODECS[each].itemsize > CODECS[name].itemsize for each in stored):
             changes += [{"factor_dtype": name}] + [{**c, "factor_dtype": name} for c in orders]
     changes += [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]

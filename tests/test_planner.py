@@ -238,6 +238,18 @@ def test_apply_refuses_a_strategy_over_its_budget_before_hooking_anything():
         assert handle.stats().cache_bytes == planned.cache_bytes  # exactly the budget: allowed
 
 
+def test_a_refusal_offers_int8_factors_at_their_planned_size():
+    adapter = tiny_adapter()
+    keys = dict(num_inference_steps=10, batch_size=3, guidance=1.5)
+    planned = cachelab.plan(adapter.model, "taylor", **keys, **STRATEGY)
+    int8 = cachelab.plan(adapter.model, "taylor", **keys, **dict(STRATEGY, factor_dtype="int8_token"))
+    budget = planned.cache_bytes * 3 // 10  # below order 0 (1/3) and bf16 (1/2); int8 (about 1/4) fits
+    assert int8.cache_bytes <= budget
+    with pytest.raises(ConfigError) as refused:
+        cachelab.apply(adapter.model, "taylor", budget=budget, **keys, **STRATEGY)
+    assert f"factor_dtype=int8_token ({size_text(int8.cache_bytes)})" in str(refused.value)
+
+
 def test_the_command_line_refuses_a_budget_in_one_line_and_writes_no_metrics(tmp_path):
     from tests.test_cli import run_app
 
