@@ -267,13 +267,8 @@ class CacheHandle(Generations):
                                f"a new one")
         if self._caches:  # the bytes the last step left held count toward the peak
             self._caches.mark(self._extra_bytes())
-        if self.s is not None and self._decision is None and self.probes:
-            raise RuntimeError(f"step {self.s} ended undecided: the model never ran the probe(s) of "
-                               f"{', '.join(self.probes)}")
         if self.s is not None and self._decision is None:
-            raise RuntimeError(f"step {self.s} ended undecided: the sampler never gave the signal(s) "
-                               f"{', '.join(set(self.schedule.signals) - set(self._signals))} (handle.step(s, t, "
-                               f"latent=x) or handle.supply(latent=x))")
+            raise RuntimeError(f"step {self.s} ended undecided: {self._awaited()}")
         self.s, self._t, self._decision, self._signals = s, t, None, dict(signals)
         if "error_estimate" in self.schedule.signals and "error_estimate" not in signals:
             self._signals["error_estimate"] = error_estimate(self.predictor, self._caches, self.group, s)
@@ -431,6 +426,13 @@ class CacheHandle(Generations):
         self.group.agree(decision_code(self._decision), f"step {self.s}")
         steps = self._stats.full_steps if is_full(self._decision) else self._stats.forecast_steps
         steps.append(self.s)
+
+    def _awaited(self) -> str:
+        """What the pending decision waits for: the probes the model never ran, else the sampler's signals."""
+        if self.probes:
+            return f"the model never ran the probe(s) of {', '.join(self.probes)}"
+        missing = ", ".join(signal for signal in self.schedule.signals if signal not in self._signals)
+        return f"the sampler never gave the signal(s) {missing} (handle.step(s, t, latent=x) or handle.supply(latent=x))"
 
     def _kind(self, site: Site) -> SiteKind:
         """``site``'s kind, with token selection's decorators and, at the checked site, the check."""
