@@ -107,7 +107,10 @@ class SpaceBench:
         cached()  # warm-up: a strategy's first generation allocates its caches
         ratios = []
         for r in range(self.rounds):
-            base, fast = (full(), cached()) if r % 2 == 0 else tuple(reversed((cached(), full())))
+            if r % 2 == 0:
+                base, fast = full(), cached()
+            else:
+                fast, base = cached(), full()
             ratios.append(base / fast)
         return median(ratios)
 

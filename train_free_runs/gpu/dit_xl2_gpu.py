@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from train_free_runs.bench.timing import copy_bandwidth, machine, median_seconds  # noqa: E402
 from cachelab.core.compiling import compile_regions, uncompile_regions  # noqa: E402
 from cachelab.evaluation.flops import count_flops  # noqa: E402
+from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from cachelab.core.schedules import Interval  # noqa: E402
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     return result
 
 

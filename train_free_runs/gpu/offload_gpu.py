@@ -29,6 +29,7 @@ from cachelab.core.controller import attach  # noqa: E402
 from cachelab.core.offload import HostOffload, Transfers  # noqa: E402
 from cachelab.core.schedules import Interval  # noqa: E402
 from cachelab.core.sites import select_sites  # noqa: E402
+from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from strategies.taylor import TaylorSeer  # noqa: E402
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{na if copy_ms is None else f'{copy_ms:.2f} ms'} per step; overlap "
           f"{na if overlap is None else f'{100 * overlap:.0f} %'}; bit-identical to no offload: {identical}")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     return result
 
 

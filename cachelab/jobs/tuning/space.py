@@ -169,10 +169,8 @@ def placed_full_steps(sensitivity: Sequence[float], count: int, first_enhance: i
     # best[j][c]: the least error of the steps before j with c full steps among 0..j, j full.
     best = [[math.inf] * (count + 1) for _ in range(T)]
     back = [[-1] * (count + 1) for _ in range(T)]
-    for j in range(T):
-        if j == 0:
-            best[0][1] = 0.0
-            continue
+    best[0][1] = 0.0  # step 0 is always full
+    for j in range(1, T):
         for i in range(j):
             if any(i < f < j for f in forced):  # a forced full step cannot be skipped over
                 continue
