@@ -113,7 +113,8 @@ class HostOffload:
     def _use(self, state: PredictorState, call: Callable, device: torch.device | None = None, writes: bool = False,
              learn: bool = True):
         """``call()`` with ``state``'s tensors on its device; afterwards back on the host: copied
-        there when ``call`` may have changed them (``writes``), else the host tensors restored."""
+        there when ``call`` may have changed them (``writes``), else the host tensors restored
+        (:func:`restore`: what the call replaced goes to the host too)."""
         slot = self._slot(state)
         slot.device = device or slot.device
         transfers = self._transfers_of(slot.device)
@@ -122,6 +123,7 @@ class HostOffload:
         else:
             held = dict(vars(state))
             self._fetch(state, slot, transfers)
+            fetched = dict(vars(state))
             try:
                 result = call()
             finally:
@@ -129,7 +131,7 @@ class HostOffload:
                     for name, value in vars(state).items():
                         setattr(state, name, mapped(value, transfers.to_host))
                 else:
-                    vars(state).update(held)
+                    restore(state, held, fetched, transfers)
         if learn:
             self._follow(state, slot, transfers)
         return result
@@ -183,6 +185,26 @@ class HostOffload:
         if device not in self._transfers:
             self._transfers[device] = self._transfers_for(device)
         return self._transfers[device]
+
+
+def restore(state: PredictorState, held: dict, fetched: dict, transfers: Transfers) -> None:
+    """``state`` back on the host after a call that reads it: each attribute as it was before
+    ``fetched`` (its device copies) replaced it, unless the call replaced it in turn (FoCa's forecast
+    window, DMD's fit): then the fetched copies in it are their host tensors again and its new
+    tensors are copied to the host."""
+    replaced = {name: value for name, value in vars(state).items() if value is not fetched.get(name)}
+    vars(state).update(held)
+    if not replaced:
+        return
+    hosts = {id(copy): (copy, host) for name in held
+             for host, copy in zip(tensors_in(held[name]), tensors_in(fetched[name]))}
+
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        copy, host = hosts.get(id(tensor), (None, None))
+        return host if copy is tensor else transfers.to_host(tensor)
+
+    for name, value in replaced.items():
+        setattr(state, name, mapped(value, to_host))
 
 
 def mapped(value, fn: Callable[[torch.Tensor], torch.Tensor]):
