@@ -128,8 +128,9 @@ class HostOffload:
                 result = call()
             finally:
                 if writes:
+                    to_host = once(transfers.to_host)
                     for name, value in vars(state).items():
-                        setattr(state, name, mapped(value, transfers.to_host))
+                        setattr(state, name, mapped(value, to_host))
                 else:
                     restore(state, held, fetched, transfers)
         if learn:
@@ -142,6 +143,7 @@ class HostOffload:
         if prefetched:
             transfers.ready([copy for _, copy in prefetched.values()], slot.event)
 
+        @once
         def to_device(tensor: torch.Tensor) -> torch.Tensor:
             host, copy = prefetched.get(id(tensor), (None, None))
             return copy if host is tensor else transfers.to_device(tensor)
@@ -167,7 +169,7 @@ class HostOffload:
             self._slot(pending).prefetched = {}
         slot = self._slot(state)
         if not slot.prefetched:
-            hosts = tensors_in(list(vars(state).values()))
+            hosts = list({id(t): t for t in tensors_in(list(vars(state).values()))}.values())
             copies, slot.event = transfers.prefetch(hosts)
             slot.prefetched = {id(host): (host, copy) for host, copy in zip(hosts, copies)}
         self._pending = weakref.ref(state)
@@ -199,12 +201,28 @@ def restore(state: PredictorState, held: dict, fetched: dict, transfers: Transfe
     hosts = {id(copy): (copy, host) for name in held
              for host, copy in zip(tensors_in(held[name]), tensors_in(fetched[name]))}
 
+    @once
     def to_host(tensor: torch.Tensor) -> torch.Tensor:
         copy, host = hosts.get(id(tensor), (None, None))
         return host if copy is tensor else transfers.to_host(tensor)
 
     for name, value in replaced.items():
         setattr(state, name, mapped(value, to_host))
+
+
+def once(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` called once per tensor: a tensor met again (a state holding it twice, as FoCa's anchors
+    and window or DMD's values and Taylor factors do) gets the first result, so one copy moves."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        seen, result = done.get(id(tensor), (None, None))
+        if seen is not tensor:
+            result = fn(tensor)
+            done[id(tensor)] = (tensor, result)
+        return result
+
+    return apply
 
 
 def mapped(value, fn: Callable[[torch.Tensor], torch.Tensor]):
