@@ -73,7 +73,7 @@ class FoCa(Predictor):
 
     def slope(self, newer: tuple[int, torch.Tensor], older: tuple[int, torch.Tensor], dtype) -> torch.Tensor:
         difference = newer[1].to(dtype) - older[1].to(dtype)
-        return difference / (newer[0] - older[0]) if self.divided else difference
+        return difference.div_(newer[0] - older[0]) if self.divided else difference
 
     def predict(self, state: FoCaState, s: int) -> torch.Tensor:
         e = self.gap(state, s)
@@ -85,8 +85,9 @@ class FoCa(Predictor):
         dtype = torch.promote_types(newest.dtype, torch.float32)
         h = self.horizon
         weight = e / 2 if h is None or e <= h else h * h / (2 * e)
-        slopes = self.slope(*state.anchors, dtype) + self.slope(*state.window, dtype)
-        forecast = (newest.to(dtype) + weight * slopes).to(newest.dtype)
+        # in place on the fresh differences: two allocations (and the cast back) per forecast
+        slopes = self.slope(*state.anchors, dtype).add_(self.slope(*state.window, dtype))
+        forecast = slopes.mul_(weight).add_(newest).to(newest.dtype)
         state.window = [(s, forecast), state.window[0]]
         return forecast
 

@@ -113,7 +113,8 @@ class HostOffload:
     def _use(self, state: PredictorState, call: Callable, device: torch.device | None = None, writes: bool = False,
              learn: bool = True):
         """``call()`` with ``state``'s tensors on its device; afterwards back on the host: copied
-        there when ``call`` may have changed them (``writes``), else the host tensors restored."""
+        there when ``call`` may have changed them (``writes``), else the host tensors restored
+        (:func:`restore`: what the call replaced goes to the host too)."""
         slot = self._slot(state)
         slot.device = device or slot.device
         transfers = self._transfers_of(slot.device)
@@ -122,14 +123,16 @@ class HostOffload:
         else:
             held = dict(vars(state))
             self._fetch(state, slot, transfers)
+            fetched = dict(vars(state))
             try:
                 result = call()
             finally:
                 if writes:
+                    to_host = once(transfers.to_host)
                     for name, value in vars(state).items():
-                        setattr(state, name, mapped(value, transfers.to_host))
+                        setattr(state, name, mapped(value, to_host))
                 else:
-                    vars(state).update(held)
+                    restore(state, held, fetched, transfers)
         if learn:
             self._follow(state, slot, transfers)
         return result
@@ -140,6 +143,7 @@ class HostOffload:
         if prefetched:
             transfers.ready([copy for _, copy in prefetched.values()], slot.event)
 
+        @once
         def to_device(tensor: torch.Tensor) -> torch.Tensor:
             host, copy = prefetched.get(id(tensor), (None, None))
             return copy if host is tensor else transfers.to_device(tensor)
@@ -165,7 +169,7 @@ class HostOffload:
             self._slot(pending).prefetched = {}
         slot = self._slot(state)
         if not slot.prefetched:
-            hosts = tensors_in(list(vars(state).values()))
+            hosts = list({id(t): t for t in tensors_in(list(vars(state).values()))}.values())
             copies, slot.event = transfers.prefetch(hosts)
             slot.prefetched = {id(host): (host, copy) for host, copy in zip(hosts, copies)}
         self._pending = weakref.ref(state)
@@ -183,6 +187,42 @@ class HostOffload:
         if device not in self._transfers:
             self._transfers[device] = self._transfers_for(device)
         return self._transfers[device]
+
+
+def restore(state: PredictorState, held: dict, fetched: dict, transfers: Transfers) -> None:
+    """``state`` back on the host after a call that reads it: each attribute as it was before
+    ``fetched`` (its device copies) replaced it, unless the call replaced it in turn (FoCa's forecast
+    window, DMD's fit): then the fetched copies in it are their host tensors again and its new
+    tensors are copied to the host."""
+    replaced = {name: value for name, value in vars(state).items() if value is not fetched.get(name)}
+    vars(state).update(held)
+    if not replaced:
+        return
+    hosts = {id(copy): (copy, host) for name in held
+             for host, copy in zip(tensors_in(held[name]), tensors_in(fetched[name]))}
+
+    @once
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        copy, host = hosts.get(id(tensor), (None, None))
+        return host if copy is tensor else transfers.to_host(tensor)
+
+    for name, value in replaced.items():
+        setattr(state, name, mapped(value, to_host))
+
+
+def once(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` called once per tensor: a tensor met again (a state holding it twice, as FoCa's anchors
+    and window or DMD's values and Taylor factors do) gets the first result, so one copy moves."""
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        seen, result = done.get(id(tensor), (None, None))
+        if seen is not tensor:
+            result = fn(tensor)
+            done[id(tensor)] = (tensor, result)
+        return result
+
+    return apply
 
 
 def mapped(value, fn: Callable[[torch.Tensor], torch.Tensor]):

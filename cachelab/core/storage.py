@@ -144,11 +144,3 @@ def is_storage(value) -> bool:
         return value is None or value in CODECS
     return isinstance(value, Sequence) and len(value) > 0 and all(isinstance(v, str) and v in CODECS for v in value)
 
-
-def codecs_per_order(value: str | Sequence[str] | None, orders: int) -> list[Codec | None]:
-    """One codec per derivative order ``0..orders - 1`` (None: the value's own dtype): a name for
-    every order, or a list whose last entry repeats for the higher orders."""
-    if value is None:
-        return [None] * orders
-    names = [value] if isinstance(value, str) else list(value)
-    return [CODECS[names[min(i, len(names) - 1)]] for i in range(orders)]
