@@ -15,7 +15,9 @@ from cachelab.core.offload import HostOffload, mapped, tensors_in
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import select_sites
 from cachelab.core.storage import Scaled
+from strategies.dmd import DMD
 from strategies.exponential import Exponential
+from strategies.foca import FoCa
 from strategies.least_squares import LeastSquares
 from strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
@@ -86,7 +88,8 @@ def generate(adapter, predictor, steps: int = 10, seed: int = 0, **attach_keys):
 
 
 PREDICTORS = {"taylor o2": lambda: TaylorSeer(2), "taylor int8 and fp8": lambda: TaylorSeer(2, factor_dtype=[
-    "int8_token", "fp8_e4m3"]), "least squares": lambda: LeastSquares(2, window=4), "exponential": Exponential}
+    "int8_token", "fp8_e4m3"]), "least squares": lambda: LeastSquares(2, window=4), "exponential": Exponential,
+              "foca": FoCa, "dmd": DMD}  # FoCa's and DMD's predict change their states (the window, the fit)
 
 
 @pytest.mark.parametrize("name", list(PREDICTORS))

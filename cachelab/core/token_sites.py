@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cachelab.errors import ConfigError
+from cachelab.core.adaptive import tensor_bytes
 from cachelab.core.outputs import Parts, split
 from cachelab.core.site_kinds import Decorated, Plain, PlainState, Single
 from cachelab.core.sites import Site, first_tensor
@@ -175,10 +176,6 @@ class Scoring(Selecting):
                 for kind, value in (given.items() if isinstance(given, dict) else [(None, given)]):
                     self.selection.keep((self.run.context_name, site.block, score, kind), value)
         return out
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def token_sites(sites: list[Site], tokens: TokenPolicy) -> dict[str, SiteTokens]:
