@@ -127,6 +127,19 @@ class Cluster:
         shown = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
         return shown.returncode == 0 and shown.stdout.split() == ["idle"]
 
+    def job_processes(self) -> list[int]:
+        """The processes of this cluster's jobs still alive on the node: every ``slurmstepd`` and
+        submitit job process (SLURM may call a requeued job's node idle before they are gone)."""
+        found = []
+        for pid in self.leftovers():
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # gone
+                continue
+            if b"slurmstepd" in command or b"submitit" in command:
+                found.append(pid)
+        return found
+
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
         """A SLURM client command against this cluster."""
         return subprocess.run(list(command), env=self.env, capture_output=True, text=True, check=check, timeout=30)

@@ -41,15 +41,27 @@ def start_app(args: list[str], env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for(condition, what: str, timeout_s: float = 180.0, process: subprocess.Popen | None = None):
+def wait_for(condition, what: str, timeout_s: float = 180.0, process: subprocess.Popen | None = None,
+             logs: Path | None = None):
+    """Wait until ``condition()``; a failure says what the sweep printed and, given the sweep's
+    folder ``logs``, the tail of every SLURM job's own stderr (what a job that died left)."""
     deadline = time.monotonic() + timeout_s
     while not (found := condition()):
         if process is not None and process.poll() is not None:
             out, err = process.communicate()
-            pytest.fail(f"the sweep ended before {what}: rc={process.returncode}\n{out}\n{err}")
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s:g} s"
+            pytest.fail(f"the sweep ended before {what}: rc={process.returncode}\n{out}\n{err}{job_logs(logs)}")
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s:g} s{job_logs(logs)}"
         time.sleep(0.1)
     return found
+
+
+def job_logs(sweep: Path | None, lines: int = 40) -> str:
+    """The last ``lines`` of each SLURM job's stderr under ``sweep`` (submitit's logs), for a failure message."""
+    if sweep is None:
+        return ""
+    tails = [f"\n--- {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+             for path in sorted((sweep / ".submitit").glob("*/*_log.err"))]
+    return "".join(tails) or f"\n(no job logs under {sweep / '.submitit'})"
 
 
 def finish(process: subprocess.Popen, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
@@ -68,13 +80,15 @@ def restarts(folder: Path) -> int:
         return -1
 
 
-def release(cluster, job_id: str) -> None:
+def release(cluster, job_id: str, sweep: Path) -> None:
     """A requeued job waits about two minutes (SLURM's own delay, its BeginTime) before it may
-    start again: start it as soon as SLURM holds it back."""
+    start again: start it as soon as SLURM holds it back and its node is idle again (the earlier
+    run's processes gone, slurmstepd included, as they are long before SLURM's own delay ends)."""
     def held() -> bool:
         return cluster.run("squeue", "-h", "-j", job_id, "-o", "%T %r").stdout.split() == ["PENDING", "BeginTime"]
 
-    wait_for(held, f"job {job_id} pending again after its requeue", 60)
+    wait_for(lambda: held() and cluster.idle() and not cluster.job_processes(),
+             f"job {job_id} pending again, its earlier run's processes gone, after its requeue", 60, logs=sweep)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
@@ -129,7 +143,8 @@ def test_a_cancelled_job_is_listed_as_cancelled_and_the_others_finish(slurm_clus
     process = start_app(["-m", *SLURM, "logger=none", f"hydra.sweep.dir={sweep}", *overrides("num_steps=4,4000")],
                         app_env(tmp_path))
     slow = sweep / "1"  # num_steps=4000: minutes; cancelled once it runs
-    wait_for(lambda: (slow / "slurm.json").is_file() and (slow / "run.lock").is_file(), "running slow job", process=process)
+    wait_for(lambda: (slow / "slurm.json").is_file() and (slow / "run.lock").is_file(), "running slow job",
+             process=process, logs=sweep)
     job_id = json.loads((slow / "slurm.json").read_text())["id"]
     slurm_cluster.run("scancel", job_id)
     proc = finish(process)
@@ -149,7 +164,7 @@ def test_an_interrupted_sweep_cancels_its_jobs(slurm_cluster, tmp_path):
     process = start_app(["-m", *SLURM, "logger=none", f"hydra.sweep.dir={sweep}", *overrides("num_steps=4000,4001")],
                         app_env(tmp_path))
     for job in (sweep / "0", sweep / "1"):
-        wait_for(lambda: (job / "slurm.json").is_file(), f"running job {job.name}", process=process)
+        wait_for(lambda: (job / "slurm.json").is_file(), f"running job {job.name}", process=process, logs=sweep)
     process.send_signal(signal.SIGINT)
     proc = finish(process, 60)
     assert proc.returncode == 130, proc.stderr
@@ -170,13 +185,14 @@ def test_a_requeued_sample_job_resumes_from_its_last_chunk_byte_for_byte(slurm_c
     sweep = tmp_path / "sweep"
     process = start_app(["-m", *SLURM, f"hydra.sweep.dir={sweep}", *settings], env)
     job = sweep / "0"
-    wait_for(lambda: chunks(job) >= 2, "two chunks", process=process)
+    wait_for(lambda: chunks(job) >= 2, "two chunks", process=process, logs=sweep)
     job_id = json.loads((job / "slurm.json").read_text())["id"]
     slurm_cluster.run("scontrol", "requeue", job_id)
-    release(slurm_cluster, job_id)
-    wait_for(lambda: restarts(job) == 1 and chunks(job) >= 4, "two more chunks after the requeue", process=process)
+    release(slurm_cluster, job_id, sweep)
+    wait_for(lambda: restarts(job) == 1 and chunks(job) >= 4, "two more chunks after the requeue", process=process,
+             logs=sweep)
     slurm_cluster.run("scancel", "--signal=USR2", job_id)
-    release(slurm_cluster, job_id)
+    release(slurm_cluster, job_id, sweep)
     proc = finish(process)
     check_ok(proc)
     check_ok(finish(whole))
