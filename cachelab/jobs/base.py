@@ -25,8 +25,9 @@ from cachelab.strategies.reuse import Reuse
 
 # strategy.tokens=<name>: the token selection policies with their own defaults (conf/strategy/<name>.yaml
 # presets set the papers' values as a node with _target_)
-TOKEN_POLICIES = {"random": "cachelab.strategies.tokens.random_tokens.RandomTokens", "toca": "cachelab.strategies.tokens.toca.ToCa",
-                  "duca": "cachelab.strategies.tokens.duca.DuCa", "clusca": "cachelab.strategies.tokens.clusca.ClusCa"}
+TOKEN_POLICIES = {"random": "cachelab.strategies.tokens.random_tokens.RandomTokens",
+                  "toca": "cachelab.strategies.tokens.toca.ToCa", "duca": "cachelab.strategies.tokens.duca.DuCa",
+                  "clusca": "cachelab.strategies.tokens.clusca.ClusCa"}
 
 
 def build(cfg: DictConfig, key: str, name: str | None = None):

@@ -7,7 +7,8 @@ import torch
 
 from cachelab.core.tokens import TokenPolicy, TokenView
 from cachelab.strategies.tokens.random_tokens import check_ratio
-from cachelab.strategies.tokens.scores import age_score, norm_score, normalised, random_scores, spatial_bonus, top_tokens
+from cachelab.strategies.tokens.scores import (age_score, norm_score, normalised, random_scores, spatial_bonus,
+                                               top_tokens)
 
 SCORES = ("attention", "value_norm", "norm", "random")
 GIVEN = ("attention", "value_norm")  # scores the model gives on request

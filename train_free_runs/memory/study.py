@@ -289,8 +289,8 @@ def tuner_way(study: Study, budget_fraction: float, out: Path) -> list[Candidate
                                  "job.calibration_runs=2", "job.max_tries=2", f"cache.budget={budget}",
                                  f"job.sensitivity_file={out / 'tune_sensitivity.json'}"])
     with open_dict(cfg):
-        cfg.job.predictors = {name: {"_target_": "cachelab.strategies.taylor.TaylorSeer", "_partial_": True, "first_enhance": 2,
-                                     "factor_dtype": list(c) if isinstance(c, tuple) else c}
+        cfg.job.predictors = {name: {"_target_": "cachelab.strategies.taylor.TaylorSeer", "_partial_": True,
+                                     "first_enhance": 2, "factor_dtype": list(c) if isinstance(c, tuple) else c}
                               for name, c in families.items()}
     with tempfile.TemporaryDirectory() as scratch:
         try:
