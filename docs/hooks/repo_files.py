@@ -12,7 +12,6 @@ a note that it has not been recorded yet while the file does not exist.
 """
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 from pathlib import Path
@@ -24,10 +23,14 @@ from mkdocs.structure.files import File, Files
 LINK = re.compile(r"(\]\(|\b(?:src|href)=\")([^)\"\s]+)")
 EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:|^/|^#", re.I)
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
+FENCE = re.compile(r"(```.*?```)", re.S)
+# an HTML image (the studies' <img src="x.png" width="360">), written as Markdown so that mkdocs
+# makes its address relative to the page's URL
+IMG = re.compile(r'<img src="([^"]+)"(?: width="(\d+)")?\s*/?>')
 INCLUDE = re.compile(r"^<!-- include (\S+) -->$", re.M)
 
-# repository path of a page or copied file -> its repository path, for pages; set per build
-_REPO_PATH: dict[str, str] = {}
+# the repository paths already scanned or copied in this build
+_SEEN: set[str] = set()
 
 
 def _targets(text: str):
@@ -42,7 +45,8 @@ def _targets(text: str):
 
 
 def _resolve(repo: Path, page_repo_path: str, target: str) -> tuple[str, str]:
-    """The repository path a link points to (a folder: its README.md, or '' for a listing)."""
+    """The repository path a link points to and its anchor; a folder's is its README.md, or
+    the index.md of the listing generated for it."""
     path, _, anchor = target.partition("#")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(page_repo_path), path))
     if resolved == ".." or resolved.startswith("../"):
@@ -63,12 +67,13 @@ def _listing(repo: Path, folder: str) -> str:
 
 
 def on_files(files: Files, config) -> Files:
+    """Every repository file the pages link to (transitively, through copied Markdown) joins the site."""
     docs = Path(config["docs_dir"]).resolve()
     repo = docs.parent
     docs_prefix = docs.relative_to(repo).as_posix()
-    _REPO_PATH.clear()
     queue = [f"{docs_prefix}/{f.src_uri}" for f in files.documentation_pages()]
-    _REPO_PATH.update({path: path for path in queue})
+    _SEEN.clear()
+    _SEEN.update(queue)
     while queue:
         page = queue.pop()
         source = (repo / page).read_text(encoding="utf-8") if (repo / page).exists() else ""
@@ -77,9 +82,9 @@ def on_files(files: Files, config) -> Files:
                 queue.append(included)  # its links are followed; it is shown, not copied
         for _, _, target in _targets(source):
             resolved, _ = _resolve(repo, page, target)
-            if resolved.startswith(docs_prefix + "/") or resolved in _REPO_PATH:
+            if resolved.startswith(docs_prefix + "/") or resolved in _SEEN:
                 continue  # a docs page (mkdocs checks it) or already copied
-            _REPO_PATH[resolved] = resolved
+            _SEEN.add(resolved)
             if files.get_file_from_path(resolved) is not None:
                 raise PluginError(f"{page}: {resolved} would overwrite a page of docs/")
             if not (repo / resolved).exists():  # a folder without README.md: its listing
@@ -87,7 +92,7 @@ def on_files(files: Files, config) -> Files:
                 files.append(File.generated(config, resolved, content=_listing(repo, folder)))
                 for entry in sorted(p for p in (repo / folder).iterdir() if p.is_file()):
                     path = posixpath.join(folder, entry.name)
-                    if path not in _REPO_PATH:
+                    if path not in _SEEN:
                         _add(files, config, repo, path)
                         if entry.suffix == ".md":
                             queue.append(path)
@@ -99,7 +104,7 @@ def on_files(files: Files, config) -> Files:
 
 
 def _add(files: Files, config, repo: Path, path: str) -> None:
-    _REPO_PATH[path] = path
+    _SEEN.add(path)
     if files.get_file_from_path(path) is None:
         files.append(File(path, src_dir=str(repo), dest_dir=config["site_dir"],
                           use_directory_urls=config["use_directory_urls"]))
@@ -120,12 +125,18 @@ def _rebase(markdown: str, repo: Path, docs_prefix: str, source: str, src: str) 
     return "".join(out) + markdown[last:]
 
 
+def _images(markdown: str) -> str:
+    """HTML images as Markdown images (with attr_list's width)."""
+    return IMG.sub(lambda m: f"![]({m.group(1)})" + (f'{{ width="{m.group(2)}" }}' if m.group(2) else ""), markdown)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     """Links to repository files become links to their copies in the site; includes are expanded."""
     docs = Path(config["docs_dir"]).resolve()
     repo = docs.parent
     docs_prefix = docs.relative_to(repo).as_posix()
     src = page.file.src_uri
+    markdown = _images(markdown)
     in_docs = page.file.abs_src_path and Path(page.file.abs_src_path).resolve().is_relative_to(docs)
     markdown = _rebase(markdown, repo, docs_prefix, f"{docs_prefix}/{src}" if in_docs else src, src)
 
@@ -133,7 +144,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         path = match.group(1)
         if not (repo / path).is_file():
             return f"!!! note\n    Not recorded yet: this section will show `{path}` once it exists.\n"
-        text = (repo / path).read_text(encoding="utf-8")
-        text = re.sub(r"^#", "##", text, flags=re.M)  # below the page's own title
+        text = _images((repo / path).read_text(encoding="utf-8"))
+        text = "".join(part if part.startswith("```") else re.sub(r"^#", "##", part, flags=re.M)
+                       for part in FENCE.split(text))  # headings below the page's own title
         return _rebase(text, repo, docs_prefix, path, src)
     return INCLUDE.sub(include, markdown)
