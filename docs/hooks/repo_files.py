@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import File, Files, InclusionLevel
 
 # the target of a Markdown link or image, and of an HTML src/href (the studies' <img src=...>)
 LINK = re.compile(r"(\]\(|\b(?:src|href)=\")([^)\"\s]+)")
@@ -27,6 +27,8 @@ FENCE = re.compile(r"(```.*?```)", re.S)
 # an HTML image (the studies' <img src="x.png" width="360">), written as Markdown so that mkdocs
 # makes its address relative to the page's URL
 IMG = re.compile(r'<img src="([^"]+)"(?: width="(\d+)")?\s*/?>')
+# a Sphinx role left in a docstring (:class:`~a.b.C`), as mkdocstrings renders it
+ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc):<code>(~?)([^<]*)</code>")
 INCLUDE = re.compile(r"^<!-- include (\S+) -->$", re.M)
 
 # the repository paths already scanned or copied in this build
@@ -89,7 +91,9 @@ def on_files(files: Files, config) -> Files:
                 raise PluginError(f"{page}: {resolved} would overwrite a page of docs/")
             if not (repo / resolved).exists():  # a folder without README.md: its listing
                 folder = posixpath.dirname(resolved)
-                files.append(File.generated(config, resolved, content=_listing(repo, folder)))
+                listing = File.generated(config, resolved, content=_listing(repo, folder))
+                listing.inclusion = InclusionLevel.NOT_IN_NAV
+                files.append(listing)
                 for entry in sorted(p for p in (repo / folder).iterdir() if p.is_file()):
                     path = posixpath.join(folder, entry.name)
                     if path not in _SEEN:
@@ -106,8 +110,10 @@ def on_files(files: Files, config) -> Files:
 def _add(files: Files, config, repo: Path, path: str) -> None:
     _SEEN.add(path)
     if files.get_file_from_path(path) is None:
-        files.append(File(path, src_dir=str(repo), dest_dir=config["site_dir"],
-                          use_directory_urls=config["use_directory_urls"]))
+        file = File(path, src_dir=str(repo), dest_dir=config["site_dir"],
+                    use_directory_urls=config["use_directory_urls"])
+        file.inclusion = InclusionLevel.NOT_IN_NAV  # a linked page, not one of the site's own
+        files.append(file)
 
 
 def _rebase(markdown: str, repo: Path, docs_prefix: str, source: str, src: str) -> str:
@@ -149,3 +155,11 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
                        for part in FENCE.split(text))  # headings below the page's own title
         return _rebase(text, repo, docs_prefix, path, src)
     return INCLUDE.sub(include, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """The docstrings' Sphinx roles as plain code (``~`` keeps the last name only)."""
+    def plain(match: re.Match) -> str:
+        tilde, name = match.groups()
+        return f"<code>{name.rsplit('.', 1)[-1] if tilde else name}</code>"
+    return ROLE.sub(plain, html)
