@@ -1,6 +1,7 @@
 """The layering: core <- strategies <- models <- evaluation <- analysis <- jobs <- run.py, no
 import cycle, only the jobs know Hydra, the core imports only torch and the standard library;
-the documentation's layout page (docs/reference/layout.md) is the tree; shipped assets are never rewritten by a job."""
+the documentation's layout page (docs/reference/layout.md) is the tree; shipped assets are never
+rewritten by a job."""
 from __future__ import annotations
 
 import ast
