@@ -1,6 +1,6 @@
 """Collect a sweep folder's ``metrics.json`` files into a table and a quality/speed plot.
 
-    python -m analysis.sweep multirun/2026-11-26/14-00-00 [more sweep folders] [--out DIR]
+    python -m cachelab.analysis.sweep multirun/2026-11-26/14-00-00 [more sweep folders] [--out DIR]
 
 Writes ``sweep.csv``, ``sweep.md``, ``pareto_psnr.png`` and, when the model has a judge,
 ``pareto_accuracy.png`` (quality against FLOPs speedup, one line per strategy/order) into
@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from analysis.figures import png_bytes, pyplot
+from cachelab.analysis.figures import png_bytes, pyplot
 from cachelab.core.variables import VARIABLES
 from cachelab.io import write_bytes_atomic
 

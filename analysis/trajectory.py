@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.figures import heatmap_colormap, label_sites, log10_or_nan, pyplot
+from cachelab.analysis.figures import heatmap_colormap, label_sites, log10_or_nan, pyplot
 from cachelab.core.outputs import Parts
 
 STATISTICS = ("norm", "rel_change", "cosine", "rel_second_difference")

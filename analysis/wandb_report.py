@@ -1,7 +1,7 @@
 """A sweep as a W&B Report, built with W&B's report library (``wandb-workspaces``, extra ``reports``).
 
-    python -m analysis.wandb_report build <sweep folder>
-    python -m analysis.wandb_report publish <sweep folder> --entity E [--project P]
+    python -m cachelab.analysis.wandb_report build <sweep folder>
+    python -m cachelab.analysis.wandb_report publish <sweep folder> --entity E [--project P]
 
 ``build`` writes ``wandb_report.json`` next to ``sweep.md``: the report in the library's own
 serialised form (the view spec that ``Report.save()`` uploads), for the runs of the sweep's
@@ -21,8 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.sweep import job_dirs
-from analysis.wandb_log import history, read_records, summary
+from cachelab.analysis.sweep import job_dirs
+from cachelab.analysis.wandb_log import history, read_records, summary
 from cachelab.io import write_bytes_atomic
 
 REPORT = "wandb_report.json"
@@ -141,7 +141,7 @@ def load(sweep_dir: Path):
     path = sweep_dir / REPORT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run a sweep with logger=wandb, or "
-                                f"python -m analysis.wandb_report build {sweep_dir}")
+                                f"python -m cachelab.analysis.wandb_report build {sweep_dir}")
     return wr.Report._from_model(ReportViewspec.model_validate_json(path.read_text()))
 
 
@@ -178,11 +178,11 @@ def share(sweep_dir: Path) -> str | None:
     if all(run.online for run in runs):
         return f"W&B report: {publish(sweep_dir, project=runs[0].project)}"
     return (f"W&B report: {sweep_dir / REPORT}; to share it: wandb sync {sweep_dir}/*/wandb/offline-run-* && "
-            f"python -m analysis.wandb_report publish {sweep_dir} --entity ENTITY --project {runs[0].project}")
+            f"python -m cachelab.analysis.wandb_report publish {sweep_dir} --entity ENTITY --project {runs[0].project}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.wandb_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cachelab.analysis.wandb_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("build", help="write wandb_report.json from the runs' files").add_argument(

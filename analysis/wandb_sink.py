@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 
 log = logging.getLogger(__name__)
 

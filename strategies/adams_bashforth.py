@@ -5,7 +5,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from strategies.least_squares import WindowPredictor
+from cachelab.strategies.least_squares import WindowPredictor
 
 _SLOPE_AT = ("midpoint", "node")
 

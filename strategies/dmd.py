@@ -10,7 +10,7 @@ import torch
 
 from cachelab.core.arguments import at_least, checked, in_range
 from cachelab.core.predictor import Predictor, PredictorState
-from strategies.taylor import TaylorSeer, TaylorState
+from cachelab.strategies.taylor import TaylorSeer, TaylorState
 
 MIN_SNAPSHOTS = 4  # cache-dit's identifiability floor: one oscillatory mode needs three snapshot pairs
 # one batch item's fit: modes Phi (d, r), eigenvalues (r,), amplitudes (r,), complex128; None: degenerate

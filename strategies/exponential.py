@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cachelab.core.predictor import Predictor
-from strategies.least_squares import WindowState
+from cachelab.strategies.least_squares import WindowState
 
 _NEWTON_ITERATIONS = 8  # |c| <= 1 and gap ratios up to 50 converge in 6 (float64)
 

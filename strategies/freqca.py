@@ -12,8 +12,8 @@ from cachelab.core.arguments import between, checked, in_range
 from cachelab.core.predictor import Predictor, PredictorState
 from cachelab.core.schedules import WarmUp
 from cachelab.core.spectral import low_pass
-from strategies.hermite import HiCache
-from strategies.taylor import MAX_ORDER, TaylorState
+from cachelab.strategies.hermite import HiCache
+from cachelab.strategies.taylor import MAX_ORDER, TaylorState
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from strategies.taylor import TaylorSeer, TaylorState
+from cachelab.strategies.taylor import TaylorSeer, TaylorState
 
 
 def hermite_coefficients(sigma: float, k: int, top: int) -> list[float]:

@@ -1,7 +1,7 @@
 """Reuse (FORA, order-0 caching): a skipped step returns the last full-step value."""
 from __future__ import annotations
 
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 
 
 class Reuse(TaylorSeer):

@@ -23,9 +23,9 @@ from cachelab.jobs.runner import run
 from cachelab.core.schedules import Decision, PerKindInterval, StepContext
 from cachelab.core.sites import Site, select_sites
 from cachelab.core.strategy import Strategy
-from strategies.hermite import HiCache
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.hermite import HiCache
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -376,7 +376,7 @@ BAD = [  # (overrides, what the message must name)
     (["strategy=taylorseer_lite", "schedule=teacache"],
      ["modulated_input", "strategy.granularity='output'", "allowed: strategy.granularity in module, block"]),
     (["strategy=taylorseer_lite", "schedule=fbcache"], ["first_block_residual", "strategy.granularity='output'"]),
-    (["strategy=adams_bashforth", "schedule=error_controlled"], ["error_estimate", "strategies.adams_bashforth"]),
+    (["strategy=adams_bashforth", "schedule=error_controlled"], ["error_estimate", "cachelab.strategies.adams_bashforth"]),
     (["strategy=teacache", "schedule=interval"], ["strategy='teacache'", "cachelab.core.adaptive.TeaCache",
                                                   "schedule=teacache"]),
     (["strategy=magcache", "schedule=magcache", "model=tiny_dit_random"],

@@ -16,7 +16,7 @@ from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.models.discovery import discover
 from cachelab.models.pipelines.driver import PipelineDriver, TimestepMap
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 
 T = 10

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.atlas import Atlas, Candidate, ForecastAudit
+from cachelab.analysis.atlas import Atlas, Candidate, ForecastAudit
 from cachelab.core.controller import attach
 from cachelab.core.schedules import Always, Interval, Mask
 from cachelab.core.sites import Site, select_sites
 from cachelab.core.strategy import Strategy
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 
 
 class StepSquared(nn.Module):

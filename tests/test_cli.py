@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from analysis.wandb_log import history, summary
+from cachelab.analysis.wandb_log import history, summary
 from cachelab.assets import read_manifest
 from cachelab.core.schedules import Interval
 

@@ -18,7 +18,7 @@ from cachelab.evaluation.metrics import relative_l2
 from cachelab.jobs.runner import run
 from cachelab.core.schedules import Interval, Mask
 from cachelab.core.strategy import Strategy
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 from tests.test_pipelines import tiny
 

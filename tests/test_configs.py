@@ -17,7 +17,7 @@ from cachelab.core.predictor import Predictor
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs.runner import run_name
 from cachelab.core.schedules import Schedule
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 
 CONF_DIR = (Path(__file__).resolve().parent.parent / "conf").resolve()
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))

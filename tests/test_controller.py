@@ -10,8 +10,8 @@ from cachelab.models.dit import modulate
 from cachelab.core.strategy import Strategy
 from cachelab.core.schedules import Always, Interval, Mask
 from cachelab.core.sites import Site, SitePattern, select_sites
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 
 

@@ -8,7 +8,7 @@ from cachelab.errors import CheckpointMismatch
 from cachelab.models.convert_dit import ConvertedDiTAdapter, convert_state_dict, dit_to_diffusers
 from cachelab.models.dit import DiT
 from cachelab.models.dit_adapter import DiTAdapter, randomize_zero_init
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 
 
 def random_dit(**kwargs) -> DiT:

@@ -25,8 +25,8 @@ from cachelab.evaluation.metrics import relative_l2
 from cachelab.core.schedules import Interval, Mask
 from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 from tests.test_pipelines import tiny
 
 STEPS, INTERVAL, WARMUP, ORDER = 12, 3, 3, 2

@@ -10,7 +10,7 @@ from cachelab.models.adapter import Inputs
 from cachelab.models.dit_adapter import DiTAdapter
 from cachelab.core.strategy import Strategy
 from cachelab.core.schedules import Interval
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 
 
 def test_manifest_records_how_the_model_was_made():

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from cachelab.errors import CheckpointMismatch, ConfigError
 from cachelab.jobs.checks import check_config
 from cachelab.models.dit import dit_from_preset, load_checkpoint
-from strategies.taylor import MAX_ORDER, TaylorSeer
+from cachelab.strategies.taylor import MAX_ORDER, TaylorSeer
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["model=tiny_dit_random", "num_images=2", "measure.flops=false", "logger=none", "progress=false"]

@@ -27,11 +27,11 @@ from cachelab.io import finite_json, write_json_atomic
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs.checks import check_config
 from cachelab.jobs.runner import run
-from strategies.exponential import Exponential
-from strategies.hermite import HiCache
-from strategies.least_squares import LeastSquares
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.exponential import Exponential
+from cachelab.strategies.hermite import HiCache
+from cachelab.strategies.least_squares import LeastSquares
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 
 REPO = Path(__file__).resolve().parent.parent

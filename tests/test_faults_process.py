@@ -139,7 +139,7 @@ def leftovers(folder: Path) -> list[Path]:
 
 def wandb_exit_code(run_dir: Path) -> int | None:
     """The exit code in the offline W&B run's exit record (None: the run was never finished)."""
-    from analysis.wandb_log import read_records
+    from cachelab.analysis.wandb_log import read_records
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     exits = [r.exit.exit_code for r in read_records(run_file) if r.WhichOneof("record_type") == "exit"]

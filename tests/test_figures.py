@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.figures import label_sites, png_bytes, pyplot
-from analysis.sweep import pareto_plot
-from analysis.trajectory import STATISTICS, pca_figure, statistics_figure
+from cachelab.analysis.figures import label_sites, png_bytes, pyplot
+from cachelab.analysis.sweep import pareto_plot
+from cachelab.analysis.trajectory import STATISTICS, pca_figure, statistics_figure
 from cachelab.jobs.report import comparison_grid, diff_scale, per_step_plot
 
 

@@ -16,7 +16,7 @@ from cachelab.errors import AssetCorrupt
 from cachelab.evaluation.judge import DigitJudge
 from cachelab.models.pipelines import flux_digits
 from cachelab.models.pipelines.flux_digits import FluxDigitsAdapter
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 
 STEPS = 10
 

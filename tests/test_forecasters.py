@@ -12,11 +12,11 @@ import pytest
 import torch
 from numpy.polynomial import hermite
 
-from strategies.adams_bashforth import AdamsBashforth
-from strategies.exponential import Exponential
-from strategies.hermite import HiCache
-from strategies.least_squares import LeastSquares
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.adams_bashforth import AdamsBashforth
+from cachelab.strategies.exponential import Exponential
+from cachelab.strategies.hermite import HiCache
+from cachelab.strategies.least_squares import LeastSquares
+from cachelab.strategies.taylor import TaylorSeer
 
 
 def scalar(v: float) -> torch.Tensor:

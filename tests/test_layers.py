@@ -15,15 +15,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("cachelab", "strategies", "analysis")
+# import name -> folder: the folders strategies/ and analysis/ keep the design-card layout and are
+# imported through the links cachelab/strategies and cachelab/analysis (the wheel holds them there)
+PACKAGES = {"cachelab": REPO / "cachelab", "cachelab.strategies": REPO / "strategies",
+            "cachelab.analysis": REPO / "analysis"}
 # (rank, module prefixes): a module may import modules of its own rank or below, never above
 LAYERS = [
     (0, ("cachelab.errors", "cachelab.core", "cachelab.assets")),   # the core
     (1, ("cachelab.io",)),                                           # atomic files (numpy, PIL)
-    (2, ("strategies",)),
+    (2, ("cachelab.strategies",)),
     (3, ("cachelab.models",)),
     (4, ("cachelab.evaluation",)),
-    (5, ("analysis",)),
+    (5, ("cachelab.analysis",)),
     (6, ("cachelab.jobs", "cachelab.planner")),  # the planner composes presets as the jobs do
     (7, ("cachelab", "cachelab.api")),   # the public API at the root: presets come from the jobs' config
 ]
@@ -33,9 +36,9 @@ HYDRA = ("hydra", "omegaconf")
 
 def module_files() -> dict[str, Path]:
     files = {}
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            parts = list(path.relative_to(REPO).with_suffix("").parts)
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):  # rglob does not follow the links: each file once
+            parts = package.split(".") + list(path.relative_to(folder).with_suffix("").parts)
             files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return files
 
@@ -150,6 +153,67 @@ def test_core_and_public_api_import_without_hydra_in_a_fresh_interpreter():
     assert out.strip() == "[]", f"the core pulled in {out.strip()}"
 
 
+# -- one import name: cachelab ----------------------------------------------------------
+# the top-level names the folders strategies/ and analysis/ would have: other projects' names on
+# the package index, and importing one beside cachelab.<name> would load every module twice
+OLD_NAMES = ("strategies", "analysis")
+# a dotted reference to one of them: a _target_, a module string, python -m, a docs reference
+OLD_REFERENCE = re.compile(r"(?<![\w./-])(?:" + "|".join(OLD_NAMES) + r")\.[a-z_]\w*")
+SCANNED = (".py", ".yaml", ".md", ".sh", ".toml")
+
+
+def old_imports(source: str, filename: str) -> list[str]:
+    """The import statements of ``source`` that name a top-level ``strategies``/``analysis``."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        found += [f"{filename}:{node.lineno}: {ast.unparse(node)}" for name in names
+                  if name.split(".")[0] in OLD_NAMES]
+    return found
+
+
+def recorded_run(path: Path) -> bool:
+    """A file of a run folder under train_free_runs/ (.hydra/, multirun.yaml, report.md): the record
+    of what ran then, class paths of that day included; only its overrides are recomposed."""
+    return path.is_relative_to(REPO / "train_free_runs") and any(
+        (folder / ".hydra").is_dir() or (folder / "multirun.yaml").is_file() or folder.name == ".hydra"
+        for folder in path.parents)
+
+
+def project_files() -> list[Path]:
+    skip = {".git", ".venv", "__pycache__", "build", "dist", "site"}
+    return sorted(path for path in REPO.rglob("*") if path.suffix in SCANNED and path.is_file()
+                  and not skip & set(path.relative_to(REPO).parts) and not path.name.endswith(".egg-info")
+                  and not recorded_run(path))
+
+
+def test_the_folders_are_imported_under_cachelab():
+    for name in OLD_NAMES:
+        link = REPO / "cachelab" / name
+        assert link.is_symlink() and link.resolve() == (REPO / name).resolve(), f"cachelab/{name} -> ../{name}"
+    assert {"cachelab.strategies.taylor", "cachelab.analysis.sweep"} <= set(MODULES)
+
+
+def test_nothing_imports_or_names_the_top_level_folders():
+    files = project_files()
+    assert REPO / "conf" / "strategy" / "taylor.yaml" in files and Path(__file__) in files
+    found = [hit for path in files if path.suffix == ".py" for hit in old_imports(path.read_text(), str(path))]
+    found += [f"{path}:{text[:m.start()].count(chr(10)) + 1}: {m.group()}" for path in files
+              if path != Path(__file__)  # its own examples, below
+              for text in [path.read_text()] for m in OLD_REFERENCE.finditer(text)]
+    assert not found, "use cachelab.strategies / cachelab.analysis:\n" + "\n".join(found)
+
+
+def test_the_scan_finds_old_names():
+    assert len(old_imports("import strategies\nfrom analysis.sweep import x\nimport analysis.sink as s\n"
+                           "from cachelab.strategies import taylor\nfrom . import analysis\n", "x.py")) == 3
+    text = "_target_: strategies.taylor.TaylorSeer\npython -m analysis.sweep\ncachelab.analysis.sweep analysis/sweep.py"
+    assert [m.group() for m in OLD_REFERENCE.finditer(text)] == ["strategies.taylor", "analysis.sweep"]
+    assert recorded_run(REPO / "train_free_runs" / "x" / ".hydra" / "config.yaml")
+    assert not recorded_run(REPO / "train_free_runs" / "tuner" / "README.md")
+
+
 # -- the documentation's layout page is the tree -----------------------------------------
 LAYOUT_PAGE = REPO / "docs" / "reference" / "layout.md"
 
@@ -177,7 +241,7 @@ def test_layout_page_lists_only_what_exists():
 
 def test_layout_page_lists_every_module_and_package():
     listed = {path.rstrip("/") for path in layout_paths()}
-    tree = {str(path.relative_to(REPO)) for package in PACKAGES for path in (REPO / package).rglob("*")
+    tree = {str(path.relative_to(REPO)) for folder in PACKAGES.values() for path in folder.rglob("*")
             if path.name != "__init__.py" and "__pycache__" not in path.parts
             and (path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()))}
     tree |= {str(p.relative_to(REPO)) for p in (REPO / "conf").iterdir() if p.is_dir()}

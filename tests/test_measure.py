@@ -14,7 +14,7 @@ from cachelab.evaluation.flops import count_flops
 from cachelab.io import write_json_atomic
 from cachelab.evaluation.metrics import psnr, relative_l2, ssim
 from cachelab.core.schedules import Interval
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 from cachelab.core.strategy import Strategy
 from tests.conftest import tiny_adapter
 

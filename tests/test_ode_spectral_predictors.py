@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cachelab.core.spectral import low_pass
-from strategies.dmd import DMD
-from strategies.foca import FoCa
-from strategies.freqca import FreqCa
+from cachelab.strategies.dmd import DMD
+from cachelab.strategies.foca import FoCa
+from cachelab.strategies.freqca import FreqCa
 
 T = 24
 IRREGULAR = [0, 1, 2, 5, 9, 10, 14, 20]  # full steps: warm-up, then gaps of 3, 4, 1, 4, 6

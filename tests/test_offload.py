@@ -15,11 +15,11 @@ from cachelab.core.offload import HostOffload, mapped, tensors_in
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import select_sites
 from cachelab.core.storage import Scaled
-from strategies.dmd import DMD
-from strategies.exponential import Exponential
-from strategies.foca import FoCa
-from strategies.least_squares import LeastSquares
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.dmd import DMD
+from cachelab.strategies.exponential import Exponential
+from cachelab.strategies.foca import FoCa
+from cachelab.strategies.least_squares import LeastSquares
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 
 

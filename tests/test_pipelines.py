@@ -16,8 +16,8 @@ from cachelab.core.controller import attach
 from cachelab.core.schedules import Always, Interval, PerKindInterval
 from cachelab.core.sites import select_sites
 from cachelab.core.strategy import Strategy
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 FAMILIES = ["tiny_diffusers_dit", "tiny_pixart", "tiny_sd3", "tiny_flux", "tiny_wan", "tiny_hunyuan_video",

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 
 
 def scalar(v: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from cachelab.core.controller import attach
 from cachelab.core.schedules import Interval
 from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 
 T, N = 10, 3  # full steps 0, 3, 6, 9 (first_enhance 1)

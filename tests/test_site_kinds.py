@@ -13,8 +13,8 @@ from cachelab.core.site_kinds import Plain, Probe, Skip, Span, site_kind
 from cachelab.core.sites import Site
 from cachelab.core.token_sites import Refreshing, TokenSelection
 from cachelab.core.tokens import TokenPolicy
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 
 
 @pytest.fixture(autouse=True)

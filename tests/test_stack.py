@@ -14,8 +14,8 @@ from cachelab.evaluation.metrics import relative_l2
 from cachelab.core.schedules import Interval, Mask
 from cachelab.core.sites import Site, SitePattern, SitePatterns, select_sites
 from cachelab.core.strategy import Strategy
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 from tests.conftest import tiny_adapter
 from tests.test_pipelines import tiny
 

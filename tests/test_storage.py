@@ -11,8 +11,8 @@ import torch
 
 from cachelab.core.storage import CODECS, NON_FINITE, Scaled, decode
 from cachelab.errors import ConfigError
-from strategies.hermite import HiCache
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.hermite import HiCache
+from cachelab.strategies.taylor import TaylorSeer
 
 # the largest finite magnitude of each scaled codec, and (relative error of normal values, the
 # smallest normal, the subnormal spacing) of the fp8 formats, all in units of the scale

@@ -5,7 +5,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from analysis.sweep import collect, main, point_label
+from cachelab.analysis.sweep import collect, main, point_label
 from cachelab.jobs.base import schedule_setting
 
 
@@ -75,7 +75,7 @@ def test_several_sweep_folders_merge_into_one_table(tmp_path):
 
 def test_a_flagged_null_reads_back_as_its_value():
     """metrics.json holds an infinite PSNR as null plus a non_finite flag; the table shows inf."""
-    from analysis.sweep import lookup
+    from cachelab.analysis.sweep import lookup
 
     metrics = {"quality": {"psnr_db": None, "ssim": None}, "non_finite": {"quality/psnr_db": "inf"}}
     assert lookup(metrics, ("quality", "psnr_db")) == float("inf")

@@ -18,13 +18,13 @@ from cachelab.jobs.checks import check_strategy
 from cachelab.jobs.presets import preset
 from cachelab.jobs.schema import compose_config
 from cachelab.models.dit import modulate
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
-from strategies.tokens.clusca import ClusCa, kmeans
-from strategies.tokens.duca import DuCa
-from strategies.tokens.random_tokens import RandomTokens
-from strategies.tokens.scores import age_score, norm_score, normalised, spatial_bonus, top_tokens
-from strategies.tokens.toca import ToCa
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
+from cachelab.strategies.tokens.clusca import ClusCa, kmeans
+from cachelab.strategies.tokens.duca import DuCa
+from cachelab.strategies.tokens.random_tokens import RandomTokens
+from cachelab.strategies.tokens.scores import age_score, norm_score, normalised, spatial_bonus, top_tokens
+from cachelab.strategies.tokens.toca import ToCa
 from tests.conftest import tiny_adapter
 
 

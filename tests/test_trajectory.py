@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.trajectory import TrajectoryRecorder
+from cachelab.analysis.trajectory import TrajectoryRecorder
 from cachelab.core.controller import attach
 from cachelab.core.schedules import Always
 from cachelab.core.sites import Site
-from strategies.reuse import Reuse
+from cachelab.strategies.reuse import Reuse
 
 
 class Path(nn.Module):

@@ -21,12 +21,12 @@ from cachelab.jobs.checks import check_config, check_target
 from cachelab.jobs.presets import preset
 from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
-from analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
+from cachelab.analysis.sensitivity import Calibration, additive, anchored, greedy_path, mse_from_psnr, psnr_from_mse
 from cachelab.jobs.tuning.records import Clock, CostModel, ErrorModel, Reference, SensitivityTable, Setting
 from cachelab.jobs.tuning.targets import PsnrTarget
 from cachelab.jobs.tuning.tuner import Bench, Tuner, TuneOptions
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 
 
 def record(table: dict) -> SensitivityTable:

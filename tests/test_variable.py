@@ -23,7 +23,7 @@ from cachelab.jobs.runner import run
 from cachelab.jobs.schema import compose_config
 from cachelab.models.diffusion import DDIMSchedule
 from cachelab.models.pipelines.driver import is_flow_matching, scheduler_grid
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.taylor import TaylorSeer
 
 from conftest import tiny_adapter
 
@@ -338,7 +338,7 @@ def test_a_tiny_dit_run_with_each_variable(variable, tmp_path):
 
 
 def test_sweep_tables_show_the_variable_only_where_a_job_expands_in_another_than_step():
-    from analysis.sweep import COLUMNS, columns, markdown, sort_rows
+    from cachelab.analysis.sweep import COLUMNS, columns, markdown, sort_rows
 
     rows = [{"strategy": "taylor", "granularity": "module", "order": 2, "variable": v, "interval": 5}
             for v in ("logsnr", "step", "sigma")]

@@ -18,8 +18,8 @@ from cachelab.core.schedules import Always, Interval
 from cachelab.core.sites import SitePattern, select_sites
 from cachelab.core.strategy import Strategy
 from cachelab.models.pipelines.driver import expert_plan
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 from tests.test_pipelines import tiny
 
 STEPS = 10

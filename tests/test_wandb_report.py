@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.wandb_log import history, read_records, summary
-from analysis.wandb_report import REPORT, main
+from cachelab.analysis.wandb_log import history, read_records, summary
+from cachelab.analysis.wandb_report import REPORT, main
 
 wr = pytest.importorskip("wandb_workspaces.reports.v2")
 
@@ -56,7 +56,7 @@ def test_report_panels_name_keys_the_runs_logged(sweep):
     assert len(finished) == 2, proc.stderr
     definition = json.loads((folder / REPORT).read_text())
     line = f"W&B report: {folder / REPORT}; to share it: wandb sync {folder}/*/wandb/offline-run-* && " \
-           f"python -m analysis.wandb_report publish {folder} --entity ENTITY --project cachelab"
+           f"python -m cachelab.analysis.wandb_report publish {folder} --entity ENTITY --project cachelab"
     assert line in proc.stdout.splitlines()
 
     # what the finished jobs' runs logged, read back from their offline run files
@@ -141,7 +141,7 @@ def test_artifact_files_above_the_threshold_go_by_reference(tmp_path, monkeypatc
     The artifact is read as the sink hands it to ``run.log_artifact`` (an offline run's file gets
     its artifact record from W&B's service process, which has, rarely, not written it by the time
     ``finish`` returns: a flaky read, not the sink's doing)."""
-    import analysis.wandb_sink as wandb_sink
+    import cachelab.analysis.wandb_sink as wandb_sink
 
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.atlas import Atlas, Candidate, ForecastAudit, nanmean
-from analysis.figures import heatmap_colormap, label_sites, log10_or_nan, png_bytes, pyplot
+from cachelab.analysis.atlas import Atlas, Candidate, ForecastAudit, nanmean
+from cachelab.analysis.figures import heatmap_colormap, label_sites, log10_or_nan, png_bytes, pyplot
 from cachelab.io import npz_bytes, write_bytes_atomic, write_json_atomic
 from cachelab.core.schedules import Interval, StaticSchedule
 from cachelab.jobs.base import observed_full_run

@@ -20,13 +20,13 @@ from cachelab.errors import ConfigError
 from cachelab.jobs.components import refusal
 from cachelab.jobs.lifecycle import slurm_job
 from cachelab.models.adapter import Inputs, ModelAdapter
-from strategies.reuse import Reuse
+from cachelab.strategies.reuse import Reuse
 
 
 # strategy.tokens=<name>: the token selection policies with their own defaults (conf/strategy/<name>.yaml
 # presets set the papers' values as a node with _target_)
-TOKEN_POLICIES = {"random": "strategies.tokens.random_tokens.RandomTokens", "toca": "strategies.tokens.toca.ToCa",
-                  "duca": "strategies.tokens.duca.DuCa", "clusca": "strategies.tokens.clusca.ClusCa"}
+TOKEN_POLICIES = {"random": "cachelab.strategies.tokens.random_tokens.RandomTokens", "toca": "cachelab.strategies.tokens.toca.ToCa",
+                  "duca": "cachelab.strategies.tokens.duca.DuCa", "clusca": "cachelab.strategies.tokens.clusca.ClusCa"}
 
 
 def build(cfg: DictConfig, key: str, name: str | None = None):

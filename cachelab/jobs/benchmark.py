@@ -45,7 +45,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.figures import png_bytes, pyplot
+from cachelab.analysis.figures import png_bytes, pyplot
 from cachelab.errors import ConfigError
 from cachelab.evaluation import peers
 from cachelab.evaluation.flops import CallFlops, count_flops

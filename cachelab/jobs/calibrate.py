@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 from cachelab.core.adaptive import relative_l1
 from cachelab.core.controller import attach
 from cachelab.core.outputs import Parts
@@ -33,7 +33,7 @@ from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
 from cachelab.jobs.base import observed_full_run
 from cachelab.models.adapter import Inputs, ModelAdapter
-from strategies.reuse import Reuse
+from cachelab.strategies.reuse import Reuse
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 from cachelab.core.controller import CacheStats
 from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops
@@ -16,7 +16,7 @@ from cachelab.evaluation.metrics import psnr, relative_l2, ssim
 from cachelab.evaluation.paper_metrics import evaluate_all
 from cachelab.io import finite_json, write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import build, compiled_regions, describe, flatten, timed_generation
-from analysis.figures import png_bytes
+from cachelab.analysis.figures import png_bytes
 from cachelab.jobs.report import comparison_grid, per_step_plot, run_report, run_title, summary_table
 from cachelab.models.adapter import ModelAdapter
 

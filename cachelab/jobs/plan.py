@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 from cachelab.core.strategy import Strategy
 from cachelab.io import write_json_atomic
 from cachelab.models.adapter import ModelAdapter

@@ -20,7 +20,7 @@ def comparison_grid(baseline: torch.Tensor, cached: torch.Tensor, title: str = "
     """Figure (pixels 1:1, small images enlarged by an integer factor): one row per sample,
     columns baseline | cached | |baseline - cached| × k, with k and the difference's 99th
     percentile and maximum printed above them."""
-    from analysis.figures import pyplot
+    from cachelab.analysis.figures import pyplot
 
     baseline, cached = as_rgb(baseline), as_rgb(cached)
     difference = (baseline - cached).abs()
@@ -110,7 +110,7 @@ def run_title(m: dict) -> str:
 
 def per_step_plot(m: dict):
     """Figure: rel-L2 of the cached trajectory against the baseline after every step, full steps marked."""
-    from analysis.figures import pyplot
+    from cachelab.analysis.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)

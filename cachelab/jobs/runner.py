@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 from cachelab.jobs.base import RUN_NAME_TAGS, build, build_strategy
 from cachelab.jobs.checks import check_config
 from cachelab.jobs.lifecycle import PROGRESS, FolderLock, track_generations

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cachelab.errors import ConfigError
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 from cachelab.core.controller import CacheHandle, CacheStats
 from cachelab.core.strategy import Strategy
 from cachelab.evaluation.flops import count_flops

@@ -91,7 +91,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
 def done(folder: Path, overrides: list[str]) -> str | None:
     """Why the job needs no SLURM job (it finished with the same overrides, or it is the same
     run as another job of the sweep: ``skipped.txt``), else None."""
-    from analysis.sweep import SKIPPED
+    from cachelab.analysis.sweep import SKIPPED
     from cachelab.jobs.cli import finished
 
     if finished(folder, overrides):

@@ -1,7 +1,7 @@
 """Hydra callbacks around a run's folder and a sweep: the folder checked for writing before
 Hydra writes into it, the sweep folder locked, and at the end of a sweep its report
-(:func:`analysis.sweep.report`), its table logged as one more logger run and its W&B Report
-(:func:`analysis.wandb_report.share`); the sweep fails when a job did not finish.
+(:func:`cachelab.analysis.sweep.report`), its table logged as one more logger run and its W&B Report
+(:func:`cachelab.analysis.wandb_report.share`); the sweep fails when a job did not finish.
 
 A sweep has one progress bar (its jobs) and one W&B group, ``<date>_<time>_<swept keys>``
 (``sweep.json`` keeps it for a resumed sweep). A job whose resolved config an earlier job of
@@ -24,8 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from analysis.sweep import SKIPPED, collect, columns, lookup, report
-from analysis.wandb_report import share
+from cachelab.analysis.sweep import SKIPPED, collect, columns, lookup, report
+from cachelab.analysis.wandb_report import share
 from cachelab.errors import FolderLocked
 from cachelab.jobs.lifecycle import SWEEP, SWEEP_LOCK, FolderLock, probe_writable, write_failure
 

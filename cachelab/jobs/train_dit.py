@@ -100,11 +100,11 @@ def _args(args: argparse.Namespace) -> dict:
 
 
 def _logger(args: argparse.Namespace):
-    from analysis.sink import Sink
+    from cachelab.analysis.sink import Sink
 
     if args.logger == "none":
         return Sink()
-    from analysis.wandb_sink import WandbSink
+    from cachelab.analysis.wandb_sink import WandbSink
 
     sink = WandbSink(project="cachelab-train")
     args.out_dir.mkdir(parents=True, exist_ok=True)

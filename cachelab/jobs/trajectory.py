@@ -1,12 +1,12 @@
 """``python run.py job=trajectory``: one full-compute run whose sites are recorded by
-:class:`analysis.trajectory.TrajectoryRecorder`; arrays, figures, report and metrics.json."""
+:class:`cachelab.analysis.trajectory.TrajectoryRecorder`; arrays, figures, report and metrics.json."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.atlas import nanmean
-from analysis.figures import png_bytes
-from analysis.trajectory import STATISTICS, TrajectoryRecorder, pca_figure, statistics_figure
+from cachelab.analysis.atlas import nanmean
+from cachelab.analysis.figures import png_bytes
+from cachelab.analysis.trajectory import STATISTICS, TrajectoryRecorder, pca_figure, statistics_figure
 from cachelab.io import npz_bytes, write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import observed_full_run
 

@@ -11,11 +11,11 @@ with one interval per cache site, verified by a real cached run.
    images' mean squared error) that the group causes on its own, propagated through every later
    site and step.
 3. Error: a configuration's squared errors are the sums of its groups' (independent errors add
-   in squares: :func:`analysis.sensitivity.additive`), mapped to the measured ones by a line in
-   log-log (:class:`analysis.sensitivity.Calibration`) fitted on ``calibration_runs`` real
+   in squares: :func:`cachelab.analysis.sensitivity.additive`), mapped to the measured ones by a line in
+   log-log (:class:`cachelab.analysis.sensitivity.Calibration`) fitted on ``calibration_runs`` real
    full-configuration runs of ``num_images`` images near the target.
 4. Candidates: per family and order every uniform interval, and the greedy paths
-   (:func:`analysis.sensitivity.greedy_path`) from every uniform interval (1 included): lengthen
+   (:func:`cachelab.analysis.sensitivity.greedy_path`) from every uniform interval (1 included): lengthen
    the interval of the group whose added error per FLOP saved is lowest, one step at a time.
 5. The fastest candidate predicted to meet the target is measured by ``job=compare``'s
    :func:`~cachelab.jobs.compare.measure`; if it misses, its measurement joins the calibration
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from analysis.sink import Sink
+from cachelab.analysis.sink import Sink
 from cachelab.core.schedules import PerSiteInterval
 from cachelab.io import write_bytes_atomic, write_json_atomic
 from cachelab.jobs.base import build_strategy

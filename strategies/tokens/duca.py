@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cachelab.core.tokens import TokenView
-from strategies.tokens.toca import ToCa
+from cachelab.strategies.tokens.toca import ToCa
 
 
 class DuCa(ToCa):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from cachelab.core.tokens import TokenPolicy, TokenView
-from strategies.tokens.scores import random_scores, top_tokens
+from cachelab.strategies.tokens.scores import random_scores, top_tokens
 
 
 class RandomTokens(TokenPolicy):

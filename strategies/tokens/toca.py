@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from cachelab.core.tokens import TokenPolicy, TokenView
-from strategies.tokens.random_tokens import check_ratio
-from strategies.tokens.scores import age_score, norm_score, normalised, random_scores, spatial_bonus, top_tokens
+from cachelab.strategies.tokens.random_tokens import check_ratio
+from cachelab.strategies.tokens.scores import age_score, norm_score, normalised, random_scores, spatial_bonus, top_tokens
 
 SCORES = ("attention", "value_norm", "norm", "random")
 GIVEN = ("attention", "value_norm")  # scores the model gives on request

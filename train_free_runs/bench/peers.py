@@ -28,8 +28,8 @@ from cachelab.evaluation.peers import (cache_dit_available, cache_dit_enabled, d
                                       diffusers_mag_ratios, import_cache_dit, write_mag_ratios)
 from cachelab.jobs import CONFIG_DIR
 from cachelab.models.pipelines.base import PipelineAdapter, PromptInputs
-from strategies.reuse import Reuse
-from strategies.taylor import TaylorSeer
+from cachelab.strategies.reuse import Reuse
+from cachelab.strategies.taylor import TaylorSeer
 
 # Every attention module of FLUX: what diffusers' TaylorSeer and PAB hooks pick by default.
 ATTENTION = [SitePattern(r"(single_)?transformer_blocks\.\d+\.attn")]

@@ -46,8 +46,8 @@ from cachelab.jobs.runner import timed_generation  # noqa: E402
 from cachelab.core.strategy import Strategy  # noqa: E402
 from cachelab.core.schedules import Interval  # noqa: E402
 from cachelab.core.sites import GRANULARITIES  # noqa: E402
-from strategies.reuse import Reuse  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.reuse import Reuse  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 FIRST_ENHANCE = 2
 

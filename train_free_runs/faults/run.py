@@ -257,7 +257,7 @@ FAULTS = [
               import sys, torch, cachelab
               from cachelab.core.strategy import Strategy
               from cachelab.core.schedules import Interval
-              from strategies.reuse import Reuse
+              from cachelab.strategies.reuse import Reuse
               model = torch.nn.Sequential(torch.nn.Linear(2, 2))
               seen = []
               with cachelab.apply(model, Strategy("reuse", Reuse(), Interval(10, 1), "output")) as handle:

@@ -35,8 +35,8 @@ from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from cachelab.core.schedules import Mask  # noqa: E402
 from cachelab.core.sites import Site, select_sites  # noqa: E402
-from strategies.reuse import Reuse  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.reuse import Reuse  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 RESIDUAL = {"module": False, "block": True, "stack": True, "output": False}
 

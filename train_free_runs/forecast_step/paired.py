@@ -46,8 +46,8 @@ from cachelab.core.sites import Site, select_sites  # noqa: E402
 from cachelab.evaluation.statistics import bootstrap_interval  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
-from strategies.reuse import Reuse  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.reuse import Reuse  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 
 def load_controller(revision: str):

@@ -30,7 +30,7 @@ from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
 from cachelab.core.schedules import Interval  # noqa: E402
 from cachelab.core.strategy import Strategy  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

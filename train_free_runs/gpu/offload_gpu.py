@@ -32,7 +32,7 @@ from cachelab.core.sites import select_sites  # noqa: E402
 from cachelab.io import write_bytes_atomic  # noqa: E402
 from cachelab.models.adapter import DTYPES  # noqa: E402
 from cachelab.models.dit_adapter import DiTAdapter  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 
 class CountedTransfers(Transfers):

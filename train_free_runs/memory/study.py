@@ -48,7 +48,7 @@ from cachelab.jobs.presets import preset  # noqa: E402
 from cachelab.jobs.runner import run  # noqa: E402
 from cachelab.jobs.schema import compose_config  # noqa: E402
 from cachelab.planner import size_text  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 BUDGETS = (0.25, 0.10, 1.0, 0.5, 0.05)  # of the unbounded order-2 module fp32 cache; the goal's first
 # The factor codecs of the storage ways, in one place: the ones the predictor takes now, and the
@@ -289,7 +289,7 @@ def tuner_way(study: Study, budget_fraction: float, out: Path) -> list[Candidate
                                  "job.calibration_runs=2", "job.max_tries=2", f"cache.budget={budget}",
                                  f"job.sensitivity_file={out / 'tune_sensitivity.json'}"])
     with open_dict(cfg):
-        cfg.job.predictors = {name: {"_target_": "strategies.taylor.TaylorSeer", "_partial_": True, "first_enhance": 2,
+        cfg.job.predictors = {name: {"_target_": "cachelab.strategies.taylor.TaylorSeer", "_partial_": True, "first_enhance": 2,
                                      "factor_dtype": list(c) if isinstance(c, tuple) else c}
                               for name, c in families.items()}
     with tempfile.TemporaryDirectory() as scratch:

@@ -12,8 +12,8 @@ import math
 import sys
 from pathlib import Path
 
-from analysis.sensitivity import psnr_from_mse as psnr
-from analysis.sweep import collect
+from cachelab.analysis.sensitivity import psnr_from_mse as psnr
+from cachelab.analysis.sweep import collect
 
 
 def frontier(sweep: Path) -> list[dict]:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from cachelab.core.schedules import Interval  # noqa: E402
 from cachelab.core.strategy import Strategy  # noqa: E402
 from cachelab.evaluation.flops import count_flops_per_call  # noqa: E402
-from strategies.taylor import TaylorSeer  # noqa: E402
+from cachelab.strategies.taylor import TaylorSeer  # noqa: E402
 
 EXPERTS = ("transformer", "transformer_2")
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from analysis.sensitivity import Calibration, anchored, mse_from_psnr, psnr_from_mse
+from cachelab.analysis.sensitivity import Calibration, anchored, mse_from_psnr, psnr_from_mse
 from cachelab.core.schedules import Interval
 from cachelab.core.sites import select_sites
 from cachelab.evaluation.flops import count_flops_per_call
@@ -22,7 +22,7 @@ UNIFORM_ON = re.compile(r"uniform_(\d+)_images")  # the file's key of the unifor
 class Setting:
     """A candidate: predictor family and order, one interval per site (``choice``: per group);
     its predicted FLOPs speedup and squared errors before calibration (rel-L2 squared ``sq``,
-    image MSE ``mse``: :func:`analysis.sensitivity.anchored` from its uniform start ``base``)."""
+    image MSE ``mse``: :func:`cachelab.analysis.sensitivity.anchored` from its uniform start ``base``)."""
 
     family: str
     order: int
@@ -163,7 +163,7 @@ class CostModel:
 
 class ErrorModel:
     """A configuration's output rel-L2 and PSNR from its additive squared errors, each through a
-    :class:`~analysis.sensitivity.Calibration` fitted on real full-configuration runs."""
+    :class:`~cachelab.analysis.sensitivity.Calibration` fitted on real full-configuration runs."""
 
     def __init__(self, points: list[dict]):
         self.points = points

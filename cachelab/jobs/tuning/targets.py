@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from analysis.sensitivity import mse_from_psnr
+from cachelab.analysis.sensitivity import mse_from_psnr
 from cachelab.core.arguments import Allowed
 from cachelab.errors import ConfigError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.sensitivity import greedy_path, psnr_from_mse
+from cachelab.analysis.sensitivity import greedy_path, psnr_from_mse
 from cachelab.core.arguments import Allowed
 from cachelab.core.predictor import Predictor
 from cachelab.core.schedules import PerSiteInterval

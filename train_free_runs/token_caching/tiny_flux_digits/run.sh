@@ -20,4 +20,4 @@ $PY run.py -m $COMMON strategy=taylor_toca $NOBONUS strategy.tokens.fresh_ratio=
 $PY run.py -m $COMMON strategy=clusca strategy.tokens.clusters=2 strategy.name=clusca_k2 interval=12 hydra.sweep.dir=$OUT/sweep_clusca_k2
 # control: FORA on ToCa's schedule (its full steps, no token recomputation)
 $PY run.py -m $COMMON strategy=reuse schedule=toca strategy.name=reuse_toca_schedule schedule.interval=4,8 hydra.sweep.dir=$OUT/sweep_reuse_toca_schedule
-$PY -m analysis.sweep $OUT/sweep_* --out $OUT
+$PY -m cachelab.analysis.sweep $OUT/sweep_* --out $OUT
