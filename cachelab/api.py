@@ -239,7 +239,7 @@ def apply(target, strategy: str | Strategy = "taylor", *, sites: dict[str, list[
     or a size such as ``"4GiB"``): the strategy is planned first (:func:`cachelab.plan`, with the
     generation's keys among ``overrides``: ``num_inference_steps``, ``height``, ``width``, ...) and
     refused, before anything is hooked, when its cache would exceed the budget. ``offload``: the
-    predictor states wait in host memory between their uses (README, "Host offload")."""
+    predictor states wait in host memory between their uses (docs/guides/memory.md, "Host offload")."""
     from cachelab.models.pipelines.driver import is_pipeline
 
     pipe = target if is_pipeline(target) else None

@@ -61,7 +61,7 @@ class NewtonState(TaylorState):
 
 
 class TaylorSeer(Predictor):
-    """TaylorSeer of any order ``m >= 0``, the official rule (README, "The TaylorSeer rule"), and its ablations.
+    """TaylorSeer of any order ``m >= 0``, the official rule (docs/library/taylorseer.md), and its ablations.
 
     At a full step ``s`` the new factors are ``D_0 = F`` and
     ``D_{i+1} = (new D_i - old D_i) / (s - s_last)`` for as long as the old factor

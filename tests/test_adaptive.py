@@ -166,7 +166,7 @@ def test_pab_matches_the_videosys_rule():
 
 
 def test_taylor_error_estimate_is_the_gap_between_orders():
-    """Factors {64, 12, 2} (values s^2 at full steps 0, 4, 8; the README's test vectors): the order-2 and
+    """Factors {64, 12, 2} (values s^2 at full steps 0, 4, 8; the test vectors of docs/library/taylorseer.md): the order-2 and
     order-1 forecasts at 9 are 77 and 76; reuse's estimate is its whole value."""
     p = TaylorSeer(order=2, first_enhance=1)
     state = p.new_state()

@@ -1,4 +1,4 @@
-"""Adding a schedule is one class, one YAML and one test, as README "Adding a method" says: the
+"""Adding a schedule is one class, one YAML and one test, as docs/guides/extending.md says: the
 class below and a YAML written into a config folder on the search path, nothing else edited. Its
 keys are typed by the constructor's signature, its range checked by the constructor, and both
 refusals are one line naming the config key and what is allowed."""

@@ -41,7 +41,7 @@ def test_forecast_and_derivative_errors_match_closed_forms():
                    Candidate("reuse", Reuse(), Mask(full_steps=[0, 4, 8]))], T, derivative_orders=2)
     full_run(atlas, T)
     errors = atlas.error_map("taylor2")[0]
-    # the README's test vectors: factors {64, 12, 2} at step 8 forecast 77, 92, 109 for 81, 100, 121
+    # the test vectors of docs/library/taylorseer.md: factors {64, 12, 2} at step 8 forecast 77, 92, 109 for 81, 100, 121
     expected = {9: 4 / 81, 10: 8 / 100, 11: 12 / 121}
     # steps 1-3 reuse F(0) = 0 (error 1); steps 5-7 use order 1 from {16, 4}: 16 + 4k
     expected.update({s: 1.0 for s in (1, 2, 3)})

@@ -30,7 +30,7 @@ def composed(*overrides: str):
 
 def test_the_console_script_is_declared_and_the_wheel_carries_every_config():
     """``cachelab`` is cachelab.jobs.cli:console; the configs are package data under the
-    cachelab/conf link (what a non-editable install has: README "Install" has the wheel check)."""
+    cachelab/conf link (what a non-editable install has: docs/getting-started.md has the wheel check)."""
     assert PYPROJECT["project"]["scripts"] == {"cachelab": "cachelab.jobs.cli:console"}
     assert (REPO / "cachelab" / "conf").resolve() == (REPO / "conf").resolve() == CONFIG_DIR
     patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["cachelab"]

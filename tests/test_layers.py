@@ -1,6 +1,7 @@
 """The layering: core <- strategies <- models <- evaluation <- analysis <- jobs <- run.py, no
 import cycle, only the jobs know Hydra, the core imports only torch and the standard library;
-the README's layout is the tree; shipped assets are never rewritten by a job."""
+the documentation's layout page (docs/reference/layout.md) is the tree; shipped assets are never
+rewritten by a job."""
 from __future__ import annotations
 
 import ast
@@ -213,11 +214,14 @@ def test_the_scan_finds_old_names():
     assert not recorded_run(REPO / "train_free_runs" / "tuner" / "README.md")
 
 
-# -- the README's layout is the tree ---------------------------------------------------
-def readme_layout() -> list[str]:
-    """The paths in README's "## Layout" block: an entry per line (name in the first 24
+# -- the documentation's layout page is the tree -----------------------------------------
+LAYOUT_PAGE = REPO / "docs" / "reference" / "layout.md"
+
+
+def layout_paths() -> list[str]:
+    """The paths in the layout page's "## Layout" block: an entry per line (name in the first 24
     columns, two spaces of indent per level), descriptions and continuations further right."""
-    text = (REPO / "README.md").read_text()
+    text = LAYOUT_PAGE.read_text()
     block = re.search(r"## Layout\n.*?```\n(.*?)```", text, re.S).group(1)
     paths, stack = [], []
     for line in block.splitlines():
@@ -230,18 +234,18 @@ def readme_layout() -> list[str]:
     return paths
 
 
-def test_readme_layout_lists_only_what_exists():
-    missing = [path for path in readme_layout() if not (REPO / path).exists()]
-    assert not missing, f"README layout lists paths that do not exist: {missing}"
+def test_layout_page_lists_only_what_exists():
+    missing = [path for path in layout_paths() if not (REPO / path).exists()]
+    assert not missing, f"{LAYOUT_PAGE.relative_to(REPO)} lists paths that do not exist: {missing}"
 
 
-def test_readme_layout_lists_every_module_and_package():
-    listed = {path.rstrip("/") for path in readme_layout()}
+def test_layout_page_lists_every_module_and_package():
+    listed = {path.rstrip("/") for path in layout_paths()}
     tree = {str(path.relative_to(REPO)) for folder in PACKAGES.values() for path in folder.rglob("*")
             if path.name != "__init__.py" and "__pycache__" not in path.parts
             and (path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()))}
     tree |= {str(p.relative_to(REPO)) for p in (REPO / "conf").iterdir() if p.is_dir()}
-    assert not tree - listed, f"README layout misses: {sorted(tree - listed)}"
+    assert not tree - listed, f"{LAYOUT_PAGE.relative_to(REPO)} misses: {sorted(tree - listed)}"
 
 
 # -- jobs write into their run folder, never into the package ----------------------------

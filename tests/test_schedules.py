@@ -1,4 +1,4 @@
-"""Schedules against the README's full-step sets ("The TaylorSeer rule") and a stateful copy of the official counter."""
+"""Schedules against the full-step sets of docs/library/taylorseer.md and a stateful copy of the official counter."""
 from __future__ import annotations
 
 import random

@@ -1,5 +1,5 @@
 """Factor storage (cachelab/core/storage.py) against float64: each codec's dequantization error
-within the bound derived for it (README, "Factor storage"), on random and adversarial tensors,
+within the bound derived for it (docs/guides/memory.md, "Factor storage"), on random and adversarial tensors,
 and a Taylor forecast through stored factors within the bound the per-factor bounds give."""
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ not depend on what it is batched with. A 2-D value ``(B, C)`` has channel scales
 batch, and a 1-D value one scale.
 
 The error of a scaled encoding, element by element, for a scale ``s`` (derived in the
-README, "Factor storage"): int8 ``|x - decode(x)| <= s / 2`` with ``s = max|x| / 127`` (up
+docs/guides/memory.md, "Factor storage"): int8 ``|x - decode(x)| <= s / 2`` with ``s = max|x| / 127`` (up
 to float32 rounding of the division and product, ``127 * 2^-23 s``); fp8 e4m3 with ``s = max|x|
 / 448``: ``<= 2^-4 |x|`` where ``|x| / s`` is normal (``>= 2^-6``), ``<= 2^-10 s`` below
 (subnormal spacing 2^-9); fp8 e5m2 with ``s = max|x| / 57344``: ``<= 2^-3 |x|``, and ``<=

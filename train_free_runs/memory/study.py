@@ -1,4 +1,4 @@
-"""Memory-bounded caching on the trained tiny models (issue 29 §3; README "Caches that fit a budget").
+"""Memory-bounded caching on the trained tiny models (issue 29 §3; docs/guides/memory.md, "Meeting a cache budget").
 
     python train_free_runs/memory/study.py --model tiny_dit --out train_free_runs/memory/tiny_dit
     python train_free_runs/memory/study.py --model tiny_flux_digits --out train_free_runs/memory/tiny_flux_digits

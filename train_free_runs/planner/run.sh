@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The planned cache of the papers' settings on FLUX.1-dev, HunyuanVideo and Wan 2.2 A14B (README,
+# The planned cache of the papers' settings on FLUX.1-dev, HunyuanVideo and Wan 2.2 A14B (docs/guides/memory.md,
 # "Planning the cache"): python run.py job=plan on the shipped transformer configs, meta device.
 # Run from the repository root: bash train_free_runs/planner/run.sh ; each run's plan.json lands in
 # train_free_runs/planner/<name>/ and its wall time in <name>/wall_s.txt.

@@ -2,7 +2,7 @@
 :class:`~cachelab.jobs.tuning.targets.Target`, on plain values: a caller's ``measure(candidate,
 stage)`` runs a candidate (None: the candidate cannot run, e.g. an adaptive schedule that needs an
 error estimate the predictor lacks) and ``sensitivity(frame)`` gives the output's squared error of
-each step forecast alone. Coordinate search with successive halving (method: README "Searching
+each step forecast alone. Coordinate search with successive halving (method: docs/guides/tuning.md, "Searching
 the whole strategy space")."""
 from __future__ import annotations
 
