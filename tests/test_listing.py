@@ -1,4 +1,5 @@
 """``cachelab --version`` and ``cachelab --list``: answered before Hydra, from the configs' own comments."""
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -46,3 +47,14 @@ def test_the_catalogue_is_sorted_by_name():
     for choices in catalogue(CONFIG_DIR).values():
         names = [name for name, _ in choices]
         assert names == sorted(names) and names
+
+
+def test_a_reader_that_stops_early_ends_the_list_quietly():
+    """``cachelab --list | head -1``: the pipe is closed before the list is written; no traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody will read: the first write raises BrokenPipeError
+    done = subprocess.run([sys.executable, "run.py", "--list"], cwd=ROOT, stdout=writer, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(writer)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141

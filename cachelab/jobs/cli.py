@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -256,14 +257,24 @@ def check_command_line(argv: list[str]) -> None:
         pass  # a malformed override: Hydra parses them again below and reports it without a traceback
 
 
+def answer(text: str) -> None:
+    """Print ``text`` on stdout; a reader that stopped early (``cachelab --list | head``) ends the
+    process quietly, as a Unix tool does, instead of with a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a process a closed pipe stopped
+
+
 def console() -> None:
     """The ``cachelab`` console script (and ``python run.py``); ``--version`` and ``--list`` answer
     before Hydra starts."""
     if sys.argv[1:] == ["--version"]:
-        print(f"cachelab {package_version()}")
+        answer(f"cachelab {package_version()}")
         return
     if sys.argv[1:] == ["--list"]:
-        print(listing(Path(CONFIG_DIR)))
+        answer(listing(Path(CONFIG_DIR)))
         return
     with interruptible():  # SIGINT/SIGTERM raise Interrupted: every cleanup runs, one line at the end
         try:
