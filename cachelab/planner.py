@@ -15,6 +15,12 @@ operators allocate (views excluded) and its inputs hold at once, each freed when
 Python reference to it goes, with ``scaled_dot_product_attention`` counted as a fused kernel
 (its output only; the attention matrix is never held); no allocator rounding, fragmentation
 or kernel workspaces.
+
+A schedule that decides from the values the model computes (one reading signals: TeaCache,
+FBCache, SeaCache, the error-controlled and verifying ones) is planned at its worst case (:class:`WorstCase`):
+every step full but the last, forecast, so the plan holds what such a run can hold at most (the
+predictor's whole history, what its forecasts fit, and the signal the schedule keeps); its FLOPs
+are those of that sequence (no speedup is promised).
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from cachelab.core.controller import CacheHandle, decision_code
+from cachelab.core.controller import SAMPLER_SIGNALS, CacheHandle, controller_signals, decision_code
+from cachelab.core.schedules import Decision, Schedule, StepContext
+from cachelab.core.sites import first_tensor
 from cachelab.core.storage import CODECS
 from cachelab.errors import ConfigError
 from cachelab.models.pipelines.driver import is_pipeline
@@ -94,6 +102,7 @@ class Plan:
     sites: list[SitePlan] = field(default_factory=list)
     device_memory: int | None = None
     seconds: float = 0.0
+    worst_case: bool = False  # the schedule decides from values: planned at its worst case (module docstring)
 
     @property
     def flops_speedup(self) -> float:
@@ -114,7 +123,8 @@ class Plan:
         lines = [f"plan: {self.strategy} on {self.model}{f' ({self.experts} experts)' if self.experts > 1 else ''}, "
                  f"{s.height}x{s.width}{frames}, batch {s.batch_size}, guidance {s.guidance:g}, "
                  f"{self.num_inference_steps} steps",
-                 f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites",
+                 f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites"
+                 f"{' (the worst case of an adaptive schedule: every step but the last full)' if self.worst_case else ''}",
                  f"  weights: {size_text(self.weight_bytes)}",
                  f"  activations of a full step (estimate): {size_text(self.activation_bytes)}",
                  f"  FLOPs: {self.flops_full_step:.4g} per full step, {self.full_steps} full steps, "
@@ -198,7 +208,8 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
                   activation_bytes=live.peak, flops_full_step=counter.get_total_flops(),
                   flops_total=sum(run["flops"] for run in runs), full_steps=sum(run["full_steps"] for run in runs),
                   sites=max(runs, key=lambda run: run["cache_bytes"])["sites"],
-                  device_memory=None if device_memory is None else parse_size(device_memory, "device_memory"))
+                  device_memory=None if device_memory is None else parse_size(device_memory, "device_memory"),
+                  worst_case=isinstance(strategy.schedule, WorstCase))
     result.seconds = time.perf_counter() - started
     if budget is not None:
         check_budget(result, budget, target, strategy, {**plan_keys, "num_inference_steps": steps})
@@ -263,10 +274,12 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     decision compute the same operators on the same shapes, so each decision's FLOPs are counted
     at its first step and added for the others; a forecast step after the first of its decision
     changes no predictor state and its calls are not run again (without token selection, whose
-    refreshes change the states: then every step runs and is counted)."""
+    refreshes change the states, or a decision that waits for a probe: then every step runs and
+    is counted)."""
     from cachelab.models.families import model_sites
 
     calls = step_calls(model, shape, next(model.parameters()).dtype)
+    signals = {"latent": first_tensor((), calls[0][1])}  # the sampler's: the model's input latent
     counted: dict[int, int] = {}
     flops = 0
     with torch.no_grad():  # the sites as cachelab.apply finds them (its family's, or from one traced call)
@@ -275,8 +288,9 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     try:
         with torch.no_grad(), handle.generation(steps):
             for s in range(steps):
-                handle.step(s)
-                code = decision_code(handle.step_decision) if strategy.tokens is None else None
+                handle.step(s, **signals)
+                decision = handle.step_decision  # None: it waits for a probe the step's calls run
+                code = decision_code(decision) if strategy.tokens is None and decision is not None else None
                 if code in counted:
                     flops += counted[code]
                     if code != 0:
@@ -285,8 +299,9 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
                 else:
                     with FlopCounterMode(display=False) as counter:
                         _step(handle, model, calls)
-                    counted[code] = counter.get_total_flops()
-                    flops += counted[code]
+                    if code is not None:
+                        counted[code] = counter.get_total_flops()
+                    flops += counter.get_total_flops()
             sites = _site_plans(handle)
         stats = handle.stats()
     except (RuntimeError, NotImplementedError) as err:
@@ -298,6 +313,30 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     finally:
         handle.remove()
     return {"cache_bytes": stats.cache_bytes, "sites": sites, "flops": flops, "full_steps": len(stats.full_steps)}
+
+
+class WorstCase(Schedule):
+    """A schedule that decides from values, as the planner drives it (meta tensors hold none): the
+    same probes, every step full but the last, forecast, and each decision shown to the schedule
+    (``record``) so that it keeps the signals it would keep; the predictor's own signals, which need
+    values, are not read."""
+
+    def __init__(self, schedule: Schedule, own: set[str]):
+        self.schedule = schedule
+        self.signals = tuple(signal for signal in schedule.signals if signal not in own - set(SAMPLER_SIGNALS))
+
+    def decide(self, ctx: StepContext) -> Decision:
+        decision = Decision.FORECAST if ctx.s == ctx.T - 1 > 0 else Decision.FULL
+        record = getattr(self.schedule, "record", None)
+        if record is not None:  # the noise level shapes no stored tensor: any one does on meta tensors
+            record(dataclasses.replace(ctx, logsnr=0.0 if ctx.logsnr is None else ctx.logsnr), decision)
+        return decision
+
+    def reset(self) -> None:
+        self.schedule.reset()
+
+    def held_bytes(self) -> int:
+        return self.schedule.held_bytes()
 
 
 def _step(handle, model, calls) -> None:
@@ -331,7 +370,10 @@ def _strategy(strategy, keys: dict):
         raise ConfigError(f"keys {', '.join(keys)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
-    return dataclasses.replace(copy.deepcopy(strategy), guard="off")
+    strategy = dataclasses.replace(copy.deepcopy(strategy), guard="off")
+    if strategy.schedule.signals:  # it decides from values
+        strategy.schedule = WorstCase(strategy.schedule, controller_signals(strategy.predictor))
+    return strategy
 
 
 def _shape(model, keys: dict) -> Shape:
