@@ -272,10 +272,9 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     """One cached generation of ``steps`` steps on meta tensors: the peak cache bytes, the
     per-site shapes and bytes at the last step, the FLOPs and the full steps. Steps of one
     decision compute the same operators on the same shapes, so each decision's FLOPs are counted
-    at its first step and added for the others; a forecast step after the first of its decision
-    changes no predictor state and its calls are not run again (without token selection, whose
-    refreshes change the states, or a decision that waits for a probe: then every step runs and
-    is counted)."""
+    at its first step and added for the others (without token selection, whose refreshes compute
+    some tokens, or a decision that waits for a probe: then every step is counted); every step
+    runs, as a forecast may change the predictor's states (DMD's fits, FoCa's window)."""
     from cachelab.models.families import model_sites
 
     calls = step_calls(model, shape, next(model.parameters()).dtype)
@@ -293,8 +292,6 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
                 code = decision_code(decision) if strategy.tokens is None and decision is not None else None
                 if code in counted:
                     flops += counted[code]
-                    if code != 0:
-                        continue
                     _step(handle, model, calls)
                 else:
                     with FlopCounterMode(display=False) as counter:
