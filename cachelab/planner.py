@@ -219,31 +219,39 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
 def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: dict | None = None) -> None:
     """Refuse ``result`` (a ConfigError in one line) when its cache exceeds ``budget``, naming the
     planned size, the limit and the cheapest settings of ``strategy`` that would fit on ``target``
-    (each planned again: lower orders, bf16 or int8 factors, both, then block and output granularity)."""
+    (each planned again: up to three of lower orders, bf16 or int8 factors and both, then the first
+    of per-site orders and of whole blocks, and block and output granularity)."""
     limit = parse_size(budget)
     if result.cache_bytes <= limit:
         return
     fitting = []
-    for change, variant in _alternatives(strategy) if target is not None else []:
-        try:
-            other = plan(target, variant, **(plan_keys or {}))
-        except ConfigError:
-            continue
-        if other.cache_bytes <= limit:
-            fitting.append(f"{change} ({size_text(other.cache_bytes)})")
-        if len(fitting) == 3:
-            break
+    for variants, most in _alternatives(strategy, result.sites) if target is not None else []:
+        named = 0
+        for change, variant in variants:
+            try:
+                other = plan(target, variant, **(plan_keys or {}))
+            except ConfigError:
+                continue
+            if other.cache_bytes <= limit:
+                lite = "TaylorSeer-Lite, " if change == "granularity=output" else ""
+                fitting.append(f"{change} ({lite}{size_text(other.cache_bytes)})")
+                named += 1
+            if named == most:
+                break
     advice = (f"; the cheapest settings that fit: {', '.join(fitting)}" if fitting
-              else "; no lower order, bf16 or int8 factors or coarser granularity fits")
+              else "; no lower order, bf16 or int8 factors, per-site orders, whole blocks or coarser granularity fits")
     raise ConfigError(f"cache budget exceeded: {result.strategy} on {result.model} plans "
                       f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache, over the budget of "
                       f"{size_text(limit)} ({limit} B){advice}")
 
 
-def _alternatives(strategy) -> list[tuple[str, object]]:
-    """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant),
-    least change first: each lower order, bf16 factors, both, int8 factors, with each lower order,
-    then block and output granularity (a factor storage only where some factor is stored wider)."""
+def _alternatives(strategy, sites: list[SitePlan]) -> list[tuple[list[tuple[str, object]], int]]:
+    """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant) in
+    groups, each with the most of it a refusal names, least change first within each: each lower
+    order, bf16 factors, both, int8 factors, with each lower order (three; a factor storage only
+    where some factor is stored wider); a lower order on one family of blocks (``sites``' names
+    ``<family>.<index>...``; the family holding the fewest bytes first), each lower order in turn;
+    one family of blocks cached whole, then all (at module granularity); block and output granularity."""
     predictor = strategy.predictor
     orders: list[dict] = []
     if isinstance(getattr(predictor, "order", None), int):
@@ -255,17 +263,48 @@ def _alternatives(strategy) -> list[tuple[str, object]]:
     for name in ("bf16", "int8_token") if stored is not False else ():
         if stored is None or any(CODECS[each].itemsize > CODECS[name].itemsize for each in stored):
             changes += [{"factor_dtype": name}] + [{**c, "factor_dtype": name} for c in orders]
-    changes += [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
-    variants = []
-    for change in changes:
-        variant = copy.deepcopy(strategy)
-        for key, value in change.items():
-            if key == "granularity":
-                variant.granularity = value
-            else:
-                setattr(variant.predictor, key, (value,) if key == "factor_dtype" else value)
-        variants.append((" ".join(f"{key}={value}" for key, value in change.items()), variant))
-    return variants
+    families = _block_families(sites)
+    per_site = [{"site_orders": {o["order"]: [family + suffix]}} for o in orders for family, suffix in families
+                if getattr(predictor, "site_orders", None) == {}]
+    blocks = [[family] for family, _ in families] + ([[f for f, _ in families]] if len(families) > 1 else [])
+    whole = ([{"whole_blocks": each} for each in blocks]
+             if strategy.granularity == "module" and not strategy.whole_blocks else [])
+    granularities = [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
+    return [([_variant(strategy, change) for change in group], most)
+            for group, most in ((changes, 3), (per_site, 1), (whole, 1), (granularities, 2))]
+
+
+def _block_families(sites: list[SitePlan]) -> list[tuple[str, str]]:
+    """The families of numbered blocks among ``sites`` (names ``<family>.<index>[.<rest>]``), the
+    one holding the fewest bytes first: each as a regex of its blocks' names and the suffix matching
+    its sites inside a block."""
+    held: dict[tuple[str, str], int] = {}
+    for site in sites:
+        match = re.fullmatch(r"(.+?)\.\d+(\..+)?", site.name)
+        if match is not None:
+            key = (re.escape(match.group(1)) + r"\.\d+", r"\..*" if match.group(2) else "")
+            held[key] = held.get(key, 0) + site.nbytes
+    return sorted(held, key=held.get)
+
+
+def _variant(strategy, change: dict) -> tuple[str, object]:
+    """``strategy`` with ``change`` (strategy keys as ``apply`` takes them) and the change as text."""
+    variant = copy.deepcopy(strategy)
+    for key, value in change.items():
+        if key in ("granularity", "whole_blocks"):
+            setattr(variant, key, tuple(value) if key == "whole_blocks" else value)
+        else:
+            setattr(variant.predictor, key, (value,) if key == "factor_dtype" else value)
+    return " ".join(f"{key}={_text(value)}" for key, value in change.items()), variant
+
+
+def _text(value) -> str:
+    """``value`` as the command line writes it (regexes with single backslashes)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(f"'{each}'" for each in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_text(each)}" for key, each in value.items()) + "}"
+    return str(value)
 
 
 def _generation(model, strategy, shape: Shape, steps: int) -> dict:
@@ -368,7 +407,7 @@ def _strategy(strategy, keys: dict):
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
     strategy = dataclasses.replace(copy.deepcopy(strategy), guard="off")
-    if strategy.schedule.signals:  # it decides from values
+    if strategy.schedule.signals and not isinstance(strategy.schedule, WorstCase):  # it decides from values
         strategy.schedule = WorstCase(strategy.schedule, controller_signals(strategy.predictor))
     return strategy
 

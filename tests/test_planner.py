@@ -337,3 +337,26 @@ def test_token_selection_is_planned_at_its_measured_flops():
         stats = handle.stats()
     assert planned.flops_total == cached and planned.cache_bytes == stats.cache_bytes
     assert planned.full_steps == len(stats.full_steps) < adapter.num_steps
+
+
+def test_a_refusal_names_per_site_orders_whole_blocks_and_lite_that_fit():
+    """Besides lower orders and codecs, the refusal names the cheapest per-site orders and whole
+    blocks that fit (one block family at a time, the one saving least first) and the coarser
+    granularities (output: TaylorSeer-Lite), each at its planned size."""
+    pipe, _, plan_keys = flux_digits_call()
+    keys = dict(plan_keys, num_inference_steps=STEPS, **STRATEGY)
+    double, single = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
+    orders = cachelab.plan(pipe, "taylor", site_orders={1: [double + r"\..*"]}, **keys)
+    single_orders = cachelab.plan(pipe, "taylor", site_orders={1: [single + r"\..*"]}, **keys)
+    whole = cachelab.plan(pipe, "taylor", whole_blocks=[double], **keys)
+    lite = cachelab.plan(pipe, "taylor", **dict(keys, granularity="output"))
+    budget = (orders.cache_bytes + single_orders.cache_bytes) // 2  # the double blocks' lower order fits, not the single's
+    assert orders.cache_bytes <= budget < single_orders.cache_bytes and whole.cache_bytes <= budget
+    with pytest.raises(ConfigError) as refused:
+        cachelab.plan(pipe, "taylor", budget=budget, **keys)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"site_orders={{1: ['{double}\\..*']}} ({size_text(orders.cache_bytes)})" in line
+    assert f"whole_blocks=['{double}'] ({size_text(whole.cache_bytes)})" in line
+    assert f"granularity=output (TaylorSeer-Lite, {size_text(lite.cache_bytes)})" in line
+    assert "order=1 (" in line  # the lower orders and codecs still come first
