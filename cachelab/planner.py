@@ -124,7 +124,7 @@ class Plan:
                  f"{s.height}x{s.width}{frames}, batch {s.batch_size}, guidance {s.guidance:g}, "
                  f"{self.num_inference_steps} steps",
                  f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites"
-                 f"{' (the worst case of an adaptive schedule: every step but the last full)' if self.worst_case else ''}",
+                 + (" (the worst case of an adaptive schedule: every step but the last full)" if self.worst_case else ""),
                  f"  weights: {size_text(self.weight_bytes)}",
                  f"  activations of a full step (estimate): {size_text(self.activation_bytes)}",
                  f"  FLOPs: {self.flops_full_step:.4g} per full step, {self.full_steps} full steps, "

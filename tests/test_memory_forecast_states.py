@@ -41,8 +41,8 @@ def test_the_bytes_read_after_each_step_are_what_the_states_hold(name):
                 torch.manual_seed(s)
                 model(torch.randn(3, 1, 8, 8), torch.full((3,), 900 - 70 * s), torch.zeros(3, dtype=torch.long))
                 assert sum(handle.stats().context_bytes.values()) == held_bytes(handle), s
-                fitted += sum(bool(getattr(state, "fit", None)) for c in handle.inner.caches.values() for cache in c.values()
-                              for state in cache.states)
+                fitted += sum(bool(getattr(state, "fit", None)) for sites in handle.inner.caches.values()
+                              for cache in sites.values() for state in cache.states)
         assert name != "dmd" or fitted  # some step held a fit
 
 

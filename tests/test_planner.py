@@ -350,7 +350,7 @@ def test_a_refusal_names_per_site_orders_whole_blocks_and_lite_that_fit():
     single_orders = cachelab.plan(pipe, "taylor", site_orders={1: [single + r"\..*"]}, **keys)
     whole = cachelab.plan(pipe, "taylor", whole_blocks=[double], **keys)
     lite = cachelab.plan(pipe, "taylor", **dict(keys, granularity="output"))
-    budget = (orders.cache_bytes + single_orders.cache_bytes) // 2  # the double blocks' lower order fits, not the single's
+    budget = (orders.cache_bytes + single_orders.cache_bytes) // 2  # the double blocks' lower order fits, not single's
     assert orders.cache_bytes <= budget < single_orders.cache_bytes and whole.cache_bytes <= budget
     with pytest.raises(ConfigError) as refused:
         cachelab.plan(pipe, "taylor", budget=budget, **keys)
