@@ -14,7 +14,7 @@ KEYS = dict(interval=2, first_enhance=1)  # full steps 0, 2, 4, ...: four unifor
 
 def held_bytes(handle) -> int:
     """The bytes the states hold, from their fields (DMD: values, Taylor factors, fits; FoCa:
-    anchors and window), each tensor once."""
+    anchors, window and anchor slope), each tensor once."""
     tensors = {}
     for sites in handle.inner.caches.values():
         for cache in sites.values():
@@ -23,7 +23,8 @@ def held_bytes(handle) -> int:
                     fitted = [t for item in state.fit or () if item is not None for t in item]
                     held = [*state.values, *state.taylor.factors, *fitted]
                 else:
-                    held = [value for _, value in (*state.anchors, *state.window)]
+                    slope = [] if state.slope is None else [state.slope]
+                    held = [value for _, value in (*state.anchors, *state.window)] + slope
                 tensors.update({id(t): t for t in held})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -57,7 +58,7 @@ def test_the_plan_is_the_measured_peak_of_a_forecasting_state(name):
     assert planned.cache_bytes == stats.cache_bytes
     # by hand, per block site (2) of (6 x 16 x 32) fp32 = 12288 B per value
     value = 6 * 16 * 32 * 4
-    if name == "foca":  # two anchors and the window's forecast (its other value is the newest anchor)
+    if name == "foca":  # the newest anchor, the anchor slope (fp32: for the older anchor), the window's forecast
         assert planned.cache_bytes == 2 * 3 * value
     else:  # at step 11: the values of full steps 0..10, the Taylor fallback's derivative (its other factor is
         # the newest value) and the fit of those 6 values: 5 modes of d = 16 x 32 per item (6) in complex128
