@@ -85,6 +85,8 @@ class DMD(Predictor):
     after step 1: ``first_enhance=3``).
     """
 
+    forecasts_change_state = True  # the fit of the window, made at its first forecast
+
     @checked
     def __init__(self, history: Annotated[int, at_least(MIN_SNAPSHOTS)] = 6, rank: Annotated[int, at_least(0)] = 0,
                  ridge: Annotated[float, in_range(0, 1)] = 1e-8, cutoff: Annotated[float, in_range(0, 1)] = 1e-4):

@@ -56,6 +56,8 @@ class FoCa(Predictor):
     value, so the next forecasts extrapolate from them.
     """
 
+    forecasts_change_state = True  # each forecast enters the window (and the anchor slope is kept)
+
     @checked
     def __init__(self, horizon: Annotated[int, at_least(1)] | None = 3, anchor_slope: str = "per_step"):
         if anchor_slope not in _SLOPES:
@@ -92,7 +94,7 @@ class FoCa(Predictor):
             anchor = self.slope(*state.anchors, dtype)
             if dtype == newest.dtype:  # as wide as the values: kept instead of the older anchor, no more bytes
                 state.slope, state.anchors = anchor, state.anchors[:1]
-        # in place on the fresh local slope: two allocations (and the cast back) per forecast
+        # in place on the fresh local slope (and the cast back)
         slopes = self.slope(*state.window, dtype).add_(anchor)
         forecast = slopes.mul_(weight).add_(newest).to(newest.dtype)
         state.window = [(s, forecast), state.window[0]]

@@ -65,3 +65,35 @@ def test_the_plan_is_the_measured_peak_of_a_forecasting_state(name):
         # (16 B), with their eigenvalues and amplitudes
         fit = 6 * (16 * 32 * 5 + 2 * 5) * 16
         assert planned.cache_bytes == 2 * (7 * value + fit)
+
+
+def test_every_predictor_whose_forecasts_change_its_state_says_so():
+    """The controller reads a state's bytes after a forecast only where ``forecasts_change_state``:
+    every shipped predictor whose ``predict`` replaces or adds a tensor of the state sets it."""
+    from pathlib import Path
+
+    from cachelab.errors import ConfigError
+    from cachelab.jobs.presets import preset
+
+    names = sorted(path.stem for path in (Path(cachelab.__file__).parent / "conf" / "strategy").glob("*.yaml"))
+    changing, seen = set(), set()
+    for name in names:
+        try:
+            predictor = preset(name).predictor
+        except ConfigError:  # a preset needing a model's calibration
+            continue
+        if predictor is None or type(predictor) in seen:
+            continue
+        seen.add(type(predictor))
+        state, changed = predictor.new_state_for("site"), False
+        for s in range(12):
+            if s % 2 == 0 or s < 5:
+                predictor.update(state, s, torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(s)))
+            else:
+                before = [id(t) for t in state.tensors()]
+                predictor.predict(state, s)
+                changed |= [id(t) for t in state.tensors()] != before
+        if changed:
+            changing.add(type(predictor).__name__)
+        assert changed == type(predictor).forecasts_change_state, name
+    assert changing == {"DMD", "FoCa"} and len(seen) >= 6

@@ -348,9 +348,11 @@ def site_kind(site: Site, run: SiteRun, tokens=None) -> SiteKind:
 
 def predict(run: SiteRun, name: str, state: PlainState) -> Parts:
     """The predictor's forecast of every output at the current step (None where the output is None);
-    the state of site ``name`` may have changed (what a forecast fits or keeps counts at once)."""
+    where its forecasts change the states, the state of site ``name`` is marked changed (what a
+    forecast fits or keeps counts at once)."""
     forecast = [None if held is None else run.predictor.predict(held, run.s) for held in state.states]
-    run.changed(name, state)
+    if run.predictor.forecasts_change_state:
+        run.changed(name, state)
     return forecast
 
 
