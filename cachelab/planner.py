@@ -312,8 +312,9 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     per-site shapes and bytes at the last step, the FLOPs and the full steps. Steps of one
     decision compute the same operators on the same shapes, so each decision's FLOPs are counted
     at its first step and added for the others (without token selection, whose refreshes compute
-    some tokens, or a decision that waits for a probe: then every step is counted); every step
-    runs, as a forecast may change the predictor's states (DMD's fits, FoCa's window)."""
+    some tokens, or a decision that waits for a probe: then every step is counted); a forecast
+    step after the first of its decision is not run again unless the predictor's forecasts change
+    its states (``forecasts_change_state``: DMD's fits, FoCa's window)."""
     from cachelab.models.families import model_sites
 
     calls = step_calls(model, shape, next(model.parameters()).dtype)
@@ -331,7 +332,8 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
                 code = decision_code(decision) if strategy.tokens is None and decision is not None else None
                 if code in counted:
                     flops += counted[code]
-                    _step(handle, model, calls)
+                    if code == 0 or strategy.predictor.forecasts_change_state:
+                        _step(handle, model, calls)
                 else:
                     with FlopCounterMode(display=False) as counter:
                         _step(handle, model, calls)
