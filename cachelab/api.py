@@ -108,7 +108,8 @@ class Handle(Generations):
                  f"  full steps: {len(stats.full_steps)} {stats.full_steps}",
                  f"  forecast steps: {len(stats.forecast_steps)}, fallbacks: {stats.fallbacks}, "
                  f"non-finite forecasts computed instead: {stats.guard_fallbacks}",
-                 f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"]
+                 f"  cache: {stats.cache_bytes / 2**20:.2f} MiB"
+                 + (f" on the device, {stats.host_bytes / 2**20:.2f} MiB in host memory" if stats.host_bytes else "")]
         lines += [f"    context {name}: {nbytes / 2**20:.2f} MiB" for name, nbytes in stats.context_bytes.items()]
         lines += site_lines(stats.site_bytes)
         if self.coverage is None:

@@ -15,6 +15,12 @@ operators allocate (views excluded) and its inputs hold at once, each freed when
 Python reference to it goes, with ``scaled_dot_product_attention`` counted as a fused kernel
 (its output only; the attention matrix is never held); no allocator rounding, fragmentation
 or kernel workspaces.
+
+A schedule that decides from the values the model computes (one reading signals: TeaCache,
+FBCache, SeaCache, the error-controlled and verifying ones) is planned at its worst case (:class:`WorstCase`):
+every step full but the last, forecast, so the plan holds what such a run can hold at most (the
+predictor's whole history, what its forecasts fit, and the signal the schedule keeps); its FLOPs
+are those of that sequence (no speedup is promised).
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from cachelab.core.controller import CacheHandle, decision_code
+from cachelab.core.controller import SAMPLER_SIGNALS, CacheHandle, controller_signals, decision_code
+from cachelab.core.schedules import Decision, Schedule, StepContext
+from cachelab.core.sites import first_tensor
 from cachelab.core.storage import CODECS
 from cachelab.errors import ConfigError
 from cachelab.models.pipelines.driver import is_pipeline
@@ -94,6 +102,7 @@ class Plan:
     sites: list[SitePlan] = field(default_factory=list)
     device_memory: int | None = None
     seconds: float = 0.0
+    worst_case: bool = False  # the schedule decides from values: planned at its worst case (module docstring)
 
     @property
     def flops_speedup(self) -> float:
@@ -114,7 +123,8 @@ class Plan:
         lines = [f"plan: {self.strategy} on {self.model}{f' ({self.experts} experts)' if self.experts > 1 else ''}, "
                  f"{s.height}x{s.width}{frames}, batch {s.batch_size}, guidance {s.guidance:g}, "
                  f"{self.num_inference_steps} steps",
-                 f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites",
+                 f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites"
+                 + (" (the worst case of an adaptive schedule: every step but the last full)" if self.worst_case else ""),
                  f"  weights: {size_text(self.weight_bytes)}",
                  f"  activations of a full step (estimate): {size_text(self.activation_bytes)}",
                  f"  FLOPs: {self.flops_full_step:.4g} per full step, {self.full_steps} full steps, "
@@ -198,7 +208,8 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
                   activation_bytes=live.peak, flops_full_step=counter.get_total_flops(),
                   flops_total=sum(run["flops"] for run in runs), full_steps=sum(run["full_steps"] for run in runs),
                   sites=max(runs, key=lambda run: run["cache_bytes"])["sites"],
-                  device_memory=None if device_memory is None else parse_size(device_memory, "device_memory"))
+                  device_memory=None if device_memory is None else parse_size(device_memory, "device_memory"),
+                  worst_case=isinstance(strategy.schedule, WorstCase))
     result.seconds = time.perf_counter() - started
     if budget is not None:
         check_budget(result, budget, target, strategy, {**plan_keys, "num_inference_steps": steps})
@@ -208,31 +219,39 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
 def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: dict | None = None) -> None:
     """Refuse ``result`` (a ConfigError in one line) when its cache exceeds ``budget``, naming the
     planned size, the limit and the cheapest settings of ``strategy`` that would fit on ``target``
-    (each planned again: lower orders, bf16 or int8 factors, both, then block and output granularity)."""
+    (each planned again: up to three of lower orders, bf16 or int8 factors and both, then the first
+    of per-site orders and of whole blocks, and block and output granularity)."""
     limit = parse_size(budget)
     if result.cache_bytes <= limit:
         return
     fitting = []
-    for change, variant in _alternatives(strategy) if target is not None else []:
-        try:
-            other = plan(target, variant, **(plan_keys or {}))
-        except ConfigError:
-            continue
-        if other.cache_bytes <= limit:
-            fitting.append(f"{change} ({size_text(other.cache_bytes)})")
-        if len(fitting) == 3:
-            break
+    for variants, most in _alternatives(strategy, result.sites) if target is not None else []:
+        named = 0
+        for change, variant in variants:
+            try:
+                other = plan(target, variant, **(plan_keys or {}))
+            except ConfigError:
+                continue
+            if other.cache_bytes <= limit:
+                lite = "TaylorSeer-Lite, " if change == "granularity=output" else ""
+                fitting.append(f"{change} ({lite}{size_text(other.cache_bytes)})")
+                named += 1
+            if named == most:
+                break
     advice = (f"; the cheapest settings that fit: {', '.join(fitting)}" if fitting
-              else "; no lower order, bf16 or int8 factors or coarser granularity fits")
+              else "; no lower order, bf16 or int8 factors, per-site orders, whole blocks or coarser granularity fits")
     raise ConfigError(f"cache budget exceeded: {result.strategy} on {result.model} plans "
                       f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache, over the budget of "
                       f"{size_text(limit)} ({limit} B){advice}")
 
 
-def _alternatives(strategy) -> list[tuple[str, object]]:
-    """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant),
-    least change first: each lower order, bf16 factors, both, int8 factors, with each lower order,
-    then block and output granularity (a factor storage only where some factor is stored wider)."""
+def _alternatives(strategy, sites: list[SitePlan]) -> list[tuple[list[tuple[str, object]], int]]:
+    """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant) in
+    groups, each with the most of it a refusal names, least change first within each: each lower
+    order, bf16 factors, both, int8 factors, with each lower order (three; a factor storage only
+    where some factor is stored wider); a lower order on one family of blocks (``sites``' names
+    ``<family>.<index>...``; the family holding the fewest bytes first), each lower order in turn;
+    one family of blocks cached whole, then all (at module granularity); block and output granularity."""
     predictor = strategy.predictor
     orders: list[dict] = []
     if isinstance(getattr(predictor, "order", None), int):
@@ -244,29 +263,62 @@ def _alternatives(strategy) -> list[tuple[str, object]]:
     for name in ("bf16", "int8_token") if stored is not False else ():
         if stored is None or any(CODECS[each].itemsize > CODECS[name].itemsize for each in stored):
             changes += [{"factor_dtype": name}] + [{**c, "factor_dtype": name} for c in orders]
-    changes += [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
-    variants = []
-    for change in changes:
-        variant = copy.deepcopy(strategy)
-        for key, value in change.items():
-            if key == "granularity":
-                variant.granularity = value
-            else:
-                setattr(variant.predictor, key, (value,) if key == "factor_dtype" else value)
-        variants.append((" ".join(f"{key}={value}" for key, value in change.items()), variant))
-    return variants
+    families = _block_families(sites)
+    per_site = [{"site_orders": {o["order"]: [family + suffix]}} for o in orders for family, suffix in families
+                if getattr(predictor, "site_orders", None) == {}]
+    blocks = [[family] for family, _ in families] + ([[f for f, _ in families]] if len(families) > 1 else [])
+    whole = ([{"whole_blocks": each} for each in blocks]
+             if strategy.granularity == "module" and not strategy.whole_blocks else [])
+    granularities = [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
+    return [([_variant(strategy, change) for change in group], most)
+            for group, most in ((changes, 3), (per_site, 1), (whole, 1), (granularities, 2))]
+
+
+def _block_families(sites: list[SitePlan]) -> list[tuple[str, str]]:
+    """The families of numbered blocks among ``sites`` (names ``<family>.<index>[.<rest>]``), the
+    one holding the fewest bytes first: each as a regex of its blocks' names and the suffix matching
+    its sites inside a block."""
+    held: dict[tuple[str, str], int] = {}
+    for site in sites:
+        match = re.fullmatch(r"(.+?)\.\d+(\..+)?", site.name)
+        if match is not None:
+            key = (re.escape(match.group(1)) + r"\.\d+", r"\..*" if match.group(2) else "")
+            held[key] = held.get(key, 0) + site.nbytes
+    return sorted(held, key=held.get)
+
+
+def _variant(strategy, change: dict) -> tuple[str, object]:
+    """``strategy`` with ``change`` (strategy keys as ``apply`` takes them) and the change as text."""
+    variant = copy.deepcopy(strategy)
+    for key, value in change.items():
+        if key in ("granularity", "whole_blocks"):
+            setattr(variant, key, tuple(value) if key == "whole_blocks" else value)
+        else:
+            setattr(variant.predictor, key, (value,) if key == "factor_dtype" else value)
+    return " ".join(f"{key}={_text(value)}" for key, value in change.items()), variant
+
+
+def _text(value) -> str:
+    """``value`` as the command line writes it (regexes with single backslashes)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(f"'{each}'" for each in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_text(each)}" for key, each in value.items()) + "}"
+    return str(value)
 
 
 def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     """One cached generation of ``steps`` steps on meta tensors: the peak cache bytes, the
     per-site shapes and bytes at the last step, the FLOPs and the full steps. Steps of one
     decision compute the same operators on the same shapes, so each decision's FLOPs are counted
-    at its first step and added for the others; a forecast step after the first of its decision
-    changes no predictor state and its calls are not run again (without token selection, whose
-    refreshes change the states: then every step runs and is counted)."""
+    at its first step and added for the others (without token selection, whose refreshes compute
+    some tokens, or a decision that waits for a probe: then every step is counted); a forecast
+    step after the first of its decision is not run again unless the predictor's forecasts change
+    its states (``forecasts_change_state``: DMD's fits, FoCa's window)."""
     from cachelab.models.families import model_sites
 
     calls = step_calls(model, shape, next(model.parameters()).dtype)
+    signals = {"latent": first_tensor((), calls[0][1])}  # the sampler's: the model's input latent
     counted: dict[int, int] = {}
     flops = 0
     with torch.no_grad():  # the sites as cachelab.apply finds them (its family's, or from one traced call)
@@ -275,18 +327,19 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     try:
         with torch.no_grad(), handle.generation(steps):
             for s in range(steps):
-                handle.step(s)
-                code = decision_code(handle.step_decision) if strategy.tokens is None else None
+                handle.step(s, **signals)
+                decision = handle.step_decision  # None: it waits for a probe the step's calls run
+                code = decision_code(decision) if strategy.tokens is None and decision is not None else None
                 if code in counted:
                     flops += counted[code]
-                    if code != 0:
-                        continue
-                    _step(handle, model, calls)
+                    if code == 0 or strategy.predictor.forecasts_change_state:
+                        _step(handle, model, calls)
                 else:
                     with FlopCounterMode(display=False) as counter:
                         _step(handle, model, calls)
-                    counted[code] = counter.get_total_flops()
-                    flops += counted[code]
+                    if code is not None:
+                        counted[code] = counter.get_total_flops()
+                    flops += counter.get_total_flops()
             sites = _site_plans(handle)
         stats = handle.stats()
     except (RuntimeError, NotImplementedError) as err:
@@ -298,6 +351,30 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     finally:
         handle.remove()
     return {"cache_bytes": stats.cache_bytes, "sites": sites, "flops": flops, "full_steps": len(stats.full_steps)}
+
+
+class WorstCase(Schedule):
+    """A schedule that decides from values, as the planner drives it (meta tensors hold none): the
+    same probes, every step full but the last, forecast, and each decision shown to the schedule
+    (``record``) so that it keeps the signals it would keep; the predictor's own signals, which need
+    values, are not read."""
+
+    def __init__(self, schedule: Schedule, own: set[str]):
+        self.schedule = schedule
+        self.signals = tuple(signal for signal in schedule.signals if signal not in own - set(SAMPLER_SIGNALS))
+
+    def decide(self, ctx: StepContext) -> Decision:
+        decision = Decision.FORECAST if ctx.s == ctx.T - 1 > 0 else Decision.FULL
+        record = getattr(self.schedule, "record", None)
+        if record is not None:  # the noise level shapes no stored tensor: any one does on meta tensors
+            record(dataclasses.replace(ctx, logsnr=0.0 if ctx.logsnr is None else ctx.logsnr), decision)
+        return decision
+
+    def reset(self) -> None:
+        self.schedule.reset()
+
+    def held_bytes(self) -> int:
+        return self.schedule.held_bytes()
 
 
 def _step(handle, model, calls) -> None:
@@ -331,7 +408,10 @@ def _strategy(strategy, keys: dict):
         raise ConfigError(f"keys {', '.join(keys)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
-    return dataclasses.replace(copy.deepcopy(strategy), guard="off")
+    strategy = dataclasses.replace(copy.deepcopy(strategy), guard="off")
+    if strategy.schedule.signals and not isinstance(strategy.schedule, WorstCase):  # it decides from values
+        strategy.schedule = WorstCase(strategy.schedule, controller_signals(strategy.predictor))
+    return strategy
 
 
 def _shape(model, keys: dict) -> Shape:

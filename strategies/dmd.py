@@ -52,6 +52,9 @@ def fit_item(trajectory: torch.Tensor, rank: int, ridge: float, cutoff: float) -
     ``A~ = U^H X' V S^-1`` (``S^-1 = 1 / (S + ridge)``) has eigenpairs ``(lambda, W)``; the modes
     are ``Phi = X' V S^-1 W`` and the amplitudes ``b`` fit ``Phi b = y_{n-1}`` by least squares."""
     X, Xp = trajectory[:, :-1], trajectory[:, 1:]
+    if trajectory.is_meta:  # the planner's meta tensors hold no values: the fit at its most modes
+        r = min(rank or X.shape[1], *X.shape)
+        return tuple(trajectory.new_empty(shape, dtype=torch.complex128) for shape in ((len(X), r), (r,), (r,)))
     try:
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
         r = rank if rank > 0 else int((S > S[0] * cutoff).sum().clamp(min=1))
@@ -82,6 +85,8 @@ class DMD(Predictor):
     after step 1: ``first_enhance=3``).
     """
 
+    forecasts_change_state = True  # the fit of the window, made at its first forecast
+
     @checked
     def __init__(self, history: Annotated[int, at_least(MIN_SNAPSHOTS)] = 6, rank: Annotated[int, at_least(0)] = 0,
                  ridge: Annotated[float, in_range(0, 1)] = 1e-8, cutoff: Annotated[float, in_range(0, 1)] = 1e-4):
@@ -95,6 +100,7 @@ class DMD(Predictor):
         if state.has_history:
             self.gap(state, s)
         self.fallback.update(state.taylor, s, value)
+        state.fit = state.key = None  # a new window: the old fit is not held until the next forecast refits
         state.steps = [s, *state.steps][: self.history]
         state.values = [value, *state.values][: self.history]
         state.last_step = s
@@ -107,6 +113,7 @@ class DMD(Predictor):
         newest = state.values[0]
         key = (state.steps[0], len(tail), spacing)
         if state.key != key:
+            state.fit = None  # freed before the new fit is made
             trajectories = torch.stack([v.reshape(len(v), -1) for v in tail], dim=-1).to(torch.float64)
             state.fit = [fit_item(t, self.rank, self.ridge, self.cutoff) for t in trajectories]
             state.key = key
@@ -114,4 +121,4 @@ class DMD(Predictor):
             return newest
         rows = [(modes @ (eigenvalues.pow(k / spacing) * amplitudes)).real for modes, eigenvalues, amplitudes in state.fit]
         forecast = torch.stack(rows).reshape(newest.shape).to(newest.dtype)
-        return forecast if torch.isfinite(forecast).all() else newest
+        return torch.where(torch.isfinite(forecast).all(), forecast, newest)  # no device sync per forecast

@@ -17,15 +17,17 @@ _SLOPES = ("per_step", "undivided")
 @dataclass
 class FoCaState(PredictorState):
     """The last two full steps (the anchors) and the last two values of every step seen, full or
-    forecast (the local window), each ``(step, value)``, newest first."""
+    forecast (the local window), each ``(step, value)``, newest first; ``slope``: the anchor slope,
+    where it is kept from the first forecast after a full step on (in place of the older anchor)."""
 
     anchors: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     window: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     last_step: int | None = None
+    slope: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         held = {id(v): v for _, v in (*self.anchors, *self.window)}
-        return list(held.values())
+        return [*held.values(), *([] if self.slope is None else [self.slope])]
 
 
 class FoCa(Predictor):
@@ -54,6 +56,8 @@ class FoCa(Predictor):
     value, so the next forecasts extrapolate from them.
     """
 
+    forecasts_change_state = True  # each forecast enters the window (and the anchor slope is kept)
+
     @checked
     def __init__(self, horizon: Annotated[int, at_least(1)] | None = 3, anchor_slope: str = "per_step"):
         if anchor_slope not in _SLOPES:
@@ -69,7 +73,7 @@ class FoCa(Predictor):
             self.gap(state, s)
         state.anchors = [(s, value), *state.anchors[:1]]
         state.window = [(s, value), *state.window[:1]]
-        state.last_step = s
+        state.last_step, state.slope = s, None
 
     def slope(self, newer: tuple[int, torch.Tensor], older: tuple[int, torch.Tensor], dtype) -> torch.Tensor:
         difference = newer[1].to(dtype) - older[1].to(dtype)
@@ -80,13 +84,18 @@ class FoCa(Predictor):
         if state.window[0][0] == s:  # asked again at the same step: the forecast already made
             return state.window[0][1]
         newest = state.anchors[0][1]
-        if len(state.anchors) < 2 or len(state.window) < 2:
+        if (len(state.anchors) < 2 and state.slope is None) or len(state.window) < 2:
             return newest
         dtype = torch.promote_types(newest.dtype, torch.float32)
         h = self.horizon
         weight = e / 2 if h is None or e <= h else h * h / (2 * e)
-        # in place on the fresh differences: two allocations (and the cast back) per forecast
-        slopes = self.slope(*state.anchors, dtype).add_(self.slope(*state.window, dtype))
+        anchor = state.slope
+        if anchor is None:
+            anchor = self.slope(*state.anchors, dtype)
+            if dtype == newest.dtype:  # as wide as the values: kept instead of the older anchor, no more bytes
+                state.slope, state.anchors = anchor, state.anchors[:1]
+        # in place on the fresh local slope (and the cast back)
+        slopes = self.slope(*state.window, dtype).add_(anchor)
         forecast = slopes.mul_(weight).add_(newest).to(newest.dtype)
         state.window = [(s, forecast), state.window[0]]
         return forecast

@@ -118,6 +118,28 @@ def test_foca_asked_twice_at_a_step_does_not_advance():
     assert [s for s, _ in state.window] == [2, 1]
 
 
+
+@pytest.mark.parametrize("dtype, slopes", [(torch.float32, 2), (torch.float64, 2), (torch.bfloat16, 4)])
+def test_foca_takes_its_anchor_slope_once_per_full_step_where_it_costs_no_bytes(dtype, slopes, monkeypatch):
+    """Float32 or wider: the anchor slope is taken at the first forecast after a full step and kept in
+    place of the older anchor (the same bytes); narrower values recompute it (kept in float32 it would
+    hold more). The forecasts are the same either way (checked against the scalar loop elsewhere)."""
+    taken = []
+    slope = FoCa.slope
+    monkeypatch.setattr(FoCa, "slope", lambda self, newer, older, d: taken.append((newer[0], older[0])) or
+                        slope(self, newer, older, d))
+    predictor = FoCa()
+    state = predictor.new_state()
+    for s in (0, 2):
+        predictor.update(state, s, torch.randn(2, 3).to(dtype))
+    held = state.nbytes
+    for s in (3, 4, 5):
+        predictor.predict(state, s)
+    # steps 2 and 0: the window's at the first forecast, the anchors' once more or at every forecast
+    assert [pair for pair in taken if pair == (2, 0)] == [(2, 0)] * slopes
+    assert state.nbytes == held + 2 * 2 * 3 * state.window[0][1].element_size()  # the window's two forecasts
+
+
 # -- DMD ------------------------------------------------------------------------------------
 def linear_map_sequence(batch: int, d: int = 12):
     """``y_s = Q M^s c_b``: a real map with eigenvalues 0.9 e^{+-0.3 i}, 0.8 and 1.02 acting on the

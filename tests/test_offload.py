@@ -177,3 +177,33 @@ def test_mapped_reaches_tensors_in_lists_and_stored_codes():
     assert doubled[1] is not scaled and doubled[1].scale.item() == 2 and doubled[2] == 3.0
     floats = [1.0, 2.0]
     assert mapped(floats, lambda t: t * 2) is floats  # nothing to map: the same object
+
+
+@pytest.mark.parametrize("name", ["taylor o2", "dmd"])
+def test_the_device_bytes_are_what_stays_on_the_device_and_the_host_bytes_the_rest(name):
+    """With the states offloaded, ``cache_bytes`` (the device's) is the copies prefetched for the next
+    site at a step's end and ``host_bytes`` the states waiting in host memory: the whole cache of the
+    same run without offload; on the CPU, where nothing moves, everything stays on the device."""
+    adapter = tiny_adapter()
+    _, alone = generate(adapter, PREDICTORS[name]())
+    _, cpu = generate(adapter, HostOffload(PREDICTORS[name]()))
+    copies = Copies()
+    offload = HostOffload(PREDICTORS[name](), transfers=lambda device: copies)
+    handle = attach(select_sites(adapter.model, adapter.site_patterns("module")), offload,
+                    Interval(3, first_enhance=2))
+    step, device = handle.step, []
+
+    def step_counting_the_prefetched(s, t=None, **signals):  # at the previous step's end
+        device.append(sum(copy.numel() * copy.element_size() for slot in offload._slots.values()
+                          for _, copy in slot.prefetched.values()))
+        return step(s, t, **signals)
+
+    handle.step = step_counting_the_prefetched
+    adapter.generate(adapter.make_inputs(3, seed=0), handle)
+    stats = handle.stats()
+    handle.remove()
+    assert alone.stats().host_bytes == cpu.stats().host_bytes == 0
+    assert cpu.stats().cache_bytes == alone.stats().cache_bytes > 0
+    assert stats.host_bytes == alone.stats().cache_bytes
+    assert 0 < stats.cache_bytes == max(device) == max(stats.site_bytes.values())  # one site's state at most
+    assert stats.as_dict()["host_bytes"] == stats.host_bytes

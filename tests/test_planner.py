@@ -301,3 +301,62 @@ def test_every_shipped_config_builds_on_the_meta_device_at_its_published_size():
         assert next(model.parameters()).is_meta
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(billions * 1e9, rel=0.06), name
         assert experts == (2 if name == "wan2.2-t2v-a14b" else 1)
+
+
+@pytest.mark.parametrize("name", ["fbcache", "teacache", "seacache"])
+def test_a_probe_driven_schedule_is_planned_at_its_worst_case_measured_by_a_run(name):
+    """A schedule deciding from the values the model computes is planned at its worst case (a full
+    history, then forecasts): a run that forecasts whenever its guards let it (a threshold no change
+    reaches) holds exactly that, its caches and the schedule's stored signal."""
+    adapter = tiny_adapter()
+    keys = dict(num_inference_steps=adapter.num_steps, batch_size=3, guidance=adapter.guidance_scale)
+    planned = cachelab.plan(adapter.model, name, **keys)
+    with cachelab.apply(adapter.model, name, threshold=1e9, max_consecutive_forecasts=2) as handle:
+        adapter.generate(adapter.make_inputs(3, seed=0), handle)
+        stats = handle.stats()
+    assert stats.full_steps == [0, 3, 6, 9]  # a full history (SeaCache's order 1: two full steps), then forecasts
+    assert planned.cache_bytes == stats.cache_bytes > sum(stats.site_bytes.values())
+    # by hand: the stack residual of (6 x 16 x 32) fp32 (CFG doubles the batch of 3) and the stored signal:
+    # the first block's residual or modulated input (6 x 16 x 32), or SeaCache's filtered latent (6 x 1 x 8 x 8)
+    signal = 6 * 1 * 8 * 8 * 4 if name == "seacache" else 6 * 16 * 32 * 4
+    assert planned.cache_bytes == 6 * 16 * 32 * 4 * (2 if name == "seacache" else 1) + signal
+    assert planned.full_steps >= 1 and str(planned)
+
+
+def test_token_selection_is_planned_at_its_measured_flops():
+    """Token selection's forecast steps recompute some tokens: every step is run and counted (the
+    planner once counted each step after the first as the first, a full one)."""
+    adapter = tiny_adapter()
+    inputs = adapter.make_inputs(3, seed=0)
+    planned = cachelab.plan(adapter.model, "toca", num_inference_steps=adapter.num_steps, batch_size=3,
+                            guidance=adapter.guidance_scale)
+    with cachelab.apply(adapter.model, "toca") as handle:
+        adapter.generate(adapter.make_inputs(3, seed=1), handle)  # finds the sites
+        cached = count_flops_per_call(lambda: adapter.generate(inputs, handle),
+                                      {"dit": (adapter.model, "forward")})[2]["dit"]
+        stats = handle.stats()
+    assert planned.flops_total == cached and planned.cache_bytes == stats.cache_bytes
+    assert planned.full_steps == len(stats.full_steps) < adapter.num_steps
+
+
+def test_a_refusal_names_per_site_orders_whole_blocks_and_lite_that_fit():
+    """Besides lower orders and codecs, the refusal names the cheapest per-site orders and whole
+    blocks that fit (one block family at a time, the one saving least first) and the coarser
+    granularities (output: TaylorSeer-Lite), each at its planned size."""
+    pipe, _, plan_keys = flux_digits_call()
+    keys = dict(plan_keys, num_inference_steps=STEPS, **STRATEGY)
+    double, single = r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"
+    orders = cachelab.plan(pipe, "taylor", site_orders={1: [double + r"\..*"]}, **keys)
+    single_orders = cachelab.plan(pipe, "taylor", site_orders={1: [single + r"\..*"]}, **keys)
+    whole = cachelab.plan(pipe, "taylor", whole_blocks=[double], **keys)
+    lite = cachelab.plan(pipe, "taylor", **dict(keys, granularity="output"))
+    budget = (orders.cache_bytes + single_orders.cache_bytes) // 2  # the double blocks' lower order fits, not single's
+    assert orders.cache_bytes <= budget < single_orders.cache_bytes and whole.cache_bytes <= budget
+    with pytest.raises(ConfigError) as refused:
+        cachelab.plan(pipe, "taylor", budget=budget, **keys)
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"site_orders={{1: ['{double}\\..*']}} ({size_text(orders.cache_bytes)})" in line
+    assert f"whole_blocks=['{double}'] ({size_text(whole.cache_bytes)})" in line
+    assert f"granularity=output (TaylorSeer-Lite, {size_text(lite.cache_bytes)})" in line
+    assert "order=1 (" in line  # the lower orders and codecs still come first

@@ -269,3 +269,19 @@ def test_no_slurm_to_ask_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing in it
     with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm: SLURM does not answer \(.+'scontrol'\); allowed: "):
         describe_partition(None)
+
+
+def test_a_missing_or_failing_sinfo_is_one_line(tmp_path, monkeypatch):
+    """scontrol answers, but sinfo is missing or fails: a ConfigError naming it, not a traceback."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho 'PartitionName=debug Default=YES MaxTime=1:00:00'\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # scontrol alone
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm: SLURM does not answer \(.+'sinfo'\); allowed: "):
+        describe_partition(None)
+    sinfo = tmp_path / "sinfo"
+    sinfo.write_text("#!/bin/sh\necho 'sinfo: error: Unable to contact slurm controller' >&2\nexit 1\n")
+    sinfo.chmod(0o755)
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=slurm: SLURM does not answer \(sinfo: error: Unable to "
+                                          r"contact slurm controller\); allowed: "):
+        describe_partition(None)

@@ -15,6 +15,7 @@ from cachelab.errors import ConfigError
 from cachelab.core import hooks
 from cachelab.core.distributed import GroupReduce, LocalGroup
 from cachelab.core.guard import Guard
+from cachelab.core.offload import HostOffload
 from cachelab.core.outputs import Parts
 from cachelab.core.predictor import Predictor, PredictorState, relative_norm
 from cachelab.core.schedules import Decision, Schedule, StepContext, StepDecision, is_full
@@ -33,7 +34,10 @@ class CacheStats:
     computing instead), the most bytes held by caches at a step's end (the sites' predictor
     states, token selection's ages, clusters and scores, and the schedule's reference signals;
     ``context_bytes``: per context, at the last reading; ``site_bytes``: per site, the most its
-    states held, every context together), and the order the
+    states held, every context together; these two count the states wherever they wait), the most
+    bytes of predictor states waiting in host memory at a step's end (``host_bytes``: with
+    ``cache.offload`` the states wait there, and ``cache_bytes`` counts only what the device holds:
+    the copies prefetched for the next site besides the schedule's and token selection's), and the order the
     predictor states reached (``{"min", "max"}`` over sites and contexts; None for a predictor
     without orders). Several experts (:class:`~cachelab.core.experts.ExpertHandles`): each one's
     own statistics in ``experts``, the fields above merged."""
@@ -43,6 +47,7 @@ class CacheStats:
     fallbacks: int = 0
     guard_fallbacks: int = 0
     cache_bytes: int = 0
+    host_bytes: int = 0
     context_bytes: dict[str, int] = field(default_factory=dict)  # the sites' states per context
     site_bytes: dict[str, int] = field(default_factory=dict)  # each site's peak, every context together
     order_reached: dict[str, int] | None = None
@@ -57,6 +62,7 @@ class CacheStats:
             "fallbacks": self.fallbacks,
             "guard_fallbacks": self.guard_fallbacks,
             "cache_bytes": self.cache_bytes,
+            "host_bytes": self.host_bytes,
             "context_bytes": self.context_bytes,
             "site_bytes": self.site_bytes,
             "order_reached": self.order_reached,
@@ -103,17 +109,20 @@ class SiteStates(dict):
     """A generation's site states, per context then site name, and what they hold: bytes per
     context, each site's most bytes (every context together) and the orders each site's
     predictor states reached, brought up to date from the states changed since (never summed
-    again over every site), and the most bytes held at a step's end (:meth:`mark`). Emptied at
-    the generation's end, these figures kept."""
+    again over every site), and the most bytes held at a step's end (:meth:`mark`) on the device
+    and in host memory (``offload``: the :class:`~cachelab.core.offload.HostOffload` whose states
+    wait there). Emptied at the generation's end, these figures kept."""
 
-    def __init__(self):
+    def __init__(self, offload: HostOffload | None = None):
         super().__init__()
+        self.offload = offload
         self.context_bytes: dict[str, int] = {}
         self.orders: dict[tuple[str, str], list[int]] = {}
         self.site_peaks: dict[str, int] = {}  # each site's most bytes, every context together
-        self.peak = 0
+        self.peak = self.host_peak = 0
+        self.host = 0  # the bytes of the predictor states in host memory now
         self._site_sizes: dict[str, int] = {}
-        self._sizes: dict[tuple[str, str], int] = {}  # each site's bytes when last brought up to date
+        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}  # each site's bytes, those on the host
         self._changed: dict[tuple[str, str], object] = {}
 
     def state(self, context: str, kind: SiteKind, shape: torch.Size | None):
@@ -130,9 +139,11 @@ class SiteStates(dict):
         self._changed[context, name] = state
 
     def held(self, extra: int) -> int:
-        """The bytes held now: the sites' states and ``extra`` (the schedule's, the token scores)."""
+        """The bytes held on the device now: the sites' states but those in host memory, the copies
+        prefetched for the next site, and ``extra`` (the schedule's, the token scores)."""
         self._update()
-        return sum(self.context_bytes.values()) + extra
+        prefetched = 0 if self.offload is None else self.offload.prefetched_nbytes
+        return sum(self.context_bytes.values()) - self.host + prefetched + extra
 
     def order_reached(self) -> dict[str, int] | None:
         self._update()
@@ -140,15 +151,19 @@ class SiteStates(dict):
         return {"min": min(orders), "max": max(orders)} if orders else None
 
     def mark(self, extra: int) -> None:
-        """A step ends: what is held now counts toward the peak."""
+        """A step ends: what is held now counts toward the peaks."""
         self.peak = max(self.peak, self.held(extra))
+        self.host_peak = max(self.host_peak, self.host)
 
     def _update(self) -> None:
         """Bring the figures up to date with the states changed since (whenever it runs, they are the same)."""
         for (context, name), state in self._changed.items():
-            nbytes, before = state.nbytes, self._sizes.get((context, name), 0)
+            nbytes, (before, host_before) = state.nbytes, self._sizes.get((context, name), (0, 0))
+            host = 0 if self.offload is None else sum(self.offload.host_nbytes(held) for held in state.states
+                                                      if held is not None)
             self.context_bytes[context] = self.context_bytes.get(context, 0) + nbytes - before
-            self._sizes[context, name] = nbytes
+            self.host += host - host_before
+            self._sizes[context, name] = nbytes, host
             self._site_sizes[name] = self._site_sizes.get(name, 0) + nbytes - before
             reached = (held.order_reached for held in state.states if held is not None)
             self.orders[context, name] = [order for order in reached if order is not None]
@@ -332,7 +347,8 @@ class CacheHandle(Generations):
 
     def reset(self) -> None:
         """Drop every cache and statistic; until the next ``step`` the model runs as usual."""
-        self._caches, self._stats = SiteStates(), CacheStats()
+        self._caches = SiteStates(self.predictor if isinstance(self.predictor, HostOffload) else None)
+        self._stats = CacheStats()
         self.s: int | None = None
         self._t: float | None = None
         self._decision: StepDecision | None = None
@@ -350,7 +366,8 @@ class CacheHandle(Generations):
         caches = self._caches
         peak = max(caches.peak, caches.held(self._extra_bytes())) if caches else caches.peak
         orders = caches.order_reached()
-        return replace(self._stats, cache_bytes=peak, context_bytes=dict(caches.context_bytes),
+        return replace(self._stats, cache_bytes=peak, host_bytes=max(caches.host_peak, caches.host),
+                       context_bytes=dict(caches.context_bytes),
                        site_bytes=dict(caches.site_peaks), order_reached=orders)
 
     def remove(self) -> None:

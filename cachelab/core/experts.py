@@ -125,6 +125,7 @@ class ExpertHandles(Generations):
             fallbacks=sum(stats.fallbacks for stats in per.values()),
             guard_fallbacks=sum(stats.guard_fallbacks for stats in per.values()),
             cache_bytes=self._peak_bytes(per),
+            host_bytes=self._peak_bytes(per, "host_bytes"),
             context_bytes={f"{name}/{context}": nbytes for name, stats in per.items()
                            for context, nbytes in stats.context_bytes.items()},
             site_bytes={f"{name}/{site}": nbytes for name, stats in per.items()
@@ -146,8 +147,9 @@ class ExpertHandles(Generations):
         return replace(stats, full_steps=[steps[i] for i in stats.full_steps],
                        forecast_steps=[steps[i] for i in stats.forecast_steps])
 
-    def _peak_bytes(self, per: dict[str, CacheStats]) -> int:
-        """The most cache bytes held at once: an expert holds its caches from its first to its last step."""
-        spans = [(self._steps[name][0], self._steps[name][-1], per[name].cache_bytes) for name in self._ran]
+    def _peak_bytes(self, per: dict[str, CacheStats], held: str = "cache_bytes") -> int:
+        """The most cache bytes (``held``: or those in host memory) held at once: an expert holds its
+        caches from its first to its last step."""
+        spans = [(self._steps[name][0], self._steps[name][-1], getattr(per[name], held)) for name in self._ran]
         return max((sum(nbytes for first, last, nbytes in spans if first <= s <= last) for s, _, _ in spans),
                    default=0)

@@ -109,6 +109,19 @@ class HostOffload:
     def refresh(self, state: PredictorState, index: torch.Tensor, values: torch.Tensor) -> None:
         self._use(state, lambda: self.inner.refresh(state, index, values), writes=True)
 
+    def host_nbytes(self, state: PredictorState) -> int:
+        """The bytes of ``state`` waiting in host memory: all of them where they move, none where
+        nothing moves."""
+        slot = self._slots.get(id(state))
+        return state.nbytes if slot is not None and self._transfers_of(slot.device) is not None else 0
+
+    @property
+    def prefetched_nbytes(self) -> int:
+        """The bytes of the device copies prefetched for the next state."""
+        pending = self._pending() if self._pending is not None else None
+        copies = [] if pending is None else self._slot(pending).prefetched.values()
+        return sum(copy.numel() * copy.element_size() for _, copy in copies)
+
     # -- the state's way to the device and back ---------------------------------------------------
     def _use(self, state: PredictorState, call: Callable, device: torch.device | None = None, writes: bool = False,
              learn: bool = True):

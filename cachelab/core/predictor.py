@@ -46,10 +46,13 @@ class Predictor(ABC):
     integer denoising-step indices, always counted up from 0. ``variable`` names the
     quantity it measures distances in (:data:`~cachelab.core.variables.VARIABLES`); for any
     other than ``step`` the controller sets each new state's ``positions`` from the sampler's
-    per-step grid, and the predictor reads ``state.position(s)``.
+    per-step grid, and the predictor reads ``state.position(s)``. A predictor whose ``predict``
+    changes the state sets ``forecasts_change_state``: the controller then counts the state's bytes
+    after each forecast too (otherwise only after ``update``, which keeps forecast steps cheap).
     """
 
     variable: str = "step"
+    forecasts_change_state: bool = False  # ``predict`` keeps what it makes (a fit, a forecast): its bytes read again
 
     @abstractmethod
     def new_state(self) -> PredictorState:

@@ -203,7 +203,7 @@ class Plain(Single):
         """The forecast plus the residual bases (``refine``: a decorator's change of the forecast
         first), shown to the observers (with the true values when auditing)."""
         run = self.run
-        forecast = predict(run, state)
+        forecast = predict(run, self.name, state)
         if not run.finite(self.site, forecast):  # computed for real, not recorded
             return compute(*args, **kwargs)
         bases = self.site.residual_bases(self.signature, args, kwargs, len(forecast))
@@ -283,7 +283,7 @@ class Span(SiteKind):
             if state.rebuild is None:  # no history yet: the span computes
                 run.fell_back()
             else:
-                forecast = predict(run, state)
+                forecast = predict(run, self.name, state)
                 state.guarded = not run.finite(self.site, forecast)
                 state.pending = None if state.guarded else forecast
         if state.pending is None and not state.guarded:
@@ -346,9 +346,14 @@ def site_kind(site: Site, run: SiteRun, tokens=None) -> SiteKind:
     return kind if tokens is None else tokens.decorate(kind)
 
 
-def predict(run: SiteRun, state: PlainState) -> Parts:
-    """The predictor's forecast of every output at the current step (None where the output is None)."""
-    return [None if held is None else run.predictor.predict(held, run.s) for held in state.states]
+def predict(run: SiteRun, name: str, state: PlainState) -> Parts:
+    """The predictor's forecast of every output at the current step (None where the output is None);
+    where its forecasts change the states, the state of site ``name`` is marked changed (what a
+    forecast fits or keeps counts at once)."""
+    forecast = [None if held is None else run.predictor.predict(held, run.s) for held in state.states]
+    if run.predictor.forecasts_change_state:
+        run.changed(name, state)
+    return forecast
 
 
 def record(run: SiteRun, name: str, state: PlainState, parts: Parts, bases: list[torch.Tensor | None]) -> None:

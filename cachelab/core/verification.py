@@ -69,7 +69,7 @@ class Checked(Decorated):
         run = self.run
         if not self.verification.due(run.s, run.T):
             return self.inner.forecast(state, compute, args, kwargs)
-        forecast = predict(run, state)
+        forecast = predict(run, self.name, state)
         out = compute(*args, **kwargs)
         if run.finite(self.site, forecast):
             bases = self.site.residual_bases(self.signature, args, kwargs, len(forecast))

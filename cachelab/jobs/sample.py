@@ -263,7 +263,7 @@ def evaluate(folder: Path, chunks: list[Chunk], sides: tuple[str, ...], metrics:
 def totals(records: dict[str, list[dict]]) -> dict:
     """Wall-clock, decoding time and FLOPs per side over all chunks (FLOPs None unless every
     chunk was counted), with the baseline/cached ratios; the cache statistics summed over
-    the chunks' generations (``cache_bytes``: the largest)."""
+    the chunks' generations (``cache_bytes``, ``host_bytes``: the largest)."""
     def total(side: str, key: str):  # None if a chunk lacks it (or was written before it was measured)
         values = [meta.get(key) for meta in records.get(side, [])]
         return sum(values) if values and all(v is not None for v in values) else None
@@ -282,6 +282,7 @@ def totals(records: dict[str, list[dict]]) -> dict:
         "cache": {"num_full": total("cached", "num_full"), "num_forecast": total("cached", "num_forecast"),
                   "fallbacks": total("cached", "fallbacks"), "guard_fallbacks": total("cached", "guard_fallbacks"),
                   "cache_bytes": max(m["cache_bytes"] for m in cached),
+                  "host_bytes": max(m.get("host_bytes", 0) for m in cached),  # cache.offload's; 0 in older chunks
                   # over the chunks' generations; None if a chunk's predictor has no orders
                   "order_reached": {"min": min(o["min"] for o in orders), "max": max(o["max"] for o in orders)}
                   if orders and all(orders) else None},

@@ -219,10 +219,27 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 
 def _command(command: list[str]) -> str:
     """A SLURM client's output; empty when it fails (no accounting, the controller busy: asked again later)."""
+    return _answer(command)[0]
+
+
+def _answer(command: list[str]) -> tuple[str, str | None]:
+    """A SLURM client's output and, where it failed (missing, past its 60 s, an error status), why in one line."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
+        shown = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return "", one_line(str(err))
+    if shown.returncode:
+        return shown.stdout, one_line(shown.stderr) or f"{command[0]} exited with status {shown.returncode}"
+    return shown.stdout, None
+
+
+def _asked(command: list[str]) -> str:
+    """A SLURM client's output the request check needs; a ConfigError in one line where it fails."""
+    shown, failure = _answer(command)
+    if failure is not None:
+        raise ConfigError(f"hydra/launcher=slurm: SLURM does not answer ({failure}); allowed: a SLURM cluster's "
+                          f"login node, or another hydra/launcher")
+    return shown
 
 
 # ----------------------------------------------------------------------------- the request
@@ -266,15 +283,8 @@ def check_request(params: dict, partition: Partition | None = None) -> None:
 
 def describe_partition(name: str | None) -> Partition:
     """SLURM's description of partition ``name`` (None: the default partition)."""
-    try:
-        shown = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, timeout=60)
-        failure = one_line(shown.stderr) if shown.returncode else None
-    except (OSError, subprocess.SubprocessError) as err:
-        failure = str(err)
-    if failure is not None:
-        raise ConfigError(f"hydra/launcher=slurm: SLURM does not answer ({failure}); allowed: a SLURM cluster's "
-                          f"login node, or another hydra/launcher")
-    partitions = [dict(_fields(line)) for line in shown.stdout.splitlines() if line.startswith("PartitionName=")]
+    shown = _asked(["scontrol", "show", "partition", "-o"])
+    partitions = [dict(_fields(line)) for line in shown.splitlines() if line.startswith("PartitionName=")]
     names = [p["PartitionName"] for p in partitions]
     chosen = [p for p in partitions if p["PartitionName"] == name or (name is None and p.get("Default") == "YES")]
     if not chosen:
@@ -282,8 +292,7 @@ def describe_partition(name: str | None) -> Partition:
                           f"{'no such partition' if name else 'the cluster has no default partition'}; "
                           f"allowed: {', '.join(names) or '(none)'}")
     partition = chosen[0]
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-p", partition["PartitionName"], "-o", "%N|%c|%m|%G"],
-                           capture_output=True, text=True, timeout=60).stdout.split()
+    nodes = _asked(["sinfo", "-h", "-N", "-p", partition["PartitionName"], "-o", "%N|%c|%m|%G"]).split()
     rows = {row.split("|")[0]: row.split("|")[1:] for row in nodes if row.count("|") == 3}
     return Partition(partition["PartitionName"], len(rows), max((int(c) for c, _, _ in rows.values()), default=0),
                      max((int(m) for _, m, _ in rows.values()), default=0),
