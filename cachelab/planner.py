@@ -21,6 +21,13 @@ FBCache, SeaCache, the error-controlled and verifying ones) is planned at its wo
 every step full but the last, forecast, so the plan holds what such a run can hold at most (the
 predictor's whole history, what its forecasts fit, and the signal the schedule keeps); its FLOPs
 are those of that sequence (no speedup is promised).
+
+The schedule is driven with the timesteps (and sigmas, log-SNRs) of the run's sampler
+(:func:`sampler_grid`), so a timestep window (PAB's) is planned as the run decides. With host
+offload (``offload``) the states move through meta copies as they move on CUDA
+(:class:`MetaCopies`): ``cache_bytes`` is what the device holds at a step's end (the state
+prefetched for the next site, the schedule's and token selection's tensors) and ``host_bytes``
+the states in host memory, as ``handle.stats()`` measures them.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import weakref
 from dataclasses import dataclass, field
 from unittest import mock
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,11 +47,13 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from cachelab.core.controller import SAMPLER_SIGNALS, CacheHandle, controller_signals, decision_code
+from cachelab.core.offload import HostOffload
 from cachelab.core.schedules import Decision, Schedule, StepContext
 from cachelab.core.sites import first_tensor
 from cachelab.core.storage import CODECS
+from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
-from cachelab.models.pipelines.driver import is_pipeline
+from cachelab.models.pipelines.driver import is_pipeline, scheduler_grid
 from cachelab.models.meta_inputs import Shape, family_calls, meta_model, step_calls
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -83,7 +93,9 @@ class SitePlan:
 @dataclass
 class Plan:
     """What a strategy holds and saves on a model (:func:`plan`). ``cache_bytes``: the peak the
-    caches hold (every context and site); ``flops_full_step``: one uncached step (every call of
+    caches hold on the device (every context and site; with ``offload``, the state prefetched for
+    the next site and the schedule's tensors); ``host_bytes``: the peak of the states waiting in
+    host memory (``offload``; else 0); ``flops_full_step``: one uncached step (every call of
     it); ``flops_total``: the cached generation's; ``activation_bytes``: the estimated peak of a
     full step's activations (module docstring); ``fits``: weights + cache + activations within
     ``device_memory`` (None when not given)."""
@@ -103,6 +115,8 @@ class Plan:
     device_memory: int | None = None
     seconds: float = 0.0
     worst_case: bool = False  # the schedule decides from values: planned at its worst case (module docstring)
+    offload: bool = False  # the states wait in host memory between their uses (cache.offload)
+    host_bytes: int = 0
 
     @property
     def flops_speedup(self) -> float:
@@ -123,7 +137,10 @@ class Plan:
         lines = [f"plan: {self.strategy} on {self.model}{f' ({self.experts} experts)' if self.experts > 1 else ''}, "
                  f"{s.height}x{s.width}{frames}, batch {s.batch_size}, guidance {s.guidance:g}, "
                  f"{self.num_inference_steps} steps",
-                 f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) in {len(self.sites)} sites"
+                 f"  cache (peak): {size_text(self.cache_bytes)} ({self.cache_bytes} B) "
+                 + (f"on the device (host offload: the state prefetched for the next site), "
+                    f"{size_text(self.host_bytes)} ({self.host_bytes} B) in host memory, " if self.offload else "")
+                 + f"in {len(self.sites)} sites"
                  + (" (the worst case of an adaptive schedule: every step but the last full)" if self.worst_case else ""),
                  f"  weights: {size_text(self.weight_bytes)}",
                  f"  activations of a full step (estimate): {size_text(self.activation_bytes)}",
@@ -165,7 +182,7 @@ class LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
 
-def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
+def plan(target, strategy="taylor", *, budget=None, offload: bool = False, **keys) -> Plan:
     """Plan ``strategy`` (a preset name with ``apply``'s keys, or a Strategy) on ``target``: a
     diffusers pipeline, a transformer, a diffusers ``config.json`` path or a shipped config name
     (:func:`~cachelab.models.meta_inputs.shipped_configs`). Keys besides the strategy's:
@@ -175,7 +192,9 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
     (defaults: the family's pipeline; a pipeline's own VAE factor), ``dtype`` (of the weights),
     ``device_memory`` (a size: ``fits``), ``expert_steps`` (Wan 2.2: the steps of the first
     expert, default by diffusers' boundary 0.875 under flow shift 12). ``budget`` (a size): a
-    plan whose cache exceeds it is refused (:func:`check_budget`)."""
+    plan whose cache on the device exceeds it is refused (:func:`check_budget`). ``offload``: the
+    states wait in host memory between their uses (as ``apply(offload=True)``; a Strategy's own
+    ``offload`` counts too)."""
     started = time.perf_counter()
     plan_keys = {key: keys.pop(key) for key in PLAN_KEYS if key in keys}
     steps = int(plan_keys.get("num_inference_steps", keys.get("num_steps", 50)))
@@ -188,10 +207,13 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
         plan_keys["vae_scale_factor"] = factor
     experts = max(experts, 2 if pipe is not None and getattr(pipe, "transformer_2", None) is not None else 1)
     shape = _shape(model, plan_keys)
-    strategy = _strategy(strategy, keys)
+    strategy = _strategy(strategy, keys, offload)
     split = _expert_steps(steps, experts, plan_keys.get("expert_steps"))
-    runs = [_generation(model, copy.deepcopy(strategy) if i else strategy, shape, count)
-            for i, count in enumerate(split)]
+    grid = sampler_grid(pipe, model, shape, steps)
+    firsts = [sum(split[:i]) for i in range(len(split))]  # each expert's first step
+    runs = [_generation(model, copy.deepcopy(strategy) if i else strategy, shape, count,
+                        None if grid is None else grid.subset(range(first, first + count)))
+            for i, (first, count) in enumerate(zip(firsts, split))]
     calls = step_calls(model, shape, next(model.parameters()).dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         for _, kwargs in calls:
@@ -209,7 +231,8 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
                   flops_total=sum(run["flops"] for run in runs), full_steps=sum(run["full_steps"] for run in runs),
                   sites=max(runs, key=lambda run: run["cache_bytes"])["sites"],
                   device_memory=None if device_memory is None else parse_size(device_memory, "device_memory"),
-                  worst_case=isinstance(strategy.schedule, WorstCase))
+                  worst_case=isinstance(strategy.schedule, WorstCase), offload=strategy.offload,
+                  host_bytes=max(run["host_bytes"] for run in runs))
     result.seconds = time.perf_counter() - started
     if budget is not None:
         check_budget(result, budget, target, strategy, {**plan_keys, "num_inference_steps": steps})
@@ -217,10 +240,11 @@ def plan(target, strategy="taylor", *, budget=None, **keys) -> Plan:
 
 
 def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: dict | None = None) -> None:
-    """Refuse ``result`` (a ConfigError in one line) when its cache exceeds ``budget``, naming the
-    planned size, the limit and the cheapest settings of ``strategy`` that would fit on ``target``
-    (each planned again: up to three of lower orders, bf16 or int8 factors and both, then the first
-    of per-site orders and of whole blocks, and block and output granularity)."""
+    """Refuse ``result`` (a ConfigError in one line) when its cache on the device exceeds ``budget``,
+    naming the planned size, the limit and the cheapest settings of ``strategy`` that would fit on
+    ``target`` (each planned again: host offload, then up to three of lower orders, bf16 or int8
+    factors and both, then the first of per-site orders and of whole blocks, and block and output
+    granularity)."""
     limit = parse_size(budget)
     if result.cache_bytes <= limit:
         return
@@ -234,20 +258,25 @@ def check_budget(result: Plan, budget, target=None, strategy=None, plan_keys: di
                 continue
             if other.cache_bytes <= limit:
                 lite = "TaylorSeer-Lite, " if change == "granularity=output" else ""
-                fitting.append(f"{change} ({lite}{size_text(other.cache_bytes)})")
+                device = " on the device" if change == "cache.offload=true" else ""
+                fitting.append(f"{change} ({lite}{size_text(other.cache_bytes)}{device})")
                 named += 1
             if named == most:
                 break
     advice = (f"; the cheapest settings that fit: {', '.join(fitting)}" if fitting
-              else "; no lower order, bf16 or int8 factors, per-site orders, whole blocks or coarser granularity fits")
+              else "; no host offload, lower order, bf16 or int8 factors, per-site orders, whole blocks or coarser "
+                   "granularity fits")
+    where = (f" on the device (host offload; {size_text(result.host_bytes)} in host memory)" if result.offload
+             else "")
     raise ConfigError(f"cache budget exceeded: {result.strategy} on {result.model} plans "
-                      f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache, over the budget of "
+                      f"{size_text(result.cache_bytes)} ({result.cache_bytes} B) of cache{where}, over the budget of "
                       f"{size_text(limit)} ({limit} B){advice}")
 
 
 def _alternatives(strategy, sites: list[SitePlan]) -> list[tuple[list[tuple[str, object]], int]]:
     """Cheaper variants of ``strategy`` (its keys as the command line writes them, the variant) in
-    groups, each with the most of it a refusal names, least change first within each: each lower
+    groups, each with the most of it a refusal names, least change first within each: host offload
+    (the same results, the states in host memory; where not on already); each lower
     order, bf16 factors, both, int8 factors, with each lower order (three; a factor storage only
     where some factor is stored wider); a lower order on one family of blocks (``sites``' names
     ``<family>.<index>...``; the family holding the fewest bytes first), each lower order in turn;
@@ -270,8 +299,9 @@ def _alternatives(strategy, sites: list[SitePlan]) -> list[tuple[list[tuple[str,
     whole = ([{"whole_blocks": each} for each in blocks]
              if strategy.granularity == "module" and not strategy.whole_blocks else [])
     granularities = [{"granularity": g} for g in ("block", "output") if g != strategy.granularity]
+    offload = [] if strategy.offload else [{"cache.offload": True}]
     return [([_variant(strategy, change) for change in group], most)
-            for group, most in ((changes, 3), (per_site, 1), (whole, 1), (granularities, 2))]
+            for group, most in ((offload, 1), (changes, 3), (per_site, 1), (whole, 1), (granularities, 2))]
 
 
 def _block_families(sites: list[SitePlan]) -> list[tuple[str, str]]:
@@ -291,8 +321,8 @@ def _variant(strategy, change: dict) -> tuple[str, object]:
     """``strategy`` with ``change`` (strategy keys as ``apply`` takes them) and the change as text."""
     variant = copy.deepcopy(strategy)
     for key, value in change.items():
-        if key in ("granularity", "whole_blocks"):
-            setattr(variant, key, tuple(value) if key == "whole_blocks" else value)
+        if key in ("granularity", "whole_blocks", "cache.offload"):
+            setattr(variant, key.removeprefix("cache."), tuple(value) if key == "whole_blocks" else value)
         else:
             setattr(variant.predictor, key, (value,) if key == "factor_dtype" else value)
     return " ".join(f"{key}={_text(value)}" for key, value in change.items()), variant
@@ -304,12 +334,16 @@ def _text(value) -> str:
         return "[" + ", ".join(f"'{each}'" for each in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {_text(each)}" for key, each in value.items()) + "}"
+    if isinstance(value, bool):
+        return str(value).lower()
     return str(value)
 
 
-def _generation(model, strategy, shape: Shape, steps: int) -> dict:
-    """One cached generation of ``steps`` steps on meta tensors: the peak cache bytes, the
-    per-site shapes and bytes at the last step, the FLOPs and the full steps. Steps of one
+def _generation(model, strategy, shape: Shape, steps: int, grid: StepGrid | None) -> dict:
+    """One cached generation of ``steps`` steps on meta tensors, driven with the sampler's ``grid``
+    (None: no timesteps): the peak cache bytes on the device and in host memory (offload: the
+    states move through :class:`MetaCopies`), the per-site shapes and bytes at the last step, the
+    FLOPs and the full steps. Steps of one
     decision compute the same operators on the same shapes, so each decision's FLOPs are counted
     at its first step and added for the others (without token selection, whose refreshes compute
     some tokens, or a decision that waits for a probe: then every step is counted); a forecast
@@ -323,11 +357,15 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
     flops = 0
     with torch.no_grad():  # the sites as cachelab.apply finds them (its family's, or from one traced call)
         source = model_sites(model, strategy.granularities, lambda: model(**calls[0][1]))
+    if strategy.offload:  # the states move as on CUDA (nothing would move on meta tensors)
+        strategy = dataclasses.replace(strategy, offload=False,
+                                       predictor=HostOffload(strategy.predictor, transfers=lambda device: MetaCopies()))
     handle = strategy.attach(source)
+    timesteps = [None] * steps if grid is None or grid.timestep is None else grid.timestep
     try:
-        with torch.no_grad(), handle.generation(steps):
+        with torch.no_grad(), handle.generation(steps, grid):
             for s in range(steps):
-                handle.step(s, **signals)
+                handle.step(s, timesteps[s], **signals)
                 decision = handle.step_decision  # None: it waits for a probe the step's calls run
                 code = decision_code(decision) if strategy.tokens is None and decision is not None else None
                 if code in counted:
@@ -350,7 +388,26 @@ def _generation(model, strategy, shape: Shape, steps: int) -> dict:
                           f"(schedule=interval): its plan bounds the adaptive one's cache") from None
     finally:
         handle.remove()
-    return {"cache_bytes": stats.cache_bytes, "sites": sites, "flops": flops, "full_steps": len(stats.full_steps)}
+    return {"cache_bytes": stats.cache_bytes, "host_bytes": stats.host_bytes, "sites": sites, "flops": flops,
+            "full_steps": len(stats.full_steps)}
+
+
+class MetaCopies:
+    """The transfers of :class:`~cachelab.core.offload.HostOffload` on the planner's meta tensors:
+    every copy a new meta tensor (no memory, no values), so the wrapper keeps the states on the
+    host and prefetches the next site's as it does on CUDA."""
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
+    def prefetch(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], None]:
+        return [tensor.clone() for tensor in tensors], None
+
+    def ready(self, copies: list[torch.Tensor], event) -> None:
+        """Nothing to wait for: a meta copy is made at once."""
 
 
 class WorstCase(Schedule):
@@ -398,8 +455,9 @@ def _site_plans(inner: CacheHandle) -> list[SitePlan]:
     return list(sites.values())
 
 
-def _strategy(strategy, keys: dict):
-    """The strategy (a preset composed with ``keys``), with the forecast guard off: meta tensors hold no values."""
+def _strategy(strategy, keys: dict, offload: bool = False):
+    """The strategy (a preset composed with ``keys``; ``offload`` set when asked), with the forecast
+    guard off: meta tensors hold no values."""
     if isinstance(strategy, str):
         from cachelab.jobs.presets import preset
 
@@ -408,7 +466,7 @@ def _strategy(strategy, keys: dict):
         raise ConfigError(f"keys {', '.join(keys)} apply to preset names only; set them on the Strategy object")
     if strategy.predictor is None:
         raise ConfigError(f"strategy={strategy.name!r} caches nothing; allowed: any other preset")
-    strategy = dataclasses.replace(copy.deepcopy(strategy), guard="off")
+    strategy = dataclasses.replace(copy.deepcopy(strategy), guard="off", offload=strategy.offload or offload)
     if strategy.schedule.signals and not isinstance(strategy.schedule, WorstCase):  # it decides from values
         strategy.schedule = WorstCase(strategy.schedule, controller_signals(strategy.predictor))
     return strategy
@@ -435,6 +493,38 @@ def _expert_steps(steps: int, experts: int, first: int | None) -> list[int]:
         u = [1 - s / steps for s in range(steps)]
         first = sum(shift * x / (1 + (shift - 1) * x) >= boundary for x in u)
     return [int(first), steps - int(first)]
+
+
+def sampler_grid(pipe, model, shape: Shape, steps: int) -> StepGrid | None:
+    """The timesteps (sigmas, log-SNRs) of a run of ``steps`` steps, which the handle is driven with:
+    a pipeline's scheduler (a copy) set as its pipeline sets it: sigmas from 1 to 1/steps where the
+    transformer takes packed tokens (FLUX, Qwen-Image and LTX-Video pass them), else ``steps``
+    timesteps; with dynamic shifting, shifted by the image's tokens (packed, or latent patches as SD3
+    counts them). Cachelab's DiT: its sampler's DDIM, respaced. None for a bare transformer or a
+    config (no sampler)."""
+    if pipe is not None:
+        scheduler = copy.deepcopy(pipe.scheduler)
+        config = scheduler.config
+        hidden = step_calls(model, shape, next(model.parameters()).dtype)[0][1].get("hidden_states")
+        packed = hidden is not None and hidden.dim() == 3
+        shift = {}
+        if config.get("use_dynamic_shifting"):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            tokens = hidden.shape[1] if packed else hidden.shape[-2:].numel() // model.config.patch_size ** 2
+            shift["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                          config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                          config.get("max_shift", 1.15))
+        if packed:
+            scheduler.set_timesteps(sigmas=numpy.linspace(1.0, 1 / steps, steps), **shift)
+        else:
+            scheduler.set_timesteps(steps, **shift)
+        return scheduler_grid(scheduler)
+    if type(model).__name__ == "DiT":
+        from cachelab.models.diffusion import DDIMSchedule
+
+        return DDIMSchedule.respaced(steps).grid()
+    return None
 
 
 def _dtype(name) -> torch.dtype | None:

@@ -360,3 +360,127 @@ def test_a_refusal_names_per_site_orders_whole_blocks_and_lite_that_fit():
     assert f"whole_blocks=['{double}'] ({size_text(whole.cache_bytes)})" in line
     assert f"granularity=output (TaylorSeer-Lite, {size_text(lite.cache_bytes)})" in line
     assert "order=1 (" in line  # the lower orders and codecs still come first
+
+
+def offloaded_run(target, strategy, generate):
+    """``strategy`` applied with its states moving through the stand-in device of tests/test_offload.py
+    (CPU copies: on the CPU itself nothing would move), one generation, its statistics."""
+    import dataclasses
+
+    from cachelab.core.offload import HostOffload
+    from tests.test_offload import Copies
+
+    copies = Copies()
+    moving = dataclasses.replace(strategy, offload=False,
+                                 predictor=HostOffload(strategy.predictor, transfers=lambda device: copies))
+    with cachelab.apply(target, moving) as handle:
+        generate(handle)
+        stats = handle.stats()
+    assert copies.prefetched > 0
+    return stats
+
+
+def test_with_host_offload_the_plan_is_the_measured_device_and_host_bytes():
+    """With offload the device holds, at a step's end, the state prefetched for the next site (the
+    first site of the next step, one site ahead) and host memory every state: the plan counts both
+    as the run measures them through real copies, and ``cache_bytes`` (the budget's) is the device's."""
+    import dataclasses
+
+    from cachelab.jobs.presets import preset
+
+    adapter = tiny_adapter()
+    keys = dict(num_inference_steps=adapter.num_steps, batch_size=3, guidance=adapter.guidance_scale)
+    strategy = preset("taylor", **STRATEGY)
+    alone = cachelab.plan(adapter.model, strategy, **keys)
+    planned = cachelab.plan(adapter.model, dataclasses.replace(strategy, offload=True), **keys)
+    stats = offloaded_run(adapter.model, strategy, lambda handle: adapter.generate(adapter.make_inputs(3, seed=0),
+                                                                                    handle))
+    assert (planned.cache_bytes, planned.host_bytes) == (stats.cache_bytes, stats.host_bytes)
+    assert planned.offload and not alone.offload and alone.host_bytes == 0
+    # by hand: one site's 3 factors of (6 x 16 x 32) fp32 on the device, the 4 sites' in host memory
+    assert planned.cache_bytes == 3 * 6 * 16 * 32 * 4 and planned.host_bytes == alone.cache_bytes == 4 * 36864
+    assert planned.flops_total == alone.flops_total
+    assert cachelab.plan(adapter.model, "taylor", offload=True, **keys, **STRATEGY).cache_bytes == planned.cache_bytes
+    text = str(planned)
+    assert "36.00 KiB (36864 B) on the device (host offload" in text and "144.00 KiB (147456 B) in host memory" in text
+
+
+def test_tiny_flux_digits_with_host_offload_is_planned_at_its_measured_device_and_host_bytes():
+    """FLUX's sites differ in size (double and single blocks): the device's step-end figure is the
+    state of the one site prefetched then, as the run measures it."""
+    import dataclasses
+
+    from cachelab.jobs.presets import preset
+
+    pipe, call, plan_keys = flux_digits_call()
+    strategy = preset("taylor", **STRATEGY)
+    planned = cachelab.plan(pipe, dataclasses.replace(strategy, offload=True), num_inference_steps=STEPS,
+                            **plan_keys, guidance=3.5)
+    alone = cachelab.plan(pipe, strategy, num_inference_steps=STEPS, **plan_keys, guidance=3.5)
+
+    def generate(handle):
+        torch.manual_seed(0)
+        pipe("a digit seven", num_inference_steps=STEPS, output_type="latent", **call)
+
+    stats = offloaded_run(pipe, strategy, generate)
+    assert (planned.cache_bytes, planned.host_bytes) == (stats.cache_bytes, stats.host_bytes)
+    assert planned.host_bytes == alone.cache_bytes and 0 < planned.cache_bytes < max(stats.site_bytes.values())
+    assert planned.cache_bytes in stats.site_bytes.values()  # one site's state
+
+
+def test_a_budget_that_fits_only_with_offload_is_accepted_with_it_and_refused_without():
+    adapter = tiny_adapter()
+    keys = dict(num_inference_steps=10, batch_size=3, guidance=1.5, **STRATEGY)
+    device = cachelab.plan(adapter.model, "taylor", offload=True, **keys)
+    with cachelab.apply(adapter.model, "taylor", budget=device.cache_bytes, offload=True, **keys) as handle:
+        assert handle.strategy.offload
+    with pytest.raises(ConfigError) as refused:
+        cachelab.apply(adapter.model, "taylor", budget=device.cache_bytes, **keys)
+    line = str(refused.value)
+    assert "(147456 B) of cache, over the budget of 36.00 KiB (36864 B)" in line
+    assert "the cheapest settings that fit: cache.offload=true (36.00 KiB on the device), order=" in line
+    with pytest.raises(ConfigError) as refused:
+        cachelab.apply(adapter.model, "taylor", budget=device.cache_bytes - 1, offload=True, **keys)
+    line = str(refused.value)
+    assert ("plans 36.00 KiB (36864 B) of cache on the device (host offload; 144.00 KiB in host memory), over the "
+            "budget of 36.00 KiB (36863 B)") in line and "cache.offload=true (" not in line
+
+
+def test_a_pab_window_is_planned_with_the_samplers_timesteps():
+    """PAB forecasts only inside its timestep window: the planner drives the schedule with the DDIM
+    timesteps the DiT's sampler gives (999, 888, ..., 0 for 10 steps), so the plan is the run's."""
+    adapter = tiny_adapter()
+    inputs = adapter.make_inputs(3, seed=0)
+    keys = dict(num_inference_steps=adapter.num_steps, batch_size=3, guidance=adapter.guidance_scale)
+    planned = cachelab.plan(adapter.model, "pab", **keys)
+    with cachelab.apply(adapter.model, "pab") as handle:
+        adapter.generate(adapter.make_inputs(3, seed=1), handle)  # finds the sites
+        cached = count_flops_per_call(lambda: adapter.generate(inputs, handle),
+                                      {"dit": (adapter.model, "forward")})[2]["dit"]
+        stats = handle.stats()
+    assert planned.cache_bytes == stats.cache_bytes > 0 and planned.flops_total == cached
+    # window (100, 800): the attention is forecast at the odd steps inside it, 3, 5 and 7 (t = 666, 444, 222)
+    assert stats.full_steps == [0, 1, 2, 4, 6, 8, 9] and planned.full_steps == 7
+    # by hand: the four module sites' outputs, (6 x 16 x 32) fp32 each (Reuse keeps one value)
+    assert planned.cache_bytes == 4 * 6 * 16 * 32 * 4
+    unwindowed = cachelab.plan(adapter.model, "pab", window=None, **keys)
+    assert unwindowed.full_steps == 5 and unwindowed.flops_total < planned.flops_total
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_planner_sets_a_pipelines_scheduler_as_its_call_does(dynamic):
+    """The timesteps the plan drives the schedule with are those of the pipeline's own call (FLUX:
+    sigmas from 1 to 1/steps, not the scheduler's default 1000 .. 1; with dynamic shifting, shifted
+    by the image's tokens)."""
+    from cachelab.models.meta_inputs import meta_model
+    from cachelab.models.pipelines.driver import scheduler_grid
+    from cachelab.planner import _shape, sampler_grid
+
+    pipe, call, plan_keys = flux_digits_call()
+    if dynamic:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, use_dynamic_shifting=True)
+    model, _ = meta_model(pipe.transformer)
+    planned = sampler_grid(pipe, model, _shape(model, dict(plan_keys, vae_scale_factor=pipe.vae_scale_factor)), 7)
+    pipe("a digit seven", num_inference_steps=7, output_type="latent", **call)
+    assert planned == scheduler_grid(pipe.scheduler)
+    assert (planned.timestep[1] > 1000 * 6 / 7 + 1) == dynamic  # the shift moves the steps toward noise

@@ -53,17 +53,20 @@ def check_cache_budget(cfg: DictConfig, adapter: ModelAdapter, strategy: Strateg
     keys = plan_keys(cfg, adapter)
     result = plan(plan_target(cfg, adapter), strategy, **keys)
     check_budget(result, budget, plan_target(cfg, adapter), strategy, keys)
-    log.info(f"cache budget: {result.cache_bytes} B planned, within {budget}")
+    where = f" on the device ({result.host_bytes} B in host memory: cache.offload)" if result.offload else ""
+    log.info(f"cache budget: {result.cache_bytes} B planned{where}, within {budget}")
 
 
 class PlanJob:
-    """``job=plan``: the plan of the strategy on ``plan.target`` (or the model), in ``plan.json``."""
+    """``job=plan``: the plan of the strategy on ``plan.target`` (or the model), in ``plan.json``
+    (``cache_bytes`` on the device; with ``cache.offload``, ``host_bytes`` in host memory)."""
 
     def run(self, cfg: DictConfig, adapter: ModelAdapter, strategy: Strategy, sink: Sink, out_dir: Path) -> dict:
         result = planned(cfg, adapter, strategy)
         log.info(str(result))
         record = {"model": result.model, "strategy": result.strategy, "num_inference_steps": result.num_inference_steps,
                   "shape": vars(result.shape), "experts": result.experts, "cache_bytes": result.cache_bytes,
+                  "offload": result.offload, "host_bytes": result.host_bytes,
                   "weight_bytes": result.weight_bytes, "activation_bytes": result.activation_bytes,
                   "flops_full_step": result.flops_full_step, "flops_total": result.flops_total,
                   "flops_speedup": result.flops_speedup, "full_steps": result.full_steps,
