@@ -273,6 +273,20 @@ def test_job_plan_writes_the_plan(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_job_plan_with_offload_writes_and_prints_the_device_and_host_bytes(tmp_path):
+    import json
+
+    from tests.test_cli import run_app
+
+    proc = run_app(["job=plan", "cache.offload=true", "logger=none", "num_images=4", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "plan.json").read_text())
+    # the default DiT's 12 sites hold 9 MiB (as without offload); the device one site's state, a twelfth
+    assert (record["offload"], record["host_bytes"], record["cache_bytes"]) == (True, 9437184, 9437184 // 12)
+    assert "768.00 KiB (786432 B) on the device (host offload" in proc.stdout
+    assert "9.00 MiB (9437184 B) in host memory" in proc.stdout
+
+
 def test_the_activation_estimate_frees_each_tensor_with_its_last_reference():
     from cachelab.planner import LiveBytes
 
@@ -484,3 +498,23 @@ def test_the_planner_sets_a_pipelines_scheduler_as_its_call_does(dynamic):
     pipe("a digit seven", num_inference_steps=7, output_type="latent", **call)
     assert planned == scheduler_grid(pipe.scheduler)
     assert (planned.timestep[1] > 1000 * 6 / 7 + 1) == dynamic  # the shift moves the steps toward noise
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_the_planner_sets_the_scheduler_of_a_pipeline_on_latent_grids_as_its_call_does(family, tmp_path):
+    """SD3 and Wan take latent grids, not packed tokens: their pipelines set ``steps`` timesteps (SD3's
+    flow shift 3, Wan's UniPC with its flow shift), and so does the planner."""
+    from cachelab.models.meta_inputs import meta_model
+    from cachelab.models.pipelines.driver import scheduler_grid
+    from cachelab.models.pipelines.sd3 import SD3Adapter
+    from cachelab.models.pipelines.wan import WanAdapter
+    from cachelab.planner import _shape, sampler_grid
+
+    pipe = tiny_pipeline({"sd3": SD3Adapter, "wan": WanAdapter}[family], tmp_path)
+    frames = {"num_frames": 5} if family == "wan" else {}
+    call = dict(height=32, width=32, guidance_scale=4.0, max_sequence_length=16, **frames)
+    model, _ = meta_model(pipe.transformer)
+    shape = _shape(model, dict(height=32, width=32, text_tokens=16, guidance=4.0, **frames))
+    planned = sampler_grid(pipe, model, shape, 7)
+    pipe("a digit seven", num_inference_steps=7, output_type="latent", **call)
+    assert planned == scheduler_grid(pipe.scheduler)

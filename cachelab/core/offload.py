@@ -9,8 +9,9 @@ calls, so it holds for every schedule, granularity and context) is copied to the
 side stream, while the model computes up to that site. The device then holds the state in use
 and one prefetched state, instead of every site's.
 
-Nothing moves where the values are not on CUDA (the CPU, the planner's meta tensors): there the
-wrapper only follows the calls, and every result is bit for bit the wrapped predictor's. The
+Nothing moves where the values are not on CUDA (the CPU, meta tensors): there the wrapper only
+follows the calls, and every result is bit for bit the wrapped predictor's. The planner passes
+its own transfers (:class:`cachelab.planner.MetaCopies`), so a plan moves the states as CUDA does. The
 bookkeeping lives beside each state and is dropped with it: nothing outlives a generation.
 """
 from __future__ import annotations
