@@ -386,6 +386,12 @@ def _generation(model, strategy, shape: Shape, steps: int, grid: StepGrid | None
         raise ConfigError(f"strategy {strategy.name}: its schedule decides from the values the model computes, which "
                           f"the planner (meta tensors, no values) cannot; allowed: a static schedule "
                           f"(schedule=interval): its plan bounds the adaptive one's cache") from None
+    except ValueError as err:
+        if grid is not None or "timestep" not in str(err):
+            raise
+        raise ConfigError(f"strategy {strategy.name}: its schedule reads the timestep, and the target has no sampler "
+                          f"to give it (a bare transformer or a config); allowed: a diffusers pipeline (its "
+                          f"scheduler's timesteps) or cachelab's DiT (DDIM)") from None
     finally:
         handle.remove()
     return {"cache_bytes": stats.cache_bytes, "host_bytes": stats.host_bytes, "sites": sites, "flops": flops,

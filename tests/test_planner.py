@@ -479,6 +479,8 @@ def test_a_pab_window_is_planned_with_the_samplers_timesteps():
     assert planned.cache_bytes == 4 * 6 * 16 * 32 * 4
     unwindowed = cachelab.plan(adapter.model, "pab", window=None, **keys)
     assert unwindowed.full_steps == 5 and unwindowed.flops_total < planned.flops_total
+    with pytest.raises(ConfigError, match="reads the timestep, and the target has no sampler.*allowed: a diffusers"):
+        cachelab.plan("dit-xl-2-256", "pab", intervals={"attn1": 2}, num_inference_steps=10)  # a config: no sampler
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
