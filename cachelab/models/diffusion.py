@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from itertools import accumulate, repeat
 
 import numpy as np
+import torch
 
 from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
@@ -71,15 +72,16 @@ class DDIMSchedule:
 
         "exact": float64 throughout. "reference": ADM's values, which reach the sampler as float32
         tensors: the first two rounded to float32 from float64, the last two computed in float32
-        from alpha_bar_prev rounded to float32.
+        from alpha_bar_prev rounded to float32, by torch's ``sqrt`` as ADM computes them (on some
+        CPUs torch's float32 ``sqrt`` is not the correctly rounded one that numpy's is: 1 ulp apart).
         """
         a, a_prev = self.alpha_bar[s], self.alpha_bar_prev[s]
         recip, recipm1 = math.sqrt(1.0 / a), math.sqrt(1.0 / a - 1.0)
         if self.precision == "exact":
             return recip, recipm1, math.sqrt(a_prev), math.sqrt(1.0 - a_prev)
-        a_prev32 = np.float32(a_prev)
+        a_prev32 = torch.tensor(a_prev, dtype=torch.float32)
         return (float(np.float32(recip)), float(np.float32(recipm1)),
-                float(np.sqrt(a_prev32)), float(np.sqrt(np.float32(1.0) - a_prev32)))
+                float(torch.sqrt(a_prev32)), float(torch.sqrt(1.0 - a_prev32)))
 
     def grid(self) -> StepGrid:
         """The timestep, sigma and log-SNR of every sampling step (for ``predictor.variable``)."""
