@@ -1,7 +1,7 @@
 #!/bin/bash
-# The supplement: ToCa, DuCa and TaylorSeer x ToCa on tiny_flux_digits with the spatial bonus off
-# (they crashed in the first FLUX library run, whose grid lacked bonus_ratio=0 for FLUX's
-# non-square text tokens); same splits, seeds and image counts as the library runs.
+# FLUX supplement: ToCa, DuCa and TaylorSeer x ToCa on tiny_flux_digits with the spatial bonus off and
+# their intervals on the plain interval schedule (they crashed in the main FLUX library run, whose grid
+# lacked bonus_ratio=0 for FLUX's non-square text tokens); the same splits, seeds and image counts.
 set -u
 cd "$(dirname "$0")/../.."
 . /work/main/.venv/bin/activate

@@ -24,6 +24,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from cachelab.jobs.schema import compose_config  # noqa: E402
 
 MODELS = ("tiny_flux_digits", "tiny_dit")
+# the supplements (run_flux_tokens.sh, run_dit_supplement.sh): tools whose grid was fixed after the main run
+SUPPLEMENTS = {"tiny_flux_digits": "tiny_flux_digits_tokens", "tiny_dit": "tiny_dit_supplement"}
 LEVELS = (30.0, 35.0, 40.0)
 # benchmark tool -> (method, paper or source, preset and extra keys composed for "made of")
 METHODS = {
@@ -78,8 +80,10 @@ def made_of(preset: str | None, extra: dict) -> str:
                        str(cfg.strategy.get("granularity")), short("strategy.tokens._target_")])
 
 
-def read_run(model: str) -> dict:
-    folder = HERE / model
+def read_run(name: str) -> dict | None:
+    folder = HERE / name
+    if not (folder / "metrics.json").exists():
+        return None
     with open(folder / "benchmark.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
@@ -87,7 +91,17 @@ def read_run(model: str) -> dict:
             r[key] = float(r[key]) if r[key] not in ("", None) else math.nan
     metrics = json.loads((folder / "metrics.json").read_text())
     header = (folder / "benchmark.md").read_text().split("\n", 1)[0]
-    return {"rows": rows, "summary": metrics["summary"], "metrics": metrics, "header": header}
+    return {"rows": rows, "summary": metrics["summary"], "metrics": metrics, "header": header, "name": name}
+
+
+def usable(run: dict | None, tool: str) -> bool:
+    return run is not None and any(r["tool"] == tool and not r["flag"] for r in run["rows"])
+
+
+def run_of(runs: dict, model: str, tool: str) -> dict | None:
+    """The model's supplement where the tool ran there, else its main run."""
+    main, extra = runs[model], runs.get(SUPPLEMENTS.get(model, ""))
+    return extra if usable(extra, tool) else main
 
 
 def best_point(run: dict, tool: str, level: float) -> dict | None:
@@ -108,12 +122,14 @@ def cell(run: dict | None, tool: str, j: int) -> str:
     per_tool = run["summary"]["flops_speedup"]["per_tool"]
     if not any(r["tool"] == tool for r in run["rows"]):
         return "not run on this model"
+    if not usable(run, tool):
+        return "crashed"
     if tool not in per_tool:
         return "none selected"
     best, low, high = per_tool[tool][j]
     if best_point(run, tool, LEVELS[j]) is None:
         return "—"
-    return f"{best:.2f}× [{low:.2f}, {high:.2f}]"
+    return f"{best:.2f}× [{low:.2f}, {high:.2f}]" + (" †" if run["name"] in SUPPLEMENTS.values() else "")
 
 
 def setting(r: dict) -> str:
@@ -129,6 +145,10 @@ def details(run: dict, tools: list[str]) -> list[str]:
              "| --- " * 7 + "|"]
     for tool in tools:
         if not any(r["tool"] == tool for r in run["rows"]):
+            continue
+        if not usable(run, tool):
+            flags = sorted({r["flag"].split(":")[0] for r in run["rows"] if r["tool"] == tool})
+            lines.append(f"| {tool} | every point flagged | | | | {'; '.join(flags)} | |")
             continue
         any_point = False
         for j, level in enumerate(LEVELS):
@@ -170,7 +190,7 @@ def lead_rows(run: dict) -> list[str]:
 
 
 def main() -> None:
-    runs = {m: read_run(m) if (HERE / m / "metrics.json").exists() else None for m in MODELS}
+    runs = {name: read_run(name) for name in (*MODELS, *SUPPLEMENTS.values())}
     ours = list(METHODS)
     log = (HERE / "runs.log").read_text().splitlines() if (HERE / "runs.log").exists() else []
     out = ["# The whole library on held-out inputs", "",
@@ -184,14 +204,18 @@ def main() -> None:
            "defaults (the grids also vary granularity and schedule: see each point's setting).", "",
            "Runs and machine load (`uptime` at each start and end):", ""]
     out += [f"    {line}" for line in log if " start " in line or " end " in line]
-    out += [""] + [f"- `{m}`: {runs[m]['header']}" if runs[m] else f"- `{m}`: not run" for m in MODELS] + [""]
+    out += [""] + [f"- `{m}`: {runs[m]['header']}" if runs[m] else f"- `{m}`: not run" for m in runs] + [""]
+    out += ["† from a supplement run (`tiny_flux_digits_tokens/`: `run_flux_tokens.sh`; `tiny_dit_supplement/`:",
+            "`run_dit_supplement.sh`), the same splits, seeds and image counts as the main runs, for the tools whose",
+            "grid was fixed after the main run (ToCa, DuCa, TaylorSeer x ToCa, PAB: see each script). Their ratios to",
+            "the best peer are not measured (no peer in those runs); their main-run rows stay in the main folders.", ""]
     out += ["## The table", "",
             "| method | paper / source | made of here | tool (preset) | FLUX ≥ 30 dB | FLUX ≥ 35 dB | FLUX ≥ 40 dB "
             "| DiT ≥ 30 dB | DiT ≥ 35 dB | DiT ≥ 40 dB |", "| --- " * 10 + "|"]
     for tool, (method, paper, preset, extra) in METHODS.items():
         name = f"`{preset}`" + (" " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "") \
             if preset else "`cachelab_tuned.yaml`"
-        cells = [cell(runs[m], tool, j) for m in MODELS for j in range(len(LEVELS))]
+        cells = [cell(run_of(runs, m, tool), tool, j) for m in MODELS for j in range(len(LEVELS))]
         out.append(f"| {method} | {paper} | {made_of(preset, extra)} | {name} | " + " | ".join(cells) + " |")
     peers = sorted({r["tool"] for run in runs.values() if run for r in run["rows"]
                     if r["tool"] != "full compute" and not r["tool"].startswith("cachelab")})
@@ -201,7 +225,7 @@ def main() -> None:
     for tool in peers:
         out.append(f"| {tool} | " + " | ".join(cell(runs[m], tool, j) for m in MODELS for j in range(len(LEVELS)))
                    + " |")
-    for m in MODELS:
+    for m in runs:
         run = runs[m]
         if run is None:
             continue
