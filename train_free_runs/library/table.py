@@ -158,9 +158,9 @@ def details(run: dict, tools: list[str]) -> list[str]:
                 continue
             any_point = True
             b, lo, hi = flops["per_tool"][tool][j]
-            ratio = flops.get("ratio_per_tool", {}).get(tool, flops["ratio"] if not tool.startswith("cachelab") else [])
-            vs = (f"{ratio[j]['ratio']:.2f} [{ratio[j]['low']:.2f}, {ratio[j]['high']:.2f}] {ratio[j]['verdict']}"
-                  if tool.startswith("cachelab") and ratio else "")
+            ratio = flops.get("ratio_per_tool", {}).get(tool, [])  # cachelab's tools only
+            vs = f"{ratio[j]['ratio']:.2f} [{ratio[j]['low']:.2f}, {ratio[j]['high']:.2f}] {ratio[j]['verdict']}" \
+                if ratio else ""
             w = wall["per_tool"].get(tool)
             lines.append(f"| {tool} | {level:g} | {b:.2f} [{lo:.2f}, {hi:.2f}] | "
                          f"{w[j][0]:.2f} | {r['psnr']:.2f} [{r['psnr_low']:.2f}, {r['psnr_high']:.2f}] | "
