@@ -38,8 +38,10 @@ def test_the_shipped_grids_cover_every_documented_parameter(model):
     points, settings = load_grid("full", model)  # raises on a gap
     assert settings["held_out_images"] >= 64
     tools = {p.tool for p in points}
-    assert {"cachelab", "diffusers TaylorSeer", "diffusers FirstBlockCache", "diffusers MagCache", "diffusers PAB",
+    assert {"diffusers TaylorSeer", "diffusers FirstBlockCache", "diffusers MagCache", "diffusers PAB",
             "diffusers SeaCache"} <= tools
+    presets = {path.stem for path in (REPO / "conf" / "strategy").glob("*.yaml")} - {"none"}
+    assert {f"cachelab {name}" for name in presets} <= tools  # every preset, each its own tool
     intervals = {p.knobs["cache_interval"] for p in points if p.tool == "diffusers TaylorSeer"}
     assert max(intervals) >= 10 and {p.knobs["disable_cache_before_step"] for p in points
                                      if p.tool == "diffusers TaylorSeer"} == {1, 2, 3}
