@@ -38,3 +38,17 @@ def test_readme_is_short_and_its_links_exist():
     assert any(t.startswith("docs/") for t in relative)
     broken = [t for t in relative if not (REPO / t).exists()]
     assert not broken, f"README.md links to files that do not exist: {broken}"
+
+
+def test_the_readme_library_table_is_the_recorded_runs():
+    """The README's library table is what ``train_free_runs/library/table.py`` writes from the
+    recorded benchmark runs (no hand-typed number), and it has a row for every method."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("library_table", REPO / "train_free_runs" / "library" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    readme = (REPO / "README.md").read_text()
+    written = readme.split(table.README_START + "\n")[1].split(table.README_END)[0].splitlines()
+    assert written == table.readme_table(table.read_runs())
+    assert len(written) == 2 + sum(preset is not None for _, _, preset, _ in table.METHODS.values())

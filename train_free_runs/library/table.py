@@ -1,6 +1,7 @@
 """The library table: every cachelab preset's held-out best point on both trained models, read from
 the two ``job=benchmark job.grid=full`` runs in this folder (``<model>/benchmark.csv`` and
-``metrics.json``), written to ``results.md``. Run from the repository root:
+``metrics.json``), written to ``results.md`` and, shorter, to the README's library table. Run
+from the repository root:
 
     python train_free_runs/library/table.py
 
@@ -190,8 +191,44 @@ def lead_rows(run: dict) -> list[str]:
     return lines
 
 
+README_START = "<!-- the library table: written by python train_free_runs/library/table.py -->"
+README_END = "<!-- end of the library table -->"
+
+
+def readme_table(runs: dict) -> list[str]:
+    """The README's short table: per method its paper, what it is made of, its preset and its
+    held-out best FLOPs speedup at 30 / 35 / 40 dB on each model (no intervals: results.md has them)."""
+    def best(run: dict | None, tool: str, j: int) -> str:
+        text = cell(run, tool, j)
+        return text.split("×")[0] + "×" + (" †" if text.endswith("†") else "") if "×" in text else "—"
+
+    lines = ["| method | paper / source | made of here | preset | FLUX: 30 / 35 / 40 dB | DiT: 30 / 35 / 40 dB |",
+             "| --- " * 6 + "|"]
+    for tool, (method, paper, preset, extra) in METHODS.items():
+        if preset is None:
+            continue
+        name = f"`{preset}`" + "".join(f" {k}={v}" for k, v in extra.items())
+        cells = [" / ".join(best(run_of(runs, m, tool), tool, j) for j in range(len(LEVELS))) for m in MODELS]
+        lines.append(f"| {method} | {paper} | {made_of(preset, extra)} | {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_readme_table(runs: dict, readme: Path) -> None:
+    """Replace the README's library table (between its two markers) with :func:`readme_table`."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no library table markers ({README_START} ... {README_END})")
+    head, _, rest = text.partition(README_START + "\n")
+    _, _, tail = rest.partition(README_END)
+    readme.write_text(head + README_START + "\n" + "\n".join(readme_table(runs)) + "\n" + README_END + tail)
+
+
+def read_runs() -> dict:
+    return {name: read_run(name) for name in (*MODELS, *SUPPLEMENTS.values())}
+
+
 def main() -> None:
-    runs = {name: read_run(name) for name in (*MODELS, *SUPPLEMENTS.values())}
+    runs = read_runs()
     ours = list(METHODS)
     log = (HERE / "runs.log").read_text().splitlines() if (HERE / "runs.log").exists() else []
     out = ["# The whole library on held-out inputs", "",
@@ -238,7 +275,8 @@ def main() -> None:
                 "(a wall claim needs its interval beyond that).", ""]
         out += details(run, ours + peers)
     (HERE / "results.md").write_text("\n".join(out) + "\n")
-    print(f"wrote {HERE / 'results.md'}")
+    write_readme_table(runs, HERE.parents[1] / "README.md")
+    print(f"wrote {HERE / 'results.md'} and the table in README.md")
 
 
 if __name__ == "__main__":
