@@ -25,7 +25,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from cachelab.jobs.schema import compose_config  # noqa: E402
 
 MODELS = ("tiny_flux_digits", "tiny_dit")
-# the supplements (run_flux_tokens.sh, run_dit_supplement.sh): tools whose grid was fixed after the main run
+# the supplements (run_supplement.sh <model>): tools whose grid was fixed after the main run
 SUPPLEMENTS = {"tiny_flux_digits": "tiny_flux_digits_tokens", "tiny_dit": "tiny_dit_supplement"}
 LEVELS = (30.0, 35.0, 40.0)
 # benchmark tool -> (method, paper or source, preset and extra keys composed for "made of")
@@ -243,9 +243,9 @@ def main() -> None:
            "Runs and machine load (`uptime` at each start and end):", ""]
     out += [f"    {line}" for line in log if " start " in line or " end " in line]
     out += [""] + [f"- `{m}`: {runs[m]['header']}" if runs[m] else f"- `{m}`: not run" for m in runs] + [""]
-    out += ["† from a supplement run (`tiny_flux_digits_tokens/`: `run_flux_tokens.sh`; `tiny_dit_supplement/`:",
-            "`run_dit_supplement.sh`), the same splits, seeds and image counts as the main runs, for the tools whose",
-            "grid was fixed after the main run (ToCa, DuCa, TaylorSeer x ToCa, PAB: see each script). Their ratios to",
+    out += ["† from a supplement run (`tiny_flux_digits_tokens/`, `tiny_dit_supplement/`: `run_supplement.sh <model>`),",
+            "the same splits, seeds and image counts as the main runs, for the tools whose",
+            "grid was fixed after the main run (ToCa, DuCa, TaylorSeer x ToCa, PAB: see the script). Their ratios to",
             "the best peer are not measured (no peer in those runs); their main-run rows stay in the main folders.", ""]
     out += ["## The table", "",
             "| method | paper / source | made of here | tool (preset) | FLUX ≥ 30 dB | FLUX ≥ 35 dB | FLUX ≥ 40 dB "
