@@ -1,6 +1,7 @@
 """Early validation of a composed config: one line naming the key, the value, what is allowed."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,26 @@ from cachelab.jobs.base import TOKEN_POLICIES, build, build_strategy
 from cachelab.jobs.components import check_types
 from cachelab.jobs.refusals import INTEGER_RANGES, allowed_values
 from cachelab.jobs.tuning.targets import TARGETS, Target
+
+
+SHORTHANDS = ("order", "interval", "first_enhance")  # conf/config.yaml's keys that configs interpolate
+
+
+def unused_shorthands(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """One note per top-level shorthand set on the command line (``interval=3``) that neither the
+    composed strategy, its schedule nor the job interpolates (``schedule=toca`` keeps its own
+    ``schedule.interval``): the value changes nothing in this run, which the note says."""
+    used = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["strategy", "schedule", "job"]),
+                                             resolve=False))
+    notes = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in SHORTHANDS and "${" + key + "}" not in used:
+            where = ", ".join(f"{node}.{key}" for node in ("strategy", "schedule") if key in cfg.get(node, {}))
+            notes.append(f"note: {override} has no effect here: neither strategy={cfg.strategy.get('name')} nor its "
+                         f"schedule ({str(cfg.schedule.get('_target_', '')).rsplit('.', 1)[-1]}) reads the shorthand "
+                         + (f"(set {where}={value} instead)" if where else f"(they take no {key})"))
+    return notes
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -97,7 +97,11 @@ def run_job(cfg: DictConfig, out_dir: Path, overrides: list[str]) -> None:
     from cachelab.io import write_json_atomic
     from cachelab.jobs.runner import run
 
+    from cachelab.jobs.checks import unused_shorthands
+
     record_slurm_job(out_dir)
+    for note in unused_shorthands(cfg, overrides):
+        log.warning(note)
     run(cfg, out_dir)
     write_json_atomic(out_dir / FINISHED, {"overrides": overrides})
 
