@@ -44,3 +44,15 @@ def test_a_run_says_so_in_its_log(tmp_path):
     check_ok(proc)
     line = "note: order=3 has no effect here: neither strategy=reuse nor its schedule (Interval) reads the shorthand"
     assert line in (tmp_path / "run.log").read_text()
+
+
+def test_from_python_a_shorthand_reaches_the_schedule_that_keeps_its_own():
+    """``cachelab.apply(pipe, "toca", interval=3)``: ToCa's schedule takes the interval (it has its
+    own ``schedule.interval``), where the top-level shorthand would change nothing."""
+    from cachelab.jobs.presets import command_line, preset
+
+    assert preset("toca", interval=3).schedule.interval == 3 != preset("toca").schedule.interval
+    assert command_line("toca", interval=3) == ["strategy=toca", "schedule.interval=3"]
+    assert preset("taylor", interval=3).schedule.interval == 3
+    assert command_line("taylor", interval=3) == ["strategy=taylor", "interval=3"]
+

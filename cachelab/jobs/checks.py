@@ -21,16 +21,20 @@ from cachelab.jobs.tuning.targets import TARGETS, Target
 SHORTHANDS = ("order", "interval", "first_enhance")  # conf/config.yaml's keys that configs interpolate
 
 
+def reads_shorthand(cfg: DictConfig, key: str) -> bool:
+    """Whether the composed strategy, its schedule or the job interpolates the top-level ``key``."""
+    used = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["strategy", "schedule", "job"]), resolve=False)
+    return "${" + key + "}" in json.dumps(used)
+
+
 def unused_shorthands(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """One note per top-level shorthand set on the command line (``interval=3``) that neither the
     composed strategy, its schedule nor the job interpolates (``schedule=toca`` keeps its own
     ``schedule.interval``): the value changes nothing in this run, which the note says."""
-    used = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["strategy", "schedule", "job"]),
-                                             resolve=False))
     notes = []
     for override in overrides:
         key, _, value = override.partition("=")
-        if key in SHORTHANDS and "${" + key + "}" not in used:
+        if key in SHORTHANDS and not reads_shorthand(cfg, key):
             where = ", ".join(f"{node}.{key}" for node in ("strategy", "schedule") if key in cfg.get(node, {}))
             notes.append(f"note: {override} has no effect here: neither strategy={cfg.strategy.get('name')} nor its "
                          f"schedule ({str(cfg.schedule.get('_target_', '')).rsplit('.', 1)[-1]}) reads the shorthand "

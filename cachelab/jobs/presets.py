@@ -9,12 +9,12 @@ from cachelab.core.strategy import Strategy
 from cachelab.errors import ConfigError
 from cachelab.jobs.base import build_strategy
 from cachelab.jobs import CONFIG_DIR
-from cachelab.jobs.checks import check_group_choices, check_ranges, check_strategy
+from cachelab.jobs.checks import SHORTHANDS, check_group_choices, check_ranges, check_strategy, reads_shorthand
 from cachelab.jobs.components import check_types
 from cachelab.jobs.refusals import type_error
 from cachelab.jobs.schema import compose_config
 
-SHORTHANDS = ("order", "interval", "first_enhance", "num_steps", "guard")  # top-level keys of conf/config.yaml
+TOP_LEVEL = (*SHORTHANDS, "num_steps", "guard")  # the keys of conf/config.yaml a preset takes
 
 
 def preset(name: str, **overrides) -> Strategy:
@@ -71,7 +71,9 @@ def refuse_model_defaults(cfg, name: str) -> None:
 
 def where(cfg, key: str) -> str:
     """The config path that ``key`` sets; an unknown key is a ConfigError naming the allowed ones."""
-    if key in SHORTHANDS:
+    if key in SHORTHANDS and key in cfg.schedule and not reads_shorthand(cfg, key):
+        return f"schedule.{key}"  # the schedule keeps its own (schedule=toca: its interval)
+    if key in TOP_LEVEL:
         return key
     if key in ("granularity", "tokens", "whole_blocks"):
         return f"strategy.{key}"
@@ -84,7 +86,7 @@ def where(cfg, key: str) -> str:
     tokens = tokens if isinstance(tokens, DictConfig) else {}
     if key in tokens and key != "_target_":
         return f"strategy.tokens.{key}"
-    allowed = [*SHORTHANDS, "granularity", "tokens", "whole_blocks", "schedule", *(k for k in cfg.schedule if k != "_target_"),
+    allowed = [*TOP_LEVEL, "granularity", "tokens", "whole_blocks", "schedule", *(k for k in cfg.schedule if k != "_target_"),
                *(k for k in (predictor or {}) if k != "_target_"), *(k for k in tokens if k != "_target_")]
     raise ConfigError(f"{key}= is not a key of strategy={cfg.strategy.name!r} with schedule "
                       f"{cfg.schedule._target_.rsplit('.', 1)[-1]}; allowed: {', '.join(dict.fromkeys(allowed))}")

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from cachelab.analysis.sweep import SKIPPED, collect, columns, lookup, report
 from cachelab.analysis.wandb_report import share
 from cachelab.errors import FolderLocked
+from cachelab.jobs.checks import SHORTHANDS
 from cachelab.jobs.lifecycle import SWEEP, SWEEP_LOCK, FolderLock, probe_writable, write_failure
 
 SWEEP_RECORD = "sweep.json"     # in the sweep folder: {"group": the W&B group of its runs}
 FINGERPRINTS = "fingerprints"   # in the sweep folder: <fingerprint> holds the number of the job that runs it
-SHORTHANDS = ("order", "interval", "first_enhance")  # top-level keys the strategy and schedule configs interpolate
 
 
 def swept(config) -> list:
