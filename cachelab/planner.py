@@ -53,6 +53,8 @@ from cachelab.core.sites import first_tensor
 from cachelab.core.storage import CODECS
 from cachelab.core.variables import StepGrid
 from cachelab.errors import ConfigError
+from cachelab.models.diffusion import DDIMSchedule
+from cachelab.models.dit import DiT
 from cachelab.models.pipelines.driver import is_pipeline, scheduler_grid
 from cachelab.models.meta_inputs import Shape, family_calls, meta_model, step_calls
 
@@ -483,7 +485,7 @@ def _shape(model, keys: dict) -> Shape:
     values = {"height": family.height, "width": family.width, "num_frames": family.num_frames, "batch_size": 1,
               "guidance": family.guidance, "text_tokens": family.text_tokens,
               "vae_scale_factor": family.vae_scale_factor}
-    if type(model).__name__ == "DiT":  # cachelab's DiT takes latents at its own fixed size
+    if isinstance(model, DiT):  # cachelab's DiT takes latents at its own fixed size
         values.update(height=model.input_size, width=model.input_size)
     values.update({key: keys[key] for key in SHAPE_KEYS if key in keys})
     return Shape(**{key: (float if key == "guidance" else int)(value) for key, value in values.items()})
@@ -526,9 +528,7 @@ def sampler_grid(pipe, model, shape: Shape, steps: int) -> StepGrid | None:
         else:
             scheduler.set_timesteps(steps, **shift)
         return scheduler_grid(scheduler)
-    if type(model).__name__ == "DiT":
-        from cachelab.models.diffusion import DDIMSchedule
-
+    if isinstance(model, DiT):
         return DDIMSchedule.respaced(steps).grid()
     return None
 

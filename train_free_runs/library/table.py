@@ -200,7 +200,9 @@ def readme_table(runs: dict) -> list[str]:
     held-out best FLOPs speedup at 30 / 35 / 40 dB on each model (no intervals: results.md has them)."""
     def best(run: dict | None, tool: str, j: int) -> str:
         text = cell(run, tool, j)
-        return text.split("×")[0] + "×" + (" †" if text.endswith("†") else "") if "×" in text else "—"
+        if "×" in text:
+            return text.split("×")[0] + "×" + (" †" if text.endswith("†") else "")
+        return "—" if text == "none selected" else text  # "crashed", "not run" stay what they say
 
     lines = ["| method | paper / source | made of here | preset | FLUX: 30 / 35 / 40 dB | DiT: 30 / 35 / 40 dB |",
              "| --- " * 6 + "|"]
